@@ -1,0 +1,54 @@
+# Phantom: `make up` starts a local cluster, `make test` runs the suite.
+# Every target bootstraps .venv on a fresh machine (python3 -m venv + pip install -e '.[dev]').
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+SUPERVISORCTL := $(VENV)/bin/supervisorctl -c supervisor.conf
+
+.PHONY: up down test top bench venv status lint
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+up: $(STAMP)
+	@mkdir -p var/log
+	@if $(SUPERVISORCTL) pid >/dev/null 2>&1; then \
+		echo "supervisord already running; starting any stopped programs"; \
+		$(SUPERVISORCTL) start 'phantom:*' >/dev/null; \
+	else \
+		$(VENV)/bin/supervisord -c supervisor.conf; \
+	fi
+	@$(PY) bin/phantom-wait
+
+down:
+	@if [ -x $(VENV)/bin/supervisorctl ] && $(SUPERVISORCTL) pid >/dev/null 2>&1; then \
+		pid=$$($(SUPERVISORCTL) pid); \
+		$(SUPERVISORCTL) shutdown >/dev/null; \
+		for i in $$(seq 1 100); do kill -0 $$pid 2>/dev/null || break; sleep 0.1; done; \
+		echo "phantom stopped"; \
+	else \
+		echo "phantom is not running"; \
+	fi
+
+status: $(STAMP)
+	@$(VENV)/bin/phantom status
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+top: $(STAMP)
+	@$(PY) bin/phantom-top
+
+bench: $(STAMP)
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; echo; done
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check phantom_bus services tests bench
+	$(VENV)/bin/mypy phantom_bus services

@@ -1,0 +1,217 @@
+"""How much does the broker cost? Round trips through it against a raw pyzmq echo.
+
+In one run, on free ports of 127.0.0.1:
+
+* raw:    REQ -> ROUTER echo process (decodes the msgpack request, encodes a reply);
+* broker: REQ -> broker -> echo service (phantom_bus.service) -> broker -> REQ,
+          with the same payload and the Phantom frames.
+
+Each is measured with 1 client (latency p50/p99 and throughput) and with 8
+concurrent client processes (throughput). Several rounds; the table shows
+the median and the spread (min..max) and the broker/raw ratios.
+
+    python bench/broker_roundtrip.py [--seconds 3] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from phantom_bus import protocol  # noqa: E402
+
+PAYLOAD = {"op": "echo", "args": {"key": "user:42", "write": False, "n": 12345, "pad": "x" * 64}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def raw_echo_server(endpoint: str) -> None:
+    """A bare ROUTER that decodes each request and answers it: the floor."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(endpoint)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    while True:
+        frames = sock.recv_multipart()
+        doc = msgpack.unpackb(frames[-1], raw=False)
+        frames[-1] = msgpack.packb({"ok": True, "result": doc["args"]}, use_bin_type=True)
+        sock.send_multipart(frames)
+
+
+def client_loop(endpoint: str, via_broker: bool, seconds: float, out: Any, record: bool) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    body = msgpack.packb(PAYLOAD, use_bin_type=True)
+    if via_broker:
+        frames = [protocol.CLIENT, b"echo", b"", body]
+    else:
+        frames = [body]
+    # Warm up: connections, first-call costs.
+    for _ in range(200):
+        sock.send_multipart(frames)
+        sock.recv_multipart()
+    samples: list[float] = []
+    count = 0
+    start = time.perf_counter()
+    end = start + seconds
+    now = start
+    while now < end:
+        t0 = time.perf_counter()
+        sock.send_multipart(frames)
+        reply = sock.recv_multipart()
+        now = time.perf_counter()
+        if record:
+            samples.append(now - t0)
+        count += 1
+    assert msgpack.unpackb(reply[-1], raw=False)["ok"]
+    out.put({"count": count, "elapsed": now - start, "samples": samples})
+    sock.close()
+    ctx.term()
+
+
+def measure(endpoint: str, via_broker: bool, clients: int, seconds: float) -> dict[str, float]:
+    q: Any = mp.Queue()
+    procs = [
+        mp.Process(target=client_loop, args=(endpoint, via_broker, seconds, q, clients == 1))
+        for _ in range(clients)
+    ]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=seconds + 60) for _ in procs]
+    for p in procs:
+        p.join()
+    total = sum(r["count"] for r in results)
+    elapsed = max(r["elapsed"] for r in results)
+    out = {"throughput": total / elapsed}
+    if clients == 1:
+        s = sorted(results[0]["samples"])
+        out["p50_us"] = s[len(s) // 2] * 1e6
+        out["p99_us"] = s[int(len(s) * 0.99)] * 1e6
+    return out
+
+
+def start_broker_stack(env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "phantom_bus.broker"], env=env, cwd=ROOT,
+                         stderr=subprocess.DEVNULL),
+    ]
+    procs.append(
+        subprocess.Popen(os.environ.get("ECHO_CMD", f"{sys.executable} -m services.echo").split(), env=env, cwd=ROOT,
+                         stderr=subprocess.DEVNULL)
+    )
+    return procs
+
+
+def wait_for_echo(endpoint: str) -> None:
+    ctx = zmq.Context.instance()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        sock = ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        sock.send_multipart([protocol.CLIENT, b"echo", b"", protocol.encode_request("ping")])
+        if sock.poll(500):
+            ok, _ = protocol.decode_reply(sock.recv_multipart()[-1])
+            sock.close()
+            if ok:
+                return
+        sock.close()
+        time.sleep(0.1)
+    raise RuntimeError("echo service did not come up")
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):,.0f}..{max(values):,.0f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+
+    raw_ep = f"tcp://127.0.0.1:{free_port()}"
+    ports = {k: free_port() for k in ("BROKER", "BACKEND", "EVENTS_IN", "EVENTS_OUT")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.update({f"PHANTOM_{k}": f"tcp://127.0.0.1:{p}" for k, p in ports.items()})
+    env["PHANTOM_LOG_LEVEL"] = "WARNING"
+    broker_ep = env["PHANTOM_BROKER"]
+
+    raw = mp.Process(target=raw_echo_server, args=(raw_ep,), daemon=True)
+    raw.start()
+    stack = start_broker_stack(env)
+    rows: dict[str, dict[str, list[float]]] = {"raw": {}, "broker": {}}
+    try:
+        wait_for_echo(broker_ep)
+        for _ in range(args.rounds):
+            for name, ep, via in (("raw", raw_ep, False), ("broker", broker_ep, True)):
+                one = measure(ep, via, 1, args.seconds)
+                many = measure(ep, via, args.concurrency, args.seconds)
+                for key, value in (
+                    ("p50_us", one["p50_us"]),
+                    ("p99_us", one["p99_us"]),
+                    ("rps_1", one["throughput"]),
+                    (f"rps_{args.concurrency}", many["throughput"]),
+                ):
+                    rows[name].setdefault(key, []).append(value)
+    finally:
+        raw.terminate()
+        for p in stack:
+            p.terminate()
+        for p in stack:
+            p.wait(10)
+
+    c = args.concurrency
+    med = {n: {k: statistics.median(v) for k, v in rows[n].items()} for n in rows}
+    ratios = {
+        "p50": med["broker"]["p50_us"] / med["raw"]["p50_us"],
+        "p99": med["broker"]["p99_us"] / med["raw"]["p99_us"],
+        "rps_1": med["broker"]["rps_1"] / med["raw"]["rps_1"],
+        f"rps_{c}": med["broker"][f"rps_{c}"] / med["raw"][f"rps_{c}"],
+    }
+    print(f"broker round trip, {args.rounds} rounds x {args.seconds:g} s, median (min..max)")
+    print(f"{'path':8} {'p50 us':>16} {'p99 us':>16} {'req/s 1 client':>22} {f'req/s {c} clients':>22}")
+    for name in ("raw", "broker"):
+        r = rows[name]
+        print(
+            f"{name:8} {med[name]['p50_us']:>6.0f} ({spread(r['p50_us']):>8}) "
+            f"{med[name]['p99_us']:>6.0f} ({spread(r['p99_us']):>8}) "
+            f"{med[name]['rps_1']:>8,.0f} ({spread(r['rps_1']):>12}) "
+            f"{med[name][f'rps_{c}']:>8,.0f} ({spread(r[f'rps_{c}']):>12})"
+        )
+    print(
+        f"{'ratio':8} p50 {ratios['p50']:.2f}x (goal <= 2.0)  p99 {ratios['p99']:.2f}x  "
+        f"req/s 1: {ratios['rps_1']:.2f}x  req/s {c}: {ratios[f'rps_{c}']:.2f}x (goal >= 0.5)"
+    )
+    out = ROOT / "bench" / "results" / "broker_roundtrip.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows, "median": med, "ratios": ratios, "args": vars(args)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

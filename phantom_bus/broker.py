@@ -1,0 +1,324 @@
+"""The broker process: request routing by service name, and the event relay.
+
+``python -m phantom_bus.broker`` binds four sockets:
+
+* frontend ROUTER (``broker``) for clients, REQ or DEALER;
+* backend ROUTER (``backend``) for service workers;
+* XSUB (``events_in``) for event publishers and XPUB (``events_out``) for
+  subscribers, relayed frame for frame.
+
+The loop is a plain :class:`zmq.Poller` loop rather than asyncio: the broker
+is on every request's path twice, and the poller costs less per message. It
+reads envelope frames only; request bodies go through untouched (except for
+requests to the broker's own ``broker`` service). All decisions live in
+:class:`phantom_bus.dispatch.Dispatcher`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+import zmq
+from loguru import logger
+
+from phantom_bus import config as cfgmod
+from phantom_bus import log, protocol
+from phantom_bus.dispatch import Dispatcher, ToClient, ToWorker
+from phantom_bus.errors import BadRequest, PhantomError, UnknownOperation
+from phantom_bus.wire import readable, recv_frames, send_frames
+
+SETTINGS = (
+    "broker",
+    "backend",
+    "events_in",
+    "events_out",
+    "bind_host",
+    "log_json",
+    "log_level",
+    "worker_heartbeat",
+    "worker_liveness",
+    "broker_queue",
+    "max_message",
+    "timeout",
+)
+
+# Messages handled per socket before looking at the others, so one busy socket
+# cannot starve the rest while a burst is still drained without re-polling.
+_BATCH = 256
+_HWM = 10000
+
+
+class Broker:
+    """The broker: sockets, the poll loop, and the dispatcher it drives."""
+
+    def __init__(self, cfg: cfgmod.Config, ctx: zmq.Context[Any] | None = None) -> None:
+        self.cfg = cfg
+        self.ctx = ctx or zmq.Context.instance()
+        self.max_body = int(cfg.max_message)
+        self.heartbeat = float(cfg.worker_heartbeat)
+        self.dispatcher = Dispatcher(
+            liveness=self.heartbeat * int(cfg.worker_liveness),
+            queue_limit=int(cfg.broker_queue),
+            queue_timeout=float(cfg.timeout) * 2,
+        )
+        self.started = time.time()
+        self.counters = {"requests": 0, "replies": 0, "bad_client": 0, "bad_worker": 0, "events": 0}
+        self._running = False
+        self.frontend = self._socket(zmq.ROUTER, cfg.bind("broker"))
+        self.backend = self._socket(zmq.ROUTER, cfg.bind("backend"))
+        self.xsub = self._socket(zmq.XSUB, cfg.bind("events_in"))
+        self.xpub = self._socket(zmq.XPUB, cfg.bind("events_out"))
+
+    def _socket(self, kind: int, endpoint: str) -> zmq.Socket[Any]:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, _HWM)
+        sock.setsockopt(zmq.RCVHWM, _HWM)
+        sock.bind(endpoint)
+        return sock
+
+    # --- frontend -------------------------------------------------------------
+
+    def _client_error(
+        self, identity: bytes, delimited: bool, service: bytes, reqid: bytes, err: PhantomError
+    ) -> None:
+        frames = [identity, b""] if delimited else [identity]
+        frames += [protocol.CLIENT, service, reqid, protocol.encode_error(err)]
+        send_frames(self.frontend, frames)
+
+    def _on_client(self, frames: list[bytes], now: float) -> None:
+        identity = frames[0]
+        delimited = len(frames) > 1 and frames[1] == b""
+        rest = frames[2:] if delimited else frames[1:]
+        service_frame = rest[1] if len(rest) > 1 else b""
+        reqid = rest[2] if len(rest) > 2 else b""
+        try:
+            if len(rest) != 4:
+                raise BadRequest(
+                    f"a request has 4 frames (header, service, request id, body), got {len(rest)}"
+                )
+            protocol.check_header(rest[0], protocol.CLIENT)
+            service = protocol.decode_service(service_frame)
+            protocol.check_request_id(reqid)
+            body = rest[3]
+            if len(body) > self.max_body:
+                raise protocol.TooLarge(f"body is {len(body)} bytes, the limit is {self.max_body}")
+        except PhantomError as err:
+            self.counters["bad_client"] += 1
+            self._client_error(identity, delimited, service_frame[:64], reqid[:64], err)
+            return
+        self.counters["requests"] += 1
+        route = protocol.make_route(identity, delimited)
+        if service == protocol.BROKER_SERVICE:
+            self._own_request(identity, delimited, reqid, body, now)
+            return
+        action = self.dispatcher.request(service, route, reqid, body, now)
+        if action is not None:
+            self._do(action)
+
+    def _own_request(self, identity: bytes, delimited: bool, reqid: bytes, body: bytes, now: float) -> None:
+        name = protocol.BROKER_SERVICE.encode()
+        try:
+            op, _args = protocol.decode_request(body, max_size=self.max_body)
+            if op == "ping":
+                result: Any = {"pong": True, "time": time.time()}
+            elif op == "services":
+                result = self.dispatcher.services(now)
+            elif op == "stats":
+                result = {
+                    **self.counters,
+                    "uptime": round(time.time() - self.started, 3),
+                    "pid": os.getpid(),
+                    "services": self.dispatcher.services(now),
+                }
+            else:
+                raise UnknownOperation(f"the broker has no operation {op!r}; it knows ping, services, stats")
+        except PhantomError as err:
+            self._client_error(identity, delimited, name, reqid, err)
+            return
+        frames = [identity, b""] if delimited else [identity]
+        frames += [protocol.CLIENT, name, reqid, protocol.encode_result(result)]
+        send_frames(self.frontend, frames)
+
+    # --- backend --------------------------------------------------------------
+
+    def _on_worker(self, frames: list[bytes], now: float) -> None:
+        identity = frames[0]
+        if len(frames) < 3 or frames[1] != protocol.WORKER:
+            self.counters["bad_worker"] += 1
+            logger.warning("dropped a malformed worker message ({} frames)", len(frames))
+            return
+        command = frames[2]
+        if command == protocol.REPLY and len(frames) == 6:
+            _, _, _, route, reqid, body = frames
+            self.counters["replies"] += 1
+            actions = self.dispatcher.replied(identity, route, reqid, now)
+            try:
+                client, delimited = protocol.split_route(route)
+            except BadRequest:
+                self.counters["bad_worker"] += 1
+                return
+            out = [client, b""] if delimited else [client]
+            out += [protocol.CLIENT, self._service_of(identity), reqid, body]
+            send_frames(self.frontend, out)
+            for action in actions:
+                self._do(action)
+        elif command == protocol.HEARTBEAT:
+            if not self.dispatcher.heard(identity, now):
+                # A worker we do not know: we restarted, or dropped it as dead.
+                # Telling it to reconnect is how it comes back without waiting.
+                send_frames(self.backend, [identity, protocol.WORKER, protocol.DISCONNECT])
+        elif command == protocol.READY and len(frames) in (4, 5):
+            self._on_ready(identity, frames, now)
+        elif command == protocol.DISCONNECT:
+            if self.dispatcher.remove(identity):
+                logger.info("worker {} said goodbye", identity.hex())
+        else:
+            self.counters["bad_worker"] += 1
+            logger.warning("dropped a worker message with command {!r}", command[:16])
+
+    def _service_of(self, identity: bytes) -> bytes:
+        service = self.dispatcher.service_of(identity)
+        return service.encode() if service is not None else b""
+
+    def _on_ready(self, identity: bytes, frames: list[bytes], now: float) -> None:
+        try:
+            service = protocol.decode_service(frames[3])
+            meta = protocol.unpack(frames[4]) if len(frames) == 5 else {}
+            if not isinstance(meta, dict):
+                raise BadRequest("READY metadata must be a map")
+        except PhantomError as err:
+            self.counters["bad_worker"] += 1
+            logger.warning("refused a worker registration: {}", err)
+            return
+        capacity = meta.get("concurrency", 1)
+        capacity = capacity if isinstance(capacity, int) and capacity > 0 else 1
+        actions = self.dispatcher.ready(identity, service, capacity, meta, now)
+        logger.info("worker for {} ready (pid {}, concurrency {})", service, meta.get("pid"), capacity)
+        for action in actions:
+            self._do(action)
+
+    # --- actions and housekeeping ----------------------------------------------
+
+    def _do(self, action: ToWorker | ToClient) -> None:
+        if isinstance(action, ToWorker):
+            send_frames(
+                self.backend,
+                [action.identity, protocol.WORKER, protocol.REQUEST, action.route, action.reqid, action.body],
+            )
+            return
+        client, delimited = protocol.split_route(action.route)
+        self._client_error(client, delimited, action.service.encode(), action.reqid, action.error)
+
+    def _housekeeping(self, now: float) -> None:
+        dropped, actions = self.dispatcher.expire(now)
+        for worker in dropped:
+            logger.warning(
+                "worker for {} (pid {}) stopped heartbeating; dropped with {} request(s) in flight",
+                worker.service,
+                worker.meta.get("pid"),
+                len(worker.inflight) or "no",
+            )
+        for action in actions:
+            self._do(action)
+        for worker in self.dispatcher.workers():
+            send_frames(self.backend, [worker.identity, protocol.WORKER, protocol.HEARTBEAT])
+
+    @staticmethod
+    def _drain(sock: zmq.Socket[Any], handle: Any, now: float) -> None:
+        for _ in range(_BATCH):
+            if not readable(sock):
+                return
+            handle(recv_frames(sock), now)
+
+    def _relay(self, src: zmq.Socket[Any], dst: zmq.Socket[Any], count: bool) -> None:
+        for _ in range(_BATCH):
+            if not readable(src):
+                return
+            if count:
+                self.counters["events"] += 1
+            send_frames(dst, recv_frames(src))
+
+    def run(self) -> None:
+        """Serve until :meth:`stop` (or SIGTERM/SIGINT in :func:`main`)."""
+        poller = zmq.Poller()
+        for sock in (self.frontend, self.backend, self.xsub, self.xpub):
+            poller.register(sock, zmq.POLLIN)
+        self._running = True
+        next_beat = time.monotonic() + self.heartbeat
+        logger.info(
+            "broker up: clients {} workers {} events {} -> {}",
+            self.cfg.bind("broker"),
+            self.cfg.bind("backend"),
+            self.cfg.bind("events_in"),
+            self.cfg.bind("events_out"),
+        )
+        while self._running:
+            timeout = max(0.0, next_beat - time.monotonic())
+            try:
+                ready = dict(poller.poll(timeout * 1000))
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EINTR:
+                    continue
+                raise
+            now = time.monotonic()
+            if self.backend in ready:
+                self._drain(self.backend, self._on_worker, now)
+            if self.frontend in ready:
+                self._drain(self.frontend, self._on_client, now)
+            if self.xsub in ready:
+                self._relay(self.xsub, self.xpub, True)
+            if self.xpub in ready:
+                self._relay(self.xpub, self.xsub, False)
+            if now >= next_beat:
+                self._housekeeping(now)
+                next_beat = now + self.heartbeat
+        self.close()
+
+    def stop(self) -> None:
+        """Ask the loop to finish (safe from a signal handler)."""
+        self._running = False
+
+    def close(self) -> None:
+        """Tell workers goodbye and close the sockets."""
+        for worker in self.dispatcher.workers():
+            with contextlib.suppress(zmq.ZMQError):
+                self.backend.send_multipart(
+                    [worker.identity, protocol.WORKER, protocol.DISCONNECT], zmq.NOBLOCK
+                )
+        for sock in (self.frontend, self.backend, self.xsub, self.xpub):
+            sock.close(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m phantom_bus.broker``."""
+    parser = argparse.ArgumentParser(prog="phantom-broker", description="Phantom message broker")
+    cfgmod.add_flags(parser, SETTINGS)
+    args = parser.parse_args(argv)
+    try:
+        cfg = cfgmod.from_args(args, SETTINGS)
+    except cfgmod.ConfigError as exc:
+        print(f"phantom-broker: {exc}", file=sys.stderr)
+        return 2
+    log.setup("broker", json=cfg.log_json, level=cfg.log_level, host=socket.gethostname())
+    try:
+        broker = Broker(cfg)
+    except zmq.ZMQError as exc:
+        logger.error("cannot bind the broker's sockets: {}", exc)
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: broker.stop())
+    signal.signal(signal.SIGINT, lambda *_: broker.stop())
+    broker.run()
+    logger.info("broker stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

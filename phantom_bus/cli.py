@@ -1,0 +1,225 @@
+"""The ``phantom`` command line.
+
+Human tables by default, ``--json`` for one JSON document on stdout. Exit
+codes: 0 ok, 2 usage, 3 cluster not healthy (``status``), 69 broker
+unreachable, 1 any other failure, always with one line on stderr saying what.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from phantom_bus import config as cfgmod
+from phantom_bus.client import Client
+from phantom_bus.errors import BrokerUnreachable, PhantomError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_UNHEALTHY = 3
+EXIT_UNREACHABLE = 69
+
+
+def _table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """Render ``rows`` as an aligned text table with the given (key, heading) columns."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.1f}"
+        if isinstance(value, list | tuple):
+            return ",".join(str(v) for v in value) or "-"
+        return str(value)
+
+    cells = [[cell(row.get(key)) for key, _ in columns] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, (_, h) in enumerate(columns)]
+    lines = ["  ".join(h.upper().ljust(w) for (_, h), w in zip(columns, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+NODE_COLUMNS = (
+    ("id", "node"),
+    ("state", "state"),
+    ("lifecycle", "lifecycle"),
+    ("address", "address"),
+    ("zone", "zone"),
+    ("cpu", "cpu%"),
+    ("mem", "mem%"),
+    ("replicas", "replicas"),
+    ("primaries", "primaries"),
+)
+
+SHARD_COLUMNS = (
+    ("keyspace", "keyspace"),
+    ("shard", "shard"),
+    ("range", "range"),
+    ("primary", "primary"),
+    ("replicas", "replicas"),
+    ("state", "state"),
+)
+
+
+def _print_json(doc: Any) -> None:
+    json.dump(doc, sys.stdout, indent=2, sort_keys=False, default=str)
+    sys.stdout.write("\n")
+
+
+def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    """``phantom status``: health, nodes, shards and services; exit 3 unless green."""
+    doc = client.status()
+    if args.json:
+        _print_json(doc)
+    else:
+        health = doc.get("health", "unknown")
+        line = f"health: {health}"
+        if doc.get("reason"):
+            line += f" ({doc['reason']})"
+        print(line)
+        print(f"epoch:  {doc.get('epoch') if doc.get('epoch') is not None else '-'}")
+        shards = doc.get("shards") or {}
+        print(
+            f"shards: {shards.get('total', 0)} total, {shards.get('under_replicated', 0)} under-replicated, "
+            f"{shards.get('unavailable', 0)} unavailable"
+        )
+        services = doc.get("services") or {}
+        print("services: " + "  ".join(f"{name} {state}" for name, state in services.items()))
+        nodes = doc.get("nodes") or []
+        print()
+        print(_table(nodes, NODE_COLUMNS) if nodes else "no nodes")
+    return EXIT_OK if doc.get("health") == "green" else EXIT_UNHEALTHY
+
+
+def cmd_nodes(client: Client, args: argparse.Namespace) -> int:
+    """``phantom nodes``: one row per node."""
+    doc = client.status()
+    nodes = doc.get("nodes") or []
+    if args.json:
+        _print_json(nodes)
+    else:
+        print(_table(nodes, NODE_COLUMNS) if nodes else "no nodes")
+    return EXIT_OK
+
+
+def cmd_shards(client: Client, args: argparse.Namespace) -> int:
+    """``phantom shards``: one row per shard."""
+    shards = client.request("sharding", "shards")
+    if args.json:
+        _print_json(shards)
+    else:
+        print(_table(shards, SHARD_COLUMNS) if shards else "no shards")
+    return EXIT_OK
+
+
+def cmd_select(client: Client, args: argparse.Namespace) -> int:
+    """``phantom select KEY``: where a key lives (no lease is taken)."""
+    sel = client.select(
+        args.key, write=args.write, keyspace=args.keyspace, strategy=args.strategy, lease=False
+    )
+    doc = sel.to_dict()
+    doc.pop("lease", None)
+    if args.json:
+        _print_json(doc)
+    else:
+        print(f"{sel.key} -> {sel.node} ({sel.address}) shard {sel.shard} {sel.role} epoch {sel.epoch}")
+    return EXIT_OK
+
+
+def cmd_register(client: Client, args: argparse.Namespace) -> int:
+    """``phantom register NODE --address HOST:PORT [--zone Z]``."""
+    result = client.request(
+        _owner(client, "register"), "register", node=args.node, address=args.address, zone=args.zone
+    )
+    _print_json(result) if args.json else print(f"registered {args.node}")
+    return EXIT_OK
+
+
+def cmd_drain(client: Client, args: argparse.Namespace) -> int:
+    """``phantom drain NODE``."""
+    result = client.request(_owner(client, "drain"), "drain", node=args.node)
+    _print_json(result) if args.json else print(f"draining {args.node}")
+    return EXIT_OK
+
+
+def cmd_remove(client: Client, args: argparse.Namespace) -> int:
+    """``phantom remove NODE``."""
+    result = client.request(_owner(client, "remove"), "remove", node=args.node)
+    _print_json(result) if args.json else print(f"removed {args.node}")
+    return EXIT_OK
+
+
+def _owner(client: Client, op: str) -> str:
+    """Which service carries out a node operation: the manager when it runs,
+    else the service that holds the table (discovery registers and removes)."""
+    services = client.services()
+    if services.get("manager", {}).get("workers"):
+        return "manager"
+    return "sharding" if op == "drain" else "discovery"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``phantom``."""
+    parser = argparse.ArgumentParser(prog="phantom", description="Phantom cluster control plane")
+    parser.add_argument("--broker", help="broker endpoint [PHANTOM_BROKER, default tcp://127.0.0.1:5555]")
+    parser.add_argument("--timeout", type=float, help="seconds per attempt [PHANTOM_TIMEOUT]")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, fn: Callable[[Client, argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--json", action="store_true", help="print one JSON document")
+        p.set_defaults(fn=fn)
+        return p
+
+    command("status", cmd_status, "cluster health, nodes, shards, services (exit 3 unless green)")
+    command("nodes", cmd_nodes, "one row per node")
+    command("shards", cmd_shards, "one row per shard")
+    p = command("select", cmd_select, "which node serves KEY")
+    p.add_argument("key")
+    p.add_argument("--write", action="store_true", help="the primary, for a write")
+    p.add_argument("--keyspace", help="key space (default: the default key space)")
+    p.add_argument("--strategy", help="round_robin, random, least_connections, weighted, performance")
+    p = command("register", cmd_register, "register a node that cannot beacon")
+    p.add_argument("node")
+    p.add_argument("--address", required=True, help="HOST:PORT of the node's database")
+    p.add_argument("--zone", default="default")
+    p = command("drain", cmd_drain, "move a node's replicas away, then decommission it")
+    p.add_argument("node")
+    p = command("remove", cmd_remove, "forget a node (refused while it holds the only live replica)")
+    p.add_argument("node")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``phantom`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = cfgmod.load({"broker": args.broker, "timeout": args.timeout}, names=("broker", "timeout"))
+    except cfgmod.ConfigError as exc:
+        print(f"phantom: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with Client(cfg.broker, timeout=cfg.timeout) as client:
+            # A quick ping first: an absent broker is reported in about a second
+            # instead of after every retry of the real request.
+            if not client.ping(timeout=min(cfg.timeout, 1.0)):
+                raise BrokerUnreachable(f"the broker at {cfg.broker} does not answer")
+            code: int = args.fn(client, args)
+            return code
+    except BrokerUnreachable as exc:
+        print(f"phantom: {exc} (is it running? `make up` starts the cluster)", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except PhantomError as exc:
+        print(f"phantom: {args.command} failed: {exc.code}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

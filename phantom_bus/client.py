@@ -1,0 +1,422 @@
+"""Client API: :class:`Client` (blocking) and :class:`AsyncClient` (asyncio).
+
+Both speak to the broker frontend with a DEALER socket that sends the same
+frames a REQ socket would (empty delimiter first), and match replies to
+requests by request id, so a late reply to an abandoned attempt is dropped
+instead of being taken for the answer to the next one.
+
+Every call has a per-attempt timeout and a bounded number of attempts (Lazy
+Pirate): after a timeout the socket is closed and opened again, which drops
+whatever was queued for a dead connection. Errors the server marks as
+retryable (no worker yet, worker lost, overloaded) are retried after a short
+back-off. When every attempt is spent the call raises a :class:`PhantomError`
+subclass; if the broker itself did not answer a ping either, it is
+:class:`BrokerUnreachable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from phantom_bus import config as cfgmod
+from phantom_bus import protocol
+from phantom_bus.errors import (
+    BadRequest,
+    BrokerUnreachable,
+    PhantomError,
+    ServiceUnavailable,
+    Timeout,
+    error_from_wire,
+)
+
+_BACKOFF = (0.1, 0.25, 0.5, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Where a key lives and which node to use: the answer of :meth:`Client.select`."""
+
+    key: str
+    keyspace: str
+    shard: str
+    node: str
+    address: str
+    epoch: int
+    role: str
+    lease: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The selection as a plain dict (``phantom select --json`` prints this)."""
+        return asdict(self)
+
+
+def _selection(doc: Any) -> Selection:
+    if not isinstance(doc, dict):
+        raise BadRequest(f"malformed select reply: {doc!r}")
+    try:
+        return Selection(
+            key=str(doc["key"]),
+            keyspace=str(doc["keyspace"]),
+            shard=str(doc["shard"]),
+            node=str(doc["node"]),
+            address=str(doc["address"]),
+            epoch=int(doc["epoch"]),
+            role=str(doc["role"]),
+            lease=doc.get("lease"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadRequest(f"malformed select reply, missing or bad {exc}") from None
+
+
+def _select_args(
+    key: Any, write: bool, keyspace: str | None, strategy: str | None, lease: bool
+) -> dict[str, Any]:
+    if not isinstance(key, str | bytes):
+        raise BadRequest(f"a key is str or bytes, not {type(key).__name__}")
+    args: dict[str, Any] = {"key": key, "write": write, "lease": lease}
+    if keyspace is not None:
+        args["keyspace"] = keyspace
+    if strategy is not None:
+        args["strategy"] = strategy
+    return args
+
+
+def _release_args(sel: Selection, latency_ms: float, ok: bool) -> dict[str, Any]:
+    if sel.lease is None:
+        raise BadRequest("this selection was made with lease=False; there is nothing to release")
+    return {"lease": sel.lease, "latency_ms": float(latency_ms), "ok": bool(ok)}
+
+
+def fallback_status(services: dict[str, Any], reason: str) -> dict[str, Any]:
+    """A status document built from the broker alone, when the manager cannot answer."""
+    names = ("broker", "discovery", "membership", "sharding", "balancer", "manager")
+    return {
+        "health": "red",
+        "reason": reason,
+        "epoch": None,
+        "nodes": [],
+        "shards": {"total": 0, "under_replicated": 0, "unavailable": 0},
+        "services": {
+            name: "up" if name == "broker" or services.get(name, {}).get("workers") else "down"
+            for name in names
+        },
+    }
+
+
+class _Base:
+    def __init__(self, endpoint: str | None, timeout: float | None, retries: int | None) -> None:
+        cfg = cfgmod.load(names=("broker", "timeout", "retries", "max_message"))
+        self.endpoint = endpoint or cfg.broker
+        self.timeout = float(timeout if timeout is not None else cfg.timeout)
+        self.retries = int(retries if retries is not None else cfg.retries)
+        if self.timeout <= 0 or self.retries < 1:
+            raise ValueError("timeout must be positive and retries at least 1")
+        self.max_body = int(cfg.max_message)
+        self._salt = os.urandom(4)
+        self._ids = itertools.count(1)
+
+    def _next_id(self) -> bytes:
+        return self._salt + next(self._ids).to_bytes(8, "big")
+
+    def _frames(self, service: str, op: str, args: dict[str, Any], reqid: bytes) -> list[bytes]:
+        return [b"", protocol.CLIENT, service.encode(), reqid, protocol.encode_request(op, args)]
+
+    def _parse(self, frames: list[bytes]) -> tuple[bytes, bool, Any]:
+        """(reqid, ok, payload) of a reply; raises BadRequest on a malformed one."""
+        rest = frames[1:] if frames and frames[0] == b"" else frames
+        if len(rest) != 4:
+            raise BadRequest(f"malformed reply: {len(rest)} frames")
+        protocol.check_header(rest[0], protocol.CLIENT)
+        ok, payload = protocol.decode_reply(rest[3], max_size=self.max_body)
+        return rest[2], ok, payload
+
+    @staticmethod
+    def _error(payload: Any) -> PhantomError:
+        err = error_from_wire(payload)
+        if isinstance(payload, dict) and "retry" in payload:
+            err.retry = bool(payload["retry"])
+        return err
+
+
+class Client(_Base):
+    """Blocking client. ``with Client() as c: c.select("user:42")``.
+
+    Not thread-safe: use one per thread (they are cheap).
+    """
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        timeout: float | None = None,
+        retries: int | None = None,
+        ctx: zmq.Context[Any] | None = None,
+    ) -> None:
+        super().__init__(endpoint, timeout, retries)
+        self.ctx = ctx or zmq.Context.instance()
+        self._sock: zmq.Socket[Any] | None = None
+
+    def _open(self) -> zmq.Socket[Any]:
+        if self._sock is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 1000)
+            sock.setsockopt(zmq.RCVHWM, 1000)
+            sock.connect(self.endpoint)
+            self._sock = sock
+        return self._sock
+
+    def _reset(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+
+    def close(self) -> None:
+        """Close the socket; the client can be used again (it reopens lazily)."""
+        self._reset()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _attempt(
+        self, service: str, op: str, args: dict[str, Any], timeout: float
+    ) -> tuple[bool, Any] | None:
+        sock = self._open()
+        reqid = self._next_id()
+        try:
+            sock.send_multipart(self._frames(service, op, args, reqid), zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(left * 1000, zmq.POLLIN):
+                return None
+            try:
+                got, ok, payload = self._parse(sock.recv_multipart())
+            except PhantomError:
+                continue  # garbage on the wire is not our answer; keep waiting
+            if got == reqid:
+                return ok, payload
+
+    def request(self, service: str, op: str, /, **args: Any) -> Any:
+        """Call ``op`` on ``service`` with ``args``; returns its result or raises PhantomError."""
+        return self._call(service, op, args, self.timeout, self.retries)
+
+    def _call(self, service: str, op: str, args: dict[str, Any], timeout: float, retries: int) -> Any:
+        last: PhantomError | None = None
+        for attempt in range(retries):
+            answer = self._attempt(service, op, args, timeout)
+            if answer is None:
+                self._reset()  # Lazy Pirate: a fresh socket drops a dead connection's queue
+                last = Timeout(f"{service}.{op}: no reply within {timeout:g} s", service=service)
+                continue
+            ok, payload = answer
+            if ok:
+                return payload
+            last = self._error(payload)
+            if not last.retry or attempt + 1 == retries:
+                raise last
+            time.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
+        assert last is not None
+        if isinstance(last, Timeout) and (service == protocol.BROKER_SERVICE or not self._broker_alive()):
+            raise BrokerUnreachable(f"the broker at {self.endpoint} does not answer") from None
+        raise last
+
+    def _broker_alive(self) -> bool:
+        return self.ping(min(self.timeout, 1.0))
+
+    def ping(self, timeout: float = 1.0, attempts: int = 2) -> bool:
+        """True if the broker answers a ping within ``attempts`` x ``timeout`` seconds."""
+        try:
+            self._call(protocol.BROKER_SERVICE, "ping", {}, timeout, attempts)
+            return True
+        except PhantomError:
+            return False
+
+    # --- the application calls ------------------------------------------------------
+
+    def select(
+        self,
+        key: str | bytes,
+        write: bool = False,
+        *,
+        keyspace: str | None = None,
+        strategy: str | None = None,
+        lease: bool = True,
+    ) -> Selection:
+        """Pick the node for ``key``: a healthy replica, or the primary with ``write=True``."""
+        return _selection(
+            self.request("balancer", "select", **_select_args(key, write, keyspace, strategy, lease))
+        )
+
+    def release(self, sel: Selection, latency_ms: float, ok: bool = True) -> None:
+        """End the lease of ``sel``, reporting how the request to its node went."""
+        self.request("balancer", "release", **_release_args(sel, latency_ms, ok))
+
+    def services(self) -> dict[str, Any]:
+        """The services registered with the broker and their workers."""
+        result: dict[str, Any] = self.request(protocol.BROKER_SERVICE, "services")
+        return result
+
+    def status(self) -> dict[str, Any]:
+        """The cluster status document (``phantom status --json``)."""
+        services = self.services()
+        if services.get("manager", {}).get("workers"):
+            try:
+                doc: dict[str, Any] = self.request("manager", "status")
+                return doc
+            except ServiceUnavailable:
+                pass
+        return fallback_status(services, "the manager is not running")
+
+
+class AsyncClient(_Base):
+    """The asyncio twin of :class:`Client`: same methods, awaitable, and safe to use
+    from many tasks at once (replies are matched to requests by id)."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        timeout: float | None = None,
+        retries: int | None = None,
+        ctx: zmq.asyncio.Context | None = None,
+    ) -> None:
+        super().__init__(endpoint, timeout, retries)
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._waiting: dict[bytes, asyncio.Future[tuple[bool, Any]]] = {}
+
+    def _open(self) -> zmq.asyncio.Socket:
+        if self._sock is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 10000)
+            sock.setsockopt(zmq.RCVHWM, 10000)
+            sock.connect(self.endpoint)
+            self._sock = sock
+            self._reader = asyncio.ensure_future(self._read(sock))
+        return self._sock
+
+    async def _read(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            try:
+                frames = await sock.recv_multipart()
+            except (zmq.ZMQError, asyncio.CancelledError):
+                return
+            try:
+                reqid, ok, payload = self._parse(frames)
+            except PhantomError:
+                continue
+            fut = self._waiting.pop(reqid, None)
+            if fut is not None and not fut.done():
+                fut.set_result((ok, payload))
+
+    async def close(self) -> None:
+        """Close the socket and fail nothing: pending calls time out on their own."""
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+            self._reader = None
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _attempt(
+        self, service: str, op: str, args: dict[str, Any], timeout: float
+    ) -> tuple[bool, Any] | None:
+        sock = self._open()
+        reqid = self._next_id()
+        fut: asyncio.Future[tuple[bool, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[reqid] = fut
+        try:
+            await sock.send_multipart(self._frames(service, op, args, reqid))
+            return await asyncio.wait_for(fut, timeout)
+        except (TimeoutError, zmq.Again):
+            return None
+        finally:
+            self._waiting.pop(reqid, None)
+
+    async def request(self, service: str, op: str, /, **args: Any) -> Any:
+        """Call ``op`` on ``service`` with ``args``; returns its result or raises PhantomError."""
+        return await self._call(service, op, args, self.timeout, self.retries)
+
+    async def _call(self, service: str, op: str, args: dict[str, Any], timeout: float, retries: int) -> Any:
+        last: PhantomError | None = None
+        for attempt in range(retries):
+            answer = await self._attempt(service, op, args, timeout)
+            if answer is None:
+                last = Timeout(f"{service}.{op}: no reply within {timeout:g} s", service=service)
+                continue
+            ok, payload = answer
+            if ok:
+                return payload
+            last = self._error(payload)
+            if not last.retry or attempt + 1 == retries:
+                raise last
+            await asyncio.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
+        assert last is not None
+        if isinstance(last, Timeout) and (
+            service == protocol.BROKER_SERVICE or not await self._broker_alive()
+        ):
+            raise BrokerUnreachable(f"the broker at {self.endpoint} does not answer") from None
+        raise last
+
+    async def _broker_alive(self) -> bool:
+        try:
+            await self._call(protocol.BROKER_SERVICE, "ping", {}, min(self.timeout, 1.0), 1)
+            return True
+        except PhantomError:
+            return False
+
+    async def select(
+        self,
+        key: str | bytes,
+        write: bool = False,
+        *,
+        keyspace: str | None = None,
+        strategy: str | None = None,
+        lease: bool = True,
+    ) -> Selection:
+        """Awaitable :meth:`Client.select`."""
+        args = _select_args(key, write, keyspace, strategy, lease)
+        return _selection(await self.request("balancer", "select", **args))
+
+    async def release(self, sel: Selection, latency_ms: float, ok: bool = True) -> None:
+        """Awaitable :meth:`Client.release`."""
+        await self.request("balancer", "release", **_release_args(sel, latency_ms, ok))
+
+    async def services(self) -> dict[str, Any]:
+        """Awaitable :meth:`Client.services`."""
+        result: dict[str, Any] = await self.request(protocol.BROKER_SERVICE, "services")
+        return result
+
+    async def status(self) -> dict[str, Any]:
+        """Awaitable :meth:`Client.status`."""
+        services = await self.services()
+        if services.get("manager", {}).get("workers"):
+            try:
+                doc: dict[str, Any] = await self.request("manager", "status")
+                return doc
+            except ServiceUnavailable:
+                pass
+        return fallback_status(services, "the manager is not running")

@@ -1,0 +1,387 @@
+"""Settings: every default in one table, and the rule that picks a value.
+
+Precedence, highest first: command-line flag > ``PHANTOM_<NAME>`` environment
+variable > ``phantom.toml`` (path from ``PHANTOM_CONFIG``, else ``./phantom.toml``
+if it exists) > the default below. A value that does not parse is refused at
+start with a :class:`ConfigError` that names the setting and where it came from.
+
+``python -m phantom_bus.config`` prints the table as Markdown; the docs embed
+that output and a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used; the message names it."""
+
+
+# --- parsers: take a str (env, flag) or a TOML value, return the typed value ----
+
+
+def _endpoint(value: Any) -> str:
+    text = str(value).strip()
+    if "://" not in text:
+        raise ValueError("expected a ZeroMQ endpoint such as tcp://127.0.0.1:5555")
+    scheme, _, rest = text.partition("://")
+    if scheme not in ("tcp", "ipc", "inproc") or not rest:
+        raise ValueError("expected tcp://HOST:PORT, ipc://PATH or inproc://NAME")
+    if scheme == "tcp":
+        host, sep, port = rest.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected tcp://HOST:PORT with a port in 1..65535")
+    return text
+
+
+def _optional_endpoint(value: Any) -> str:
+    return "" if value in ("", None) else _endpoint(value)
+
+
+def _positive_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number")
+    number = float(value)
+    if not number > 0 or number != number or number == float("inf"):
+        raise ValueError("expected a positive finite number")
+    return number
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError("expected a whole number")
+    number = int(value)
+    if number <= 0:
+        raise ValueError("expected a positive whole number")
+    return number
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true/false (1/0, yes/no, on/off)")
+
+
+def _level(value: Any) -> str:
+    text = str(value).strip().upper()
+    if text not in ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("expected a log level: DEBUG, INFO, WARNING, ERROR")
+    return text
+
+
+def _path(value: Any) -> str:
+    text = str(value).strip()
+    if not text:
+        raise ValueError("expected a path")
+    return text
+
+
+def _optional_path(value: Any) -> str:
+    return str(value).strip() if value not in (None,) else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One setting: its name, default, parser, unit and why the default is what it is."""
+
+    name: str
+    default: Any
+    parse: Callable[[Any], Any]
+    unit: str
+    why: str
+
+    @property
+    def env(self) -> str:
+        """The environment variable that sets it."""
+        return "PHANTOM_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag that sets it."""
+        return "--" + self.name.replace("_", "-")
+
+
+_SETTINGS: list[Setting] = [
+    # --- where things are -----------------------------------------------------
+    Setting(
+        "broker",
+        "tcp://127.0.0.1:5555",
+        _endpoint,
+        "endpoint",
+        "Broker frontend that clients, the CLI and phantom-top connect to.",
+    ),
+    Setting(
+        "backend",
+        "tcp://127.0.0.1:5556",
+        _endpoint,
+        "endpoint",
+        "Broker backend where services register and heartbeat.",
+    ),
+    Setting(
+        "events_in",
+        "tcp://127.0.0.1:5557",
+        _endpoint,
+        "endpoint",
+        "Broker XSUB socket that event publishers connect to.",
+    ),
+    Setting(
+        "events_out",
+        "tcp://127.0.0.1:5558",
+        _endpoint,
+        "endpoint",
+        "Broker XPUB socket that event subscribers connect to.",
+    ),
+    Setting(
+        "beacon",
+        "tcp://127.0.0.1:5560",
+        _endpoint,
+        "endpoint",
+        "Discovery's SUB socket for agent beacons (agents connect their PUB).",
+    ),
+    Setting(
+        "heartbeat",
+        "tcp://127.0.0.1:5561",
+        _endpoint,
+        "endpoint",
+        "Membership's ROUTER socket for agent heartbeats.",
+    ),
+    Setting(
+        "bind_host",
+        "",
+        _optional_path,
+        "host",
+        "If set (e.g. 0.0.0.0), sockets bind this host instead of the endpoint's; "
+        "for hosts behind NAT or in containers where advertised and bound addresses differ.",
+    ),
+    Setting(
+        "data",
+        "var",
+        _path,
+        "directory",
+        "State directory (SQLite files, agent incarnations, logs); relative to the working directory.",
+    ),
+    # --- logging ----------------------------------------------------------------
+    Setting(
+        "log_json",
+        False,
+        _bool,
+        "bool",
+        "JSON lines for log shippers; plain text reads better on a terminal.",
+    ),
+    Setting(
+        "log_level", "INFO", _level, "level", "INFO logs every decision once; DEBUG adds per-message detail."
+    ),
+    # --- client -------------------------------------------------------------------
+    Setting(
+        "timeout",
+        2.5,
+        _positive_float,
+        "s",
+        "Per-attempt reply timeout of a client request: several heartbeat intervals, so a "
+        "broker restart (about 1 s) is survived by the next retry.",
+    ),
+    Setting(
+        "retries",
+        3,
+        _positive_int,
+        "attempts",
+        "Attempts per client request (Lazy Pirate); with the timeout the worst case is 7.5 s.",
+    ),
+    # --- broker and workers -------------------------------------------------------
+    Setting(
+        "worker_heartbeat",
+        0.5,
+        _positive_float,
+        "s",
+        "Broker <-> worker heartbeat interval: a dead worker is dropped within "
+        "liveness x interval = 1.5 s, at 2 tiny messages per second per worker.",
+    ),
+    Setting(
+        "worker_liveness",
+        3,
+        _positive_int,
+        "intervals",
+        "Missed heartbeats before a worker (or the broker, seen from a worker) counts as gone; "
+        "3 tolerates one lost or late heartbeat twice over.",
+    ),
+    Setting(
+        "worker_concurrency",
+        64,
+        _positive_int,
+        "requests",
+        "Requests the broker hands one worker before queueing: bounds a slow worker's backlog.",
+    ),
+    Setting(
+        "broker_queue",
+        10000,
+        _positive_int,
+        "requests",
+        "Requests queued per service while every worker is at its concurrency; beyond it "
+        "clients get an 'overloaded' error at once instead of a timeout.",
+    ),
+    Setting(
+        "max_message",
+        4 * 1024 * 1024,
+        _positive_int,
+        "bytes",
+        "Largest accepted message body (4 MiB holds a 4,096-shard map); larger ones are refused.",
+    ),
+]
+
+SETTINGS: dict[str, Setting] = {s.name: s for s in _SETTINGS}
+
+
+def register(*settings: Setting) -> None:
+    """Add settings owned by a service (they join the same table and docs)."""
+    for setting in settings:
+        if setting.name in SETTINGS and SETTINGS[setting.name] != setting:
+            raise ValueError(f"setting {setting.name!r} registered twice")
+        SETTINGS[setting.name] = setting
+
+
+class Config(Mapping[str, Any]):
+    """Resolved settings: ``cfg.broker``, ``cfg["data"]``, and ``cfg.source("data")``."""
+
+    def __init__(self, values: dict[str, Any], sources: dict[str, str]) -> None:
+        self._values = values
+        self._sources = sources
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"no setting {name!r}") from None
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __iter__(self) -> Any:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def source(self, name: str) -> str:
+        """Where the value of ``name`` came from: flag, env, file or default."""
+        return self._sources[name]
+
+    def bind(self, name: str) -> str:
+        """The endpoint to bind for endpoint setting ``name`` (honours ``bind_host``)."""
+        endpoint = str(self._values[name])
+        host = self._values.get("bind_host") or ""
+        if host and endpoint.startswith("tcp://"):
+            port = endpoint.rpartition(":")[2]
+            return f"tcp://{host}:{port}"
+        return endpoint
+
+    def replace(self, **values: Any) -> Config:
+        """A copy with some values changed (tests and embedding code)."""
+        merged = {**self._values, **values}
+        return Config(merged, {**self._sources, **{k: "override" for k in values}})
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}".replace("-", "_")
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "_"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _read_file(env: Mapping[str, str]) -> tuple[dict[str, Any], str]:
+    explicit = env.get("PHANTOM_CONFIG")
+    path = Path(explicit) if explicit else Path("phantom.toml")
+    if not path.exists():
+        if explicit:
+            raise ConfigError(f"PHANTOM_CONFIG names {path}, which does not exist")
+        return {}, ""
+    try:
+        with path.open("rb") as fh:
+            return _flatten(tomllib.load(fh)), str(path)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+
+
+def load(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    names: Iterable[str] | None = None,
+) -> Config:
+    """Resolve settings (all of them, or only ``names``) from flags, env, file and defaults.
+
+    ``flags`` maps setting names to values given on the command line; ``None``
+    values mean "not given". Raises :class:`ConfigError` naming the bad setting.
+    """
+    env = os.environ if env is None else env
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    file_values, file_name = _read_file(env)
+    unknown = sorted(set(file_values) - set(SETTINGS))
+    if unknown:
+        raise ConfigError(f"{file_name}: unknown setting(s) {', '.join(unknown)}")
+    wanted = list(SETTINGS) if names is None else list(names)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name in wanted:
+        setting = SETTINGS[name]
+        if name in flags:
+            raw, where = flags[name], f"flag {setting.flag}"
+        elif setting.env in env:
+            raw, where = env[setting.env], f"environment {setting.env}"
+        elif name in file_values:
+            raw, where = file_values[name], f"{file_name} key {name}"
+        else:
+            values[name], sources[name] = setting.default, "default"
+            continue
+        try:
+            values[name] = setting.parse(raw)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"bad value {raw!r} for setting {name!r} ({where}): {exc}") from None
+        sources[name] = where
+    return Config(values, sources)
+
+
+def add_flags(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
+    """Add a ``--flag`` per setting (as a string, parsed later by :func:`load`)."""
+    for name in names:
+        setting = SETTINGS[name]
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": f"{setting.why} [{setting.env}]"}
+        if setting.parse is _bool:
+            kwargs["action"] = "store_const"
+            kwargs["const"] = True
+        else:
+            kwargs["metavar"] = setting.unit.upper().replace(" ", "_")
+        parser.add_argument(setting.flag, **kwargs)
+
+
+def from_args(args: argparse.Namespace, names: Iterable[str]) -> Config:
+    """Resolve ``names`` with the flags parsed into ``args`` taking precedence."""
+    names = list(names)
+    return load({n: getattr(args, n, None) for n in names}, names=names)
+
+
+def markdown_table() -> str:
+    """The settings table as Markdown, for the operator's guide."""
+    lines = ["| setting | env | flag | default | unit | why |", "|---|---|---|---|---|---|"]
+    for s in SETTINGS.values():
+        default = "(empty)" if s.default in ("", None) else f"`{s.default}`"
+        lines.append(f"| `{s.name}` | `{s.env}` | `{s.flag}` | {default} | {s.unit} | {s.why} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -1,0 +1,384 @@
+"""The service base: an asyncio worker on the broker backend.
+
+A service registers with the broker under its name, heartbeats, answers the
+operations it has handlers for, and publishes and subscribes to events::
+
+    svc = Service("echo", cfg)
+
+    @svc.operation("echo")
+    def echo(text: str) -> dict:
+        return {"text": text}
+
+    svc.subscribe("node.", on_node_event)
+    await svc.run()          # until svc.stop()
+
+Handlers take the request's ``args`` as keyword arguments and may be plain
+functions or coroutines. A :class:`PhantomError` they raise becomes that error
+reply; any other exception is logged with its traceback and answered as
+``internal``. Arguments that do not fit the handler's signature are answered
+``bad_request`` without calling it.
+
+The worker survives a broker restart: the new broker does not know it and
+answers its heartbeat with ``BYE``, upon which it registers again; if the
+broker goes silent for ``liveness`` heartbeats, the worker also reconnects its
+socket from scratch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from loguru import logger
+
+from phantom_bus import protocol
+from phantom_bus.config import Config
+from phantom_bus.errors import BadRequest, InternalError, PhantomError, UnknownOperation
+from phantom_bus.wire import NOBLOCK, readable, recv_frames, send_frames
+
+Handler = Callable[..., Any]
+EventCallback = Callable[[dict[str, Any]], Any]
+
+#: Settings every service reads.
+SERVICE_SETTINGS = (
+    "backend",
+    "events_in",
+    "events_out",
+    "bind_host",
+    "data",
+    "log_json",
+    "log_level",
+    "worker_heartbeat",
+    "worker_liveness",
+    "worker_concurrency",
+    "max_message",
+)
+
+
+class _Operation:
+    __slots__ = ("fn", "is_async", "name", "signature")
+
+    def __init__(self, name: str, fn: Handler) -> None:
+        self.name = name
+        self.fn = fn
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.signature = inspect.signature(fn)
+
+
+class Service:
+    """One worker of a named service; see the module docstring for the contract."""
+
+    def __init__(self, name: str, cfg: Config, *, ctx: zmq.asyncio.Context | None = None) -> None:
+        protocol.decode_service(name.encode())
+        self.name = name
+        self.cfg = cfg
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.heartbeat = float(cfg.worker_heartbeat)
+        self.liveness = self.heartbeat * int(cfg.worker_liveness)
+        self.concurrency = int(cfg.worker_concurrency)
+        self.max_body = int(cfg.max_message)
+        self.counters = {"requests": 0, "errors": 0, "bad": 0, "reconnects": 0, "events_in": 0}
+        self._ops: dict[str, _Operation] = {}
+        self._subs: list[tuple[str, EventCallback]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = asyncio.Event()
+        self._last_heard = 0.0
+        self._registered = False
+        # The worker socket is a plain (synchronous) socket driven by the event loop
+        # through its FD: the request path then costs no futures or IntFlag
+        # arithmetic, which is most of what zmq.asyncio adds per message.
+        self._sync_ctx = zmq.Context.shadow(self.ctx.underlying)
+        self._worker: zmq.Socket[Any] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._waiter_fd: int | None = None
+        self._pub: zmq.asyncio.Socket | None = None
+        self._sub: zmq.asyncio.Socket | None = None
+        self.operation("ping")(self._ping)
+
+    # --- declaring what the service does -----------------------------------------
+
+    def operation(self, name: str) -> Callable[[Handler], Handler]:
+        """Decorator: ``fn`` answers operation ``name``."""
+
+        def register(fn: Handler) -> Handler:
+            self._ops[name] = _Operation(name, fn)
+            return fn
+
+        return register
+
+    def add_operation(self, name: str, fn: Handler) -> None:
+        """Non-decorator form of :meth:`operation`."""
+        self._ops[name] = _Operation(name, fn)
+
+    def subscribe(self, prefix: str, callback: EventCallback) -> None:
+        """Call ``callback(event)`` for every bus event whose kind starts with ``prefix``."""
+        self._subs.append((prefix, callback))
+        if self._sub is not None:
+            self._sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+
+    def _ping(self) -> dict[str, Any]:
+        return {"service": self.name, "pid": os.getpid(), "ops": sorted(self._ops)}
+
+    # --- events ---------------------------------------------------------------
+
+    async def publish(self, kind: str, data: dict[str, Any] | None = None) -> None:
+        """Publish an event on the bus (best effort, like any PUB socket)."""
+        if self._pub is None:
+            self._pub = self._socket(zmq.PUB)
+            self._pub.connect(self.cfg.events_in)
+        try:
+            await self._pub.send_multipart(protocol.encode_event(kind, data or {}, source=self.name))
+        except zmq.ZMQError as exc:
+            logger.warning("could not publish {}: {}", kind, exc)
+
+    async def _event_loop(self) -> None:
+        assert self._sub is not None
+        while True:
+            frames = await self._sub.recv_multipart()
+            try:
+                event = protocol.decode_event(frames, max_size=self.max_body)
+            except PhantomError as err:
+                logger.warning("dropped a malformed event: {}", err)
+                continue
+            self.counters["events_in"] += 1
+            kind = event["kind"]
+            for prefix, callback in self._subs:
+                if kind.startswith(prefix):
+                    await self._call_event(callback, event)
+
+    @staticmethod
+    async def _call_event(callback: EventCallback, event: dict[str, Any]) -> None:
+        try:
+            result = callback(event)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            logger.exception("event callback for {} raised", event.get("kind"))
+
+    # --- the worker conversation ----------------------------------------------------
+
+    def _socket(self, kind: int) -> zmq.asyncio.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 10000)
+        sock.setsockopt(zmq.RCVHWM, 10000)
+        return sock
+
+    async def _connect(self) -> None:
+        old = self._worker
+        if old is not None:
+            self._stop_waiting()
+            old.close(0)
+        sock = self._sync_ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 10000)
+        sock.setsockopt(zmq.RCVHWM, 10000)
+        sock.connect(self.cfg.backend)
+        self._worker = sock
+        await self._register()
+
+    async def _register(self) -> None:
+        meta = {
+            "concurrency": self.concurrency,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "ops": sorted(self._ops),
+        }
+        self._send([protocol.WORKER, protocol.READY, self.name.encode(), protocol.pack(meta)])
+        self._last_heard = time.monotonic()
+        self._registered = True
+
+    def _send(self, frames: list[bytes]) -> None:
+        sock = self._worker
+        if sock is None:
+            return
+        try:
+            # A DEALER send only blocks at the high-water mark; NOBLOCK turns that
+            # into a dropped message (the client retries) instead of a stalled loop.
+            send_frames(sock, frames, NOBLOCK)
+        except zmq.ZMQError as exc:
+            logger.warning("message to the broker dropped: {}", exc)
+        # The socket FD is edge-triggered and a send can consume the edge of a
+        # message that arrived meanwhile: wake the reader if one is waiting.
+        if self._waiter is not None and readable(sock):
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _stop_waiting(self) -> None:
+        if self._waiter_fd is not None:
+            asyncio.get_running_loop().remove_reader(self._waiter_fd)
+            self._waiter_fd = None
+        self._wake()
+
+    async def _wait_readable(self, sock: zmq.Socket[Any]) -> None:
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        self._waiter_fd = sock.getsockopt(zmq.FD)
+        loop.add_reader(self._waiter_fd, self._wake)
+        # Safety net against a lost edge: look again at least every heartbeat.
+        timer = loop.call_later(self.heartbeat, self._wake)
+        try:
+            if not readable(sock):
+                await self._waiter
+        finally:
+            timer.cancel()
+            if self._waiter_fd is not None and self._worker is sock:
+                loop.remove_reader(self._waiter_fd)
+                self._waiter_fd = None
+            self._waiter = None
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            if time.monotonic() - self._last_heard > self.liveness:
+                self.counters["reconnects"] += 1
+                logger.warning("broker silent for {:.1f} s; reconnecting", self.liveness)
+                await self._connect()
+                continue
+            self._send([protocol.WORKER, protocol.HEARTBEAT])
+
+    async def _worker_loop(self) -> None:
+        burst = 0
+        while True:
+            sock = self._worker
+            assert sock is not None
+            if not readable(sock):
+                burst = 0
+                await self._wait_readable(sock)
+                continue
+            frames = recv_frames(sock, NOBLOCK)
+            self._last_heard = time.monotonic()
+            if len(frames) < 2 or frames[0] != protocol.WORKER:
+                self.counters["bad"] += 1
+            elif frames[1] == protocol.REQUEST and len(frames) == 5:
+                self._on_request(frames[2], frames[3], frames[4])
+            elif frames[1] == protocol.DISCONNECT:
+                logger.info("broker asked us to register again")
+                await self._register()
+            elif frames[1] != protocol.HEARTBEAT:
+                self.counters["bad"] += 1
+            burst += 1
+            if burst == 64:  # a long burst still lets timers and handlers run
+                burst = 0
+                await asyncio.sleep(0)
+
+    def _on_request(self, route: bytes, reqid: bytes, body: bytes) -> None:
+        self.counters["requests"] += 1
+        try:
+            op_name, args = protocol.decode_request(body, max_size=self.max_body)
+            op = self._ops.get(op_name)
+            if op is None:
+                known = ", ".join(sorted(self._ops))
+                raise UnknownOperation(f"service {self.name!r} has no operation {op_name!r}; it has {known}")
+            try:
+                op.signature.bind(**args)
+            except TypeError as exc:
+                raise BadRequest(f"bad arguments for {self.name}.{op_name}: {exc}") from None
+        except PhantomError as err:
+            self.counters["bad"] += 1
+            self._reply(route, reqid, protocol.encode_error(err))
+            return
+        if op.is_async:
+            task = asyncio.ensure_future(self._run_async(op, args, route, reqid))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        self._reply(route, reqid, self._result(op, lambda: op.fn(**args)))
+
+    async def _run_async(self, op: _Operation, args: dict[str, Any], route: bytes, reqid: bytes) -> None:
+        try:
+            result = await op.fn(**args)
+            body = protocol.encode_result(result)
+        except PhantomError as err:
+            self.counters["errors"] += 1
+            body = protocol.encode_error(err)
+        except Exception as exc:
+            body = self._internal(op, exc)
+        self._reply(route, reqid, body)
+
+    def _result(self, op: _Operation, call: Callable[[], Any]) -> bytes:
+        try:
+            return protocol.encode_result(call())
+        except PhantomError as err:
+            self.counters["errors"] += 1
+            return protocol.encode_error(err)
+        except Exception as exc:
+            return self._internal(op, exc)
+
+    def _internal(self, op: _Operation, exc: Exception) -> bytes:
+        self.counters["errors"] += 1
+        logger.opt(exception=exc).error("{}.{} failed", self.name, op.name)
+        return protocol.encode_error(
+            InternalError(f"{self.name}.{op.name} failed: {type(exc).__name__}: {exc}")
+        )
+
+    def _reply(self, route: bytes, reqid: bytes, body: bytes) -> None:
+        self._send([protocol.WORKER, protocol.REPLY, route, reqid, body])
+
+    # --- life cycle -----------------------------------------------------------------
+
+    async def run(self, *extra: Awaitable[Any]) -> None:
+        """Register and serve until :meth:`stop`; ``extra`` coroutines run alongside."""
+        await self._connect()
+        loops = [self._heartbeat_loop(), self._worker_loop(), *extra]
+        if self._subs:
+            self._sub = self._socket(zmq.SUB)
+            for prefix, _ in self._subs:
+                self._sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+            self._sub.connect(self.cfg.events_out)
+            loops.append(self._event_loop())
+        tasks = [asyncio.ensure_future(c) for c in loops]
+        logger.info("service {} registering at {}", self.name, self.cfg.backend)
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        try:
+            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            await self._shutdown([*tasks, stopper])
+
+    async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
+        self._send([protocol.WORKER, protocol.DISCONNECT])
+        if self._tasks:
+            # Requests already accepted get a short grace period to finish.
+            await asyncio.wait(list(self._tasks), timeout=2.0)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._worker is not None:
+            self._stop_waiting()
+            self._worker.close(0)
+        for sock in (self._pub, self._sub):
+            if sock is not None:
+                sock.close(0)
+        self._worker = self._pub = self._sub = None
+
+    def stop(self) -> None:
+        """Finish: unregister, let accepted requests complete, close sockets."""
+        self._stopping.set()
+
+
+def run_forever(service: Service, *extra: Awaitable[Any]) -> int:
+    """Run ``service`` on a fresh event loop until SIGTERM or SIGINT; returns an exit code."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, service.stop)
+        await service.run(*extra)
+
+    asyncio.run(main())
+    logger.info("service {} stopped", service.name)
+    return 0

@@ -1,0 +1,1 @@
+"""A tiny echo service: the reference worker for tests and the broker benchmark."""
