@@ -65,10 +65,7 @@ def client_loop(endpoint: str, via_broker: bool, seconds: float, out: Any, recor
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     body = msgpack.packb(PAYLOAD, use_bin_type=True)
-    if via_broker:
-        frames = [protocol.CLIENT, b"echo", b"", body]
-    else:
-        frames = [body]
+    frames = [protocol.CLIENT, b"echo", b"", body] if via_broker else [body]
     # Warm up: connections, first-call costs.
     for _ in range(200):
         sock.send_multipart(frames)
@@ -115,12 +112,17 @@ def measure(endpoint: str, via_broker: bool, clients: int, seconds: float) -> di
 
 def start_broker_stack(env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
     procs = [
-        subprocess.Popen([sys.executable, "-m", "phantom_bus.broker"], env=env, cwd=ROOT,
-                         stderr=subprocess.DEVNULL),
+        subprocess.Popen(
+            [sys.executable, "-m", "phantom_bus.broker"], env=env, cwd=ROOT, stderr=subprocess.DEVNULL
+        ),
     ]
     procs.append(
-        subprocess.Popen(os.environ.get("ECHO_CMD", f"{sys.executable} -m services.echo").split(), env=env, cwd=ROOT,
-                         stderr=subprocess.DEVNULL)
+        subprocess.Popen(
+            os.environ.get("ECHO_CMD", f"{sys.executable} -m services.echo").split(),
+            env=env,
+            cwd=ROOT,
+            stderr=subprocess.DEVNULL,
+        )
     )
     return procs
 

@@ -5,7 +5,8 @@ The public client API::
     from phantom_bus import Client, AsyncClient, PhantomError
 """
 
-from phantom_bus.client import AsyncClient, Client, Selection
+from typing import TYPE_CHECKING, Any
+
 from phantom_bus.errors import (
     BadRequest,
     BrokerUnreachable,
@@ -15,6 +16,20 @@ from phantom_bus.errors import (
     ServiceUnavailable,
     Timeout,
 )
+
+if TYPE_CHECKING:
+    from phantom_bus.client import AsyncClient, Client, Selection
+
+
+def __getattr__(name: str) -> Any:
+    # The client is imported on first use, so `python -m phantom_bus.<module>`
+    # does not import half the package before running its module.
+    if name in ("AsyncClient", "Client", "Selection"):
+        from phantom_bus import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'phantom_bus' has no attribute {name!r}")
+
 
 __all__ = [
     "AsyncClient",

@@ -169,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, help="seconds per attempt [PHANTOM_TIMEOUT]")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, fn: Callable[[Client, argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, fn: Callable[[Client, argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("--json", action="store_true", help="print one JSON document")
         p.set_defaults(fn=fn)

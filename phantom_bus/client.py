@@ -201,7 +201,7 @@ class Client(_Base):
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(left * 1000, zmq.POLLIN):
+            if left <= 0 or not sock.poll(int(left * 1000) + 1, zmq.POLLIN):
                 return None
             try:
                 got, ok, payload = self._parse(sock.recv_multipart())

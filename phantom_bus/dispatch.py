@@ -195,11 +195,11 @@ class Dispatcher:
                 return ToWorker(worker.identity, route, reqid, body)
             if len(svc.queue) >= self.queue_limit:
                 svc.rejected += 1
-                err = Overloaded(
+                busy = Overloaded(
                     f"service {service!r} has {len(svc.queue)} requests queued; try again later",
                     service=service,
                 )
-                return ToClient(route, service, reqid, err)
+                return ToClient(route, service, reqid, busy)
             svc.queue.append((route, reqid, body, now))
             return None
 

@@ -142,7 +142,8 @@ def error_from_wire(doc: Any) -> PhantomError:
         return PhantomError(f"malformed error reply: {doc!r}")
     code = str(doc.get("code", "error"))
     message = str(doc.get("message", "unknown error"))
-    details = doc.get("details") if isinstance(doc.get("details"), dict) else {}
+    raw = doc.get("details")
+    details: dict[str, Any] = {str(k): v for k, v in raw.items()} if isinstance(raw, dict) else {}
     cls = _BY_CODE.get(code)
     if cls is None:
         err = PhantomError(message, **details)

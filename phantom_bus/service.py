@@ -95,7 +95,7 @@ class Service:
         # The worker socket is a plain (synchronous) socket driven by the event loop
         # through its FD: the request path then costs no futures or IntFlag
         # arithmetic, which is most of what zmq.asyncio adds per message.
-        self._sync_ctx = zmq.Context.shadow(self.ctx.underlying)
+        self._sync_ctx: zmq.Context[Any] = zmq.Context.shadow(self.ctx.underlying)
         self._worker: zmq.Socket[Any] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._waiter_fd: int | None = None
@@ -224,8 +224,8 @@ class Service:
     async def _wait_readable(self, sock: zmq.Socket[Any]) -> None:
         loop = asyncio.get_running_loop()
         self._waiter = loop.create_future()
-        self._waiter_fd = sock.getsockopt(zmq.FD)
-        loop.add_reader(self._waiter_fd, self._wake)
+        self._waiter_fd = int(sock.getsockopt(zmq.FD))
+        loop.add_reader(int(self._waiter_fd), self._wake)
         # Safety net against a lost edge: look again at least every heartbeat.
         timer = loop.call_later(self.heartbeat, self._wake)
         try:

@@ -1,0 +1,139 @@
+"""Fixtures for tests that run real processes on 127.0.0.1.
+
+``bus`` gives each test its own free ports, its own data directory and a
+process list that is always emptied at teardown (SIGTERM, then SIGKILL),
+whether the test passed or failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phantom_bus.client import Client
+from phantom_bus.errors import PhantomError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout:g} s (last value {last!r})")
+
+
+class Bus:
+    """A private set of Phantom processes for one test."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.ports = {
+            name: free_port()
+            for name in ("broker", "backend", "events_in", "events_out", "beacon", "heartbeat")
+        }
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PHANTOM_")}
+        self.env.update({f"PHANTOM_{k.upper()}": f"tcp://127.0.0.1:{p}" for k, p in self.ports.items()})
+        self.env["PHANTOM_DATA"] = str(tmp / "var")
+        self.env["PHANTOM_LOG_LEVEL"] = "DEBUG"
+        self.env["PYTHONPATH"] = str(ROOT)
+        self.env["PYTHONUNBUFFERED"] = "1"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: dict[int, Path] = {}
+
+    @property
+    def endpoint(self) -> str:
+        return self.env["PHANTOM_BROKER"]
+
+    def start(self, module: str, *args: str, name: str | None = None, **env: str) -> subprocess.Popen[bytes]:
+        """Start ``python -m module args`` with this bus's environment."""
+        label = name or module.rsplit(".", 1)[-1]
+        log = self.tmp / f"{label}-{len(self.procs)}.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=ROOT,
+            env={**self.env, **env},
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        self.logs[proc.pid] = log
+        return proc
+
+    def broker(self) -> subprocess.Popen[bytes]:
+        return self.start("phantom_bus.broker")
+
+    def echo(self, name: str = "echo") -> subprocess.Popen[bytes]:
+        return self.start("services.echo", "--name", name, name=name)
+
+    def client(self, **kw: Any) -> Client:
+        kw.setdefault("timeout", 1.0)
+        return Client(self.endpoint, **kw)
+
+    def workers(self, service: str) -> int:
+        with self.client(retries=1, timeout=0.5) as c:
+            try:
+                return int(c.services().get(service, {}).get("workers", 0))
+            except PhantomError:
+                return 0
+
+    def wait_workers(self, service: str, count: int = 1, timeout: float = 15.0) -> None:
+        wait_until(lambda: self.workers(service) == count, timeout)
+
+    def log(self, proc: subprocess.Popen[bytes]) -> str:
+        return self.logs[proc.pid].read_text(errors="replace")
+
+    @staticmethod
+    def kill(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+        proc.send_signal(sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            proc.wait(10)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGCONT)
+                    proc.terminate()
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 5
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+@pytest.fixture
+def bus(tmp_path: Path) -> Iterator[Bus]:
+    b = Bus(tmp_path)
+    try:
+        yield b
+    finally:
+        b.close()

@@ -1,0 +1,116 @@
+"""Client and AsyncClient: timeouts, bounded retries, stale replies, errors that say why."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from phantom_bus import AsyncClient, Client
+from phantom_bus.client import Selection
+from phantom_bus.errors import BadRequest, BrokerUnreachable, InternalError, ServiceUnavailable, Timeout
+from tests.conftest import Bus, free_port
+
+pytestmark = pytest.mark.processes
+
+
+def test_no_broker_raises_broker_unreachable_after_bounded_retries() -> None:
+    with Client(f"tcp://127.0.0.1:{free_port()}", timeout=0.2, retries=3) as c:
+        start = time.monotonic()
+        with pytest.raises(BrokerUnreachable):
+            c.request("echo", "echo")
+        elapsed = time.monotonic() - start
+    assert 0.5 < elapsed < 3.0  # 3 x 0.2 s attempts plus a short ping, never a hang
+
+
+def test_slow_service_is_a_timeout_not_an_unreachable_broker(bus: Bus) -> None:
+    bus.broker()
+    bus.echo()
+    bus.wait_workers("echo")
+    with bus.client(timeout=0.3, retries=2) as c:
+        with pytest.raises(Timeout) as info:
+            c.request("echo", "sleep", seconds=2)
+        assert not isinstance(info.value, BrokerUnreachable)
+        # The abandoned attempts' late replies must not be taken for this answer.
+        time.sleep(2.0)
+        assert c.request("echo", "echo", n=42) == {"n": 42}
+
+
+def test_handler_crash_is_an_internal_error_and_the_service_lives_on(bus: Bus) -> None:
+    bus.broker()
+    bus.echo()
+    bus.wait_workers("echo")
+    with bus.client() as c:
+        with pytest.raises(InternalError, match="asked to fail"):
+            c.request("echo", "fail")
+        assert c.request("echo", "echo", ok=True) == {"ok": True}
+
+
+def test_missing_service_is_retried_then_reported(bus: Bus) -> None:
+    bus.broker()
+    bus.wait_workers("echo", 0)
+    with bus.client(timeout=1.0, retries=3) as c:
+        start = time.monotonic()
+        with pytest.raises(ServiceUnavailable):
+            c.request("sharding", "map")
+        assert time.monotonic() - start < 3.0
+
+
+def test_service_arriving_during_retries_is_used(bus: Bus) -> None:
+    bus.broker()
+    bus.wait_workers("echo", 0)
+    with bus.client(timeout=2.0, retries=6) as c:
+        bus.echo()
+        assert c.request("echo", "echo", late=True) == {"late": True}
+
+
+def test_status_without_manager_is_a_red_document_listing_services(bus: Bus) -> None:
+    bus.broker()
+    bus.echo()
+    bus.wait_workers("echo")
+    with bus.client() as c:
+        doc = c.status()
+    assert doc["health"] == "red"
+    assert doc["services"]["broker"] == "up"
+    assert doc["services"]["manager"] == "down"
+    assert set(doc["shards"]) == {"total", "under_replicated", "unavailable"}
+
+
+def test_bad_keys_and_lease_free_release_are_refused_locally() -> None:
+    c = Client(f"tcp://127.0.0.1:{free_port()}")
+    with pytest.raises(BadRequest, match="str or bytes"):
+        c.select(42)  # type: ignore[arg-type]
+    sel = Selection("k", "default", "s1", "n1", "h:1", 3, "replica", lease=None)
+    with pytest.raises(BadRequest, match="lease=False"):
+        c.release(sel, 1.0)
+    c.close()
+
+
+def test_async_client_runs_many_requests_concurrently(bus: Bus) -> None:
+    bus.broker()
+    bus.echo()
+    bus.wait_workers("echo")
+
+    async def main() -> tuple[list, float]:
+        async with AsyncClient(bus.endpoint, timeout=5.0) as c:
+            start = time.monotonic()
+            results = await asyncio.gather(
+                *(c.request("echo", "sleep", seconds=0.3) for _ in range(10)),
+                *(c.request("echo", "echo", i=i) for i in range(50)),
+            )
+            return results, time.monotonic() - start
+
+    results, elapsed = asyncio.run(main())
+    assert results[:10] == [0.3] * 10
+    assert results[10:] == [{"i": i} for i in range(50)]
+    assert elapsed < 2.0  # concurrent, not 10 x 0.3 s
+
+
+def test_async_client_reports_unreachable_broker() -> None:
+    async def main() -> None:
+        async with AsyncClient(f"tcp://127.0.0.1:{free_port()}", timeout=0.2, retries=2) as c:
+            await c.request("echo", "echo")
+
+    with pytest.raises(BrokerUnreachable):
+        asyncio.run(main())
