@@ -1,0 +1,230 @@
+"""Selection strategies: given the servable nodes of one shard, pick one.
+
+Every strategy implements :class:`Strategy`. The balancer has already removed
+the nodes that must not serve and decided on panic mode, so a strategy only
+ranks a non-empty pool of distinct :class:`NodeState` values. Strategies run
+under the balancer's lock and keep per-shard state of their own (positions,
+current weights) which :meth:`Strategy.forget` drops.
+
+Weights: the effective weight of a node is its configured weight times its
+slow-start factor. ``weighted``, ``random``, ``least_connections`` and
+``performance`` honour it; ``round_robin`` deliberately ignores it, being
+the strategy whose order is easiest to predict.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import ClassVar, Protocol
+
+from services.balancer.config import BalancerConfig
+from services.balancer.health import NodeState
+
+# A node that once answered in 0 ms would otherwise cost 0 whatever its
+# in-flight count; the floor keeps in-flight meaningful. 1 us, far below any
+# real round trip.
+_MIN_LATENCY_MS = 1e-3
+# Latency assumed when neither node of a comparison has any sample: the
+# comparison then rests on in-flight, load and weight alone.
+_UNKNOWN_LATENCY_MS = 1.0
+
+
+class Strategy(Protocol):
+    """Picks one node from a shard's servable pool."""
+
+    name: ClassVar[str]
+
+    def pick(self, shard: str, pool: Sequence[NodeState], now: float) -> NodeState:
+        """Return one member of ``pool`` (non-empty, distinct nodes)."""
+        ...
+
+    def forget(self, shard: str) -> None:
+        """Drop any state kept for ``shard``."""
+        ...
+
+
+class RoundRobin:
+    """Each node of the shard's pool in turn, in candidate order; ignores weights."""
+
+    name: ClassVar[str] = "round_robin"
+
+    def __init__(self) -> None:
+        self._next: dict[str, int] = {}
+
+    def pick(self, shard: str, pool: Sequence[NodeState], now: float) -> NodeState:
+        """The next node after the one picked last time for ``shard``."""
+        turn = self._next.get(shard, 0)
+        self._next[shard] = turn + 1
+        return pool[turn % len(pool)]
+
+    def forget(self, shard: str) -> None:
+        """Reset the shard's position."""
+        self._next.pop(shard, None)
+
+
+class RandomPick:
+    """A node at random, with probability proportional to its effective weight."""
+
+    name: ClassVar[str] = "random"
+
+    def __init__(self, rng: random.Random, config: BalancerConfig) -> None:
+        self._rng = rng
+        self._floor = config.slow_start_floor
+
+    def pick(self, shard: str, pool: Sequence[NodeState], now: float) -> NodeState:
+        """A weighted random choice (uniform when all weights are equal)."""
+        floor = self._floor
+        weights = [n.weight * n.ramp(now, floor) for n in pool]
+        first = weights[0]
+        if all(w == first for w in weights):
+            return pool[int(self._rng.random() * len(pool))]
+        target = self._rng.random() * sum(weights)
+        for node, w in zip(pool, weights, strict=True):
+            target -= w
+            if target < 0:
+                return node
+        return pool[-1]  # float rounding left a sliver past the last weight
+
+    def forget(self, shard: str) -> None:
+        """Stateless."""
+
+
+class LeastConnections:
+    """The node with the fewest leases in flight per unit of effective weight.
+
+    Ties are broken by scanning from a random start, so equally loaded nodes
+    share the traffic instead of the first one taking it all.
+    """
+
+    name: ClassVar[str] = "least_connections"
+
+    def __init__(self, rng: random.Random, config: BalancerConfig) -> None:
+        self._rng = rng
+        self._floor = config.slow_start_floor
+
+    def pick(self, shard: str, pool: Sequence[NodeState], now: float) -> NodeState:
+        """Minimum of (in_flight + 1) / effective weight."""
+        size = len(pool)
+        if size == 1:
+            return pool[0]
+        floor = self._floor
+        start = int(self._rng.random() * size)
+        best = pool[start]
+        best_score = (best.in_flight + 1) / (best.weight * best.ramp(now, floor))
+        for i in range(1, size):
+            node = pool[(start + i) % size]
+            score = (node.in_flight + 1) / (node.weight * node.ramp(now, floor))
+            if score < best_score:
+                best, best_score = node, score
+        return best
+
+    def forget(self, shard: str) -> None:
+        """Stateless."""
+
+
+class SmoothWeighted:
+    """Smooth weighted round-robin: weights {a: 5, b: 1, c: 1} give a a b a c a a.
+
+    Each pick adds every node's effective weight to its running score, takes
+    the highest score (first in candidate order on ties) and subtracts the
+    total from the winner. Picks of a heavy node are spread out rather than
+    bunched. The scores restart whenever the shard's pool changes.
+    """
+
+    name: ClassVar[str] = "weighted"
+
+    def __init__(self, config: BalancerConfig) -> None:
+        self._floor = config.slow_start_floor
+        self._scores: dict[str, tuple[tuple[str, ...], list[float]]] = {}
+
+    def pick(self, shard: str, pool: Sequence[NodeState], now: float) -> NodeState:
+        """The node whose running score is highest after this round's increments."""
+        ids = tuple(n.node for n in pool)
+        entry = self._scores.get(shard)
+        if entry is None or entry[0] != ids:
+            scores = [0.0] * len(pool)
+            self._scores[shard] = (ids, scores)
+        else:
+            scores = entry[1]
+        floor = self._floor
+        total = 0.0
+        best = 0
+        for i, node in enumerate(pool):
+            w = node.weight * node.ramp(now, floor)
+            total += w
+            scores[i] += w
+            if scores[i] > scores[best]:
+                best = i
+        scores[best] -= total
+        return pool[best]
+
+    def forget(self, shard: str) -> None:
+        """Drop the shard's running scores."""
+        self._scores.pop(shard, None)
+
+
+class PowerOfTwoChoices:
+    """The default: of two distinct random nodes, the one with the lower cost.
+
+    cost = peak-EWMA latency x (in_flight + 1) x load penalty / effective weight
+
+    Two random choices avoid the herd that a global minimum causes when
+    estimates are stale, while still steering away from slow, busy or loaded
+    nodes. A node without latency samples borrows the other node's estimate,
+    so it is judged on in-flight, load and weight rather than looking free.
+    Load older than ``load_stale_s`` carries no penalty.
+    """
+
+    name: ClassVar[str] = "performance"
+
+    def __init__(self, rng: random.Random, config: BalancerConfig) -> None:
+        self._rng = rng
+        self._floor = config.slow_start_floor
+        self._stale = config.load_stale_s
+
+    def choices(self, size: int) -> tuple[int, int]:
+        """Two distinct indexes in ``range(size)`` (``size`` >= 2), uniformly."""
+        rnd = self._rng.random
+        i = int(rnd() * size)
+        j = int(rnd() * (size - 1))
+        if j >= i:
+            j += 1
+        return i, j
+
+    def pick(self, shard: str, pool: Sequence[NodeState], now: float) -> NodeState:
+        """The cheaper of two distinct random nodes (the first on a tie)."""
+        size = len(pool)
+        if size == 1:
+            return pool[0]
+        i, j = self.choices(size)
+        a = pool[i]
+        b = pool[j]
+        la = a.ewma.estimate(now)
+        lb = b.ewma.estimate(now)
+        if la is None:
+            la = _UNKNOWN_LATENCY_MS if lb is None else lb
+        if lb is None:
+            lb = la
+        return a if self._cost(a, la, now) <= self._cost(b, lb, now) else b
+
+    def _cost(self, node: NodeState, latency: float, now: float) -> float:
+        penalty = node.penalty if now - node.load_at <= self._stale else 1.0
+        if latency < _MIN_LATENCY_MS:
+            latency = _MIN_LATENCY_MS
+        return latency * (node.in_flight + 1) * penalty / (node.weight * node.ramp(now, self._floor))
+
+    def forget(self, shard: str) -> None:
+        """Stateless."""
+
+
+def build_strategies(rng: random.Random, config: BalancerConfig) -> dict[str, Strategy]:
+    """One instance of every strategy, by name, sharing the balancer's random source."""
+    strategies: list[Strategy] = [
+        RoundRobin(),
+        RandomPick(rng, config),
+        LeastConnections(rng, config),
+        SmoothWeighted(config),
+        PowerOfTwoChoices(rng, config),
+    ]
+    return {s.name: s for s in strategies}
