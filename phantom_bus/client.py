@@ -17,6 +17,7 @@ subclass; if the broker itself did not answer a ping either, it is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import time
@@ -95,20 +96,46 @@ def _release_args(sel: Selection, latency_ms: float, ok: bool) -> dict[str, Any]
     return {"lease": sel.lease, "latency_ms": float(latency_ms), "ok": bool(ok)}
 
 
-def fallback_status(services: dict[str, Any], reason: str) -> dict[str, Any]:
-    """A status document built from the broker alone, when the manager cannot answer."""
+_DISCOVERY_STATES = {"alive": "alive", "lost": "dead", "left": "left"}
+
+
+def fallback_status(
+    services: dict[str, Any], reason: str, discovered: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """A status document assembled without the manager, from the broker's service
+    table and, when discovery answers, its node table. Health is ``red``: with no
+    manager nobody vouches for the shards."""
     names = ("broker", "discovery", "membership", "sharding", "balancer", "manager")
+    nodes = [
+        {
+            "id": n.get("id"),
+            "state": _DISCOVERY_STATES.get(str(n.get("state")), n.get("state")),
+            "lifecycle": None,
+            "address": n.get("address"),
+            "zone": n.get("zone"),
+            "cpu": None,
+            "mem": None,
+            "replicas": None,
+            "primaries": None,
+            "incarnation": n.get("incarnation"),
+        }
+        for n in discovered or []
+    ]
     return {
         "health": "red",
         "reason": reason,
         "epoch": None,
-        "nodes": [],
+        "nodes": nodes,
         "shards": {"total": 0, "under_replicated": 0, "unavailable": 0},
         "services": {
             name: "up" if name == "broker" or services.get(name, {}).get("workers") else "down"
             for name in names
         },
     }
+
+
+def _up(services: dict[str, Any], name: str) -> bool:
+    return bool(services.get(name, {}).get("workers"))
 
 
 class _Base:
@@ -273,13 +300,17 @@ class Client(_Base):
     def status(self) -> dict[str, Any]:
         """The cluster status document (``phantom status --json``)."""
         services = self.services()
-        if services.get("manager", {}).get("workers"):
+        if _up(services, "manager"):
             try:
                 doc: dict[str, Any] = self.request("manager", "status")
                 return doc
             except ServiceUnavailable:
                 pass
-        return fallback_status(services, "the manager is not running")
+        nodes = None
+        if _up(services, "discovery"):
+            with contextlib.suppress(PhantomError):
+                nodes = self.request("discovery", "nodes")
+        return fallback_status(services, "the manager is not running", nodes)
 
 
 class AsyncClient(_Base):
@@ -413,10 +444,14 @@ class AsyncClient(_Base):
     async def status(self) -> dict[str, Any]:
         """Awaitable :meth:`Client.status`."""
         services = await self.services()
-        if services.get("manager", {}).get("workers"):
+        if _up(services, "manager"):
             try:
                 doc: dict[str, Any] = await self.request("manager", "status")
                 return doc
             except ServiceUnavailable:
                 pass
-        return fallback_status(services, "the manager is not running")
+        nodes = None
+        if _up(services, "discovery"):
+            with contextlib.suppress(PhantomError):
+                nodes = await self.request("discovery", "nodes")
+        return fallback_status(services, "the manager is not running", nodes)

@@ -19,7 +19,7 @@ Three conversations share the bus (``docs/protocol.md`` is the reference):
 
 * events: publishers (PUB) -> broker XSUB, broker XPUB -> subscribers (SUB)::
 
-      [topic, PHE1, body]                        # body = {"kind": topic, "ts": float, ...}
+      [topic, PHE1, body]                        # body = {"kind": topic, "ts": float, "service": str, ...}
 
 The broker only ever reads envelope frames; bodies are decoded by the
 service that owns them (and by the broker for its own ``broker`` service).
@@ -41,6 +41,8 @@ PROTOCOL_VERSION = 1
 CLIENT = b"PHC1"
 WORKER = b"PHW1"
 EVENT = b"PHE1"
+BEACON = b"PHB1"
+HEARTBEAT_HEADER = b"PHH1"
 
 _CLIENT_FAMILY = CLIENT[:3]
 _WORKER_FAMILY = WORKER[:3]
@@ -182,7 +184,8 @@ def split_route(route: bytes) -> tuple[bytes, bool]:
 
 def encode_event(kind: str, data: dict[str, Any], *, source: str, ts: float | None = None) -> list[bytes]:
     """The frames of one event: ``[topic, PHE1, body]``."""
-    body = {"kind": kind, "ts": time.time() if ts is None else ts, "source": source, **data}
+    # The envelope keys come last so that an event's own fields can never mask them.
+    body = {**data, "kind": kind, "ts": time.time() if ts is None else ts, "service": source}
     return [kind.encode(), EVENT, pack(body)]
 
 

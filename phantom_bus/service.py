@@ -42,7 +42,7 @@ from loguru import logger
 from phantom_bus import protocol
 from phantom_bus.config import Config
 from phantom_bus.errors import BadRequest, InternalError, PhantomError, UnknownOperation
-from phantom_bus.wire import NOBLOCK, readable, recv_frames, send_frames
+from phantom_bus.wire import LoopSocket
 
 Handler = Callable[..., Any]
 EventCallback = Callable[[dict[str, Any]], Any]
@@ -96,9 +96,7 @@ class Service:
         # through its FD: the request path then costs no futures or IntFlag
         # arithmetic, which is most of what zmq.asyncio adds per message.
         self._sync_ctx: zmq.Context[Any] = zmq.Context.shadow(self.ctx.underlying)
-        self._worker: zmq.Socket[Any] | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self._waiter_fd: int | None = None
+        self._worker: LoopSocket | None = None
         self._pub: zmq.asyncio.Socket | None = None
         self._sub: zmq.asyncio.Socket | None = None
         self.operation("ping")(self._ping)
@@ -124,6 +122,15 @@ class Service:
         if self._sub is not None:
             self._sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
 
+    def sync_socket(self, kind: int, hwm: int = 10000) -> zmq.Socket[Any]:
+        """A plain socket on this service's context (LINGER 0, bounded queues), for
+        use with :class:`phantom_bus.wire.LoopSocket` on a hot path."""
+        sock = self._sync_ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        return sock
+
     def _ping(self) -> dict[str, Any]:
         return {"service": self.name, "pid": os.getpid(), "ops": sorted(self._ops)}
 
@@ -132,12 +139,18 @@ class Service:
     async def publish(self, kind: str, data: dict[str, Any] | None = None) -> None:
         """Publish an event on the bus (best effort, like any PUB socket)."""
         if self._pub is None:
-            self._pub = self._socket(zmq.PUB)
-            self._pub.connect(self.cfg.events_in)
+            self._open_publisher()
+        assert self._pub is not None
         try:
             await self._pub.send_multipart(protocol.encode_event(kind, data or {}, source=self.name))
         except zmq.ZMQError as exc:
             logger.warning("could not publish {}: {}", kind, exc)
+
+    def _open_publisher(self) -> None:
+        # Opened when the service starts, not at the first event: a PUB socket
+        # drops what it sends before its connection is up.
+        self._pub = self._socket(zmq.PUB)
+        self._pub.connect(self.cfg.events_in)
 
     async def _event_loop(self) -> None:
         assert self._sub is not None
@@ -173,16 +186,11 @@ class Service:
         return sock
 
     async def _connect(self) -> None:
-        old = self._worker
-        if old is not None:
-            self._stop_waiting()
-            old.close(0)
-        sock = self._sync_ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 10000)
-        sock.setsockopt(zmq.RCVHWM, 10000)
+        if self._worker is not None:
+            self._worker.close()
+        sock = self.sync_socket(zmq.DEALER)
         sock.connect(self.cfg.backend)
-        self._worker = sock
+        self._worker = LoopSocket(sock, recheck=self.heartbeat)
         await self._register()
 
     async def _register(self) -> None:
@@ -197,46 +205,10 @@ class Service:
         self._registered = True
 
     def _send(self, frames: list[bytes]) -> None:
-        sock = self._worker
-        if sock is None:
-            return
-        try:
-            # A DEALER send only blocks at the high-water mark; NOBLOCK turns that
-            # into a dropped message (the client retries) instead of a stalled loop.
-            send_frames(sock, frames, NOBLOCK)
-        except zmq.ZMQError as exc:
-            logger.warning("message to the broker dropped: {}", exc)
-        # The socket FD is edge-triggered and a send can consume the edge of a
-        # message that arrived meanwhile: wake the reader if one is waiting.
-        if self._waiter is not None and readable(sock):
-            self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def _stop_waiting(self) -> None:
-        if self._waiter_fd is not None:
-            asyncio.get_running_loop().remove_reader(self._waiter_fd)
-            self._waiter_fd = None
-        self._wake()
-
-    async def _wait_readable(self, sock: zmq.Socket[Any]) -> None:
-        loop = asyncio.get_running_loop()
-        self._waiter = loop.create_future()
-        self._waiter_fd = int(sock.getsockopt(zmq.FD))
-        loop.add_reader(int(self._waiter_fd), self._wake)
-        # Safety net against a lost edge: look again at least every heartbeat.
-        timer = loop.call_later(self.heartbeat, self._wake)
-        try:
-            if not readable(sock):
-                await self._waiter
-        finally:
-            timer.cancel()
-            if self._waiter_fd is not None and self._worker is sock:
-                loop.remove_reader(self._waiter_fd)
-                self._waiter_fd = None
-            self._waiter = None
+        # At the high-water mark the message is dropped (the client retries)
+        # rather than stalling the loop.
+        if self._worker is not None and not self._worker.send(frames):
+            logger.warning("message to the broker dropped: send queue full")
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -251,13 +223,13 @@ class Service:
     async def _worker_loop(self) -> None:
         burst = 0
         while True:
-            sock = self._worker
-            assert sock is not None
-            if not readable(sock):
+            worker = self._worker
+            assert worker is not None
+            frames = worker.recv_nowait()
+            if frames is None:
                 burst = 0
-                await self._wait_readable(sock)
+                await worker.wait()
                 continue
-            frames = recv_frames(sock, NOBLOCK)
             self._last_heard = time.monotonic()
             if len(frames) < 2 or frames[0] != protocol.WORKER:
                 self.counters["bad"] += 1
@@ -330,6 +302,8 @@ class Service:
 
     async def run(self, *extra: Awaitable[Any]) -> None:
         """Register and serve until :meth:`stop`; ``extra`` coroutines run alongside."""
+        if self._pub is None:
+            self._open_publisher()
         await self._connect()
         loops = [self._heartbeat_loop(), self._worker_loop(), *extra]
         if self._subs:
@@ -344,8 +318,8 @@ class Service:
         try:
             done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                if task is not stopper and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+                if task is not stopper:
+                    task.result()  # a loop that ended early re-raises its error here
         finally:
             await self._shutdown([*tasks, stopper])
 
@@ -358,8 +332,7 @@ class Service:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._worker is not None:
-            self._stop_waiting()
-            self._worker.close(0)
+            self._worker.close()
         for sock in (self._pub, self._sub):
             if sock is not None:
                 sock.close(0)

@@ -225,6 +225,16 @@ class ShardRoute:
     readers: tuple[str, ...]
     epoch: int
 
+    def to_wire(self) -> dict[str, Any]:
+        """The route as a wire map ``{"keyspace", "shard", "primary", "readers", "epoch"}``."""
+        return {
+            "keyspace": self.keyspace,
+            "shard": self.shard,
+            "primary": self.primary,
+            "readers": list(self.readers),
+            "epoch": self.epoch,
+        }
+
 
 def _valid_name(value: object, what: str) -> str:
     if not isinstance(value, str) or not value or len(value) > MAX_NAME:
@@ -298,11 +308,11 @@ class Keyspace:
                 if type(a) is not int or type(b) is not int or not 0 <= a < b <= self.slots:
                     raise BadRequest(f"shard {sh.id}: slot range [{a!r}, {b!r}) is outside 0..{self.slots}")
                 for slot in range(a, b):
-                    if table[slot] is not None:
+                    other = table[slot]
+                    if other is not None:
                         raise BadRequest(
-                            f"slot {slot} of key space {self.name} belongs to "
-                            f"both {table[slot].id} and {sh.id}"
-                        )  # type: ignore[union-attr]
+                            f"slot {slot} of key space {self.name} belongs to both {other.id} and {sh.id}"
+                        )
                     table[slot] = sh
         missing = [i for i, sh in enumerate(table) if sh is None]
         if missing:

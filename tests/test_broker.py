@@ -143,7 +143,7 @@ def test_events_reach_subscribers_through_the_relay(bus: Bus) -> None:
 
             event = wait_until(received, timeout=10)
             c.request("echo", "publish", kind="other.thing", data={})
-        assert event["kind"] == "test.hello" and event["x"] == 1 and event["source"] == "echo"
+        assert event["kind"] == "test.hello" and event["x"] == 1 and event["service"] == "echo"
         # Not subscribed: never delivered.
         while sub.poll(300):
             assert protocol.decode_event(sub.recv_multipart())["kind"].startswith("test.")

@@ -128,9 +128,14 @@ def test_events_round_trip_and_check_topic() -> None:
     assert protocol.decode_event(frames) == {
         "kind": "node.lost",
         "ts": 12.5,
-        "source": "discovery",
+        "service": "discovery",
         "node": "n1",
     }
+    # An event's own fields never mask the envelope.
+    masked = protocol.decode_event(
+        protocol.encode_event("node.x", {"kind": "evil", "service": "evil"}, source="d")
+    )
+    assert (masked["kind"], masked["service"]) == ("node.x", "d")
     with pytest.raises(BadRequest):
         protocol.decode_event([b"node.left", *frames[1:]])
     with pytest.raises(BadRequest):

@@ -1,0 +1,170 @@
+"""The agent process: one per database host.
+
+It announces the node with beacons to discovery, samples the host's load with
+psutil, and (with the membership and sharding services) heartbeats and
+applies shard assignments. All decisions live in the cores it drives:
+:mod:`services.discovery.beacon` (what a beacon says), :mod:`services.agent.load`
+(what the load readings mean) and :mod:`services.agent.incarnation`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import zlib
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from loguru import logger
+
+from phantom_bus import protocol
+from phantom_bus.config import Config
+from services.agent.incarnation import next_incarnation
+from services.agent.load import LoadDocument, LoadSampler
+from services.agent.probe import PsutilProbe
+from services.discovery.beacon import Beacon, check_address, check_node_id, encode_beacon, new_instance_id
+
+SETTINGS = (
+    "beacon",
+    "heartbeat",
+    "data",
+    "log_json",
+    "log_level",
+    "beacon_interval",
+    "load_interval",
+    "node_id",
+    "zone",
+    "address",
+    "weight",
+)
+
+# Leaving beacons are sent this many times: PUB may drop one, repeats are harmless.
+_LEAVE_REPEATS = 3
+
+
+def default_address(node_id: str) -> str:
+    """A stable local address for a node id when none is given (demo clusters)."""
+    return f"127.0.0.1:{7000 + zlib.crc32(node_id.encode()) % 1000}"
+
+
+def _version() -> str:
+    try:
+        return metadata.version("phantom")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class Agent:
+    """The agent of one node; :meth:`run` until :meth:`stop`."""
+
+    def __init__(self, cfg: Config, *, watch_pid: int | None = None) -> None:
+        if not cfg.node_id:
+            raise ValueError("setting 'node_id' is required: --node-id ID or PHANTOM_NODE_ID")
+        self.cfg = cfg
+        self.node = check_node_id(cfg.node_id, "node_id")
+        self.address = check_address(cfg.address or default_address(self.node), "address")
+        self.data_dir = Path(cfg.data)
+        self.incarnation = next_incarnation(self.data_dir, self.node, time.time_ns() // 1_000_000)
+        self.instance = new_instance_id()
+        self.started = time.time()
+        self.probe = PsutilProbe(self.data_dir, watch_pid)  # exists: the incarnation lives there
+        self.sampler = LoadSampler()
+        self.load: LoadDocument | None = None
+        self.ctx = zmq.asyncio.Context.instance()
+        self._beacons: zmq.asyncio.Socket | None = None
+        self._stopping = asyncio.Event()
+
+    def beacon(self, *, leaving: bool = False) -> Beacon:
+        """The beacon this agent sends now."""
+        return Beacon(
+            node=self.node,
+            incarnation=self.incarnation,
+            instance=self.instance,
+            address=self.address,
+            zone=self.cfg.zone,
+            weight=float(self.cfg.weight),
+            version=_version(),
+            started=self.started,
+            leaving=leaving,
+            hb={"endpoint": self.cfg.heartbeat, "interval": float(self.cfg.beacon_interval)},
+        )
+
+    async def _send_beacon(self, beacon: Beacon) -> None:
+        assert self._beacons is not None
+        await self._beacons.send_multipart([protocol.BEACON, encode_beacon(beacon)])
+
+    async def beacon_loop(self) -> None:
+        """Announce the node every beacon interval."""
+        while True:
+            await self._send_beacon(self.beacon())
+            await asyncio.sleep(self.cfg.beacon_interval)
+
+    async def load_loop(self) -> None:
+        """Sample the host's load every load interval (psutil runs off the loop)."""
+        await asyncio.to_thread(self.probe.prime)
+        while True:
+            await asyncio.sleep(self.cfg.load_interval)
+            readings = await asyncio.to_thread(self.probe.read, time.monotonic())
+            self.load = self.sampler.update(readings)
+
+    async def run(self, *extra: Any) -> None:
+        """Run the agent's loops until :meth:`stop`; a graceful stop says goodbye."""
+        self._beacons = self.ctx.socket(zmq.PUB)
+        self._beacons.setsockopt(zmq.LINGER, 1000)
+        self._beacons.setsockopt(zmq.SNDHWM, 100)
+        self._beacons.connect(self.cfg.beacon)
+        logger.info(
+            "agent {} incarnation {} advertising {} in zone {}; beacons to {}",
+            self.node,
+            self.incarnation,
+            self.address,
+            self.cfg.zone,
+            self.cfg.beacon,
+        )
+        tasks = [asyncio.ensure_future(c) for c in (self.beacon_loop(), self.load_loop(), *extra)]
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        try:
+            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper:
+                    task.result()  # a loop that ended early re-raises its error here
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._leave()
+
+    async def _leave(self) -> None:
+        if self._beacons is None:
+            return
+        goodbye = self.beacon(leaving=True)
+        for _ in range(_LEAVE_REPEATS):
+            await self._send_beacon(goodbye)
+            await asyncio.sleep(0.02)
+        logger.info("agent {} left", self.node)
+        self._beacons.close()  # LINGER lets the goodbyes out
+        self._beacons = None
+
+    def stop(self) -> None:
+        """Leave gracefully."""
+        self._stopping.set()
+
+
+def run_agent(agent: Agent) -> int:
+    """Run ``agent`` until SIGTERM/SIGINT."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.stop)
+        await agent.run()
+
+    asyncio.run(main())
+    return 0
+
+
+__all__ = ["SETTINGS", "Agent", "default_address", "run_agent"]

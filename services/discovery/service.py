@@ -1,0 +1,115 @@
+"""The discovery process: beacons in, node.* events out, the node table on request.
+
+The shell binds a SUB socket for beacons, feeds every beacon to
+:class:`DiscoveryTable` with the monotonic clock, ticks it a few times per
+beacon interval, and publishes the events the table returns. The table fires
+its own callbacks (``table.hooks``) for embedding code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import zmq
+from loguru import logger
+
+from phantom_bus import protocol
+from phantom_bus.config import Config
+from phantom_bus.events import Event
+from phantom_bus.service import Service
+from phantom_bus.wire import LoopSocket
+from services.discovery.core import DROP_MALFORMED, DiscoveryConfig, DiscoveryTable
+
+SETTINGS = ("beacon", "beacon_interval", "beacon_expiry", "discovery_forget")
+
+
+class Discovery:
+    """Discovery's shell around one :class:`DiscoveryTable`."""
+
+    def __init__(self, cfg: Config) -> None:
+        core_cfg = DiscoveryConfig(
+            beacon_interval=cfg.beacon_interval,
+            expiry=cfg.beacon_expiry,
+            forget_after=cfg.discovery_forget,
+        )
+        core_cfg.validate()
+        self.cfg = cfg
+        self.table = DiscoveryTable(core_cfg)
+        self.service = Service("discovery", cfg)
+        self._beacons: LoopSocket | None = None
+        svc = self.service
+        svc.add_operation("nodes", self.op_nodes)
+        svc.add_operation("node", self.op_node)
+        svc.add_operation("register", self.op_register)
+        svc.add_operation("remove", self.op_remove)
+        svc.add_operation("stats", self.op_stats)
+
+    # --- operations -------------------------------------------------------------------
+
+    def op_nodes(self) -> list[dict[str, Any]]:
+        """Every node in the table."""
+        return self.table.nodes(time.monotonic())
+
+    def op_node(self, node: str) -> dict[str, Any]:
+        """One node; ``not_found`` for an unknown id."""
+        return self.table.node(node, time.monotonic())
+
+    async def op_register(
+        self, node: str, address: str, zone: str = "default", weight: float = 1.0
+    ) -> dict[str, Any]:
+        """Register a node that cannot beacon; it stays until removed."""
+        now = time.monotonic()
+        await self._publish(self.table.register(node, address, zone, weight, now))
+        return self.table.node(node, now)
+
+    async def op_remove(self, node: str) -> dict[str, Any]:
+        """Forget a node; ``not_found`` for an unknown id."""
+        await self._publish(self.table.remove(node, time.monotonic()))
+        return {"removed": node}
+
+    def op_stats(self) -> dict[str, Any]:
+        """Beacon counters: accepted, dropped by reason, conflicts."""
+        return self.table.stats()
+
+    # --- loops ------------------------------------------------------------------------
+
+    async def _publish(self, events: list[Event]) -> None:
+        for event in events:
+            logger.bind(node=event.data.get("node")).info("{} ({})", event.kind, event.data.get("reason", ""))
+            await self.service.publish(event.kind, event.data)
+
+    async def beacon_loop(self) -> None:
+        """Receive beacons until cancelled; bad ones are counted, never fatal."""
+        sock = self.service.sync_socket(zmq.SUB, hwm=100_000)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.bind(self.cfg.bind("beacon"))
+        self._beacons = beacons = LoopSocket(sock)
+        logger.info("listening for beacons on {}", self.cfg.bind("beacon"))
+        try:
+            while True:
+                frames = beacons.recv_nowait()
+                if frames is None:
+                    await beacons.wait()
+                    continue
+                now = time.monotonic()
+                if len(frames) != 2 or frames[0] != protocol.BEACON:
+                    self.table.count_dropped(DROP_MALFORMED, f"{len(frames)} frames")
+                    continue
+                events = self.table.receive(frames[1], now)
+                if events:
+                    await self._publish(events)
+        finally:
+            beacons.close()
+
+    async def tick_loop(self) -> None:
+        """Expire silent nodes: a few ticks per beacon interval."""
+        period = self.cfg.beacon_interval / 4
+        while True:
+            await asyncio.sleep(period)
+            await self._publish(self.table.tick(time.monotonic()))
+
+    async def run(self) -> None:
+        """Serve until stopped."""
+        await self.service.run(self.beacon_loop(), self.tick_loop())
