@@ -265,6 +265,65 @@ _SETTINGS: list[Setting] = [
         "Seconds between an agent's psutil samples: fine enough for balancing, and one "
         "sample costs about a millisecond of the host's CPU.",
     ),
+    # --- membership: heartbeats and the phi-accrual failure detector --------------
+    # The evidence for these values is in services/membership/config.py and
+    # bench/failure_detection*.py.
+    Setting(
+        "heartbeat_interval",
+        0.25,
+        _positive_float,
+        "s",
+        "Seconds between an agent's heartbeats to membership; detection needs about 5 of them "
+        "of silence, so 250 ms gives detection in about 1.3 s, under the 2 s goal.",
+    ),
+    Setting(
+        "phi_window",
+        200,
+        _positive_int,
+        "samples",
+        "Inter-arrival gaps kept per node: 50 s at 4 Hz, so one late heartbeat barely moves the "
+        "estimate and a changed network is learned within a minute.",
+    ),
+    Setting(
+        "phi_min_std_dev",
+        0.1,
+        _positive_float,
+        "s",
+        "Floor on the gap's standard deviation: loopback jitter is a few ms, and without a floor "
+        "phi explodes at the first 20 ms delay. 0.05 s triples false convictions under 1 s agent "
+        "pauses; 0.2 s pushes worst detection to 1.94 s.",
+    ),
+    Setting(
+        "acceptable_pause",
+        0.5,
+        _positive_float,
+        "s",
+        "Silence beyond the mean gap that counts as no evidence at all: two intervals cover an "
+        "agent's GC or scheduler stall.",
+    ),
+    Setting(
+        "phi_suspect",
+        3.0,
+        _positive_float,
+        "phi",
+        "Phi at which a node becomes suspect (about 1.06 s of silence at the defaults); suspicion "
+        "is cheap and refutable.",
+    ),
+    Setting(
+        "phi_dead",
+        8.0,
+        _positive_float,
+        "phi",
+        "Phi at which a suspect node is declared dead (about 1.31 s of silence at the defaults).",
+    ),
+    Setting(
+        "suspicion_timeout",
+        1.0,
+        _positive_float,
+        "s",
+        "Longest a node may stay suspect before it is dead, whatever its history: bounds detection "
+        "for nodes whose window learned long gaps.",
+    ),
     Setting("node_id", "", _optional_path, "id", "The agent's node id (required for an agent)."),
     Setting("zone", "default", _path, "name", "The agent's failure zone (rack, availability zone)."),
     Setting(

@@ -19,11 +19,19 @@ GIB = 1 << 30
 
 def reading(t: float, **changes: object) -> Readings:
     base = Readings(
-        taken_at=t, cpu_percent=25.0, loadavg=(2.0, 1.0, 0.5), cpu_count=4,
-        mem_percent=40.0, mem_available=6 * GIB, mem_total=10 * GIB,
-        disk_percent=70.0, disk_free=30 * GIB,
-        disk_read_bytes=1_000_000, disk_write_bytes=2_000_000,
-        net_recv_bytes=5_000_000, net_sent_bytes=7_000_000,
+        taken_at=t,
+        cpu_percent=25.0,
+        loadavg=(2.0, 1.0, 0.5),
+        cpu_count=4,
+        mem_percent=40.0,
+        mem_available=6 * GIB,
+        mem_total=10 * GIB,
+        disk_percent=70.0,
+        disk_free=30 * GIB,
+        disk_read_bytes=1_000_000,
+        disk_write_bytes=2_000_000,
+        net_recv_bytes=5_000_000,
+        net_sent_bytes=7_000_000,
     )
     return replace(base, **changes)  # type: ignore[arg-type]
 
@@ -45,10 +53,15 @@ def test_first_sample_has_levels_but_no_rates() -> None:
 def test_rates_come_from_counter_deltas_over_elapsed_time() -> None:
     sampler = LoadSampler()
     sampler.update(reading(10.0))
-    doc = sampler.update(reading(12.0, disk_read_bytes=1_000_000 + 4_000,
-                                 disk_write_bytes=2_000_000 + 10_000,
-                                 net_recv_bytes=5_000_000 + 2_000_000,
-                                 net_sent_bytes=7_000_000))
+    doc = sampler.update(
+        reading(
+            12.0,
+            disk_read_bytes=1_000_000 + 4_000,
+            disk_write_bytes=2_000_000 + 10_000,
+            net_recv_bytes=5_000_000 + 2_000_000,
+            net_sent_bytes=7_000_000,
+        )
+    )
     assert doc["interval"] == 2.0
     assert doc["disk_read_bps"] == 2_000.0
     assert doc["disk_write_bps"] == 5_000.0
@@ -93,15 +106,13 @@ def test_reset_forgets_the_previous_reading() -> None:
 
 def test_load_is_divided_per_core() -> None:
     doc = LoadSampler().update(reading(0.0, loadavg=(8.0, 4.0, 2.0), cpu_count=8))
-    assert (doc["load1_per_core"], doc["load5_per_core"], doc["load15_per_core"]) == (
-        1.0, 0.5, 0.25)
+    assert (doc["load1_per_core"], doc["load5_per_core"], doc["load15_per_core"]) == (1.0, 0.5, 0.25)
     doc = LoadSampler().update(reading(0.0, loadavg=(3.0, 3.0, 3.0), cpu_count=0))
     assert doc["load1_per_core"] == 3.0 and doc["cpu_count"] == 1
 
 
 def test_percentages_are_clamped_to_0_100() -> None:
-    doc = LoadSampler().update(reading(0.0, cpu_percent=100.4, mem_percent=-0.1,
-                                       disk_percent=101.0))
+    doc = LoadSampler().update(reading(0.0, cpu_percent=100.4, mem_percent=-0.1, disk_percent=101.0))
     assert (doc["cpu"], doc["mem"], doc["disk_used_pct"]) == (100.0, 0.0, 100.0)
 
 
@@ -114,10 +125,8 @@ def test_watched_process_is_reported_and_gone_process_has_no_numbers() -> None:
     sampler = LoadSampler()
     unwatched = sampler.update(reading(0.0))
     assert unwatched["proc_alive"] is None and unwatched["proc_cpu"] is None
-    alive = sampler.update(reading(1.0, proc_alive=True, proc_cpu_percent=150.0,
-                                   proc_rss=512 << 20))
-    assert (alive["proc_alive"], alive["proc_cpu"], alive["proc_rss"]) == (
-        True, 150.0, 512 << 20)
+    alive = sampler.update(reading(1.0, proc_alive=True, proc_cpu_percent=150.0, proc_rss=512 << 20))
+    assert (alive["proc_alive"], alive["proc_cpu"], alive["proc_rss"]) == (True, 150.0, 512 << 20)
     gone = sampler.update(reading(2.0, proc_alive=False, proc_cpu_percent=3.0, proc_rss=1))
     assert (gone["proc_alive"], gone["proc_cpu"], gone["proc_rss"]) == (False, None, None)
 
@@ -158,8 +167,7 @@ def test_probe_reads_this_host(tmp_path: Path) -> None:
     sampler.update(first)
     doc = sampler.update(second)
     assert set(doc) == DOCUMENT_KEYS and doc["interval"] == 1.0
-    for rate in (doc["disk_read_bps"], doc["disk_write_bps"], doc["net_rx_bps"],
-                 doc["net_tx_bps"]):
+    for rate in (doc["disk_read_bps"], doc["disk_write_bps"], doc["net_rx_bps"], doc["net_tx_bps"]):
         assert rate is None or rate >= 0
 
 
@@ -183,8 +191,7 @@ def test_probe_reports_a_gone_process_instead_of_failing(tmp_path: Path) -> None
         child.kill()
         child.wait()
     readings = probe.read(now=2.0)
-    assert (readings.proc_alive, readings.proc_cpu_percent, readings.proc_rss) == (
-        False, None, None)
+    assert (readings.proc_alive, readings.proc_cpu_percent, readings.proc_rss) == (False, None, None)
     probe.watch(os.getpid())
     assert probe.read(now=3.0).proc_alive is True
 
@@ -195,8 +202,7 @@ def test_probe_with_missing_data_directory_reports_no_disk_usage(tmp_path: Path)
     assert readings.disk_percent is None and readings.disk_free is None
 
 
-def test_probe_survives_hosts_without_io_counters(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_probe_survives_hosts_without_io_counters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import psutil
 
     def unavailable() -> None:

@@ -22,13 +22,11 @@ T0 = 1000.0
 def cluster(names: str = "abc", seed: int = 1, **config: Any) -> Balancer:
     bal = Balancer(BalancerConfig(**config), random.Random(seed))
     for n in names:
-        bal.node_update(n, state="alive", lifecycle="active", address=f"10.0.0.{ord(n)}:7000",
-                        now=0.0)
+        bal.node_update(n, state="alive", lifecycle="active", address=f"10.0.0.{ord(n)}:7000", now=0.0)
     return bal
 
 
-def shard(primary: str = "a", replicas: str = "bc", joining: str = "",
-          leaving: str = "") -> list[Candidate]:
+def shard(primary: str = "a", replicas: str = "bc", joining: str = "", leaving: str = "") -> list[Candidate]:
     out = [Candidate(primary, "primary")]
     out += [Candidate(n, "replica") for n in replicas]
     out += [Candidate(n, "joining") for n in joining]
@@ -68,8 +66,7 @@ def test_write_without_a_primary_is_no_live_replica() -> None:
 def test_two_primaries_are_a_bad_request() -> None:
     bal = cluster()
     with pytest.raises(BadRequest, match="2 primaries"):
-        bal.select("s1", [Candidate("a", "primary"), Candidate("b", "primary")], write=True,
-                   now=T0)
+        bal.select("s1", [Candidate("a", "primary"), Candidate("b", "primary")], write=True, now=T0)
 
 
 def test_joining_replicas_are_never_read() -> None:
@@ -94,10 +91,16 @@ def test_node_in_joining_lifecycle_is_not_read() -> None:
     assert got == {"a", "b"}
 
 
-@pytest.mark.parametrize("change", [
-    {"state": "suspect"}, {"state": "dead"}, {"state": "left"},
-    {"lifecycle": "draining"}, {"lifecycle": "decommissioned"},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"state": "suspect"},
+        {"state": "dead"},
+        {"state": "left"},
+        {"lifecycle": "draining"},
+        {"lifecycle": "decommissioned"},
+    ],
+)
 def test_reads_skip_unhealthy_nodes(change: dict[str, Any]) -> None:
     bal = cluster("abcd")
     bal.node_update("b", now=T0, **change)
@@ -124,8 +127,10 @@ def test_reads_from_primary_can_be_turned_off() -> None:
 
 def test_read_role_says_primary_or_replica() -> None:
     bal = cluster()
-    roles = {(s.node, s.role) for s in (bal.select("s1", shard(), strategy="round_robin",
-                                                   now=T0) for _ in range(3))}
+    roles = {
+        (s.node, s.role)
+        for s in (bal.select("s1", shard(), strategy="round_robin", now=T0) for _ in range(3))
+    }
     assert roles == {("a", "primary"), ("b", "replica"), ("c", "replica")}
 
 
@@ -296,10 +301,16 @@ def test_release_without_latency_measures_from_select() -> None:
     assert bal.stats(T0 + 0.25)["nodes"]["a"]["latency_ms"]["ewma"] == pytest.approx(250.0)
 
 
-@pytest.mark.parametrize("lease, latency, ok", [
-    (5, 1.0, True), ("x", -1.0, True), ("x", float("nan"), True), ("x", "3", True),
-    ("x", 1.0, "yes"),
-])
+@pytest.mark.parametrize(
+    "lease, latency, ok",
+    [
+        (5, 1.0, True),
+        ("x", -1.0, True),
+        ("x", float("nan"), True),
+        ("x", "3", True),
+        ("x", 1.0, "yes"),
+    ],
+)
 def test_malformed_release_is_a_bad_request(lease: Any, latency: Any, ok: Any) -> None:
     with pytest.raises(BadRequest):
         cluster().release(lease, latency, ok, now=T0)
@@ -308,17 +319,20 @@ def test_malformed_release_is_a_bad_request(lease: Any, latency: Any, ok: Any) -
 # --- inputs ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs, setting", [
-    ({"state": "zombie"}, "state"),
-    ({"lifecycle": "retired"}, "lifecycle"),
-    ({"weight": 0}, "weight"),
-    ({"weight": True}, "weight"),
-    ({"load": {"cpu": 10}}, "mem"),
-    ({"load": {"cpu": "hot", "mem": 1}}, "cpu"),
-    ({"load": [1, 2]}, "load"),
-    ({"load": {"cpu": 1, "mem": 1, "age": -3}}, "age"),
-    ({"address": 7000}, "address"),
-])
+@pytest.mark.parametrize(
+    "kwargs, setting",
+    [
+        ({"state": "zombie"}, "state"),
+        ({"lifecycle": "retired"}, "lifecycle"),
+        ({"weight": 0}, "weight"),
+        ({"weight": True}, "weight"),
+        ({"load": {"cpu": 10}}, "mem"),
+        ({"load": {"cpu": "hot", "mem": 1}}, "cpu"),
+        ({"load": [1, 2]}, "load"),
+        ({"load": {"cpu": 1, "mem": 1, "age": -3}}, "age"),
+        ({"address": 7000}, "address"),
+    ],
+)
 def test_malformed_node_updates_name_the_field(kwargs: dict[str, Any], setting: str) -> None:
     with pytest.raises(BadRequest, match=setting):
         cluster().node_update("a", now=T0, **kwargs)
@@ -399,12 +413,23 @@ def test_shard_rates_track_each_shard_and_idle_shards_are_forgotten() -> None:
 # --- config ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field, value", [
-    ("default_strategy", "fastest"), ("lease_timeout_s", 0), ("lease_timeout_s", float("inf")),
-    ("eject_consecutive_failures", 0), ("eject_max_fraction", 1.5), ("panic_threshold", -0.1),
-    ("slow_start_floor", 0.0), ("eject_max_s", 1.0), ("mem_knee_percent", 100),
-    ("cpu_penalty", -1), ("latency_relative_error", 0.9), ("reads_from_primary", 1),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("default_strategy", "fastest"),
+        ("lease_timeout_s", 0),
+        ("lease_timeout_s", float("inf")),
+        ("eject_consecutive_failures", 0),
+        ("eject_max_fraction", 1.5),
+        ("panic_threshold", -0.1),
+        ("slow_start_floor", 0.0),
+        ("eject_max_s", 1.0),
+        ("mem_knee_percent", 100),
+        ("cpu_penalty", -1),
+        ("latency_relative_error", 0.9),
+        ("reads_from_primary", 1),
+    ],
+)
 def test_config_validate_names_the_bad_setting(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=field):
         BalancerConfig(**{field: value}).validate()
@@ -420,8 +445,9 @@ def test_config_defaults_are_valid_and_documented() -> None:
 
 
 def test_config_from_mapping_converts_and_refuses() -> None:
-    config = BalancerConfig.from_mapping({"lease_timeout_s": "12", "reads_from_primary": "no",
-                                          "eject_consecutive_failures": 3})
+    config = BalancerConfig.from_mapping(
+        {"lease_timeout_s": "12", "reads_from_primary": "no", "eject_consecutive_failures": 3}
+    )
     assert (config.lease_timeout_s, config.reads_from_primary) == (12.0, False)
     assert config.eject_consecutive_failures == 3
     with pytest.raises(ValueError, match="unknown balancer setting"):
@@ -445,8 +471,7 @@ def test_concurrent_select_and_release_keep_counts_consistent() -> None:
         try:
             for i in range(2000):
                 sel = bal.select(f"s{i % 4}", cands, now=T0 + i * 0.001)
-                bal.release(sel.lease or "", rng.random() * 10, rng.random() > 0.01,
-                            now=T0 + i * 0.001)
+                bal.release(sel.lease or "", rng.random() * 10, rng.random() > 0.01, now=T0 + i * 0.001)
         except BaseException as exc:  # report in the main thread
             errors.append(exc)
 
@@ -474,9 +499,12 @@ class BalancerHistory(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.bal = Balancer(BalancerConfig(lease_timeout_s=5.0, eject_consecutive_failures=3,
-                                           eject_base_s=2.0, eject_max_s=8.0),
-                            random.Random(0))
+        self.bal = Balancer(
+            BalancerConfig(
+                lease_timeout_s=5.0, eject_consecutive_failures=3, eject_base_s=2.0, eject_max_s=8.0
+            ),
+            random.Random(0),
+        )
         self.now = 0.0
         self.open: dict[str, str] = {}  # lease id -> node
         self.deadlines: dict[str, float] = {}
@@ -501,25 +529,25 @@ class BalancerHistory(RuleBasedStateMachine):
     @rule(
         shard=st.sampled_from(["s1", "s2", "s3"]),
         members=st.lists(st.sampled_from(NODES), min_size=1, max_size=4, unique=True),
-        roles=st.lists(st.sampled_from(["replica", "joining", "leaving"]), min_size=4,
-                       max_size=4),
+        roles=st.lists(st.sampled_from(["replica", "joining", "leaving"]), min_size=4, max_size=4),
         write=st.booleans(),
         strategy=st.sampled_from([None, *STRATEGY_NAMES]),
         lease=st.booleans(),
     )
-    def select(self, shard: str, members: list[str], roles: list[str], write: bool,
-               strategy: str | None, lease: bool) -> None:
+    def select(
+        self, shard: str, members: list[str], roles: list[str], write: bool, strategy: str | None, lease: bool
+    ) -> None:
         cands = [Candidate(members[0], "primary")]
         cands += [Candidate(n, r) for n, r in zip(members[1:], roles, strict=False)]
         try:
-            sel = self.bal.select(shard, cands, write=write, strategy=strategy, lease=lease,
-                                  now=self.now)
+            sel = self.bal.select(shard, cands, write=write, strategy=strategy, lease=lease, now=self.now)
         except NoLiveReplica:
             if write:
                 assert self.states[members[0]] in ("dead", "left")
             else:
-                readable = [c for c in cands if c.role != "joining"
-                            and self.states[c.node] not in ("dead", "left")]
+                readable = [
+                    c for c in cands if c.role != "joining" and self.states[c.node] not in ("dead", "left")
+                ]
                 assert readable == [] or self.bal.config.panic_threshold == 0
             return
         by_node = {c.node: c.role for c in cands}
@@ -552,8 +580,7 @@ class BalancerHistory(RuleBasedStateMachine):
         with pytest.raises(NotFound):
             self.bal.release("bogus:" + lid, 1.0, True, now=self.now)
 
-    @rule(node=st.sampled_from(NODES), state=st.sampled_from(["alive", "suspect", "dead",
-                                                              "left"]))
+    @rule(node=st.sampled_from(NODES), state=st.sampled_from(["alive", "suspect", "dead", "left"]))
     def membership(self, node: str, state: str) -> None:
         self.bal.node_update(node, state=state, now=self.now)
         self.states[node] = state
@@ -570,8 +597,9 @@ class BalancerHistory(RuleBasedStateMachine):
         totals = stats["totals"]
         assert totals["leases"] == self.issued
         assert totals["in_flight"] == len(self.open)
-        assert totals["leases"] == (totals["in_flight"] + totals["successes"]
-                                    + totals["failures"] + totals["expired"])
+        assert totals["leases"] == (
+            totals["in_flight"] + totals["successes"] + totals["failures"] + totals["expired"]
+        )
         assert totals["selects"] == sum(n["picks"] for n in nodes.values())
         assert totals["ejected"] <= max(1, int(0.1 * len(NODES)))
         shard_selects = sum(s["reads"] + s["writes"] for s in stats["shards"].values())
@@ -579,7 +607,9 @@ class BalancerHistory(RuleBasedStateMachine):
 
 
 BalancerHistory.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None,
+    max_examples=60,
+    stateful_step_count=40,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_random_histories_keep_counts_consistent = BalancerHistory.TestCase

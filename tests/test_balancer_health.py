@@ -56,12 +56,21 @@ def reads(bal: Balancer, names: list[str], count: int, now: float) -> Counter[st
 # --- classification ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("state, lifecycle, expected", [
-    ("alive", "active", HEALTHY), ("alive", None, HEALTHY),
-    ("suspect", "active", DOUBTFUL), (None, None, DOUBTFUL), ("alive", "draining", DOUBTFUL),
-    ("dead", "active", OUT), ("left", None, OUT), ("alive", "decommissioned", OUT),
-    ("alive", "joining", NO_READS), ("dead", "joining", OUT),
-])
+@pytest.mark.parametrize(
+    "state, lifecycle, expected",
+    [
+        ("alive", "active", HEALTHY),
+        ("alive", None, HEALTHY),
+        ("suspect", "active", DOUBTFUL),
+        (None, None, DOUBTFUL),
+        ("alive", "draining", DOUBTFUL),
+        ("dead", "active", OUT),
+        ("left", None, OUT),
+        ("alive", "decommissioned", OUT),
+        ("alive", "joining", NO_READS),
+        ("dead", "joining", OUT),
+    ],
+)
 def test_base_class(state: str | None, lifecycle: str | None, expected: int) -> None:
     assert base_class(state, lifecycle) == expected
 
@@ -84,8 +93,12 @@ def test_ejected_event_says_which_node_and_why() -> None:
     sel = bal.select("x", [Candidate("n00", "primary")], write=True, now=T0)
     (event,) = bal.release(sel.lease or "", 9.0, False, now=T0)
     assert event.kind == "balancer.ejected"
-    assert event.data == {"node": "n00", "reason": "5 consecutive failures", "duration_s": 30.0,
-                          "ejections": 1}
+    assert event.data == {
+        "node": "n00",
+        "reason": "5 consecutive failures",
+        "duration_s": 30.0,
+        "ejections": 1,
+    }
 
 
 def test_a_success_resets_the_failure_streak() -> None:
@@ -129,9 +142,9 @@ def test_ejection_time_doubles_with_each_ejection_up_to_the_cap() -> None:
 
 def test_backoff_is_forgiven_after_quiet_periods() -> None:
     bal = cluster(eject_base_s=10.0, eject_max_s=300.0, eject_backoff_reset_s=60.0)
-    fail(bal, "n00", 5, T0)           # 10 s, level 1
-    fail(bal, "n00", 5, T0 + 10)      # 20 s, level 2
-    fail(bal, "n00", 5, T0 + 30)      # 40 s, level 3
+    fail(bal, "n00", 5, T0)  # 10 s, level 1
+    fail(bal, "n00", 5, T0 + 10)  # 20 s, level 2
+    fail(bal, "n00", 5, T0 + 30)  # 40 s, level 3
     # ejection ended at T0 + 70; 130 s of quiet forgive two levels: back to 20 s
     fail(bal, "n00", 5, T0 + 200)
     assert node(bal, "n00", T0 + 200)["ejected_for_s"] == 20.0
@@ -203,11 +216,9 @@ def test_slow_start_ramps_a_returning_node_up_over_the_window() -> None:
     assert node(bal, "n01", T0 + 15)["slow_start"] == pytest.approx(0.5)
 
 
-def reads_with(bal: Balancer, names: list[str], count: int, now: float,
-               strategy: str) -> Counter[str]:
+def reads_with(bal: Balancer, names: list[str], count: int, now: float, strategy: str) -> Counter[str]:
     cands = [Candidate(n) for n in names]
-    return Counter(bal.select("s", cands, strategy=strategy, lease=False, now=now).node
-                   for _ in range(count))
+    return Counter(bal.select("s", cands, strategy=strategy, lease=False, now=now).node for _ in range(count))
 
 
 @pytest.mark.parametrize("strategy", ["weighted", "random"])

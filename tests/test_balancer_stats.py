@@ -29,11 +29,12 @@ def exact(samples: list[float], q: float) -> float:
 
 
 @settings(max_examples=200, deadline=None)
-@given(samples=st.lists(latencies, min_size=1, max_size=300),
-       q=st.sampled_from([0.0, 0.01, 0.25, 0.5, 0.9, 0.99, 0.999, 1.0]),
-       error=st.sampled_from([0.005, 0.01, 0.02, 0.05]))
-def test_sketch_quantiles_are_within_the_relative_error(samples: list[float], q: float,
-                                                       error: float) -> None:
+@given(
+    samples=st.lists(latencies, min_size=1, max_size=300),
+    q=st.sampled_from([0.0, 0.01, 0.25, 0.5, 0.9, 0.99, 0.999, 1.0]),
+    error=st.sampled_from([0.005, 0.01, 0.02, 0.05]),
+)
+def test_sketch_quantiles_are_within_the_relative_error(samples: list[float], q: float, error: float) -> None:
     sketch = LatencySketch(error)
     for x in samples:
         sketch.add(x)
@@ -45,8 +46,7 @@ def test_sketch_quantiles_are_within_the_relative_error(samples: list[float], q:
 
 @settings(max_examples=50, deadline=None)
 @given(left=st.lists(latencies, max_size=100), right=st.lists(latencies, max_size=100))
-def test_merged_sketch_matches_one_sketch_of_all_samples(left: list[float],
-                                                         right: list[float]) -> None:
+def test_merged_sketch_matches_one_sketch_of_all_samples(left: list[float], right: list[float]) -> None:
     a, b, both = LatencySketch(), LatencySketch(), LatencySketch()
     for x in left:
         a.add(x)
@@ -93,8 +93,8 @@ def test_windowed_latency_forgets_samples_older_than_two_windows() -> None:
     for _ in range(100):
         window.add(500.0, now=10.0)
     window.add(5.0, now=70.0)
-    assert window.snapshot(70.0).count == 101      # previous window still counts
-    assert window.snapshot(125.0).count == 1        # the 500 ms burst rolled out
+    assert window.snapshot(70.0).count == 101  # previous window still counts
+    assert window.snapshot(125.0).count == 1  # the 500 ms burst rolled out
     assert window.snapshot(200.0).count == 0
     assert window.snapshot(200.0).quantile(0.5) is None
 
@@ -135,7 +135,7 @@ def test_peak_ewma_blends_samples_at_the_same_instant_without_moving() -> None:
 def test_rate_meter_reports_events_per_second() -> None:
     meter = RateMeter(10.0, now=0.0)
     for i in range(1000):
-        meter.add(i * 0.01)          # 100/s for 10 s
+        meter.add(i * 0.01)  # 100/s for 10 s
     assert meter.rate(10.0) == pytest.approx(100.0, rel=0.01)
     assert meter.rate(15.0) == pytest.approx(50.0, rel=0.01)  # half the window is quiet
     assert meter.rate(20.0) == 0.0

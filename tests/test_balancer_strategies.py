@@ -27,8 +27,7 @@ def replicas(names: str = "abc") -> list[Candidate]:
     return [Candidate(n, "primary" if i == 0 else "replica") for i, n in enumerate(names)]
 
 
-def picks(bal: Balancer, count: int, strategy: str, names: str = "abc",
-          release: bool = True) -> list[str]:
+def picks(bal: Balancer, count: int, strategy: str, names: str = "abc", release: bool = True) -> list[str]:
     out = []
     now = T0
     for _ in range(count):
@@ -184,8 +183,7 @@ def test_performance_follows_in_flight_when_latencies_are_equal() -> None:
         bal.release(sel.lease or "", 5.0, True, now=now)
     for _ in range(3):
         bal.select("s1", [Candidate("a")], now=now)  # a holds 3 leases
-    chosen = Counter(bal.select("s1", replicas("ab"), lease=False, now=now).node
-                     for _ in range(100))
+    chosen = Counter(bal.select("s1", replicas("ab"), lease=False, now=now).node for _ in range(100))
     assert chosen == {"b": 100}
 
 
@@ -195,8 +193,7 @@ def test_performance_penalises_cpu_and_memory_pressure() -> None:
     bal.node_update("b", load={"cpu": 10.0, "mem": 40.0}, now=T0)
     # one lease on b: cost b = 2 x 1.1; cost a = 1 x (1 + 0.95 + 1.6) = 3.55
     bal.select("s1", [Candidate("b")], now=T0)
-    chosen = Counter(bal.select("s1", replicas("ab"), lease=False, now=T0).node
-                     for _ in range(100))
+    chosen = Counter(bal.select("s1", replicas("ab"), lease=False, now=T0).node for _ in range(100))
     assert chosen == {"b": 100}
 
 
@@ -204,8 +201,7 @@ def test_performance_ignores_stale_load() -> None:
     bal = cluster("ab")
     bal.node_update("a", load={"cpu": 100.0, "mem": 100.0, "age": 60.0}, now=T0)
     bal.select("s1", [Candidate("b")], now=T0)  # b: one lease, so cost b = 2, cost a = 1
-    chosen = Counter(bal.select("s1", replicas("ab"), lease=False, now=T0).node
-                     for _ in range(100))
+    chosen = Counter(bal.select("s1", replicas("ab"), lease=False, now=T0).node for _ in range(100))
     assert chosen == {"a": 100}
 
 

@@ -38,10 +38,28 @@ from services.discovery.core import (
 )
 
 
-def make(node: str = "n1", inc: int = 1, instance: str = "a", address: str = "10.0.0.1:7001",
-         zone: str = "z1", weight: float = 1.0, leaving: bool = False, **extra: Any) -> Beacon:
-    return Beacon(node=node, incarnation=inc, instance=instance, address=address, zone=zone,
-                  weight=weight, version="1.0", started=1700000000.0, leaving=leaving, **extra)
+def make(
+    node: str = "n1",
+    inc: int = 1,
+    instance: str = "a",
+    address: str = "10.0.0.1:7001",
+    zone: str = "z1",
+    weight: float = 1.0,
+    leaving: bool = False,
+    **extra: Any,
+) -> Beacon:
+    return Beacon(
+        node=node,
+        incarnation=inc,
+        instance=instance,
+        address=address,
+        zone=zone,
+        weight=weight,
+        version="1.0",
+        started=1700000000.0,
+        leaving=leaving,
+        **extra,
+    )
 
 
 def kinds(events: list[Event]) -> list[str]:
@@ -68,8 +86,9 @@ def test_beacon_unknown_fields_are_ignored() -> None:
     assert parse_beacon(wire(future_field=[1, 2, 3], ttl=9)).node == "n1"
 
 
-@pytest.mark.parametrize("name", ["node", "incarnation", "instance", "address", "zone",
-                                  "weight", "version", "started", "leaving"])
+@pytest.mark.parametrize(
+    "name", ["node", "incarnation", "instance", "address", "zone", "weight", "version", "started", "leaving"]
+)
 def test_beacon_missing_field_is_named(name: str) -> None:
     doc = wire()
     del doc[name]
@@ -78,30 +97,62 @@ def test_beacon_missing_field_is_named(name: str) -> None:
     assert err.value.details["field"] == name
 
 
-@pytest.mark.parametrize(("name", "value"), [
-    ("node", ""), ("node", "x" * 129), ("node", "a b"), ("node", "n/1"), ("node", 7),
-    ("incarnation", -1), ("incarnation", 1.5), ("incarnation", True), ("incarnation", 2**63),
-    ("instance", ""), ("instance", None),
-    ("address", "nohost"), ("address", ":7001"), ("address", "h:0"), ("address", "h:65536"),
-    ("address", "h:+80"), ("address", "h: 80"), ("address", "a b:80"), ("address", 7001),
-    ("zone", ""), ("zone", "z" * 65),
-    ("weight", 0), ("weight", -1.0), ("weight", float("nan")), ("weight", float("inf")),
-    ("weight", "1"), ("weight", True),
-    ("version", 1), ("version", "v" * 65),
-    ("started", -1.0), ("started", "yesterday"), ("started", float("inf")),
-    ("leaving", 1), ("leaving", "no"),
-    ("hb", "tcp://x"), ("hb", {"k": [1]}), ("hb", {"k" * 33: 1}), ("hb", {"k": "v" * 257}),
-    ("hb", {f"k{i}": 1 for i in range(17)}), ("hb", {"k": float("nan")}),
-    ("v", "1"), ("v", True),
-])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("node", ""),
+        ("node", "x" * 129),
+        ("node", "a b"),
+        ("node", "n/1"),
+        ("node", 7),
+        ("incarnation", -1),
+        ("incarnation", 1.5),
+        ("incarnation", True),
+        ("incarnation", 2**63),
+        ("instance", ""),
+        ("instance", None),
+        ("address", "nohost"),
+        ("address", ":7001"),
+        ("address", "h:0"),
+        ("address", "h:65536"),
+        ("address", "h:+80"),
+        ("address", "h: 80"),
+        ("address", "a b:80"),
+        ("address", 7001),
+        ("zone", ""),
+        ("zone", "z" * 65),
+        ("weight", 0),
+        ("weight", -1.0),
+        ("weight", float("nan")),
+        ("weight", float("inf")),
+        ("weight", "1"),
+        ("weight", True),
+        ("version", 1),
+        ("version", "v" * 65),
+        ("started", -1.0),
+        ("started", "yesterday"),
+        ("started", float("inf")),
+        ("leaving", 1),
+        ("leaving", "no"),
+        ("hb", "tcp://x"),
+        ("hb", {"k": [1]}),
+        ("hb", {"k" * 33: 1}),
+        ("hb", {"k": "v" * 257}),
+        ("hb", {f"k{i}": 1 for i in range(17)}),
+        ("hb", {"k": float("nan")}),
+        ("v", "1"),
+        ("v", True),
+    ],
+)
 def test_beacon_bad_value_is_refused_naming_the_field(name: str, value: Any) -> None:
     with pytest.raises(BadRequest) as err:
         parse_beacon(wire(**{name: value}))
     assert err.value.details["field"] == name
 
 
-@pytest.mark.parametrize("address", ["127.0.0.1:7001", "db-1.example.com:1", "[::1]:65535",
-                                     "[fe80::1%eth0]:7001"])
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1:7001", "db-1.example.com:1", "[::1]:65535", "[fe80::1%eth0]:7001"]
+)
 def test_beacon_accepts_host_port_forms(address: str) -> None:
     assert parse_beacon(wire(address=address)).address == address
 
@@ -122,9 +173,18 @@ def test_decode_refuses_oversize_before_decoding() -> None:
         decode_beacon(b"\xc1" * (MAX_BEACON_BYTES + 1))  # 0xc1 would not even decode
 
 
-@pytest.mark.parametrize("payload", [b"", b"\xc1", b"\x81\xa1", msgpack.packb([1, 2]),
-                                     msgpack.packb({1: 2}), b"\x92\x01\x02extra",
-                                     msgpack.packb({"v": 1}) + b"\x00"])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\xc1",
+        b"\x81\xa1",
+        msgpack.packb([1, 2]),
+        msgpack.packb({1: 2}),
+        b"\x92\x01\x02extra",
+        msgpack.packb({"v": 1}) + b"\x00",
+    ],
+)
 def test_decode_refuses_garbage(payload: bytes) -> None:
     with pytest.raises(BadRequest):
         decode_beacon(payload)
@@ -146,16 +206,19 @@ def test_instance_ids_are_distinct_and_valid() -> None:
 # -- config --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("changes", "setting"), [
-    ({"beacon_interval": 0}, "beacon_interval"),
-    ({"beacon_interval": -1.0}, "beacon_interval"),
-    ({"expiry": 0}, "expiry"),
-    ({"expiry": 1.0}, "expiry"),   # equal to the interval
-    ({"expiry": 0.5}, "expiry"),
-    ({"forget_after": 0}, "forget_after"),
-    ({"max_nodes": 0}, "max_nodes"),
-    ({"beacon_interval": True}, "beacon_interval"),
-])
+@pytest.mark.parametrize(
+    ("changes", "setting"),
+    [
+        ({"beacon_interval": 0}, "beacon_interval"),
+        ({"beacon_interval": -1.0}, "beacon_interval"),
+        ({"expiry": 0}, "expiry"),
+        ({"expiry": 1.0}, "expiry"),  # equal to the interval
+        ({"expiry": 0.5}, "expiry"),
+        ({"forget_after": 0}, "forget_after"),
+        ({"max_nodes": 0}, "max_nodes"),
+        ({"beacon_interval": True}, "beacon_interval"),
+    ],
+)
 def test_config_validation_names_the_setting(changes: dict[str, Any], setting: str) -> None:
     with pytest.raises(ValueError, match=setting):
         DiscoveryConfig(**changes).validate()
@@ -197,8 +260,9 @@ def test_repeated_identical_beacons_are_silent(table: DiscoveryTable) -> None:
     assert table.node("n1", now=20.0)["beacons"] == 20
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("address", "10.0.0.2:7001"), ("zone", "z2"), ("weight", 2.5), ("inc", 2)])
+@pytest.mark.parametrize(
+    ("field", "value"), [("address", "10.0.0.2:7001"), ("zone", "z2"), ("weight", 2.5), ("inc", 2)]
+)
 def test_changed_field_is_an_update(table: DiscoveryTable, field: str, value: Any) -> None:
     table.observe(make(), now=0.0)
     events = table.observe(make(**{field: value}), now=1.0)
@@ -212,8 +276,7 @@ def test_changed_field_is_an_update(table: DiscoveryTable, field: str, value: An
 
 def test_version_change_alone_is_not_an_update(table: DiscoveryTable) -> None:
     table.observe(make(), now=0.0)
-    b = Beacon(node="n1", incarnation=1, instance="a", address="10.0.0.1:7001", zone="z1",
-               version="2.0")
+    b = Beacon(node="n1", incarnation=1, instance="a", address="10.0.0.1:7001", zone="z1", version="2.0")
     assert table.observe(b, now=1.0) == []
     assert table.node("n1", now=1.0)["version"] == "2.0"
 
@@ -317,8 +380,7 @@ def test_stale_beacon_does_not_resurrect_a_lost_or_left_node(table: DiscoveryTab
     assert table.node("left", now=11.0)["state"] == "left"
 
 
-def test_equal_incarnation_from_another_process_waits_until_followed_is_silent(
-        table: DiscoveryTable) -> None:
+def test_equal_incarnation_from_another_process_waits_until_followed_is_silent(table: DiscoveryTable) -> None:
     table.observe(make(inc=3, instance="a"), now=0.0)
     assert table.observe(make(inc=3, instance="b", address="10.0.0.2:1"), now=1.0) == []
     assert table.node("n1", now=1.0)["instance"] == "a"
@@ -338,8 +400,7 @@ def test_refutation_raises_incarnation_of_the_same_process(table: DiscoveryTable
 # -- conflicts -------------------------------------------------------------------
 
 
-def alternate(table: DiscoveryTable, start: float, end: float, a: Beacon,
-              b: Beacon) -> list[Event]:
+def alternate(table: DiscoveryTable, start: float, end: float, a: Beacon, b: Beacon) -> list[Event]:
     """Both processes beacon once a second, half a second apart."""
     out: list[Event] = []
     t = start
@@ -351,11 +412,11 @@ def alternate(table: DiscoveryTable, start: float, end: float, a: Beacon,
     return out
 
 
-def test_two_live_processes_on_one_id_are_a_conflict_reported_once(
-        table: DiscoveryTable) -> None:
+def test_two_live_processes_on_one_id_are_a_conflict_reported_once(table: DiscoveryTable) -> None:
     table.observe(make(inc=5, instance="a"), now=0.0)
-    out = alternate(table, 1.0, 30.0, make(inc=5, instance="a"),
-                    make(inc=7, instance="b", address="10.0.0.2:7001"))
+    out = alternate(
+        table, 1.0, 30.0, make(inc=5, instance="a"), make(inc=7, instance="b", address="10.0.0.2:7001")
+    )
     conflicts = [e for e in out if e.kind == NODE_CONFLICT]
     assert len(conflicts) == 1
     data = conflicts[0].data
@@ -372,8 +433,7 @@ def test_two_live_processes_on_one_id_are_a_conflict_reported_once(
     assert table.stats()["dropped"][DROP_STALE] >= 25
 
 
-def test_conflict_detected_when_the_older_process_appears_second(
-        table: DiscoveryTable) -> None:
+def test_conflict_detected_when_the_older_process_appears_second(table: DiscoveryTable) -> None:
     table.observe(make(inc=9, instance="a"), now=0.0)
     out = alternate(table, 1.0, 6.0, make(inc=9, instance="a"), make(inc=2, instance="b"))
     assert kinds(out) == [NODE_CONFLICT]
@@ -440,16 +500,14 @@ def test_manual_node_stays_until_removed(table: DiscoveryTable) -> None:
     assert "m1" not in table
 
 
-def test_repeated_registration_is_harmless_but_a_different_one_conflicts(
-        table: DiscoveryTable) -> None:
+def test_repeated_registration_is_harmless_but_a_different_one_conflicts(table: DiscoveryTable) -> None:
     table.register("m1", "10.1.0.1:7001", "z1", 1.0, now=0.0)
     assert table.register("m1", "10.1.0.1:7001", "z1", 1.0, now=1.0) == []
     with pytest.raises(Conflict, match="already registered"):
         table.register("m1", "10.1.0.2:7001", "z1", 1.0, now=2.0)
 
 
-def test_registration_contradicting_a_beaconing_node_is_refused(
-        table: DiscoveryTable) -> None:
+def test_registration_contradicting_a_beaconing_node_is_refused(table: DiscoveryTable) -> None:
     table.observe(make(), now=0.0)
     with pytest.raises(Conflict, match="beaconing"):
         table.register("n1", "10.9.9.9:7001", "z1", 1.0, now=1.0)
@@ -474,8 +532,7 @@ def test_registration_revives_a_lost_node_as_manual(table: DiscoveryTable) -> No
     assert table.observe(make(inc=4, instance="z"), now=12.0) == []  # order still kept
 
 
-def test_beacon_for_manual_node_takes_over_its_fields_and_it_stays_pinned(
-        table: DiscoveryTable) -> None:
+def test_beacon_for_manual_node_takes_over_its_fields_and_it_stays_pinned(table: DiscoveryTable) -> None:
     table.register("n1", "10.1.0.1:7001", "z9", 1.0, now=0.0)
     events = table.observe(make(inc=3), now=1.0)
     assert kinds(events) == [NODE_UPDATED]
@@ -488,15 +545,19 @@ def test_beacon_for_manual_node_takes_over_its_fields_and_it_stays_pinned(
     assert table.node("n1", now=1_000_000.0)["state"] == "left"  # pinned: never forgotten
 
 
-@pytest.mark.parametrize(("args", "field"), [
-    (("bad id", "h:1", "z", 1.0), "node"),
-    (("m", "h", "z", 1.0), "address"),
-    (("m", "h:99999", "z", 1.0), "address"),
-    (("m", "h:1", "", 1.0), "zone"),
-    (("m", "h:1", "z", 0.0), "weight"),
-])
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (("bad id", "h:1", "z", 1.0), "node"),
+        (("m", "h", "z", 1.0), "address"),
+        (("m", "h:99999", "z", 1.0), "address"),
+        (("m", "h:1", "", 1.0), "zone"),
+        (("m", "h:1", "z", 0.0), "weight"),
+    ],
+)
 def test_registration_with_bad_values_names_the_field(
-        table: DiscoveryTable, args: tuple[str, str, str, float], field: str) -> None:
+    table: DiscoveryTable, args: tuple[str, str, str, float], field: str
+) -> None:
     node, address, zone, weight = args
     with pytest.raises(BadRequest) as err:
         table.register(node, address, zone, weight, now=0.0)
@@ -505,16 +566,14 @@ def test_registration_with_bad_values_names_the_field(
 
 
 @pytest.mark.parametrize("node", ["ghost", "", 42])
-def test_removing_or_reading_an_unknown_node_is_not_found(
-        table: DiscoveryTable, node: Any) -> None:
+def test_removing_or_reading_an_unknown_node_is_not_found(table: DiscoveryTable, node: Any) -> None:
     with pytest.raises(NotFound, match="not in the discovery table"):
         table.remove(node, now=0.0)
     with pytest.raises(NotFound):
         table.node(node, now=0.0)
 
 
-def test_removed_beaconing_node_comes_back_with_its_next_beacon(
-        table: DiscoveryTable) -> None:
+def test_removed_beaconing_node_comes_back_with_its_next_beacon(table: DiscoveryTable) -> None:
     table.observe(make(), now=0.0)
     table.remove("n1", now=0.5)
     assert table.tick(now=100.0) == []  # no lost event for a removed node
@@ -524,8 +583,7 @@ def test_removed_beaconing_node_comes_back_with_its_next_beacon(
 # -- callbacks -------------------------------------------------------------------
 
 
-def test_callbacks_run_per_kind_and_a_raising_one_breaks_nothing(
-        table: DiscoveryTable) -> None:
+def test_callbacks_run_per_kind_and_a_raising_one_breaks_nothing(table: DiscoveryTable) -> None:
     seen: dict[str, list[str]] = {"discovered": [], "lost": [], "all": []}
 
     def boom(event: Event) -> None:
@@ -553,8 +611,7 @@ def test_callback_may_read_the_table(table: DiscoveryTable) -> None:
 # -- bad input, capacity, forgetting -----------------------------------------------
 
 
-def test_receive_drops_and_counts_bad_payloads_without_raising(
-        table: DiscoveryTable) -> None:
+def test_receive_drops_and_counts_bad_payloads_without_raising(table: DiscoveryTable) -> None:
     assert table.receive(b"\x00" * (MAX_BEACON_BYTES + 1), now=0.0) == []
     assert table.receive(b"\xc1\xc1", now=0.0) == []
     assert table.receive(msgpack.packb(wire(weight=-3)), now=0.0) == []
@@ -562,14 +619,12 @@ def test_receive_drops_and_counts_bad_payloads_without_raising(
     assert kinds(table.receive(encode_beacon(make()), now=0.0)) == [NODE_DISCOVERED]
     table.count_dropped("frames", "3 frames, expected 1")
     stats = table.stats()
-    assert stats["dropped"] == {DROP_OVERSIZE: 1, DROP_MALFORMED: 2, DROP_VERSION: 1,
-                                "frames": 1}
+    assert stats["dropped"] == {DROP_OVERSIZE: 1, DROP_MALFORMED: 2, DROP_VERSION: 1, "frames": 1}
     assert stats["beacons"] == 6 and stats["accepted"] == 1 and stats["dropped_total"] == 5
     assert stats["last_drop"] == {"reason": "frames", "detail": "3 frames, expected 1"}
 
 
-def test_lost_and_left_nodes_are_forgotten_after_forget_after(
-        table: DiscoveryTable) -> None:
+def test_lost_and_left_nodes_are_forgotten_after_forget_after(table: DiscoveryTable) -> None:
     table.observe(make(node="a"), now=0.0)
     table.observe(make(node="b"), now=0.0)
     table.observe(make(node="b", leaving=True), now=1.0)
@@ -604,10 +659,28 @@ def test_nodes_lists_every_node_sorted_with_documented_keys(table: DiscoveryTabl
     table.register("a", "10.0.0.3:1", "z1", 1.0, now=0.0)
     rows = table.nodes(now=2.0)
     assert [r["id"] for r in rows] == ["a", "b"]
-    assert set(rows[0]) == {"id", "address", "zone", "weight", "incarnation", "instance",
-                            "version", "started", "hb", "state", "source", "pinned",
-                            "first_seen", "last_seen", "age", "beacons", "stale", "conflicts",
-                            "in_conflict", "claims"}
+    assert set(rows[0]) == {
+        "id",
+        "address",
+        "zone",
+        "weight",
+        "incarnation",
+        "instance",
+        "version",
+        "started",
+        "hb",
+        "state",
+        "source",
+        "pinned",
+        "first_seen",
+        "last_seen",
+        "age",
+        "beacons",
+        "stale",
+        "conflicts",
+        "in_conflict",
+        "claims",
+    }
     assert rows[1]["age"] == 2.0
 
 
@@ -664,8 +737,7 @@ beacon_ops = st.tuples(
 tick_ops = st.tuples(st.just("tick"), st.sampled_from([0.0, 1.0, 3.0, 6.0]), st.none())
 junk_ops = st.tuples(st.just("junk"), st.just(0.0), st.binary(max_size=40))
 # Mostly beacons, some ticks, a little junk.
-any_op = st.integers(0, 9).flatmap(
-    lambda i: beacon_ops if i < 7 else tick_ops if i < 9 else junk_ops)
+any_op = st.integers(0, 9).flatmap(lambda i: beacon_ops if i < 7 else tick_ops if i < 9 else junk_ops)
 histories = st.lists(any_op, min_size=20, max_size=80)
 
 # Allowed state changes as seen through events: a subscriber that only follows
@@ -680,10 +752,8 @@ _TRANSITIONS: dict[str, tuple[set[str | None], str]] = {
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(histories)
-def test_table_matches_the_last_valid_beacon_per_node(
-        history: list[tuple[str, float, Any]]) -> None:
-    table = DiscoveryTable(DiscoveryConfig(beacon_interval=1.0, expiry=EXPIRY,
-                                           forget_after=1e9))
+def test_table_matches_the_last_valid_beacon_per_node(history: list[tuple[str, float, Any]]) -> None:
+    table = DiscoveryTable(DiscoveryConfig(beacon_interval=1.0, expiry=EXPIRY, forget_after=1e9))
     fired: list[Event] = []
     table.hooks.on("*", fired.append)
     model: dict[str, Model] = {}
@@ -699,9 +769,11 @@ def test_table_matches_the_last_valid_beacon_per_node(
             b: Beacon = arg
             m = model.get(b.node)
             live = m is not None and m.state != "left" and now - m.at < EXPIRY
-            valid = (m is None or b.incarnation > m.beacon.incarnation
-                     or (b.incarnation == m.beacon.incarnation
-                         and (b.instance == m.beacon.instance or not live)))
+            valid = (
+                m is None
+                or b.incarnation > m.beacon.incarnation
+                or (b.incarnation == m.beacon.incarnation and (b.instance == m.beacon.instance or not live))
+            )
             events = table.observe(b, now)
             if valid:
                 model[b.node] = Model(b, now, "left" if b.leaving else "alive")
@@ -728,10 +800,22 @@ def test_table_matches_the_last_valid_beacon_per_node(
         assert {r["id"] for r in table.nodes(now)} == set(model)
         for node, m in model.items():
             row = table.node(node, now)
-            expect = (m.beacon.address, m.beacon.zone, m.beacon.weight,
-                      m.beacon.incarnation, m.beacon.instance, m.state)
-            assert (row["address"], row["zone"], row["weight"], row["incarnation"],
-                    row["instance"], row["state"]) == expect
+            expect = (
+                m.beacon.address,
+                m.beacon.zone,
+                m.beacon.weight,
+                m.beacon.incarnation,
+                m.beacon.instance,
+                m.state,
+            )
+            assert (
+                row["address"],
+                row["zone"],
+                row["weight"],
+                row["incarnation"],
+                row["instance"],
+                row["state"],
+            ) == expect
             assert row["state"] == followed[node]
             # An older incarnation never overrides a newer one.
             assert row["incarnation"] >= highest.get(node, 0)
