@@ -49,8 +49,10 @@ NODE_COLUMNS = (
     ("lifecycle", "lifecycle"),
     ("address", "address"),
     ("zone", "zone"),
+    ("phi", "phi"),
     ("cpu", "cpu%"),
     ("mem", "mem%"),
+    ("load", "load"),
     ("replicas", "replicas"),
     ("primaries", "primaries"),
 )

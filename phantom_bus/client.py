@@ -99,28 +99,42 @@ def _release_args(sel: Selection, latency_ms: float, ok: bool) -> dict[str, Any]
 _DISCOVERY_STATES = {"alive": "alive", "lost": "dead", "left": "left"}
 
 
+def node_row(discovered: dict[str, Any] | None, member: dict[str, Any] | None) -> dict[str, Any]:
+    """One node of the status document from discovery's and membership's views;
+    membership's verdict on liveness wins over discovery's."""
+    d, m = discovered or {}, member or {}
+    load = m.get("load") if isinstance(m.get("load"), dict) and not m.get("load_stale") else {}
+    state = m.get("state") or _DISCOVERY_STATES.get(str(d.get("state")), d.get("state"))
+    return {
+        "id": d.get("id") or m.get("id"),
+        "state": state,
+        "lifecycle": None,
+        "address": d.get("address"),
+        "zone": d.get("zone"),
+        "cpu": load.get("cpu"),
+        "mem": load.get("mem"),
+        "load": load.get("load1_per_core"),
+        "phi": m.get("phi"),
+        "heartbeat_age": m.get("last_heartbeat_age"),
+        "incarnation": m.get("incarnation", d.get("incarnation")),
+        "replicas": None,
+        "primaries": None,
+    }
+
+
 def fallback_status(
-    services: dict[str, Any], reason: str, discovered: list[dict[str, Any]] | None = None
+    services: dict[str, Any],
+    reason: str,
+    discovered: list[dict[str, Any]] | None = None,
+    members: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A status document assembled without the manager, from the broker's service
-    table and, when discovery answers, its node table. Health is ``red``: with no
-    manager nobody vouches for the shards."""
+    table and, when they answer, discovery's node table and membership's list.
+    Health is ``red``: with no manager nobody vouches for the shards."""
     names = ("broker", "discovery", "membership", "sharding", "balancer", "manager")
-    nodes = [
-        {
-            "id": n.get("id"),
-            "state": _DISCOVERY_STATES.get(str(n.get("state")), n.get("state")),
-            "lifecycle": None,
-            "address": n.get("address"),
-            "zone": n.get("zone"),
-            "cpu": None,
-            "mem": None,
-            "replicas": None,
-            "primaries": None,
-            "incarnation": n.get("incarnation"),
-        }
-        for n in discovered or []
-    ]
+    by_id_d = {str(n.get("id")): n for n in discovered or []}
+    by_id_m = {str(m.get("id")): m for m in members or []}
+    nodes = [node_row(by_id_d.get(i), by_id_m.get(i)) for i in sorted({*by_id_d, *by_id_m})]
     return {
         "health": "red",
         "reason": reason,
@@ -306,11 +320,14 @@ class Client(_Base):
                 return doc
             except ServiceUnavailable:
                 pass
-        nodes = None
+        nodes = members = None
         if _up(services, "discovery"):
             with contextlib.suppress(PhantomError):
                 nodes = self.request("discovery", "nodes")
-        return fallback_status(services, "the manager is not running", nodes)
+        if _up(services, "membership"):
+            with contextlib.suppress(PhantomError):
+                members = self.request("membership", "members")
+        return fallback_status(services, "the manager is not running", nodes, members)
 
 
 class AsyncClient(_Base):
@@ -450,8 +467,11 @@ class AsyncClient(_Base):
                 return doc
             except ServiceUnavailable:
                 pass
-        nodes = None
+        nodes = members = None
         if _up(services, "discovery"):
             with contextlib.suppress(PhantomError):
                 nodes = await self.request("discovery", "nodes")
-        return fallback_status(services, "the manager is not running", nodes)
+        if _up(services, "membership"):
+            with contextlib.suppress(PhantomError):
+                members = await self.request("membership", "members")
+        return fallback_status(services, "the manager is not running", nodes, members)

@@ -51,8 +51,7 @@ class Bus:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.ports = {
-            name: free_port()
-            for name in ("broker", "backend", "events_in", "events_out", "beacon", "heartbeat")
+            name: free_port() for name in ("broker", "backend", "events_in", "events_out", "beacon", "heartbeat")
         }
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PHANTOM_")}
         self.env.update({f"PHANTOM_{k.upper()}": f"tcp://127.0.0.1:{p}" for k, p in self.ports.items()})
@@ -88,6 +87,24 @@ class Bus:
 
     def echo(self, name: str = "echo") -> subprocess.Popen[bytes]:
         return self.start("services.echo", "--name", name, name=name)
+
+    def agent(self, n: int, *args: str) -> subprocess.Popen[bytes]:
+        """Agent ``node-n`` in zone ``z{n % 3 + 1}`` advertising ``127.0.0.1:7000+n``."""
+        return self.start(
+            "services.agent",
+            "--node-id",
+            f"node-{n}",
+            "--zone",
+            f"z{n % 3 + 1}",
+            "--address",
+            f"127.0.0.1:{7000 + n}",
+            *args,
+            name=f"agent-{n}",
+        )
+
+    def request(self, service: str, op: str, **args: Any) -> Any:
+        with self.client() as c:
+            return c.request(service, op, **args)
 
     def client(self, **kw: Any) -> Client:
         kw.setdefault("timeout", 1.0)

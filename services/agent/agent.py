@@ -10,6 +10,7 @@ applies shard assignments. All decisions live in the cores it drives:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 import zlib
@@ -23,7 +24,8 @@ from loguru import logger
 
 from phantom_bus import protocol
 from phantom_bus.config import Config
-from services.agent.incarnation import next_incarnation
+from phantom_bus.errors import PhantomError
+from services.agent.incarnation import next_incarnation, persist_incarnation
 from services.agent.load import LoadDocument, LoadSampler
 from services.agent.probe import PsutilProbe
 from services.discovery.beacon import Beacon, check_address, check_node_id, encode_beacon, new_instance_id
@@ -35,6 +37,7 @@ SETTINGS = (
     "log_json",
     "log_level",
     "beacon_interval",
+    "heartbeat_interval",
     "load_interval",
     "node_id",
     "zone",
@@ -74,6 +77,7 @@ class Agent:
         self.probe = PsutilProbe(self.data_dir, watch_pid)  # exists: the incarnation lives there
         self.sampler = LoadSampler()
         self.load: LoadDocument | None = None
+        self.membership_state: str | None = None
         self.ctx = zmq.asyncio.Context.instance()
         self._beacons: zmq.asyncio.Socket | None = None
         self._stopping = asyncio.Event()
@@ -90,7 +94,7 @@ class Agent:
             version=_version(),
             started=self.started,
             leaving=leaving,
-            hb={"endpoint": self.cfg.heartbeat, "interval": float(self.cfg.beacon_interval)},
+            hb={"endpoint": self.cfg.heartbeat, "interval": float(self.cfg.heartbeat_interval)},
         )
 
     async def _send_beacon(self, beacon: Beacon) -> None:
@@ -111,6 +115,103 @@ class Agent:
             readings = await asyncio.to_thread(self.probe.read, time.monotonic())
             self.load = self.sampler.update(readings)
 
+    # --- heartbeats to membership --------------------------------------------------------
+
+    def _open_heartbeats(self) -> zmq.asyncio.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        # Heartbeats are only worth sending now: never queue them for a peer that
+        # is not connected (IMMEDIATE) nor let a backlog build up (small HWM).
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.SNDHWM, 4)
+        sock.setsockopt(zmq.RCVHWM, 100)
+        sock.connect(self.cfg.heartbeat)
+        return sock
+
+    def _on_ack(self, ack: dict[str, Any]) -> None:
+        code = ack.get("code")
+        self.membership_state = ack.get("state")
+        if ack.get("refute") or code == "declared_dead":
+            self._bump(self.incarnation + 1, f"membership says {ack.get('state')}: refuting")
+        elif code == "stale_incarnation" and isinstance(ack.get("incarnation"), int):
+            self._bump(ack["incarnation"] + 1, "membership holds a newer incarnation")
+        elif code == "unknown_node":
+            logger.debug("membership does not know us yet; beacons will get us admitted")
+        elif ack.get("ok") is False and "error" in ack and code is None:
+            logger.warning("membership refused a heartbeat: {}", ack["error"].get("message"))
+
+    def _bump(self, incarnation: int, why: str) -> None:
+        if incarnation <= self.incarnation:
+            return
+        persist_incarnation(self.data_dir, self.node, incarnation)
+        logger.warning("incarnation {} -> {}: {}", self.incarnation, incarnation, why)
+        self.incarnation = incarnation
+
+    async def heartbeat_loop(self) -> None:
+        """Heartbeat membership every interval with the latest load; refute suspicion.
+
+        When acks stop (membership restarting, network cut) the socket is
+        reopened after a few silent intervals, backing off up to 5 s between
+        reopenings so a long outage costs little.
+        """
+        interval = float(self.cfg.heartbeat_interval)
+        sock = self._open_heartbeats()
+        last_ack = time.monotonic()
+        backoff = 3 * interval
+        reopened = time.monotonic()
+        seq = 0
+        try:
+            while True:
+                seq += 1
+                body = {
+                    "op": "hb",
+                    "node": self.node,
+                    "incarnation": self.incarnation,
+                    "seq": seq,
+                    "load": dict(self.load) if self.load is not None else None,
+                }
+                # Not connected (IMMEDIATE): nothing to do but try again next interval.
+                with contextlib.suppress(zmq.Again):
+                    await sock.send_multipart([protocol.HEARTBEAT_HEADER, protocol.pack(body)], zmq.NOBLOCK)
+                deadline = time.monotonic() + interval
+                while (left := deadline - time.monotonic()) > 0:
+                    if not await sock.poll(int(left * 1000) + 1):
+                        break
+                    frames = await sock.recv_multipart()
+                    if len(frames) == 2 and frames[0] == protocol.HEARTBEAT_HEADER:
+                        try:
+                            ack = protocol.unpack(frames[1])
+                        except PhantomError:
+                            continue
+                        if isinstance(ack, dict):
+                            last_ack = time.monotonic()
+                            backoff = 3 * interval
+                            self._on_ack(ack)
+                now = time.monotonic()
+                if now - last_ack > backoff and now - reopened > backoff:
+                    logger.info("no ack from membership for {:.1f} s; reconnecting", now - last_ack)
+                    sock.close(0)
+                    sock = self._open_heartbeats()
+                    reopened = now
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            self._heartbeat_sock = sock
+
+    async def _leave_membership(self) -> None:
+        sock = getattr(self, "_heartbeat_sock", None)
+        if sock is None:
+            return
+        with contextlib.suppress(zmq.ZMQError):
+            await sock.send_multipart(
+                [
+                    protocol.HEARTBEAT_HEADER,
+                    protocol.pack({"op": "leave", "node": self.node, "incarnation": self.incarnation}),
+                ],
+                zmq.NOBLOCK,
+            )
+            await sock.poll(200)
+        sock.close(0)
+
     async def run(self, *extra: Any) -> None:
         """Run the agent's loops until :meth:`stop`; a graceful stop says goodbye."""
         self._beacons = self.ctx.socket(zmq.PUB)
@@ -125,7 +226,8 @@ class Agent:
             self.cfg.zone,
             self.cfg.beacon,
         )
-        tasks = [asyncio.ensure_future(c) for c in (self.beacon_loop(), self.load_loop(), *extra)]
+        loops = (self.beacon_loop(), self.load_loop(), self.heartbeat_loop(), *extra)
+        tasks = [asyncio.ensure_future(c) for c in loops]
         stopper = asyncio.ensure_future(self._stopping.wait())
         try:
             done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -136,6 +238,7 @@ class Agent:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self._leave_membership()
             await self._leave()
 
     async def _leave(self) -> None:

@@ -12,7 +12,7 @@ from services.discovery.service import SETTINGS, Discovery
 
 
 def main(argv: list[str] | None = None) -> int:
-    names = (*SERVICE_SETTINGS, *SETTINGS)
+    names = tuple(dict.fromkeys((*SERVICE_SETTINGS, *SETTINGS)))
     parser = argparse.ArgumentParser(prog="phantom-discovery", description="Phantom node discovery")
     cfgmod.add_flags(parser, names)
     args = parser.parse_args(argv)

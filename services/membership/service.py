@@ -1,0 +1,259 @@
+"""The membership process: heartbeats in, member.* events out, the list on request.
+
+Agents connect a DEALER to membership's ROUTER (``heartbeat`` endpoint) and
+send ``[PHH1, body]``; each heartbeat is answered ``[PHH1, ack]`` at once, so
+an agent knows membership is alive and hears when it is suspected.
+
+Who may heartbeat is decided by discovery: ``node.discovered`` admits a node,
+``node.removed`` forgets it, and a periodic sync with discovery's table makes
+up for events lost on the way (PUB/SUB is best effort). Operators and the
+manager can also ``admit`` and ``forget`` directly.
+
+The shell measures its own loop lag on every tick (how late the timer fired)
+and hands it to the core, which discounts the stall so that nobody is
+convicted because membership itself was paused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import zmq
+from loguru import logger
+
+from phantom_bus import protocol
+from phantom_bus.client import AsyncClient
+from phantom_bus.config import Config
+from phantom_bus.errors import BadRequest, PhantomError
+from phantom_bus.events import Event
+from phantom_bus.service import Service
+from phantom_bus.wire import LoopSocket
+from services.membership.config import MembershipConfig
+from services.membership.core import Membership
+
+SETTINGS = (
+    "broker",
+    "heartbeat",
+    "heartbeat_interval",
+    "phi_window",
+    "phi_min_std_dev",
+    "acceptable_pause",
+    "phi_suspect",
+    "phi_dead",
+    "suspicion_timeout",
+    "timeout",
+    "retries",
+)
+
+# Seconds between full syncs of the admitted set with discovery's table.
+_SYNC_PERIOD = 5.0
+_MAX_HEARTBEAT = 64 * 1024
+
+
+def core_config(cfg: Config) -> MembershipConfig:
+    """The core's settings from the process settings."""
+    return MembershipConfig(
+        heartbeat_interval=cfg.heartbeat_interval,
+        window_size=cfg.phi_window,
+        min_std_dev=cfg.phi_min_std_dev,
+        acceptable_pause=cfg.acceptable_pause,
+        suspect_phi=cfg.phi_suspect,
+        dead_phi=cfg.phi_dead,
+        suspicion_timeout=cfg.suspicion_timeout,
+    )
+
+
+def decode_heartbeat(body: bytes) -> dict[str, Any]:
+    """Decode and check a heartbeat or leave message; raises BadRequest."""
+    doc = protocol.unpack(body, max_size=_MAX_HEARTBEAT)
+    if not isinstance(doc, dict):
+        raise BadRequest("a heartbeat is a msgpack map")
+    op = doc.get("op", "hb")
+    if op not in ("hb", "leave"):
+        raise BadRequest(f"unknown heartbeat op {op!r}: hb or leave")
+    node, incarnation = doc.get("node"), doc.get("incarnation")
+    if not isinstance(node, str) or not node:
+        raise BadRequest("heartbeat needs 'node', a non-empty string")
+    if not isinstance(incarnation, int) or isinstance(incarnation, bool) or incarnation < 0:
+        raise BadRequest("heartbeat needs 'incarnation', an integer >= 0")
+    seq = doc.get("seq", 0)
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise BadRequest("heartbeat 'seq' must be an integer >= 0")
+    load = doc.get("load")
+    if load is not None and not isinstance(load, dict):
+        raise BadRequest("heartbeat 'load' must be a map or nil")
+    return {"op": op, "node": node, "incarnation": incarnation, "seq": seq, "load": load}
+
+
+class MembershipService:
+    """Membership's shell around one :class:`Membership` core."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.core = Membership(core_config(cfg))
+        self.service = Service("membership", cfg)
+        self.counters = {"malformed": 0}
+        self._heartbeats: LoopSocket | None = None
+        svc = self.service
+        svc.add_operation("members", self.op_members)
+        svc.add_operation("member", self.op_member)
+        svc.add_operation("admit", self.op_admit)
+        svc.add_operation("forget", self.op_forget)
+        svc.add_operation("stats", self.op_stats)
+        svc.subscribe("node.", self.on_node_event)
+
+    # --- operations -------------------------------------------------------------------
+
+    def op_members(self) -> list[dict[str, Any]]:
+        """Every member: state, incarnation, phi, heartbeat age, load."""
+        return self.core.members(time.monotonic())
+
+    def op_member(self, node: str) -> dict[str, Any]:
+        """One member; ``not_found`` if it never heartbeated."""
+        return self.core.member(node, time.monotonic())
+
+    def op_admit(self, node: str, interval: float | None = None) -> dict[str, Any]:
+        """Allow ``node`` to heartbeat (manual registration)."""
+        return {"node": node, "new": self.core.admit(node, time.monotonic(), interval)}
+
+    async def op_forget(self, node: str) -> dict[str, Any]:
+        """Stop accepting heartbeats from ``node`` and drop it from the list."""
+        await self._publish(self.core.forget(node, time.monotonic()))
+        return {"node": node, "forgotten": True}
+
+    def op_stats(self) -> dict[str, Any]:
+        """Counters of the core and the shell."""
+        return {**self.core.stats(), **self.counters, "pending": self.core.pending()}
+
+    # --- discovery -> admission ------------------------------------------------------
+
+    def _admit_from(self, doc: dict[str, Any]) -> None:
+        hints = doc.get("hb")
+        interval = hints.get("interval") if isinstance(hints, dict) else None
+        if not isinstance(interval, int | float) or isinstance(interval, bool):
+            interval = None
+        try:
+            self.core.admit(str(doc["id"] if "id" in doc else doc["node"]), time.monotonic(), interval)
+        except (PhantomError, KeyError) as exc:
+            logger.warning("could not admit a node from discovery: {}", exc)
+
+    async def on_node_event(self, event: dict[str, Any]) -> None:
+        """Follow discovery: admit discovered nodes, forget removed ones."""
+        kind = event.get("kind")
+        if kind in ("node.discovered", "node.updated"):
+            self._admit_from(event)
+        elif kind == "node.removed" and isinstance(event.get("node"), str):
+            await self._publish(self.core.forget(event["node"], time.monotonic()))
+
+    async def sync_loop(self) -> None:
+        """Admit every node discovery knows, now and every few seconds (events can be lost)."""
+        async with AsyncClient(self.cfg.broker, timeout=self.cfg.timeout, retries=1) as client:
+            while True:
+                try:
+                    for doc in await client.request("discovery", "nodes"):
+                        if doc.get("state") != "left":
+                            self._admit_from(doc)
+                except PhantomError as exc:
+                    logger.debug("discovery sync skipped: {}", exc)
+                await asyncio.sleep(_SYNC_PERIOD)
+
+    # --- heartbeats ---------------------------------------------------------------------
+
+    async def _publish(self, events: list[Event]) -> None:
+        for event in events:
+            if event.kind != "member.load":
+                logger.bind(node=event.data.get("node")).info(
+                    "{} incarnation {} ({})",
+                    event.kind,
+                    event.data.get("incarnation"),
+                    event.data.get("reason"),
+                )
+            await self.service.publish(event.kind, event.data)
+
+    def _answer(self, identity: bytes, frames: list[bytes], now: float) -> list[Event]:
+        if len(frames) != 2 or frames[0] != protocol.HEARTBEAT_HEADER:
+            self.counters["malformed"] += 1
+            if len(frames) >= 1 and frames[0][:3] == protocol.HEARTBEAT_HEADER[:3]:
+                err: PhantomError = protocol.UnsupportedVersion(
+                    f"heartbeat header {frames[0][:8]!r}; this membership speaks {protocol.HEARTBEAT_HEADER!r}"
+                )
+            else:
+                err = BadRequest("a heartbeat is [PHH1, body]")
+            self._reply(identity, {"ok": False, "error": err.to_wire()})
+            return []
+        try:
+            msg = decode_heartbeat(frames[1])
+            if msg["op"] == "leave":
+                events = self.core.leave(msg["node"], msg["incarnation"], now)
+                self._reply(identity, {"ok": True, "code": "left", "node": msg["node"]})
+                return events
+            result = self.core.heartbeat(msg["node"], msg["incarnation"], msg["seq"], msg["load"], now)
+        except PhantomError as err:
+            self.counters["malformed"] += 1
+            self._reply(identity, {"ok": False, "error": err.to_wire()})
+            return []
+        ack = result.to_wire()
+        ack["ok"] = result.ok
+        refusal = result.error()
+        if refusal is not None:
+            ack["error"] = refusal.to_wire()
+            if result.code == "unknown_node":
+                ack["error"]["message"] += "; keep beaconing: discovery admits a node on its first beacon"
+        self._reply(identity, ack)
+        return list(result.events)
+
+    def _reply(self, identity: bytes, doc: dict[str, Any]) -> None:
+        assert self._heartbeats is not None
+        self._heartbeats.send([identity, protocol.HEARTBEAT_HEADER, protocol.pack(doc)])
+
+    async def heartbeat_loop(self) -> None:
+        """Answer heartbeats until cancelled."""
+        sock = self.service.sync_socket(zmq.ROUTER, hwm=100_000)
+        sock.bind(self.cfg.bind("heartbeat"))
+        self._heartbeats = hb = LoopSocket(sock)
+        logger.info("listening for heartbeats on {}", self.cfg.bind("heartbeat"))
+        burst = 0
+        try:
+            while True:
+                frames = hb.recv_nowait()
+                if frames is None:
+                    burst = 0
+                    await hb.wait()
+                    continue
+                events = self._answer(frames[0], frames[1:], time.monotonic())
+                if events:
+                    await self._publish(events)
+                burst += 1
+                if burst == 256:  # a backlog after a stall still lets the tick run
+                    burst = 0
+                    await asyncio.sleep(0)
+        finally:
+            hb.close()
+
+    async def tick_loop(self) -> None:
+        """Run the detector; the timer's lateness is our own pause, handed to the core."""
+        period = self.core.config.tick_interval
+        digest_period = self.core.config.load_digest_interval
+        loop = asyncio.get_running_loop()
+        due = loop.time() + period
+        next_digest = loop.time() + digest_period
+        while True:
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            woke = loop.time()
+            lag = max(0.0, woke - due)
+            now = time.monotonic()
+            if lag > 0.2:
+                logger.warning("membership loop stalled {:.2f} s; not counting it against any node", lag)
+            await self._publish(self.core.tick(now, observer_lag=lag))
+            if woke >= next_digest:
+                load = self.core.load_event(now)
+                if load is not None:
+                    await self._publish([load])
+                next_digest = woke + digest_period
+            due = woke + period
+
+    def loops(self) -> list[Any]:
+        """The coroutines to run next to the service's own."""
+        return [self.heartbeat_loop(), self.tick_loop(), self.sync_loop()]
