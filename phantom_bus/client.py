@@ -103,7 +103,8 @@ def node_row(discovered: dict[str, Any] | None, member: dict[str, Any] | None) -
     """One node of the status document from discovery's and membership's views;
     membership's verdict on liveness wins over discovery's."""
     d, m = discovered or {}, member or {}
-    load = m.get("load") if isinstance(m.get("load"), dict) and not m.get("load_stale") else {}
+    raw_load = m.get("load")
+    load: dict[str, Any] = raw_load if isinstance(raw_load, dict) and not m.get("load_stale") else {}
     state = m.get("state") or _DISCOVERY_STATES.get(str(d.get("state")), d.get("state"))
     return {
         "id": d.get("id") or m.get("id"),

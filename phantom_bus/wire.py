@@ -57,11 +57,14 @@ class LoopSocket:
 
     zmq.asyncio wraps every send and receive in a future; on a hot path that
     is most of the per-message cost. Here receives and sends are plain
-    non-blocking calls, and only *waiting* goes through the loop. The socket
-    FD is edge-triggered and any send or receive may consume the edge of a
-    message that arrived meanwhile, so :meth:`send` wakes a waiting reader
-    when a message is ready, and waits also time out every ``recheck``
-    seconds as a safety net.
+    non-blocking calls and only *waiting* goes through the loop, with the FD
+    registered once for the socket's life (no epoll_ctl per message).
+
+    The FD signals "something changed", not "a message is here", and any
+    send or receive may consume that signal. So the reader callback asks
+    ``EVENTS`` (which also clears the FD, so the level-triggered loop does not
+    spin), :meth:`send` re-checks after sending, and a timer re-checks every
+    ``recheck`` seconds as a safety net.
     """
 
     def __init__(self, sock: Any, *, recheck: float = 0.5) -> None:
@@ -71,29 +74,38 @@ class LoopSocket:
         self.recheck = recheck
         self._asyncio = asyncio
         self._waiter: Any = None
+        self._loop: Any = None
         self._fd: int | None = None
+        self._timer: Any = None
+
+    def _attach(self) -> None:
+        self._loop = self._asyncio.get_running_loop()
+        self._fd = int(self.sock.getsockopt(zmq.FD))
+        self._loop.add_reader(self._fd, self._check)
+        self._timer = self._loop.call_later(self.recheck, self._tick)
+
+    def _tick(self) -> None:
+        self._check()
+        self._timer = self._loop.call_later(self.recheck, self._tick)
+
+    def _check(self) -> None:
+        if readable(self.sock):
+            self._wake()
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
     async def wait(self) -> None:
-        """Return once a message can be received (or after ``recheck`` seconds)."""
+        """Return once a message can be received (or after at most ``recheck`` seconds)."""
+        if self._fd is None:
+            self._attach()
         if readable(self.sock):
             return
-        loop = self._asyncio.get_running_loop()
-        self._waiter = loop.create_future()
-        self._fd = int(self.sock.getsockopt(zmq.FD))
-        loop.add_reader(self._fd, self._wake)
-        timer = loop.call_later(self.recheck, self._wake)
+        self._waiter = self._loop.create_future()
         try:
-            if not readable(self.sock):
-                await self._waiter
+            await self._waiter
         finally:
-            timer.cancel()
-            if self._fd is not None:
-                loop.remove_reader(self._fd)
-                self._fd = None
             self._waiter = None
 
     def recv_nowait(self) -> list[bytes] | None:
@@ -122,9 +134,12 @@ class LoopSocket:
         return sent
 
     def close(self) -> None:
-        """Stop waiting and close the socket."""
+        """Stop watching the FD, release any waiter, close the socket."""
         if self._fd is not None:
-            self._asyncio.get_running_loop().remove_reader(self._fd)
+            self._loop.remove_reader(self._fd)
             self._fd = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._wake()
         self.sock.close(0)
