@@ -54,6 +54,15 @@ def _positive_float(value: Any) -> float:
     return number
 
 
+def _nonnegative_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number")
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError("expected a finite number >= 0")
+    return number
+
+
 def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise ValueError("expected a whole number")
@@ -323,6 +332,23 @@ _SETTINGS: list[Setting] = [
         "s",
         "Longest a node may stay suspect before it is dead, whatever its history: bounds detection "
         "for nodes whose window learned long gaps.",
+    ),
+    # --- manager and sharding -----------------------------------------------------------
+    Setting(
+        "auto_join",
+        True,
+        _bool,
+        "bool",
+        "A node that beacons and heartbeats gets replicas by itself; off: it waits for "
+        "`phantom register NODE` (clusters where an unknown host must not receive data).",
+    ),
+    Setting(
+        "dead_delay",
+        60.0,
+        _nonnegative_float,
+        "s",
+        "How long a dead node's replicas wait before they are re-created elsewhere (its primaries "
+        "fail over at once): a restart or reboot within it costs no data movement.",
     ),
     Setting("node_id", "", _optional_path, "id", "The agent's node id (required for an agent)."),
     Setting("zone", "default", _path, "name", "The agent's failure zone (rack, availability zone)."),

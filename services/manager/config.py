@@ -1,41 +1,29 @@
 """Every tunable of the manager core, with its unit and the reason for its default.
 
 Defaults that operators set come from the central table in
-:mod:`phantom_bus.config` when the setting exists there; until the central
-table holds them, the fallback below is used (see :func:`_central`).
+:mod:`phantom_bus.config`; the internal limits are here.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
-from phantom_bus.config import SETTINGS, default
-
-
-def _central(name: str, fallback: Any) -> Any:
-    """The central default of ``name``, or ``fallback`` while the table lacks it.
-
-    The manager's settings are proposed for the central table; reading them
-    through here means the day they are added there, the core follows
-    without a change, and there is still only one place that sets them.
-    """
-    return default(name) if name in SETTINGS else fallback
+from phantom_bus.config import default
 
 
 @dataclass(frozen=True, slots=True)
 class ManagerConfig:
     """Settings of the node registry, the join policy and failure handling."""
 
-    auto_join: bool = _central("auto_join", True)
+    auto_join: bool = default("auto_join")
     """Whether a node seen by discovery joins by itself (bool). On: a node that
     beacons and heartbeats gets replicas with nobody typing anything, which is
     what `make up` and a scaling operator want. Off: a discovered node waits in
     ``joining`` (not approved) until ``phantom register NODE``, for clusters
     where an unknown host on the network must not receive data."""
 
-    rereplication_delay: float = _central("dead_delay", 60.0)
+    rereplication_delay: float = default("dead_delay")
     """Seconds a dead (or left) node stays ``active`` before the manager records
     it as ``failed``. The delay itself is enforced by the sharding core (its
     ``dead_delay``), which is what actually re-creates the replicas; this copy
