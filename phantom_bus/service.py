@@ -291,9 +291,7 @@ class Service:
     def _internal(self, op: _Operation, exc: Exception) -> bytes:
         self.counters["errors"] += 1
         logger.opt(exception=exc).error("{}.{} failed", self.name, op.name)
-        return protocol.encode_error(
-            InternalError(f"{self.name}.{op.name} failed: {type(exc).__name__}: {exc}")
-        )
+        return protocol.encode_error(InternalError(f"{self.name}.{op.name} failed: {type(exc).__name__}: {exc}"))
 
     def _reply(self, route: bytes, reqid: bytes, body: bytes) -> None:
         self._send([protocol.WORKER, protocol.REPLY, route, reqid, body])
@@ -314,14 +312,10 @@ class Service:
             loops.append(self._event_loop())
         tasks = [asyncio.ensure_future(c) for c in loops]
         logger.info("service {} registering at {}", self.name, self.cfg.backend)
-        stopper = asyncio.ensure_future(self._stopping.wait())
         try:
-            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not stopper:
-                    task.result()  # a loop that ended early re-raises its error here
+            await run_until(self._stopping, tasks)
         finally:
-            await self._shutdown([*tasks, stopper])
+            await self._shutdown(tasks)
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
         self._send([protocol.WORKER, protocol.DISCONNECT])
@@ -355,3 +349,18 @@ def run_forever(service: Service, *extra: Awaitable[Any]) -> int:
     asyncio.run(main())
     logger.info("service {} stopped", service.name)
     return 0
+
+
+async def run_until(stopping: asyncio.Event, tasks: list[asyncio.Task[Any]]) -> None:
+    """Wait until ``stopping`` is set; a task that fails re-raises here (and ends
+    the run), a task that simply returns (a start-up job) does not."""
+    stopper = asyncio.ensure_future(stopping.wait())
+    pending: set[asyncio.Future[Any]] = {*tasks, stopper}
+    try:
+        while stopper in pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper:
+                    task.result()
+    finally:
+        stopper.cancel()

@@ -25,6 +25,7 @@ from loguru import logger
 from phantom_bus import protocol
 from phantom_bus.config import Config
 from phantom_bus.errors import PhantomError
+from phantom_bus.service import run_until
 from services.agent.incarnation import next_incarnation, persist_incarnation
 from services.agent.load import LoadDocument, LoadSampler
 from services.agent.probe import PsutilProbe
@@ -228,12 +229,8 @@ class Agent:
         )
         loops = (self.beacon_loop(), self.load_loop(), self.heartbeat_loop(), *extra)
         tasks = [asyncio.ensure_future(c) for c in loops]
-        stopper = asyncio.ensure_future(self._stopping.wait())
         try:
-            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not stopper:
-                    task.result()  # a loop that ended early re-raises its error here
+            await run_until(self._stopping, tasks)
         finally:
             for task in tasks:
                 task.cancel()

@@ -56,6 +56,8 @@ class BalancerService:
         svc.add_operation("select", self.op_select)
         svc.add_operation("release", self.op_release)
         svc.add_operation("stats", self.op_stats)
+        svc.add_operation("node_update", self.op_node_update)
+        svc.add_operation("forget_node", self.op_forget_node)
         svc.subscribe("shardmap.changed", self.on_map_changed)
         svc.subscribe("member.", self.on_member)
         svc.subscribe("node.", self.on_node)
@@ -100,6 +102,23 @@ class BalancerService:
         events = self.core.release(lease, latency_ms, ok, now=time.monotonic())
         await self._publish(events)
         return {"released": lease}
+
+    def op_node_update(
+        self,
+        node: str,
+        state: str | None = None,
+        lifecycle: str | None = None,
+        address: str | None = None,
+        weight: float | None = None,
+    ) -> dict[str, Any]:
+        """What the manager decided about a node (it orders these before other actions)."""
+        fields = {"state": state, "lifecycle": lifecycle, "address": address, "weight": weight}
+        self.core.node_update(node, now=time.monotonic(), **{k: v for k, v in fields.items() if v is not None})
+        return {"node": node}
+
+    def op_forget_node(self, node: str) -> dict[str, Any]:
+        """Drop a removed node and its leases."""
+        return {"node": node, "leases_dropped": self.core.forget_node(node, now=time.monotonic())}
 
     def op_stats(self) -> dict[str, Any]:
         """Per node and per shard statistics, and the map epoch in use."""

@@ -1,0 +1,237 @@
+"""The manager process: turns the other services' events into cluster decisions.
+
+Inputs: ``node.*`` (discovery), ``member.*`` (membership), ``shardmap.changed``
+(sharding) and operator commands. The core decides; this shell persists
+(through the store the core calls before it answers), publishes the
+``cluster.*`` events, and carries out the actions.
+
+Actions run in one ordered queue per target service, each retried with
+back-off until it succeeds: order is kept where it matters (for one node, the
+balancer hears "suspect" before anything else is done about it), while one
+service being down never holds up the others (a dead primary fails over in
+sharding even if the balancer is restarting). Every action is idempotent, and
+after a restart :meth:`ManagerCore.reconcile` re-derives what was unfinished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from loguru import logger
+
+from phantom_bus.client import AsyncClient
+from phantom_bus.config import Config
+from phantom_bus.errors import Conflict, NotFound, PhantomError, Refused
+from phantom_bus.service import Service
+from phantom_bus.shardmap import ShardMap
+from services.manager.config import ManagerConfig
+from services.manager.core import Action, Decision, ManagerCore
+from services.manager.health import shards_from_map
+from services.manager.store import RegistryStore
+
+SETTINGS = ("broker", "timeout", "retries", "auto_join", "dead_delay")
+
+SERVICES = ("broker", "discovery", "membership", "sharding", "balancer", "manager")
+_TICK = 1.0
+_MAP_POLL = 2.0
+_RECONCILE = 30.0
+_BACKOFF_MAX = 5.0
+
+
+def _already_done(action: Action, err: PhantomError) -> bool:
+    """Replies that mean an idempotent action had already taken effect."""
+    if isinstance(err, NotFound) and action.op in ("forget", "remove", "remove_node", "forget_node"):
+        return True
+    return isinstance(err, Conflict) and action.service == "discovery" and action.op == "register"
+
+
+class ManagerService:
+    """The manager's shell around one :class:`ManagerCore`."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.store = RegistryStore(cfg.data)
+        self.core = ManagerCore(
+            ManagerConfig(auto_join=cfg.auto_join, rereplication_delay=cfg.dead_delay),
+            self.store.registry(),
+            persist=self.store.apply,
+        )
+        self.service = Service("manager", cfg)
+        self.client = AsyncClient(cfg.broker, timeout=cfg.timeout, retries=1)
+        self._queues: dict[str, asyncio.Queue[Action]] = {}
+        self._workers: list[asyncio.Task[None]] = []
+        self._map: ShardMap | None = None
+        self._map_stale = asyncio.Event()
+        svc = self.service
+        for name in ("status", "nodes", "node", "register", "approve", "drain", "remove"):
+            svc.add_operation(name, getattr(self, f"op_{name}"))
+        svc.subscribe("node.", self.on_event)
+        svc.subscribe("member.", self.on_event)
+        svc.subscribe("shardmap.changed", self.on_map_changed)
+
+    # --- carrying out decisions -----------------------------------------------------
+
+    async def _apply(self, decision: Decision) -> Any:
+        for event in decision.events:
+            logger.bind(node=event.data.get("node")).info("{}: {}", event.kind, event.data.get("reason"))
+            await self.service.publish(event.kind, event.data)
+        for action in decision.actions:
+            self._enqueue(action)
+        return decision.value
+
+    def _enqueue(self, action: Action) -> None:
+        queue = self._queues.get(action.service)
+        if queue is None:
+            queue = self._queues[action.service] = asyncio.Queue()
+            self._workers.append(asyncio.ensure_future(self._run_queue(action.service, queue)))
+        queue.put_nowait(action)
+
+    async def _run_queue(self, service: str, queue: asyncio.Queue[Action]) -> None:
+        while True:
+            action = await queue.get()
+            delay = 0.1
+            while True:
+                try:
+                    await self.client.request(action.service, action.op, **dict(action.args))
+                    logger.debug("{}.{} {} done", action.service, action.op, dict(action.args))
+                    break
+                except PhantomError as err:
+                    if _already_done(action, err):
+                        break
+                    if not err.retry:
+                        logger.warning(
+                            "{}.{} {} refused: {} ({})",
+                            action.service,
+                            action.op,
+                            dict(action.args),
+                            err,
+                            action.reason,
+                        )
+                        break
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _BACKOFF_MAX)
+            if action.service == "sharding" and action.op == "drain_node":
+                # A drain is only judged on maps fetched after it was accepted.
+                self._map_stale.set()
+
+    # --- operations -------------------------------------------------------------------
+
+    async def op_status(self) -> dict[str, Any]:
+        """The DESIGN.md status document, with down services marked instead of failing."""
+        try:
+            registered = await self.client.request("broker", "services")
+        except PhantomError:
+            registered = {}
+        up = {name: bool(registered.get(name, {}).get("workers")) for name in SERVICES}
+        up["broker"] = up["manager"] = True
+        members = None
+        if up["membership"]:
+            try:
+                members = await self.client.request("membership", "members")
+            except PhantomError:
+                up["membership"] = False
+        doc = self.core.status(members, up)
+        doc["moves_in_flight"] = None
+        if up["sharding"]:
+            with contextlib.suppress(PhantomError):
+                doc["moves_in_flight"] = len(await self.client.request("sharding", "moves"))
+        return doc
+
+    def op_nodes(self) -> list[dict[str, Any]]:
+        """The registry: every node with its lifecycle."""
+        return [record.to_dict() for record in self.core.nodes()]
+
+    def op_node(self, node: str) -> dict[str, Any]:
+        """One registered node."""
+        return self.core.node(node).to_dict()
+
+    async def op_register(self, node: str, address: str, zone: str = "default", weight: float = 1.0) -> Any:
+        """Register (or approve) a node by hand: `phantom register`."""
+        return await self._apply(self.core.register(node, address, zone, weight, now=time.time()))
+
+    async def op_approve(self, node: str) -> Any:
+        """Let a discovered node join when auto-join is off."""
+        return await self._apply(self.core.approve(node, now=time.time()))
+
+    async def op_drain(self, node: str) -> Any:
+        """Move the node's replicas away, then decommission it: `phantom drain`."""
+        return await self._apply(self.core.drain(node, now=time.time()))
+
+    async def op_remove(self, node: str) -> Any:
+        """Forget a node; refused while it holds the only live replica of a shard."""
+        sole = await self.client.request("sharding", "sole_replicas", node=node)
+        self.core.check_remove(node, sole)
+        try:
+            await self.client.request("sharding", "remove_node", node=node)
+        except NotFound:
+            pass  # sharding never placed anything on it
+        except Refused as err:
+            raise Refused(f"sharding refuses to remove {node}: {err.message}", node=node) from None
+        return await self._apply(self.core.remove(node, sole, now=time.time()))
+
+    # --- events and loops ---------------------------------------------------------------
+
+    async def on_event(self, event: dict[str, Any]) -> None:
+        """Discovery and membership events become decisions."""
+        if event.get("kind") == "member.load":
+            return
+        await self._apply(self.core.on_event(event, time.time()))
+
+    def on_map_changed(self, event: dict[str, Any]) -> None:
+        """Fetch the new map in the map loop."""
+        self._map_stale.set()
+
+    async def map_loop(self) -> None:
+        """Follow the shard map: finish drains, judge health."""
+        while True:
+            try:
+                since = None if self._map is None else self._map.epoch
+                doc = await self.client.request("sharding", "map", since_epoch=since)
+                if doc is not None:
+                    self._map = ShardMap.from_wire(doc)
+                if self._map is not None:
+                    m = self._map
+                    await self._apply(
+                        self.core.observe_shards(shards_from_map(m), now=time.time(), down=m.down, epoch=m.epoch)
+                    )
+            except PhantomError as exc:
+                logger.debug("shard map not fetched: {}", exc)
+            self._map_stale.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._map_stale.wait(), _MAP_POLL)
+
+    async def tick_loop(self) -> None:
+        """Timers of the core (the failed label), and anti-entropy now and then."""
+        next_reconcile = time.monotonic() + _RECONCILE
+        while True:
+            await asyncio.sleep(_TICK)
+            await self._apply(self.core.tick(time.time()))
+            if time.monotonic() >= next_reconcile:
+                next_reconcile = time.monotonic() + _RECONCILE
+                await self._resync(removals=False)
+
+    async def _resync(self, *, removals: bool) -> None:
+        """Catch up with discovery and membership, then re-issue unfinished work."""
+        now = time.time()
+        try:
+            self.core.sync_discovery(await self.client.request("discovery", "nodes"), now)
+        except PhantomError as exc:
+            logger.debug("discovery sync skipped: {}", exc)
+        try:
+            self.core.sync_members(await self.client.request("membership", "members"), now)
+        except PhantomError as exc:
+            logger.debug("membership sync skipped: {}", exc)
+        for action in self.core.reconcile(now, removals=removals):
+            self._enqueue(action)
+
+    async def startup(self) -> None:
+        """After a restart: the registry is loaded; finish what was in flight."""
+        await asyncio.sleep(0.5)  # let the broker see us and the subscriptions settle
+        await self._resync(removals=True)
+
+    def loops(self) -> list[Any]:
+        """The coroutines to run next to the service's own."""
+        return [self.startup(), self.map_loop(), self.tick_loop()]
