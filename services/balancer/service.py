@@ -112,8 +112,9 @@ class BalancerService:
         weight: float | None = None,
     ) -> dict[str, Any]:
         """What the manager decided about a node (it orders these before other actions)."""
-        fields = {"state": state, "lifecycle": lifecycle, "address": address, "weight": weight}
-        self.core.node_update(node, now=time.monotonic(), **{k: v for k, v in fields.items() if v is not None})
+        self.core.node_update(
+            node, state=state, lifecycle=lifecycle, address=address, weight=weight, now=time.monotonic()
+        )
         return {"node": node}
 
     def op_forget_node(self, node: str) -> dict[str, Any]:
