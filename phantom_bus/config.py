@@ -350,6 +350,14 @@ _SETTINGS: list[Setting] = [
         "How long a dead node's replicas wait before they are re-created elsewhere (its primaries "
         "fail over at once): a restart or reboot within it costs no data movement.",
     ),
+    Setting(
+        "copy_time",
+        0.5,
+        _nonnegative_float,
+        "s",
+        "How long an agent takes to 'copy' a shard it is asked to hold before it confirms the "
+        "replica: the agent stands in for the database here, so this simulates the copy.",
+    ),
     Setting("node_id", "", _optional_path, "id", "The agent's node id (required for an agent)."),
     Setting("zone", "default", _path, "name", "The agent's failure zone (rack, availability zone)."),
     Setting(

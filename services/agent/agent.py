@@ -23,15 +23,21 @@ import zmq.asyncio
 from loguru import logger
 
 from phantom_bus import protocol
+from phantom_bus.client import AsyncClient
 from phantom_bus.config import Config
 from phantom_bus.errors import PhantomError
 from phantom_bus.service import run_until
+from phantom_bus.shardmap import ShardMap
 from services.agent.incarnation import next_incarnation, persist_incarnation
 from services.agent.load import LoadDocument, LoadSampler
 from services.agent.probe import PsutilProbe
 from services.discovery.beacon import Beacon, check_address, check_node_id, encode_beacon, new_instance_id
 
 SETTINGS = (
+    "broker",
+    "events_out",
+    "timeout",
+    "copy_time",
     "beacon",
     "heartbeat",
     "data",
@@ -79,6 +85,7 @@ class Agent:
         self.sampler = LoadSampler()
         self.load: LoadDocument | None = None
         self.membership_state: str | None = None
+        self.assignments: dict[str, str] = {}
         self.ctx = zmq.asyncio.Context.instance()
         self._beacons: zmq.asyncio.Socket | None = None
         self._stopping = asyncio.Event()
@@ -213,6 +220,69 @@ class Agent:
             await sock.poll(200)
         sock.close(0)
 
+    # --- shard assignments ----------------------------------------------------------------
+
+    async def assignment_loop(self) -> None:
+        """Hold what the shard map assigns to this node, and confirm new replicas.
+
+        The agent stands in for the database: a replica it is asked to hold
+        (role ``joining``) is "copied" for ``copy_time`` seconds and then
+        confirmed to sharding, which promotes it. The map is re-read on every
+        ``shardmap.changed`` and every few seconds in case an event was lost.
+        """
+        changed = asyncio.Event()
+        sub = self.ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"shardmap.changed")
+        sub.connect(self.cfg.events_out)
+        copying: dict[str, asyncio.Task[None]] = {}
+
+        async def listen() -> None:
+            while True:
+                await sub.recv_multipart()
+                changed.set()
+
+        async def copy(shard: str) -> None:
+            await asyncio.sleep(float(self.cfg.copy_time))
+            while True:
+                try:
+                    await client.request("sharding", "confirm", shard=shard, node=self.node)
+                    logger.info("replica of {} is ready", shard)
+                    changed.set()
+                    return
+                except PhantomError as exc:
+                    if not exc.retry:
+                        logger.info("confirm of {} not taken: {}", shard, exc)
+                        return
+                    await asyncio.sleep(1.0)
+
+        listener = asyncio.ensure_future(listen())
+        async with AsyncClient(self.cfg.broker, timeout=self.cfg.timeout, retries=1) as client:
+            try:
+                while True:
+                    try:
+                        shard_map = ShardMap.from_wire(await client.request("sharding", "map"))
+                        self.assignments = {
+                            shard.id: role
+                            for _, shard in shard_map.shards()
+                            if (role := shard.role_of(self.node)) is not None
+                        }
+                        joining = {s for s, role in self.assignments.items() if role == "joining"}
+                        for shard in joining - copying.keys():
+                            copying[shard] = asyncio.ensure_future(copy(shard))
+                        for shard in [s for s, t in copying.items() if t.done() and s not in joining]:
+                            del copying[shard]
+                    except PhantomError as exc:
+                        logger.debug("shard map not read: {}", exc)
+                    changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), 5.0)
+            finally:
+                listener.cancel()
+                for task in copying.values():
+                    task.cancel()
+                sub.close(0)
+
     async def run(self, *extra: Any) -> None:
         """Run the agent's loops until :meth:`stop`; a graceful stop says goodbye."""
         self._beacons = self.ctx.socket(zmq.PUB)
@@ -227,7 +297,7 @@ class Agent:
             self.cfg.zone,
             self.cfg.beacon,
         )
-        loops = (self.beacon_loop(), self.load_loop(), self.heartbeat_loop(), *extra)
+        loops = (self.beacon_loop(), self.load_loop(), self.heartbeat_loop(), self.assignment_loop(), *extra)
         tasks = [asyncio.ensure_future(c) for c in loops]
         try:
             await run_until(self._stopping, tasks)
