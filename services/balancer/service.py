@@ -209,8 +209,10 @@ class BalancerService:
                 except PhantomError as exc:
                     logger.debug("shard map refresh failed: {}", exc)
                 self._map_stale.clear()
+                # Until the first map arrives every select fails: ask again soon.
+                wait = _MAP_REFRESH if self.map is not None else 0.2
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._map_stale.wait(), _MAP_REFRESH)
+                    await asyncio.wait_for(self._map_stale.wait(), wait)
 
     async def tick_loop(self) -> None:
         """Expire leases, restore ejected nodes, report select rates to sharding."""
