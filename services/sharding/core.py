@@ -1,0 +1,916 @@
+"""The sharding service core: the shard map, its key spaces, nodes and moves (sans-I/O).
+
+The shell calls one method per operation. Operations that may change the map
+return a :class:`Result` with the value for the reply and the events to
+publish; every change to the map bumps the epoch and yields exactly one
+``shardmap.changed`` event ``{"epoch", "reason"}`` per call. Queries
+(``health``, ``node_counts``, ``sole_replicas``, ...) return plain values.
+
+Time is a parameter. ``node_dead``, ``node_alive``, ``confirm``,
+``report_load`` and ``tick`` require ``now`` (the shell's monotonic clock,
+seconds); the other operations accept an optional ``now`` and otherwise use
+the latest time the core was given. The core never reads a clock.
+
+Persistence: before publishing the events of a call, the shell saves
+:meth:`ShardingCore.snapshot` (see :mod:`services.sharding.store`); after a
+restart :meth:`ShardingCore.restore` resumes the in-flight moves.
+
+All public methods are safe to call from several threads. Planning a large
+cluster takes a noticeable fraction of a second (see bench/rebalance.py), so
+an asyncio shell should run membership operations in a worker thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar, cast
+
+from phantom_bus.errors import BadRequest, Conflict, NoSuchKeyspace, NotFound, Refused
+from phantom_bus.events import Event
+from phantom_bus.shardmap import (
+    KINDS,
+    MAX_SLOTS,
+    SERVING,
+    Keyspace,
+    Kind,
+    Replica,
+    Shard,
+    ShardMap,
+    ShardRoute,
+    key_bytes,
+)
+from services.sharding.config import ShardingConfig
+from services.sharding.migration import Migrations
+from services.sharding.placement import NodeSpec, NodeState, Plan, ShardSpec, plan
+from services.sharding.samples import KeySample
+
+T = TypeVar("T")
+
+CHANGED = "shardmap.changed"
+STATE_VERSION = 1
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_NODE = re.compile(r"^[^\s/]{1,128}$")
+_MAX_RF = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Result(Generic[T]):
+    """What an operation returns: the reply ``value`` and the ``events`` to publish."""
+
+    value: T
+    events: tuple[Event, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MergeResult:
+    """A merge: ``shard`` absorbs ``absorbed``; ``done`` False while replicas are colocated."""
+
+    shard: str
+    absorbed: str
+    done: bool
+
+    def to_wire(self) -> dict[str, Any]:
+        """The merge as a reply map."""
+        return {"shard": self.shard, "absorbed": self.absorbed, "done": self.done}
+
+
+@dataclass
+class _Node:
+    zone: str
+    weight: float
+    state: Literal["active", "draining"] = "active"
+    alive: bool = True
+    dead_since: float | None = None
+    expired: bool = False  # dead for longer than dead_delay: its replicas are re-created
+
+    def planner_state(self) -> NodeState:
+        if self.state == "draining":
+            return "draining"
+        if self.alive:
+            return "active"
+        return "dead" if self.expired else "down"
+
+
+@dataclass
+class _Space:
+    name: str
+    kind: Kind
+    rf: int
+    slots: int
+    order: list[str] = field(default_factory=list)  # shard ids in key order
+    slot_ranges: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)
+    ranges: dict[str, tuple[bytes, bytes | None]] = field(default_factory=dict)
+    next_seq: int = 0
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise BadRequest(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _node_id(node: Any) -> str:
+    if not isinstance(node, str) or not _NODE.match(node):
+        raise BadRequest(f"node id must be 1-128 characters without spaces or '/', got {node!r}")
+    return node
+
+
+class ShardingCore:
+    """The sharding state machine; see the module docstring for the calling conventions."""
+
+    def __init__(self, config: ShardingConfig | None = None, *, default_keyspace: bool = True) -> None:
+        self.config = config or ShardingConfig()
+        self._lock = threading.RLock()
+        self._nodes: dict[str, _Node] = {}
+        self._spaces: dict[str, _Space] = {}
+        self._space_of: dict[str, str] = {}  # shard id -> key space name
+        self._engine = Migrations(self.config)
+        self._epoch = 0
+        self._map = ShardMap(0)
+        self._samples: dict[str, KeySample] = {}
+        self._hot: dict[str, float] = {}  # shard -> since when its load is above split_rate
+        self._merges: dict[str, str] = {}  # absorbed shard -> the shard it merges into
+        self._avoid: dict[tuple[str, str], float] = {}  # (shard, node) -> avoided until
+        self._now = 0.0
+        self._plan: Plan | None = None
+        if default_keyspace:
+            cfg = self.config
+            self.create_keyspace(
+                cfg.default_keyspace,
+                "hash",
+                shards=cfg.default_shards,
+                rf=cfg.default_rf,
+                slots=cfg.hash_slots,
+            )
+
+    # -- plumbing ----------------------------------------------------------------
+
+    def _time(self, now: float | None) -> float:
+        if now is None:
+            return self._now
+        t = _number(now, "now")
+        self._now = max(self._now, t)
+        return t
+
+    def _space(self, name: Any) -> _Space:
+        space = self._spaces.get(name) if isinstance(name, str) else None
+        if space is None:
+            raise NoSuchKeyspace(
+                f"no key space {name!r}; known: {', '.join(self._spaces) or 'none'}", keyspace=str(name)
+            )
+        return space
+
+    def _shard_space(self, shard: Any) -> _Space:
+        name = self._space_of.get(shard) if isinstance(shard, str) else None
+        if name is None:
+            raise NotFound(f"no shard {shard!r}", shard=str(shard))
+        return self._spaces[name]
+
+    def _node(self, node: Any) -> _Node:
+        rec = self._nodes.get(node) if isinstance(node, str) else None
+        if rec is None:
+            raise NotFound(f"no node {node!r} is registered with sharding", node=str(node))
+        return rec
+
+    def _build_map(self, epoch: int) -> ShardMap:
+        eng = self._engine
+        spaces = []
+        for sp in self._spaces.values():
+            shards = []
+            for sid in sp.order:
+                roles = eng.roles(sid)
+                moving = eng.busy(sid) or sid in self._merges or sid in self._merges.values()
+                replicas = tuple(Replica(n, r) for n, r in roles.items())
+                state: Literal["active", "moving"] = "moving" if moving else "active"
+                if sp.kind == "hash":
+                    shards.append(Shard(sid, replicas, state, slots=sp.slot_ranges[sid]))
+                else:
+                    start, end = sp.ranges[sid]
+                    shards.append(Shard(sid, replicas, state, start=start, end=end))
+            spaces.append(Keyspace(sp.name, sp.kind, sp.rf, tuple(shards), sp.slots))
+        return ShardMap(epoch, tuple(spaces), eng.down_nodes())
+
+    def _publish(self, reason: str, events: list[Event]) -> None:
+        """Bump the epoch if the map changed, and say so."""
+        new = self._build_map(self._epoch + 1)
+        if new.keyspaces != self._map.keyspaces or new.down != self._map.down:
+            self._epoch += 1
+            self._map = new
+            events.append(Event(CHANGED, {"epoch": self._epoch, "reason": reason}))
+
+    def _replan(self) -> None:
+        eng = self._engine
+        specs = []
+        for sp in self._spaces.values():
+            for sid in sp.order:
+                if sid in self._merges:
+                    continue
+                specs.append(ShardSpec(sid, sp.rf, eng.holders(sid), eng.primary(sid)))
+        nodes = {n: NodeSpec(r.zone, r.weight, r.planner_state()) for n, r in self._nodes.items()}
+        result = plan(specs, nodes, tuple(self._avoid))
+        for sid, target in result.targets.items():
+            eng.set_target(sid, target.nodes, target.primary)
+        for absorbed, into in self._merges.items():
+            nodes_, primary = eng.target(into)
+            eng.set_target(absorbed, nodes_, primary)
+        eng.set_evacuating(n for n, r in self._nodes.items() if r.planner_state() in ("draining", "dead"))
+        self._plan = result
+
+    def _advance(self, now: float) -> None:
+        """One engine step, then whatever it unlocks (avoided targets, finished merges)."""
+        step = self._engine.step(now)
+        if step.stuck:
+            for pair in step.stuck:
+                self._avoid[pair] = now + self.config.avoid_ttl
+            self._replan()  # the new targets start on the next step
+        self._finish_merges()
+
+    # -- lookups and the map -------------------------------------------------------
+
+    def lookup(self, keyspace: str, key: str | bytes) -> Result[ShardRoute]:
+        """The route of the shard that owns ``key`` (and sample the key for splits)."""
+        shard_map = self._map
+        route = shard_map.route(keyspace, key)
+        if shard_map.keyspace(keyspace).kind == "range":
+            with self._lock:
+                self._sample(route.shard).add(key_bytes(key))
+        return Result(route)
+
+    def _sample(self, shard: str) -> KeySample:
+        sample = self._samples.get(shard)
+        if sample is None:
+            sample = self._samples[shard] = KeySample(self.config.key_sample_size)
+        return sample
+
+    def report_keys(self, keyspace: str, keys: Iterable[str | bytes]) -> Result[int]:
+        """Keys seen by someone else (an agent, a client) for split-point sampling."""
+        with self._lock:
+            sp = self._space(keyspace)
+            if isinstance(keys, str | bytes) or not isinstance(keys, Iterable):
+                raise BadRequest("keys must be a list of str or bytes")
+            count = 0
+            shard_map = self._map
+            for key in keys:
+                shard = shard_map.lookup(sp.name, key)
+                if sp.kind == "range":
+                    self._sample(shard.id).add(key_bytes(key))
+                count += 1
+            return Result(count)
+
+    def map(self, since_epoch: int | None = None) -> Result[ShardMap | None]:
+        """The whole map, or None when ``since_epoch`` is given and the map is not newer."""
+        if since_epoch is not None and (type(since_epoch) is not int or since_epoch < 0):
+            raise BadRequest(f"since_epoch must be a non-negative integer, got {since_epoch!r}")
+        current = self._map
+        if since_epoch is not None and current.epoch <= since_epoch:
+            return Result(None)
+        return Result(current)
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch."""
+        return self._map.epoch
+
+    # -- key spaces ----------------------------------------------------------------
+
+    def create_keyspace(
+        self,
+        name: str,
+        kind: str = "hash",
+        shards: int | None = None,
+        split_points: Iterable[str | bytes] | None = None,
+        rf: int | None = None,
+        slots: int | None = None,
+        now: float | None = None,
+    ) -> Result[Keyspace]:
+        """Create a key space and place its shards.
+
+        Hash: ``shards`` (default ``default_shards``) over ``slots`` (default
+        ``hash_slots``) slots, contiguous equal slot ranges. Range: either
+        ``split_points`` (sorted, distinct, non-empty keys) or ``shards``
+        ranges cut evenly over the first two key bytes (default one shard).
+        """
+        with self._lock:
+            t = self._time(now)
+            cfg = self.config
+            if not isinstance(name, str) or not _NAME.match(name):
+                raise BadRequest(f"key space name must be 1-64 of A-Z a-z 0-9 _ . -, got {name!r}")
+            if name in self._spaces:
+                raise Conflict(f"key space {name} already exists", keyspace=name)
+            if kind not in KINDS:
+                raise BadRequest(f"key space kind must be hash or range, got {kind!r}")
+            rf = cfg.default_rf if rf is None else rf
+            if type(rf) is not int or not 1 <= rf <= _MAX_RF:
+                raise BadRequest(f"rf must be an integer 1..{_MAX_RF}, got {rf!r}")
+            if shards is not None and (type(shards) is not int or shards < 1):
+                raise BadRequest(f"shards must be a positive integer, got {shards!r}")
+            if shards is not None and shards > cfg.max_shards_per_keyspace:
+                raise BadRequest(f"shards must be at most {cfg.max_shards_per_keyspace}")
+            sp = _Space(name, cast(Kind, kind), rf, 0)
+            if kind == "hash":
+                if split_points is not None:
+                    raise BadRequest("split_points are for range key spaces; give shards and slots")
+                n = cfg.default_shards if shards is None else shards
+                sp.slots = cfg.hash_slots if slots is None else slots
+                if type(sp.slots) is not int or not 1 <= sp.slots <= MAX_SLOTS:
+                    raise BadRequest(f"slots must be an integer 1..{MAX_SLOTS}, got {slots!r}")
+                if n > sp.slots:
+                    raise BadRequest(f"{n} shards do not fit in {sp.slots} slots")
+                for i in range(n):
+                    sid = self._new_id(sp)
+                    sp.order.append(sid)
+                    sp.slot_ranges[sid] = ((i * sp.slots // n, (i + 1) * sp.slots // n),)
+            else:
+                if slots not in (None, 0):
+                    raise BadRequest("range key spaces have no slots")
+                points = self._split_points(split_points, shards)
+                bounds: list[bytes | None] = [b"", *points, None]
+                for i in range(len(bounds) - 1):
+                    sid = self._new_id(sp)
+                    sp.order.append(sid)
+                    sp.ranges[sid] = (cast(bytes, bounds[i]), bounds[i + 1])
+            self._spaces[name] = sp
+            for sid in sp.order:
+                self._space_of[sid] = name
+                self._engine.add_shard(sid, rf)
+            events: list[Event] = []
+            self._replan()
+            self._advance(t)
+            self._publish("keyspace.created", events)
+            return Result(self._map.keyspace(name), tuple(events))
+
+    @staticmethod
+    def _split_points(points: Iterable[str | bytes] | None, shards: int | None) -> list[bytes]:
+        if points is None:
+            n = 1 if shards is None else shards
+            if n > 1 << 16:
+                raise BadRequest("at most 65536 evenly cut range shards")
+            cuts = sorted({(i << 16) // n for i in range(1, n)})
+            return [c.to_bytes(2, "big") for c in cuts]
+        if isinstance(points, str | bytes) or not isinstance(points, Iterable):
+            raise BadRequest("split_points must be a list of str or bytes keys")
+        out = [key_bytes(p) for p in points]
+        if shards is not None and shards != len(out) + 1:
+            raise BadRequest(f"{len(out)} split points make {len(out) + 1} shards, not {shards}")
+        if any(p == b"" for p in out):
+            raise BadRequest("a split point must not be the empty key (it starts the first shard)")
+        if any(a >= b for a, b in itertools.pairwise(out)):
+            raise BadRequest("split points must be sorted and distinct")
+        return out
+
+    def _new_id(self, sp: _Space) -> str:
+        sid = f"{sp.name}/{sp.next_seq}"
+        sp.next_seq += 1
+        return sid
+
+    def split(
+        self, keyspace: str, shard: str, at: str | bytes | int | None = None, now: float | None = None
+    ) -> Result[tuple[Shard, Shard]]:
+        """Split a shard in two; the lower half keeps the id, the upper gets a new one.
+
+        Range: at key ``at`` or, if None, the median of the keys sampled from
+        lookups and reports. Hash: at slot ``at`` or, if None, the middle of
+        its slots. Both halves keep the replicas. :class:`Refused` while the
+        shard is moving or merging.
+        """
+        with self._lock:
+            t = self._time(now)
+            sp = self._space(keyspace)
+            if not isinstance(shard, str) or self._space_of.get(shard) != sp.name:
+                raise NotFound(f"key space {sp.name} has no shard {shard!r}", shard=str(shard))
+            upper = self._split(sp, shard, at)
+            events: list[Event] = []
+            self._replan()
+            self._advance(t)
+            self._publish("shard.split", events)
+            return Result((self._map.shard(shard), self._map.shard(upper)), tuple(events))
+
+    def _split(self, sp: _Space, shard: str, at: str | bytes | int | None) -> str:
+        if self._engine.busy(shard) or shard in self._merges or shard in self._merges.values():
+            raise Refused(f"shard {shard} is moving or merging; split it once it settles", shard=shard)
+        if len(sp.order) >= self.config.max_shards_per_keyspace:
+            raise Refused(
+                f"key space {sp.name} has reached max_shards_per_keyspace "
+                f"({self.config.max_shards_per_keyspace})",
+                keyspace=sp.name,
+            )
+        if sp.kind == "hash":
+            low_ranges, high_ranges = self._split_slots(sp, shard, at)
+        else:
+            start, end = sp.ranges[shard]
+            if at is None:
+                sample = self._samples.get(shard)
+                median = sample.median() if sample is not None else None
+                if (
+                    sample is None
+                    or len(sample) < self.config.min_split_sample
+                    or median is None
+                    or median <= start
+                ):
+                    raise Refused(
+                        f"not enough keys seen in shard {shard} to choose a split point; pass `at`",
+                        shard=shard,
+                    )
+            elif isinstance(at, int):
+                raise BadRequest("a range shard splits at a key (str or bytes), not a number")
+            else:
+                median = key_bytes(at)
+            point = median
+            if point <= start or (end is not None and point >= end):
+                raise BadRequest(
+                    f"split point {point!r} is not inside shard {shard} [{start!r}, {end!r})", shard=shard
+                )
+        upper = self._new_id(sp)
+        self._engine.clone_shard(shard, upper)
+        sp.order.insert(sp.order.index(shard) + 1, upper)
+        self._space_of[upper] = sp.name
+        if sp.kind == "hash":
+            sp.slot_ranges[shard] = low_ranges
+            sp.slot_ranges[upper] = high_ranges
+        else:
+            sp.ranges[shard] = (start, point)
+            sp.ranges[upper] = (point, end)
+            sample = self._samples.pop(shard, None)
+            if sample is not None:
+                self._samples[shard], self._samples[upper] = sample.split(point)
+        self._hot.pop(shard, None)
+        return upper
+
+    @staticmethod
+    def _split_slots(
+        sp: _Space, shard: str, at: Any
+    ) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+        ranges = sp.slot_ranges[shard]
+        owned = [s for a, b in ranges for s in range(a, b)]
+        if len(owned) < 2:
+            raise Refused(f"shard {shard} owns a single slot and cannot be split", shard=shard)
+        if at is None:
+            cut = owned[len(owned) // 2]
+        elif type(at) is int:
+            cut = at
+            if not owned[0] < cut <= owned[-1]:
+                raise BadRequest(
+                    f"slot {cut} does not split shard {shard} (it owns slots {owned[0]}..{owned[-1]})",
+                    shard=shard,
+                )
+        else:
+            raise BadRequest("a hash shard splits at a slot number (int) or in the middle (None)")
+        return (_ranges(s for s in owned if s < cut), _ranges(s for s in owned if s >= cut))
+
+    def merge(
+        self, keyspace: str, shard_a: str, shard_b: str, now: float | None = None
+    ) -> Result[MergeResult]:
+        """Merge two adjacent shards; the lower one keeps its id.
+
+        If their replicas are on the same nodes the merge is immediate.
+        Otherwise the upper shard's replicas are first moved next to the lower
+        one's (``done`` False) and the merge completes on a later step.
+        """
+        with self._lock:
+            t = self._time(now)
+            sp = self._space(keyspace)
+            for s in (shard_a, shard_b):
+                if not isinstance(s, str) or self._space_of.get(s) != sp.name:
+                    raise NotFound(f"key space {sp.name} has no shard {s!r}", shard=str(s))
+            if shard_a == shard_b:
+                raise BadRequest("cannot merge a shard with itself")
+            low, high = sorted((shard_a, shard_b), key=sp.order.index)
+            if not self._adjacent(sp, low, high):
+                raise BadRequest(f"shards {low} and {high} are not adjacent; only neighbours merge")
+            involved = set(self._merges) | set(self._merges.values())
+            if low in involved or high in involved:
+                raise Conflict(f"shard {low if low in involved else high} is already merging")
+            eng = self._engine
+            if eng.busy(low) or eng.busy(high):
+                raise Refused("both shards must be settled (not moving) to merge; retry later")
+            events: list[Event] = []
+            self._merges[high] = low
+            self._finish_merges()
+            done = high not in self._space_of
+            if not done:
+                self._replan()
+                self._advance(t)
+                done = high not in self._space_of
+            self._publish("shard.merged" if done else "shard.merging", events)
+            return Result(MergeResult(low, high, done), tuple(events))
+
+    @staticmethod
+    def _adjacent(sp: _Space, low: str, high: str) -> bool:
+        if sp.kind == "range":
+            return sp.ranges[low][1] == sp.ranges[high][0]
+        ra, rb = sp.slot_ranges[low], sp.slot_ranges[high]
+        return any(a[1] == b[0] or b[1] == a[0] for a in ra for b in rb)
+
+    def _finish_merges(self) -> None:
+        eng = self._engine
+        done = False
+        for high, low in list(self._merges.items()):
+            if eng.busy(high) or eng.busy(low):
+                continue
+            rh, rl = eng.roles(high), eng.roles(low)
+            if set(rh) != set(rl) or eng.primary(high) != eng.primary(low):
+                continue
+            sp = self._spaces[self._space_of[low]]
+            if sp.kind == "hash":
+                slots = sorted(s for a, b in sp.slot_ranges[low] + sp.slot_ranges[high] for s in range(a, b))
+                sp.slot_ranges[low] = _ranges(slots)
+                del sp.slot_ranges[high]
+            else:
+                sp.ranges[low] = (sp.ranges[low][0], sp.ranges[high][1])
+                del sp.ranges[high]
+                a, b = self._samples.pop(low, None), self._samples.pop(high, None)
+                if a is not None or b is not None:
+                    self._samples[low] = (a or KeySample(self.config.key_sample_size)).merge(
+                        b or KeySample(self.config.key_sample_size)
+                    )
+            sp.order.remove(high)
+            del self._space_of[high]
+            del self._merges[high]
+            self._hot.pop(high, None)
+            self._hot.pop(low, None)
+            for pair in [p for p in self._avoid if p[0] == high]:
+                del self._avoid[pair]
+            eng.remove_shard(high)
+            done = True
+        if done:
+            self._replan()
+
+    # -- nodes ---------------------------------------------------------------------
+
+    def add_node(
+        self, node: str, zone: str = "", weight: float = 1.0, now: float | None = None
+    ) -> Result[dict[str, Any]]:
+        """Register a node, or update its zone and weight; a draining node becomes active."""
+        with self._lock:
+            t = self._time(now)
+            _node_id(node)
+            if not isinstance(zone, str) or len(zone) > 64:
+                raise BadRequest(f"zone must be a string of at most 64 characters, got {zone!r}")
+            w = _number(weight, "weight")
+            if w < 0 or w > 1e6:
+                raise BadRequest(f"weight must be between 0 and 1e6, got {weight!r}")
+            rec = self._nodes.get(node)
+            events: list[Event] = []
+            if rec is not None and (rec.zone, rec.weight, rec.state) == (zone, w, "active"):
+                return Result(self._view(node))
+            if rec is None:
+                self._nodes[node] = _Node(zone, w)
+            else:
+                rec.zone, rec.weight, rec.state = zone, w, "active"
+            self._replan()
+            self._advance(t)
+            self._publish("node.added", events)
+            return Result(self._view(node), tuple(events))
+
+    def drain_node(self, node: str, now: float | None = None) -> Result[dict[str, Any]]:
+        """Move every replica off ``node`` (safely, over time) and give it no new ones."""
+        with self._lock:
+            t = self._time(now)
+            rec = self._node(node)
+            events: list[Event] = []
+            if rec.state != "draining":
+                rec.state = "draining"
+                self._replan()
+                self._advance(t)
+                self._publish("node.draining", events)
+            return Result(self._view(node), tuple(events))
+
+    def remove_node(self, node: str, now: float | None = None) -> Result[dict[str, Any]]:
+        """Forget ``node`` now, dropping its replicas; :class:`Refused` if that loses data.
+
+        Refused while the node holds the only live replica of any shard (drain
+        it first). The dropped replicas are re-created elsewhere by later moves.
+        """
+        with self._lock:
+            t = self._time(now)
+            self._node(node)
+            sole = self.sole_replicas(node)
+            if sole:
+                raise Refused(
+                    f"node {node} holds the only live replica of {len(sole)} shard(s) "
+                    f"({', '.join(sole[:5])}); drain it first",
+                    node=node,
+                    shards=sole[:20],
+                )
+            changes = self._engine.drop_node(node)
+            del self._nodes[node]
+            for pair in [p for p in self._avoid if p[1] == node]:
+                del self._avoid[pair]
+            events: list[Event] = []
+            self._replan()
+            self._advance(t)
+            self._publish("node.removed", events)
+            return Result(
+                {"node": node, "dropped": sum(1 for c in changes if c.after is None)}, tuple(events)
+            )
+
+    def node_dead(self, node: str, now: float) -> Result[dict[str, Any]]:
+        """``node`` is dead: its primaries move at once, its replicas after ``dead_delay``."""
+        with self._lock:
+            t = self._time(_number(now, "now"))
+            rec = self._node(node)
+            events: list[Event] = []
+            if rec.alive:
+                rec.alive = False
+                rec.dead_since = t
+                rec.expired = self.config.dead_delay <= 0
+                self._engine.node_down(node)
+                # No replan inside the delay: the targets stay as they were, so a
+                # death alone copies nothing; primaries move in the step below.
+                if rec.expired:
+                    self._replan()
+                self._advance(t)
+                self._publish("node.dead", events)
+            return Result(self._view(node), tuple(events))
+
+    def node_alive(self, node: str, now: float) -> Result[dict[str, Any]]:
+        """``node`` is back: within the delay it keeps its replicas and nothing is copied."""
+        with self._lock:
+            t = self._time(_number(now, "now"))
+            rec = self._node(node)
+            events: list[Event] = []
+            if not rec.alive:
+                rec.alive = True
+                rec.dead_since = None
+                rec.expired = False
+                self._engine.node_up(node)
+                for pair in [p for p in self._avoid if p[1] == node]:
+                    del self._avoid[pair]
+                self._replan()
+                self._advance(t)
+                self._publish("node.alive", events)
+            return Result(self._view(node), tuple(events))
+
+    def _view(self, node: str) -> dict[str, Any]:
+        rec = self._nodes[node]
+        return {
+            "node": node,
+            "zone": rec.zone,
+            "weight": rec.weight,
+            "state": rec.state,
+            "alive": rec.alive,
+            "dead_since": rec.dead_since,
+        }
+
+    # -- moves -----------------------------------------------------------------------
+
+    def confirm(self, shard: str, node: str, now: float) -> Result[dict[str, Any]]:
+        """``node``'s agent reports its copy of ``shard`` complete."""
+        with self._lock:
+            t = self._time(_number(now, "now"))
+            self._shard_space(shard)
+            self._node(node)
+            events: list[Event] = []
+            self._engine.confirm(shard, node, t)
+            self._advance(t)
+            self._publish("move.confirmed", events)
+            role = self._engine.roles(shard).get(node) if shard in self._space_of else None
+            return Result({"shard": shard, "node": node, "role": role}, tuple(events))
+
+    def tick(self, now: float) -> Result[None]:
+        """Advance timers: dead-node delays, copy timeouts, leaving replicas, hand-offs."""
+        with self._lock:
+            t = self._time(_number(now, "now"))
+            replan = False
+            for pair, until in list(self._avoid.items()):
+                if until <= t:
+                    del self._avoid[pair]
+                    replan = True
+            for rec in self._nodes.values():
+                if (
+                    not rec.alive
+                    and not rec.expired
+                    and rec.dead_since is not None
+                    and t - rec.dead_since >= self.config.dead_delay
+                ):
+                    rec.expired = True
+                    replan = True
+            if replan:
+                self._replan()
+            events: list[Event] = []
+            self._advance(t)
+            self._publish("tick", events)
+            return Result(None, tuple(events))
+
+    def report_load(self, rates: Mapping[str, float], now: float) -> Result[dict[str, Any]]:
+        """Requests per second per shard; splits range shards hot for ``split_window``.
+
+        Unknown shard ids (a reporter one split behind) are ignored and listed
+        in the reply rather than failing the whole report.
+        """
+        with self._lock:
+            t = self._time(_number(now, "now"))
+            if not isinstance(rates, Mapping):
+                raise BadRequest("rates must be a map of shard id to requests per second")
+            cfg = self.config
+            ignored: list[str] = []
+            due: list[str] = []
+            for shard, rate in rates.items():
+                r = _number(rate, f"rate of shard {shard!r}")
+                if r < 0:
+                    raise BadRequest(f"rate of shard {shard!r} must be >= 0, got {rate!r}")
+                name = self._space_of.get(shard) if isinstance(shard, str) else None
+                if name is None:
+                    ignored.append(str(shard))
+                    continue
+                if self._spaces[name].kind != "range":
+                    continue
+                if r >= cfg.split_rate:
+                    since = self._hot.setdefault(shard, t)
+                    if t - since >= cfg.split_window:
+                        due.append(shard)
+                else:
+                    self._hot.pop(shard, None)
+            split: list[str] = []
+            for shard in due:
+                try:
+                    split.append(self._split(self._spaces[self._space_of[shard]], shard, None))
+                except Refused:
+                    continue  # moving, too few keys sampled, or at the cap: try again later
+            events: list[Event] = []
+            if split:
+                self._replan()
+                self._advance(t)
+                self._publish("shard.split", events)
+            return Result({"split": split, "ignored": ignored}, tuple(events))
+
+    # -- queries -------------------------------------------------------------------
+
+    def sole_replicas(self, node: str) -> list[str]:
+        """Shards for which ``node`` holds the only live replica (removing it loses data)."""
+        with self._lock:
+            eng = self._engine
+            if eng.is_down(node):
+                return []
+            out = []
+            for sid in self._space_of:
+                if eng.roles(sid).get(node) in SERVING and eng.live(sid) == 1:
+                    out.append(sid)
+            return out
+
+    def node_counts(self) -> dict[str, dict[str, int]]:
+        """Per node: serving ``replicas`` (primary + replica), ``primaries``, ``joining``, ``leaving``."""
+        with self._lock:
+            out = {n: {"replicas": 0, "primaries": 0, "joining": 0, "leaving": 0} for n in self._nodes}
+            for _, sh in self._map.shards():
+                for r in sh.replicas:
+                    c = out.setdefault(r.node, {"replicas": 0, "primaries": 0, "joining": 0, "leaving": 0})
+                    if r.role in SERVING:
+                        c["replicas"] += 1
+                    if r.role == "primary":
+                        c["primaries"] += 1
+                    elif r.role in ("joining", "leaving"):
+                        c[r.role] += 1
+            return out
+
+    def health(self) -> dict[str, int]:
+        """Shard counts: ``total``, ``under_replicated`` (fewer live than rf), ``unavailable``
+        (no live primary, outside a planned hand-off), ``moving`` (not at target)."""
+        with self._lock:
+            eng = self._engine
+            total = under = unavailable = moving = 0
+            for sid, name in self._space_of.items():
+                total += 1
+                rf = self._spaces[name].rf
+                if eng.live(sid) < rf:
+                    under += 1
+                p = eng.primary(sid)
+                if (p is None or eng.is_down(p)) and not eng.handing_off(sid):
+                    unavailable += 1
+                if eng.busy(sid) or sid in self._merges:
+                    moving += 1
+            return {"total": total, "under_replicated": under, "unavailable": unavailable, "moving": moving}
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every registered node with its zone, weight, state and liveness."""
+        with self._lock:
+            return [self._view(n) for n in sorted(self._nodes)]
+
+    def shard_rows(self) -> list[dict[str, Any]]:
+        """One row per shard: ``keyspace, shard, range, replicas, primary, state``."""
+        rows = []
+        for ks, sh in self._map.shards():
+            if ks.kind == "hash":
+                span = ",".join(f"{a}-{b - 1}" for a, b in sh.slots)
+                desc = f"slots {span}"
+            else:
+                end = "+inf" if sh.end is None else _show(sh.end)
+                desc = f"[{_show(sh.start)}, {end})"
+            rows.append(
+                {
+                    "keyspace": ks.name,
+                    "shard": sh.id,
+                    "range": desc,
+                    "replicas": list(sh.nodes),
+                    "primary": sh.primary,
+                    "state": sh.state,
+                }
+            )
+        return rows
+
+    def pending_moves(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Unfinished moves: ``copying``, ``queued`` (waiting for a slot) or ``backoff``."""
+        with self._lock:
+            return self._engine.pending(self._now if now is None else _number(now, "now"))
+
+    def shortfall(self) -> dict[str, int]:
+        """Replicas per shard the last plan could not place (too few active nodes or zones)."""
+        with self._lock:
+            return dict(self._plan.shortfall) if self._plan else {}
+
+    # -- persistence -----------------------------------------------------------------
+
+    def snapshot(self, now: float | None = None) -> tuple[ShardMap, dict[str, Any]]:
+        """The map and everything else needed to resume (msgpack-able; times relative to now)."""
+        with self._lock:
+            t = self._now if now is None else _number(now, "now")
+            nodes = [
+                {
+                    "id": n,
+                    "zone": r.zone,
+                    "weight": r.weight,
+                    "state": r.state,
+                    "alive": r.alive,
+                    "expired": r.expired,
+                    "dead_for": None if r.dead_since is None else t - r.dead_since,
+                }
+                for n, r in self._nodes.items()
+            ]
+            state = {
+                "v": STATE_VERSION,
+                "epoch": self._map.epoch,
+                "nodes": nodes,
+                "next_seq": {name: sp.next_seq for name, sp in self._spaces.items()},
+                "merges": [[h, low] for h, low in self._merges.items()],
+                "avoid": [[s, n, until - t] for (s, n), until in self._avoid.items()],
+                "engine": self._engine.to_state(t),
+            }
+            return self._map, state
+
+    @classmethod
+    def restore(
+        cls, shard_map: ShardMap, state: Mapping[str, Any], now: float, config: ShardingConfig | None = None
+    ) -> ShardingCore:
+        """A core that resumes from :meth:`snapshot` output saved at any earlier time."""
+        core = cls(config, default_keyspace=False)
+        t = _number(now, "now")
+        core._now = t
+        try:
+            if state.get("v") != STATE_VERSION:
+                raise BadRequest(f"stored sharding state version {state.get('v')!r} is not {STATE_VERSION}")
+            if state["epoch"] != shard_map.epoch:
+                raise BadRequest(
+                    f"stored state is for epoch {state['epoch']}, the map is at {shard_map.epoch}"
+                )
+            for doc in state["nodes"]:
+                dead_for = doc["dead_for"]
+                core._nodes[_node_id(doc["id"])] = _Node(
+                    str(doc["zone"]),
+                    _number(doc["weight"], "weight"),
+                    "draining" if doc["state"] == "draining" else "active",
+                    bool(doc["alive"]),
+                    None if dead_for is None else t - float(dead_for),
+                    bool(doc["expired"]),
+                )
+            roles = {}
+            for ks in shard_map.keyspaces:
+                sp = _Space(ks.name, ks.kind, ks.rf, ks.slots, next_seq=int(state["next_seq"][ks.name]))
+                for sh in ks.shards:
+                    sp.order.append(sh.id)
+                    core._space_of[sh.id] = ks.name
+                    if ks.kind == "hash":
+                        sp.slot_ranges[sh.id] = sh.slots
+                    else:
+                        sp.ranges[sh.id] = (sh.start, sh.end)
+                    roles[sh.id] = {r.node: r.role for r in sh.replicas}
+                core._spaces[ks.name] = sp
+            core._engine.load_state(roles, state["engine"], t)
+            core._merges = {str(h): str(low) for h, low in state["merges"]}
+            core._avoid = {(str(s), str(n)): t + float(left) for s, n, left in state["avoid"]}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise BadRequest(f"stored sharding state is malformed: {exc!r}") from exc
+        core._epoch = shard_map.epoch
+        core._map = shard_map
+        # The stored targets are kept as they were: replanning here could
+        # retarget copies that are half done. The next membership change replans.
+        return core
+
+
+def _ranges(slots: Iterable[int]) -> tuple[tuple[int, int], ...]:
+    """Sorted slots as half-open contiguous ranges."""
+    out: list[tuple[int, int]] = []
+    for s in slots:
+        if out and out[-1][1] == s:
+            out[-1] = (out[-1][0], s + 1)
+        else:
+            out.append((s, s + 1))
+    return tuple(out)
+
+
+def _show(b: bytes) -> str:
+    return repr(b.decode("utf-8", "backslashreplace"))
