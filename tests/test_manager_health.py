@@ -288,3 +288,22 @@ def test_health_matches_a_brute_force_oracle(cluster: tuple[list[ShardInfo], dic
         if roles:
             assert h.per_node[node]["replicas"] == sum(r in ("primary", "replica") for r in roles)
             assert h.per_node[node]["primaries"] == roles.count("primary")
+
+
+def test_balancer_statistics_join_the_status_document() -> None:
+    from services.manager.service import merge_balancer_stats
+
+    doc = {"nodes": [{"id": "a"}, {"id": "b"}, {"id": "gone"}]}
+    stats = {
+        "nodes": {
+            "a": {"in_flight": 3, "picks": 10, "latency_ms": {"p99": 4.5}},
+            "b": {"in_flight": 0, "picks": 0, "latency_ms": {"p99": None}},
+        },
+        "shards": {"s1": {"rate": 1.5}, "s2": {"rate": 2.0}, "s3": {"rate": None}},
+    }
+    merge_balancer_stats(doc, stats)
+    assert doc["nodes"][0] == {"id": "a", "inflight": 3, "picks": 10, "p99_ms": 4.5}
+    assert doc["nodes"][1]["p99_ms"] is None
+    assert doc["nodes"][2] == {"id": "gone"}
+    assert doc["selects_per_s"] == 3.5
+    merge_balancer_stats(doc, {"nodes": "garbage", "shards": None})  # never crashes on odd input
