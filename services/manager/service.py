@@ -138,6 +138,10 @@ class ManagerService:
         if up["sharding"]:
             with contextlib.suppress(PhantomError):
                 doc["moves_in_flight"] = len(await self.client.request("sharding", "moves"))
+        doc["selects_per_s"] = None
+        if up["balancer"]:
+            with contextlib.suppress(PhantomError):
+                merge_balancer_stats(doc, await self.client.request("balancer", "stats"))
         return doc
 
     def op_nodes(self) -> list[dict[str, Any]]:
@@ -235,3 +239,22 @@ class ManagerService:
     def loops(self) -> list[Any]:
         """The coroutines to run next to the service's own."""
         return [self.startup(), self.map_loop(), self.tick_loop()]
+
+
+def merge_balancer_stats(doc: dict[str, Any], stats: Any) -> None:
+    """Add the balancer's view to a status document: per node the leases in flight,
+    picks and p99 latency, and the cluster's selects per second."""
+    if not isinstance(stats, dict):
+        return
+    per_node = stats.get("nodes") if isinstance(stats.get("nodes"), dict) else {}
+    for row in doc.get("nodes", []):
+        node = per_node.get(row.get("id"))
+        if not isinstance(node, dict):
+            continue
+        latency = node.get("latency_ms") if isinstance(node.get("latency_ms"), dict) else {}
+        row["inflight"] = node.get("in_flight")
+        row["picks"] = node.get("picks")
+        row["p99_ms"] = latency.get("p99")
+    shards = stats.get("shards") if isinstance(stats.get("shards"), dict) else {}
+    rates = [s.get("rate") for s in shards.values() if isinstance(s, dict)]
+    doc["selects_per_s"] = round(sum(r for r in rates if isinstance(r, int | float)), 3)
