@@ -246,15 +246,18 @@ def merge_balancer_stats(doc: dict[str, Any], stats: Any) -> None:
     picks and p99 latency, and the cluster's selects per second."""
     if not isinstance(stats, dict):
         return
-    per_node = stats.get("nodes") if isinstance(stats.get("nodes"), dict) else {}
+    per_node = _map(stats.get("nodes"))
     for row in doc.get("nodes", []):
         node = per_node.get(row.get("id"))
         if not isinstance(node, dict):
             continue
-        latency = node.get("latency_ms") if isinstance(node.get("latency_ms"), dict) else {}
+        latency = _map(node.get("latency_ms"))
         row["inflight"] = node.get("in_flight")
         row["picks"] = node.get("picks")
         row["p99_ms"] = latency.get("p99")
-    shards = stats.get("shards") if isinstance(stats.get("shards"), dict) else {}
-    rates = [s.get("rate") for s in shards.values() if isinstance(s, dict)]
+    rates = [s.get("rate") for s in _map(stats.get("shards")).values() if isinstance(s, dict)]
     doc["selects_per_s"] = round(sum(r for r in rates if isinstance(r, int | float)), 3)
+
+
+def _map(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
