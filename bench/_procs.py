@@ -1,0 +1,363 @@
+"""Shared plumbing for the process benchmarks: free ports, process groups, events, CPU.
+
+Not a benchmark itself. :class:`Cluster` starts Phantom processes (and any
+other command) on free ports of 127.0.0.1 with their own data directory, each
+in its own session so that the whole process group can be signalled, and
+stops every one of them in :meth:`Cluster.close`, which the benchmarks call
+from ``finally`` (SIGTERM and SIGHUP are turned into ``KeyboardInterrupt`` by
+:func:`interruptible` so that ``finally`` also runs when the bench is killed
+politely). :class:`EventWatch` records bus events with their arrival time on
+this machine's monotonic clock, which is the same clock (CLOCK_MONOTONIC) the
+services use for ``since`` and ages, so times from both sides compare.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from phantom_bus import protocol  # noqa: E402
+from phantom_bus.client import Client  # noqa: E402
+from phantom_bus.errors import PhantomError  # noqa: E402
+
+ENDPOINTS = ("broker", "backend", "events_in", "events_out", "beacon", "heartbeat")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def interruptible() -> None:
+    """Turn SIGTERM and SIGHUP into KeyboardInterrupt so ``finally`` blocks clean up."""
+
+    def _raise(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise)
+
+
+class Cluster:
+    """A private set of processes on free ports; :meth:`close` stops all of them."""
+
+    def __init__(self, name: str, log_level: str = "INFO", keep: bool = False) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"phantom-bench-{name}-"))
+        self.keep = keep
+        self.ports = {k: free_port() for k in ENDPOINTS}
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PHANTOM_")}
+        self.env.update({f"PHANTOM_{k.upper()}": f"tcp://127.0.0.1:{p}" for k, p in self.ports.items()})
+        self.env["PHANTOM_DATA"] = str(self.tmp / "var")
+        self.env["PHANTOM_LOG_LEVEL"] = log_level
+        self.env["PYTHONPATH"] = str(ROOT)
+        self.env["PYTHONUNBUFFERED"] = "1"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: dict[int, Path] = {}
+        self.failed = False
+
+    def endpoint(self, name: str) -> str:
+        return self.env[f"PHANTOM_{name.upper()}"]
+
+    # --- starting ----------------------------------------------------------------
+
+    def spawn(
+        self, argv: Sequence[str], label: str, *, stdout_pipe: bool = False, **env: str
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` in its own session; stderr (and stdout unless piped) to a log file."""
+        log = self.tmp / f"{label}-{len(self.procs)}.log"
+        out = log.open("wb")
+        proc = subprocess.Popen(
+            list(argv),
+            cwd=ROOT,
+            env={**self.env, **env},
+            stdout=subprocess.PIPE if stdout_pipe else out,
+            stderr=out,
+            start_new_session=True,
+        )
+        out.close()
+        self.procs.append(proc)
+        self.logs[proc.pid] = log
+        return proc
+
+    def start(self, module: str, *args: str, label: str | None = None, **env: str) -> subprocess.Popen[bytes]:
+        """``python -m module args`` with this cluster's environment."""
+        return self.spawn([sys.executable, "-m", module, *args], label or module.rsplit(".", 1)[-1], **env)
+
+    def agent(self, node: str, n: int, **env: str) -> subprocess.Popen[bytes]:
+        return self.start(
+            "services.agent",
+            "--node-id",
+            node,
+            "--zone",
+            f"z{n % 3 + 1}",
+            "--address",
+            f"127.0.0.1:{7000 + n % 1000}",
+            label=node,
+            **env,
+        )
+
+    def spinners(self, count: int) -> list[subprocess.Popen[bytes]]:
+        """``count`` pure-Python busy loops, one core each."""
+        return [self.spawn([sys.executable, "-c", "while True: pass"], "spin") for _ in range(count)]
+
+    # --- stopping ------------------------------------------------------------------
+
+    @staticmethod
+    def kill(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+        """Signal one process (not its group) and reap it if the signal ends it."""
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+
+    def stop(self, procs: Iterable[subprocess.Popen[bytes]], grace: float = 5.0) -> None:
+        """SIGTERM each process group, then SIGKILL whatever is left after ``grace``."""
+        procs = [p for p in procs if p.poll() is None]
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGCONT)
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.05, deadline - time.monotonic()))
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(5)
+        for proc in procs:
+            # A group may outlive its leader (a child it started); leave nothing behind.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        """Stop every process this cluster started; keep the logs if something failed."""
+        self.stop(self.procs)
+        if self.keep or self.failed:
+            print(f"(process logs kept in {self.tmp})", file=sys.stderr)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:
+            self.failed = True
+        self.close()
+
+    # --- the bus -------------------------------------------------------------------
+
+    def client(self, timeout: float = 2.0, retries: int = 2) -> Client:
+        return Client(self.endpoint("broker"), timeout=timeout, retries=retries)
+
+    def request(self, service: str, op: str, **args: Any) -> Any:
+        with self.client() as c:
+            return c.request(service, op, **args)
+
+    def wait_service(self, service: str, timeout: float = 20.0) -> None:
+        """Until ``service`` answers a ping through the broker."""
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        with self.client(timeout=0.5, retries=1) as c:
+            while time.monotonic() < deadline:
+                try:
+                    c.request(service, "ping")
+                    return
+                except PhantomError as exc:
+                    last = exc
+                    time.sleep(0.1)
+        self.failed = True
+        raise RuntimeError(f"service {service} did not come up within {timeout:g} s: {last}")
+
+    def log_text(self, proc: subprocess.Popen[bytes]) -> str:
+        return self.logs[proc.pid].read_text(errors="replace")
+
+
+class EventWatch:
+    """Bus events as ``(arrival on the monotonic clock, body)``, collected by a thread."""
+
+    def __init__(self, endpoint: str, prefixes: Sequence[str]) -> None:
+        self.endpoint = endpoint
+        self.prefixes = [p.encode() for p in prefixes]
+        self.events: list[tuple[float, dict[str, Any]]] = []
+        self.errors = 0
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="event-watch", daemon=True)
+        self._thread.start()
+        self._ready.wait(5)
+        time.sleep(0.3)  # let the subscription reach the broker's XPUB
+
+    def _run(self) -> None:
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 1_000_000)
+        for p in self.prefixes:
+            sock.setsockopt(zmq.SUBSCRIBE, p)
+        sock.connect(self.endpoint)
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                if not sock.poll(50):
+                    continue
+                while True:
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    t = time.monotonic()
+                    try:
+                        body = protocol.decode_event(frames, max_size=64 * 1024 * 1024)
+                    except PhantomError:
+                        self.errors += 1
+                        continue
+                    with self._cond:
+                        self.events.append((t, body))
+                        self._cond.notify_all()
+        finally:
+            sock.close(0)
+
+    def since(self, t0: float, kind: str | None = None, node: str | None = None) -> list[tuple[float, dict[str, Any]]]:
+        with self._cond:
+            return [
+                (t, e)
+                for t, e in self.events
+                if t >= t0 and (kind is None or e["kind"] == kind) and (node is None or e.get("node") == node)
+            ]
+
+    def wait_for(
+        self, pred: Callable[[dict[str, Any]], bool], t0: float, timeout: float
+    ) -> tuple[float, dict[str, Any]] | None:
+        """The first event received at or after ``t0`` matching ``pred``, waiting up to ``timeout``."""
+        deadline = time.monotonic() + timeout
+        start = 0
+        with self._cond:
+            while True:
+                for i in range(start, len(self.events)):
+                    t, e = self.events[i]
+                    if t >= t0 and pred(e):
+                        return t, e
+                start = len(self.events)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+
+class CpuMeter:
+    """CPU time of processes over a window, as a fraction of one core (1.0 = one core busy)."""
+
+    def __init__(self, procs: dict[str, int]) -> None:
+        self.ps = {name: psutil.Process(pid) for name, pid in procs.items()}
+        self.t0 = 0.0
+        self.c0: dict[str, float] = {}
+
+    @staticmethod
+    def _cpu(p: psutil.Process) -> float:
+        try:
+            t = p.cpu_times()
+            return float(t.user + t.system)
+        except psutil.Error:
+            return float("nan")
+
+    def start(self) -> None:
+        self.t0 = time.monotonic()
+        self.c0 = {n: self._cpu(p) for n, p in self.ps.items()}
+
+    def read(self) -> dict[str, float]:
+        """Fraction of one core each process used since :meth:`start`."""
+        dt = time.monotonic() - self.t0
+        return {n: (self._cpu(p) - self.c0[n]) / dt for n, p in self.ps.items()}
+
+
+def machine_busy(seconds: float = 1.0) -> float:
+    """Whole-machine CPU busy fraction (0..1 over all cores) right now: how noisy it is."""
+    return psutil.cpu_percent(interval=seconds) / 100.0
+
+
+# --- numbers and tables -------------------------------------------------------------
+
+
+def summary(xs: Sequence[float]) -> dict[str, Any]:
+    xs = sorted(x for x in xs if x == x)
+    if not xs:
+        return {"n": 0}
+    return {
+        "n": len(xs),
+        "min": xs[0],
+        "median": statistics.median(xs),
+        "p90": xs[min(len(xs) - 1, round(0.9 * (len(xs) - 1)))],
+        "max": xs[-1],
+    }
+
+
+def fmt_spread(s: dict[str, Any], scale: float = 1.0, digits: int = 2) -> str:
+    """``median (min..max)``."""
+    if not s.get("n"):
+        return "-"
+    f = f"{{:.{digits}f}}"
+    return f"{f.format(s['median'] * scale)} ({f.format(s['min'] * scale)}..{f.format(s['max'] * scale)})"
+
+
+def table(title: str, header: list[str], rows: list[list[Any]]) -> None:
+    cells = [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
+    print(f"\n{title}")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    sys.stdout.flush()
+
+
+def write_results(name: str, doc: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{name}.json"
+    out.write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+    return out
+
+
+def host_info() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "loadavg_at_start": os.getloadavg(),
+        "python": sys.version.split()[0],
+        "zmq": zmq.zmq_version(),
+        "pyzmq": zmq.__version__,
+    }
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
