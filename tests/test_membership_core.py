@@ -779,3 +779,18 @@ def test_concurrent_use_from_many_threads_keeps_invariants() -> None:
         assert last[m["id"]] == m["state"]
     assert {e.kind for e in fired} == {"member.alive", "member.suspect", "member.dead", "member.left"}
     assert "rejoined" in {e.data["reason"] for e in fired}
+
+
+def test_load_digest_events_stay_under_the_message_limit() -> None:
+    from phantom_bus import protocol
+    from services.membership.service import LOAD_CHUNK, load_events
+
+    load = {"cpu": 12.5, "mem": 40.0, "load1_per_core": 0.5, "disk_read_bps": 1.0e6, "net_rx_bps": 2.0e6}
+    loads = {f"node-{i:05d}": dict(load) for i in range(25_000)}
+    events = load_events(loads)
+    assert len(events) == -(-25_000 // LOAD_CHUNK)
+    assert sum(len(e.data["loads"]) for e in events) == 25_000
+    assert {n for e in events for n in e.data["loads"]} == set(loads)
+    largest = max(len(protocol.encode_event(e.kind, e.data, source="membership")[2]) for e in events)
+    assert largest < 1024 * 1024
+    assert load_events({}) == []

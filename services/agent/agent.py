@@ -110,7 +110,16 @@ class Agent:
         await self._beacons.send_multipart([protocol.BEACON, encode_beacon(beacon)])
 
     async def beacon_loop(self) -> None:
-        """Announce the node every beacon interval."""
+        """Announce the node every beacon interval.
+
+        A PUB socket drops what it sends before the subscriber's subscription
+        has reached it, which on a fresh connection takes a few milliseconds:
+        the first beacon was lost more often than not (bench/discovery.py), and
+        the node was seen one interval late. Two early repeats close that gap.
+        """
+        for pause in (0.05, 0.2):
+            await self._send_beacon(self.beacon())
+            await asyncio.sleep(pause)
         while True:
             await self._send_beacon(self.beacon())
             await asyncio.sleep(self.cfg.beacon_interval)

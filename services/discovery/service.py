@@ -87,12 +87,19 @@ class Discovery:
         sock.bind(self.cfg.bind("beacon"))
         self._beacons = beacons = LoopSocket(sock)
         logger.info("listening for beacons on {}", self.cfg.bind("beacon"))
+        burst = 0
         try:
             while True:
                 frames = beacons.recv_nowait()
                 if frames is None:
+                    burst = 0
                     await beacons.wait()
                     continue
+                burst += 1
+                if burst % 256 == 0:
+                    # A steady stream never empties the socket: yield now and then so
+                    # requests, the broker heartbeat and the expiry tick still run.
+                    await asyncio.sleep(0)
                 now = time.monotonic()
                 if len(frames) != 2 or frames[0] != protocol.BEACON:
                     self.table.count_dropped(DROP_MALFORMED, f"{len(frames)} frames")
