@@ -3,6 +3,9 @@
 In one run, on free ports of 127.0.0.1:
 
 * raw:    REQ -> ROUTER echo process (decodes the msgpack request, encodes a reply);
+* floor:  REQ -> bare poll-loop forwarder -> DEALER echo -> forwarder -> REQ: the same
+          four hops as the broker with nothing else, i.e. the least any broker design
+          with a separate worker process can cost on this machine;
 * broker: REQ -> broker -> echo service (phantom_bus.service) -> broker -> REQ,
           with the same payload and the Phantom frames.
 
@@ -59,6 +62,47 @@ def raw_echo_server(endpoint: str) -> None:
         sock.send_multipart(frames)
 
 
+def floor_worker(endpoint: str) -> None:
+    """A bare DEALER echo worker behind :func:`floor_forwarder`."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    sock.send_multipart([b"ready"])
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    while True:
+        frames = sock.recv_multipart()
+        doc = msgpack.unpackb(frames[-1], raw=False)
+        frames[-1] = msgpack.packb({"ok": True, "result": doc["args"]}, use_bin_type=True)
+        sock.send_multipart(frames)
+
+
+def floor_forwarder(front: str, back: str) -> None:
+    """The least any broker can do: a poll loop that passes frames to one worker and
+    back, with no service names, liveness or checks. Client -> forwarder -> worker is
+    four hops like the real broker, so this is the floor for that shape."""
+    ctx = zmq.Context()
+    fe, be = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    fe.bind(front)
+    be.bind(back)
+    poller = zmq.Poller()
+    poller.register(fe, zmq.POLLIN)
+    poller.register(be, zmq.POLLIN)
+    worker = None
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    while True:
+        ready = dict(poller.poll())
+        if be in ready:
+            frames = be.recv_multipart()
+            if worker is None:
+                worker = frames[0]
+            else:
+                fe.send_multipart(frames[1:])
+        if fe in ready and worker is not None:
+            fe_frames = fe.recv_multipart()
+            be.send_multipart([worker, *fe_frames])
+
+
 def client_loop(endpoint: str, via_broker: bool, seconds: float, out: Any, record: bool) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.REQ)
@@ -92,8 +136,7 @@ def client_loop(endpoint: str, via_broker: bool, seconds: float, out: Any, recor
 def measure(endpoint: str, via_broker: bool, clients: int, seconds: float) -> dict[str, float]:
     q: Any = mp.Queue()
     procs = [
-        mp.Process(target=client_loop, args=(endpoint, via_broker, seconds, q, clients == 1))
-        for _ in range(clients)
+        mp.Process(target=client_loop, args=(endpoint, via_broker, seconds, q, clients == 1)) for _ in range(clients)
     ]
     for p in procs:
         p.start()
@@ -112,9 +155,7 @@ def measure(endpoint: str, via_broker: bool, clients: int, seconds: float) -> di
 
 def start_broker_stack(env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "phantom_bus.broker"], env=env, cwd=ROOT, stderr=subprocess.DEVNULL
-        ),
+        subprocess.Popen([sys.executable, "-m", "phantom_bus.broker"], env=env, cwd=ROOT, stderr=subprocess.DEVNULL),
     ]
     procs.append(
         subprocess.Popen(
@@ -154,23 +195,34 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--backend-ipc", action="store_true", help="broker <-> worker over ipc://")
     args = parser.parse_args()
 
     raw_ep = f"tcp://127.0.0.1:{free_port()}"
     ports = {k: free_port() for k in ("BROKER", "BACKEND", "EVENTS_IN", "EVENTS_OUT")}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.update({f"PHANTOM_{k}": f"tcp://127.0.0.1:{p}" for k, p in ports.items()})
+    if args.backend_ipc:
+        # Services on the broker's host may reach it over a Unix socket.
+        env["PHANTOM_BACKEND"] = f"ipc:///tmp/phantom-bench-{os.getpid()}.sock"
     env["PHANTOM_LOG_LEVEL"] = "WARNING"
     broker_ep = env["PHANTOM_BROKER"]
 
     raw = mp.Process(target=raw_echo_server, args=(raw_ep,), daemon=True)
     raw.start()
+    floor_ep, floor_back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    floor = [
+        mp.Process(target=floor_forwarder, args=(floor_ep, floor_back), daemon=True),
+        mp.Process(target=floor_worker, args=(floor_back,), daemon=True),
+    ]
+    for p in floor:
+        p.start()
     stack = start_broker_stack(env)
-    rows: dict[str, dict[str, list[float]]] = {"raw": {}, "broker": {}}
+    rows: dict[str, dict[str, list[float]]] = {"raw": {}, "floor": {}, "broker": {}}
     try:
         wait_for_echo(broker_ep)
         for _ in range(args.rounds):
-            for name, ep, via in (("raw", raw_ep, False), ("broker", broker_ep, True)):
+            for name, ep, via in (("raw", raw_ep, False), ("floor", floor_ep, False), ("broker", broker_ep, True)):
                 one = measure(ep, via, 1, args.seconds)
                 many = measure(ep, via, args.concurrency, args.seconds)
                 for key, value in (
@@ -182,6 +234,8 @@ def main() -> int:
                     rows[name].setdefault(key, []).append(value)
     finally:
         raw.terminate()
+        for p in floor:
+            p.terminate()
         for p in stack:
             p.terminate()
         for p in stack:
@@ -197,7 +251,7 @@ def main() -> int:
     }
     print(f"broker round trip, {args.rounds} rounds x {args.seconds:g} s, median (min..max)")
     print(f"{'path':8} {'p50 us':>16} {'p99 us':>16} {'req/s 1 client':>22} {f'req/s {c} clients':>22}")
-    for name in ("raw", "broker"):
+    for name in ("raw", "floor", "broker"):
         r = rows[name]
         print(
             f"{name:8} {med[name]['p50_us']:>6.0f} ({spread(r['p50_us']):>8}) "
@@ -208,6 +262,16 @@ def main() -> int:
     print(
         f"{'ratio':8} p50 {ratios['p50']:.2f}x (goal <= 2.0)  p99 {ratios['p99']:.2f}x  "
         f"req/s 1: {ratios['rps_1']:.2f}x  req/s {c}: {ratios[f'rps_{c}']:.2f}x (goal >= 0.5)"
+    )
+    floor_ratio = {
+        "p50": med["floor"]["p50_us"] / med["raw"]["p50_us"],
+        f"rps_{c}": med["floor"][f"rps_{c}"] / med["raw"][f"rps_{c}"],
+        "broker_over_floor_p50": med["broker"]["p50_us"] / med["floor"]["p50_us"],
+    }
+    ratios.update({f"floor_{k}": v for k, v in floor_ratio.items()})
+    print(
+        f"{'floor':8} a bare 4-hop forwarder: p50 {floor_ratio['p50']:.2f}x raw, req/s {c}: "
+        f"{floor_ratio[f'rps_{c}']:.2f}x raw; the broker's p50 is {floor_ratio['broker_over_floor_p50']:.2f}x the floor"
     )
     out = ROOT / "bench" / "results" / "broker_roundtrip.json"
     out.parent.mkdir(parents=True, exist_ok=True)
