@@ -78,8 +78,7 @@ _from_bytes = int.from_bytes
 
 def _odd_key(key: object) -> BadRequest:
     return BadRequest(
-        f"a key must be str or bytes, not {type(key).__name__}; "
-        "encode numbers and other values as text or bytes first",
+        f"a key must be str or bytes, not {type(key).__name__}; encode numbers and other values as text or bytes first",
         type=type(key).__name__,
     )
 
@@ -310,15 +309,11 @@ class Keyspace:
                 for slot in range(a, b):
                     other = table[slot]
                     if other is not None:
-                        raise BadRequest(
-                            f"slot {slot} of key space {self.name} belongs to both {other.id} and {sh.id}"
-                        )
+                        raise BadRequest(f"slot {slot} of key space {self.name} belongs to both {other.id} and {sh.id}")
                     table[slot] = sh
         missing = [i for i, sh in enumerate(table) if sh is None]
         if missing:
-            raise BadRequest(
-                f"key space {self.name}: {len(missing)} slots have no shard (first {missing[0]})"
-            )
+            raise BadRequest(f"key space {self.name}: {len(missing)} slots have no shard (first {missing[0]})")
         object.__setattr__(self, "_table", tuple(cast(list[Shard], table)))
 
     def _build_bounds(self) -> None:
@@ -398,9 +393,7 @@ class ShardMap:
     keyspaces: tuple[Keyspace, ...] = ()
     down: frozenset[str] = frozenset()
     _by_name: dict[str, Keyspace] = field(default_factory=dict, init=False, repr=False, compare=False)
-    _by_shard: dict[str, tuple[Keyspace, Shard]] = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
+    _by_shard: dict[str, tuple[Keyspace, Shard]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if type(self.epoch) is not int or self.epoch < 0:
@@ -422,9 +415,7 @@ class ShardMap:
         """The key space called ``name``; :class:`NoSuchKeyspace` if there is none."""
         ks = self._by_name.get(name)
         if ks is None:
-            raise NoSuchKeyspace(
-                f"no key space {name!r}; known: {', '.join(self._by_name) or 'none'}", keyspace=name
-            )
+            raise NoSuchKeyspace(f"no key space {name!r}; known: {', '.join(self._by_name) or 'none'}", keyspace=name)
         return ks
 
     def lookup(self, keyspace: str, key: str | bytes) -> Shard:
@@ -439,9 +430,7 @@ class ShardMap:
         return ks.lookup(key)
 
     def _no_keyspace(self, name: object) -> NoSuchKeyspace:
-        return NoSuchKeyspace(
-            f"no key space {name!r}; known: {', '.join(self._by_name) or 'none'}", keyspace=str(name)
-        )
+        return NoSuchKeyspace(f"no key space {name!r}; known: {', '.join(self._by_name) or 'none'}", keyspace=str(name))
 
     def route(self, keyspace: str, key: str | bytes) -> ShardRoute:
         """The :class:`ShardRoute` (primary and live readers) of the shard owning ``key``."""
@@ -495,9 +484,7 @@ class ShardMap:
         top = m.mapping(doc)
         version = m.integer(top, "v", 1, 1 << 31)
         if version != FORMAT_VERSION:
-            raise BadRequest(
-                f"shard map format version {version} is not supported (this code reads {FORMAT_VERSION})"
-            )
+            raise BadRequest(f"shard map format version {version} is not supported (this code reads {FORMAT_VERSION})")
         epoch = m.integer(top, "epoch", 0, 1 << 63)
         keyspaces = tuple(_keyspace_from_wire(k) for k in m.seq(top, "keyspaces"))
         down_raw = m.seq(top, "down", optional=True)

@@ -97,7 +97,8 @@ def range_space(points: list[bytes], name: str = "r") -> Keyspace:
 def test_hash_lookup_uses_slot_of_key_hash() -> None:
     ks = hash_space(8, 64)
     m = ShardMap(3, (ks,))
-    for key in ["", "user:42", "Zürich", b"\x00", "k" * 1000]:
+    keys: list[str | bytes] = ["", "user:42", "Zürich", b"\x00", "k" * 1000]
+    for key in keys:
         slot = key_hash(key) % 64
         assert m.lookup("h", key).id == f"h/{slot // 8}"
 
@@ -270,3 +271,35 @@ def test_locate_finds_shards_across_keyspaces_and_not_found_otherwise() -> None:
 def test_shard_ids_must_be_unique_across_keyspaces() -> None:
     with pytest.raises(BadRequest):
         ShardMap(1, (hash_space(name="a"), Keyspace("b", "hash", 2, hash_space(name="a").shards, 64)))
+
+
+wire_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 70) | st.text(max_size=4) | st.binary(max_size=3),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(st.data())
+@settings(max_examples=300, deadline=None)
+def test_from_wire_of_mutated_maps_raises_only_bad_request(data: st.DataObject) -> None:
+    doc = full_map().to_wire()
+    # Replace one randomly chosen value somewhere in a valid document.
+    target: object = doc
+    path = []
+    while isinstance(target, dict | list) and target and data.draw(st.booleans()):
+        keys = list(target) if isinstance(target, dict) else list(range(len(target)))
+        k = data.draw(st.sampled_from(keys))
+        path.append(k)
+        target = target[k]
+    if not path:
+        return
+    parent: object = doc
+    for k in path[:-1]:
+        parent = parent[k]  # type: ignore[index]
+    parent[path[-1]] = data.draw(wire_values)  # type: ignore[index]
+    try:
+        m = ShardMap.from_wire(doc)
+    except BadRequest:
+        return
+    assert ShardMap.from_wire(m.to_wire()) == m  # whatever was accepted is a valid map

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+from phantom_bus.config import default
 from phantom_bus.errors import BadRequest
 from phantom_bus.shardmap import DEFAULT_SLOTS, MAX_SLOTS
 
@@ -31,7 +32,7 @@ class ShardingConfig:
     # minute (like Elasticsearch's delayed allocation) turns those into zero
     # data moves, at the cost of running one replica short meanwhile. Primaries
     # move at once, so availability does not wait for this delay.
-    dead_delay: float = 60.0
+    dead_delay: float = default("dead_delay")
     # Seconds a joining replica may take to be confirmed before the copy is
     # cancelled. Copying a few GiB at 100 MB/s takes well under a minute; five
     # minutes leaves room for a busy node without letting a wedged copy hold

@@ -130,7 +130,6 @@ class ShardingCore:
         self._spaces: dict[str, _Space] = {}
         self._space_of: dict[str, str] = {}  # shard id -> key space name
         self._engine = Migrations(self.config)
-        self._epoch = 0
         self._map = ShardMap(0)
         self._samples: dict[str, KeySample] = {}
         self._hot: dict[str, float] = {}  # shard -> since when its load is above split_rate
@@ -197,11 +196,10 @@ class ShardingCore:
 
     def _publish(self, reason: str, events: list[Event]) -> None:
         """Bump the epoch if the map changed, and say so."""
-        new = self._build_map(self._epoch + 1)
+        new = self._build_map(self._map.epoch + 1)
         if new.keyspaces != self._map.keyspaces or new.down != self._map.down:
-            self._epoch += 1
             self._map = new
-            events.append(Event(CHANGED, {"epoch": self._epoch, "reason": reason}))
+            events.append(Event(CHANGED, {"epoch": new.epoch, "reason": reason}))
 
     def _replan(self) -> None:
         eng = self._engine
@@ -395,8 +393,7 @@ class ShardingCore:
             raise Refused(f"shard {shard} is moving or merging; split it once it settles", shard=shard)
         if len(sp.order) >= self.config.max_shards_per_keyspace:
             raise Refused(
-                f"key space {sp.name} has reached max_shards_per_keyspace "
-                f"({self.config.max_shards_per_keyspace})",
+                f"key space {sp.name} has reached max_shards_per_keyspace ({self.config.max_shards_per_keyspace})",
                 keyspace=sp.name,
             )
         if sp.kind == "hash":
@@ -406,12 +403,7 @@ class ShardingCore:
             if at is None:
                 sample = self._samples.get(shard)
                 median = sample.median() if sample is not None else None
-                if (
-                    sample is None
-                    or len(sample) < self.config.min_split_sample
-                    or median is None
-                    or median <= start
-                ):
+                if sample is None or len(sample) < self.config.min_split_sample or median is None or median <= start:
                     raise Refused(
                         f"not enough keys seen in shard {shard} to choose a split point; pass `at`",
                         shard=shard,
@@ -422,9 +414,7 @@ class ShardingCore:
                 median = key_bytes(at)
             point = median
             if point <= start or (end is not None and point >= end):
-                raise BadRequest(
-                    f"split point {point!r} is not inside shard {shard} [{start!r}, {end!r})", shard=shard
-                )
+                raise BadRequest(f"split point {point!r} is not inside shard {shard} [{start!r}, {end!r})", shard=shard)
         upper = self._new_id(sp)
         self._engine.clone_shard(shard, upper)
         sp.order.insert(sp.order.index(shard) + 1, upper)
@@ -462,9 +452,7 @@ class ShardingCore:
             raise BadRequest("a hash shard splits at a slot number (int) or in the middle (None)")
         return (_ranges(s for s in owned if s < cut), _ranges(s for s in owned if s >= cut))
 
-    def merge(
-        self, keyspace: str, shard_a: str, shard_b: str, now: float | None = None
-    ) -> Result[MergeResult]:
+    def merge(self, keyspace: str, shard_a: str, shard_b: str, now: float | None = None) -> Result[MergeResult]:
         """Merge two adjacent shards; the lower one keeps its id.
 
         If their replicas are on the same nodes the merge is immediate.
@@ -605,9 +593,7 @@ class ShardingCore:
             self._replan()
             self._advance(t)
             self._publish("node.removed", events)
-            return Result(
-                {"node": node, "dropped": sum(1 for c in changes if c.after is None)}, tuple(events)
-            )
+            return Result({"node": node, "dropped": sum(1 for c in changes if c.after is None)}, tuple(events))
 
     def node_dead(self, node: str, now: float) -> Result[dict[str, Any]]:
         """``node`` is dead: its primaries move at once, its replicas after ``dead_delay``."""
@@ -864,9 +850,7 @@ class ShardingCore:
             if state.get("v") != STATE_VERSION:
                 raise BadRequest(f"stored sharding state version {state.get('v')!r} is not {STATE_VERSION}")
             if state["epoch"] != shard_map.epoch:
-                raise BadRequest(
-                    f"stored state is for epoch {state['epoch']}, the map is at {shard_map.epoch}"
-                )
+                raise BadRequest(f"stored state is for epoch {state['epoch']}, the map is at {shard_map.epoch}")
             for doc in state["nodes"]:
                 dead_for = doc["dead_for"]
                 core._nodes[_node_id(doc["id"])] = _Node(
@@ -894,7 +878,6 @@ class ShardingCore:
             core._avoid = {(str(s), str(n)): t + float(left) for s, n, left in state["avoid"]}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BadRequest(f"stored sharding state is malformed: {exc!r}") from exc
-        core._epoch = shard_map.epoch
         core._map = shard_map
         # The stored targets are kept as they were: replanning here could
         # retarget copies that are half done. The next membership change replans.

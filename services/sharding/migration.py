@@ -43,7 +43,7 @@ import math
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from phantom_bus.errors import BadRequest, Conflict, NotFound
 from phantom_bus.shardmap import ROLES, SERVING, Role
@@ -312,9 +312,7 @@ class Migrations:
             if role in SERVING:
                 return []
             if role != "joining":
-                raise Conflict(
-                    f"node {node} is not joining shard {shard_id} (role: {role})", shard=shard_id, node=node
-                )
+                raise Conflict(f"node {node} is not joining shard {shard_id} (role: {role})", shard=shard_id, node=node)
             changes: list[Change] = []
             self._set(shard_id, st, node, "replica", changes)
             st.failures.pop(node, None)
@@ -351,9 +349,7 @@ class Migrations:
         return (2, st.order)
 
     def _outgoing(self, st: _Shard) -> list[str]:
-        return [
-            n for n, r in st.roles.items() if r in SERVING and n not in st.target_set and n not in self._down
-        ]
+        return [n for n, r in st.roles.items() if r in SERVING and n not in st.target_set and n not in self._down]
 
     def _pairs(self, st: _Shard) -> list[tuple[str, str | None]]:
         """Joining replicas paired with the live replicas they replace (for the per-node cap)."""
@@ -536,9 +532,7 @@ class Migrations:
                 )
             return {"shards": shards, "down": sorted(self._down), "evacuating": sorted(self._evacuating)}
 
-    def load_state(
-        self, roles: Mapping[str, Mapping[str, Role]], state: Mapping[str, Any], now: float
-    ) -> None:
+    def load_state(self, roles: Mapping[str, Mapping[str, Role]], state: Mapping[str, Any], now: float) -> None:
         """Rebuild from the map's ``roles`` per shard and :meth:`to_state` output.
 
         Stored ages are rebased on ``now`` (the restarted process's clock).
@@ -566,14 +560,10 @@ class Migrations:
                     tp = doc["target_primary"]
                     st.target_primary = None if tp is None else str(tp)
                     st.joining = {
-                        str(n): now - float(a)
-                        for n, a in doc["joining"].items()
-                        if st.roles.get(n) == "joining"
+                        str(n): now - float(a) for n, a in doc["joining"].items() if st.roles.get(n) == "joining"
                     }
                     st.leaving = {
-                        str(n): now - float(a)
-                        for n, a in doc["leaving"].items()
-                        if st.roles.get(n) == "leaving"
+                        str(n): now - float(a) for n, a in doc["leaving"].items() if st.roles.get(n) == "leaving"
                     }
                     # Any replica the map shows joining/leaving needs a timer.
                     for n, r in st.roles.items():
@@ -597,13 +587,3 @@ def _primary(st: _Shard) -> str | None:
         if r == "primary":
             return n
     return None
-
-
-def roles_from(pairs: Iterable[tuple[str, str]]) -> dict[str, Role]:
-    """Roles as a dict from ``(node, role)`` pairs, checking each role."""
-    out: dict[str, Role] = {}
-    for node, role in pairs:
-        if role not in ROLES:
-            raise BadRequest(f"unknown role {role!r} for node {node}")
-        out[node] = cast(Role, role)
-    return out

@@ -7,39 +7,46 @@ primaries and the moves. Same input, same plan, on any machine.
 What a plan guarantees, in order of precedence:
 
 1. No node holds two replicas of a shard.
-2. No zone holds two replicas of a shard while active nodes span at least RF
-   zones; with fewer zones, replicas spread as evenly over the zones as their
-   node counts allow (the per-zone cap is the smallest that still fits RF).
+2. No zone holds two replicas of a shard while the nodes that hold or may
+   hold replicas span at least RF zones; with fewer zones, replicas spread
+   as evenly over the zones as their node counts allow.
 3. Only ``active`` nodes with a positive weight receive replicas. ``draining``
    and ``dead`` nodes lose theirs. ``down`` nodes (dead, but still inside the
-   re-replication delay) keep what they hold and get nothing new, so a quick
-   restart costs no moves.
-4. Replicas per active node are proportional to weight, within one of the
-   ideal. The ideal is weight-proportional water-filling: a zone never gets
-   more than it can hold under rule 2 and a node never more than one replica
-   per shard; what they cannot take spreads over the others.
-5. Primaries per node likewise (a primary is always one of the shard's active
-   replicas).
-6. Fewest moves: a node keeps every replica it may keep; quotas round up for
-   the nodes that already hold more (sticky rounding), so the only copies are
-   the ones the quotas force. A join moves replicas only to the new node, a
-   leave moves only the leaver's replicas.
+   re-replication delay) keep exactly what they hold and get nothing new.
+4. Replicas per active node are within one of the ideal: weight-proportional
+   water-filling where a zone never gets more than rule 2 lets it hold, a
+   node never more than one replica per shard, and a shard that needs every
+   slot it may use sits on all of them (those are floors).
+5. Primaries per node likewise, among each shard's active replicas, whenever
+   the replica placement allows it.
+6. Fewest copies: every replica that may stay, stays; the rounding of the
+   ideal gives the extra replica to the nodes that already hold more; a join
+   copies only to the new node and a leave only away from the leaver
+   whenever the counts alone require nothing else.
+
+How: a greedy pass (keep, fill the largest deficits, then shed from nodes
+over quota, cheapest remedy first, see :meth:`_Planner.balance`), and, when
+the cluster is small enough, an exact min-cost flow that replaces the greedy
+answer if it copies less or balances where the greedy could not. The greedy
+alone is exact on the regular layouts measured by bench/rebalance.py.
 
 When fewer active nodes (or zones) than RF exist, a shard gets as many
 replicas as fit and the plan reports the ``shortfall``; it never fails for
-that. The engine in :mod:`services.sharding.migration` carries a plan out.
+that. Nodes left off balance (layouts with no placement within one of the
+ideal) are listed in ``Plan.unbalanced``. The engine in
+:mod:`services.sharding.migration` carries a plan out.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from collections import deque
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from phantom_bus.errors import BadRequest
+from services.sharding.flow import FORCE, MinCostFlow
 
 NodeState = Literal["active", "draining", "dead", "down"]
 NODE_STATES: tuple[NodeState, ...] = ("active", "draining", "dead", "down")
@@ -51,11 +58,15 @@ _CHAIN_WIDTH = 64
 # Most (shards to fill x nodes under quota) for which fill() orders the shards
 # by how constrained they are; beyond this the order is the input order.
 _SORT_BUDGET = 200_000
+# Candidates pick() chooses among (by hash), so that shards spread over many
+# node combinations instead of a few fixed groups.
+_SPREAD = 4
+# Nodes make_room() expands per stuck replica; bounds its cost on large clusters.
+_AUGMENT_WIDTH = 64
 # Most (shards x active nodes) for which the plan is also solved exactly as a
 # min-cost flow (tens of milliseconds at this size); larger clusters rely on
 # the greedy alone, which is exact on regular layouts (see bench/rebalance.py).
 _EXACT_BUDGET = 1200
-_BIG = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +171,16 @@ def _validate(shards: Sequence[ShardSpec], nodes: Mapping[str, NodeSpec]) -> Non
         seen.add(sh.id)
         if type(sh.rf) is not int or sh.rf < 1:
             raise BadRequest(f"shard {sh.id}: rf must be an integer >= 1, got {sh.rf!r}")
+
+
+def _mix(a: int, b: int) -> int:
+    """A fixed pseudo-random 32-bit mix of two indices (deterministic on every machine)."""
+    h = (a * 0x9E3779B1 + b * 0x85EBCA77 + 0x165667B1) & 0xFFFFFFFF
+    h ^= h >> 15
+    h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
+    h ^= h >> 12
+    h = (h * 0x297A2D39) & 0xFFFFFFFF
+    return h ^ (h >> 15)
 
 
 def waterfill(
@@ -297,20 +318,28 @@ class _Planner:
             heapq.heappush(self.heap, (-d, i))
 
     def pick(self, s: int, leaving: int = -1) -> int:
-        """The node with the largest deficit that may take shard ``s``; -1 if none."""
+        """A node with one of the largest deficits that may take shard ``s``; -1 if none.
+
+        Among the first few candidates the choice is a hash of (shard, node):
+        always taking the lowest node id would put shards on the same node
+        groups over and over, and then a leaving node's replicas could only go
+        to a few nodes (and recovery would read from a few).
+        """
         held: list[tuple[int, int]] = []
-        found = -1
-        while self.heap:
+        found: list[int] = []
+        while self.heap and len(found) < _SPREAD:
             d, i = heapq.heappop(self.heap)
             if -d != self.quota[i] - self.count[i]:
                 continue  # stale entry; a current one is in the heap
-            if i != leaving and self.valid(s, i, leaving):
-                found = i
-                break
             held.append((d, i))
+            if i != leaving and self.valid(s, i, leaving):
+                found.append(i)
         for entry in held:
             heapq.heappush(self.heap, entry)
-        return found
+        if not found:
+            return -1
+        best = max(self.quota[i] - self.count[i] for i in found)
+        return max((i for i in found if self.quota[i] - self.count[i] >= best - 1), key=lambda i: _mix(s, i))
 
     # -- the run -----------------------------------------------------------------
 
@@ -610,11 +639,49 @@ class _Planner:
             for _ in range(self.r[s] - len(self.members[s])):
                 i = self.pick(s)
                 if i < 0:
+                    i = self.make_room(s)
+                if i < 0:
                     i = self.least_loaded(s)
                 if i < 0:
                     self.shortfall[s] += 1
                     continue
                 self.add(s, i)
+
+    def make_room(self, s: int) -> int:
+        """A node for shard ``s`` after shifting copies this plan makes anyway, or -1.
+
+        When every node with a deficit already holds ``s``, a new copy placed
+        on some node ``m`` that ``s`` could use may move on to a node with a
+        deficit, freeing ``m`` (breadth first, so the chain is the shortest).
+        Only copies made by this plan move, so this costs no extra copy.
+        """
+        parent: dict[int, tuple[int, int]] = {}
+        queue: list[int] = []
+        for m in self.act:
+            if self.valid(s, m):
+                parent[m] = (s, -1)
+                queue.append(m)
+        head = 0
+        while head < len(queue) and head < _AUGMENT_WIDTH:
+            m = queue[head]
+            head += 1
+            for t in sorted(t for t in self.node_shards[m] if m in self.new[t]):
+                if t == s:
+                    continue
+                for v in self.act:
+                    if v in parent or not self.valid(t, v, m):
+                        continue
+                    parent[v] = (t, m)
+                    if self.count[v] < self.quota[v]:
+                        node = v
+                        while True:
+                            moving, source = parent[node]
+                            if source < 0:
+                                return node
+                            self.transfer(moving, source, node)
+                            node = source
+                    queue.append(v)
+        return -1
 
     def least_loaded(self, s: int) -> int:
         """Any valid node, least over its quota; used only when no node with a deficit fits.
@@ -979,43 +1046,35 @@ def _diff(sid: str, old: list[str], new: list[str], old_primary: str | None, new
 def _exact(pl: _Planner) -> tuple[list[list[int]], int] | None:
     """The placement with the fewest copies and every node within one of its ideal.
 
-    Min-cost flow, source -> shard (its replicas) -> (shard, zone) (the room
-    the zone has for it) -> node (cost 0 if it holds the shard, 1 for a copy)
-    -> sink, each node carrying between the floor and the ceiling of its ideal
-    (the floor part is forced by a large negative cost). Successive shortest
-    paths with SPFA, since those costs are negative. None if infeasible.
+    source -> shard (its replicas) -> (shard, zone) (the room the zone has
+    for it) -> node (cost 0 if it holds the shard, 1 for a copy) -> sink, each
+    node carrying between the floor and the ceiling of its ideal. Returns the
+    active nodes per shard and the copies, or None if no such placement exists.
     """
-    graph: list[list[list[int]]] = []
-
-    def vertex() -> int:
-        graph.append([])
-        return len(graph) - 1
-
-    def edge(u: int, v: int, cap: int, cost: int) -> None:
-        graph[u].append([v, cap, cost, len(graph[v])])
-        graph[v].append([u, 0, -cost, len(graph[u]) - 1])
-
-    source, sink = vertex(), vertex()
-    node_v = {i: vertex() for i in pl.act}
+    net = MinCostFlow()
+    source, sink = net.vertex(), net.vertex()
+    node_v = {i: net.vertex() for i in pl.act}
     floors = 0
     for i, v in node_v.items():
         lo = math.floor(pl.x[i] + _EPS)
-        hi = max(lo, math.ceil(pl.x[i] - _EPS))
         floors += lo
-        edge(v, sink, lo, -_BIG)
-        edge(v, sink, hi - lo, 0)
+        net.bounded(v, sink, lo, max(lo, math.ceil(pl.x[i] - _EPS)))
     by_zone: dict[int, list[int]] = {}
     for i in pl.act:
         by_zone.setdefault(pl.zone[i], []).append(i)
-    # Remember which edge carries (shard, node) to read the answer back.
-    carriers: list[tuple[int, int, int, int]] = []
+    # A copy costs ``unit`` plus up to 16 for landing on a node that already holds
+    # its ideal: among plans with the fewest copies, the copies go to the nodes
+    # furthest below their ideal (a joiner, rather than an old node).
+    unit = 17 * sum(pl.r) + 1
+    landing = {i: max(0, min(16, 8 + round(4 * (pl.cur[i] - pl.x[i])))) for i in pl.act}
+    carriers: list[tuple[int, int, tuple[int, int]]] = []  # (shard, node, edge) to read the answer
     total = 0
     for s in range(len(pl.specs)):
         if not pl.r[s]:
             continue
         total += pl.r[s]
-        sv = vertex()
-        edge(source, sv, pl.r[s], 0)
+        sv = net.vertex()
+        net.edge(source, sv, pl.r[s])
         pinned_z: dict[int, int] = {}
         for i in pl.pinned[s]:
             pinned_z[pl.zone[i]] = pinned_z.get(pl.zone[i], 0) + 1
@@ -1023,57 +1082,23 @@ def _exact(pl: _Planner) -> tuple[list[list[int]], int] | None:
             room = min(max(pl.cap[s] - pinned_z.get(z, 0), 0), len(nodes))
             if not room:
                 continue
-            zv = vertex()
-            edge(sv, zv, room, 0)
+            zv = net.vertex()
+            net.edge(sv, zv, room)
             for i in nodes:
                 if (s, i) in pl.avoid and i not in pl.cand_set[s]:
                     continue
-                carriers.append((s, i, zv, len(graph[zv])))
-                edge(zv, node_v[i], 1, 0 if i in pl.cand_set[s] else 1)
-    flow = cost = 0
-    n = len(graph)
-    while flow < total:
-        dist = [math.inf] * n
-        back = [(-1, -1)] * n
-        dist[source] = 0
-        queue = deque([source])
-        queued = [False] * n
-        queued[source] = True
-        while queue:
-            u = queue.popleft()
-            queued[u] = False
-            du = dist[u]
-            for k, (v, cap, c, _) in enumerate(graph[u]):
-                if cap > 0 and du + c < dist[v]:
-                    dist[v] = du + c
-                    back[v] = (u, k)
-                    if not queued[v]:
-                        queued[v] = True
-                        queue.append(v)
-        if dist[sink] == math.inf:
-            break
-        push = total - flow
-        v = sink
-        while v != source:
-            u, k = back[v]
-            push = min(push, graph[u][k][1])
-            v = u
-        v = sink
-        while v != source:
-            u, k = back[v]
-            e = graph[u][k]
-            e[1] -= push
-            graph[v][e[3]][1] += push
-            v = u
-        flow += push
-        cost += push * int(dist[sink])
-    if flow != total or cost > -_BIG * floors + _BIG // 2:
+                cost = 0 if i in pl.cand_set[s] else unit + landing[i]
+                carriers.append((s, i, net.edge(zv, node_v[i], 1, cost)))
+    flow, cost = net.run(source, sink, total)
+    if flow != total or cost > -FORCE * floors + FORCE // 2:
         return None
     members: list[list[int]] = [[] for _ in pl.specs]
-    for s, i, zv, k in carriers:
-        if graph[zv][k][1] == 0:  # the unit edge is used
+    copies = 0
+    for s, i, handle in carriers:
+        if net.used(handle):
             members[s].append(i)
+            copies += i not in pl.cand_set[s]
     for s, nodes in enumerate(members):  # keep the holders' order, new nodes last
         order = {i: pos for pos, i in enumerate(pl.cand[s])}
         nodes.sort(key=lambda i: (order.get(i, len(order)), i))
-    return members, cost + _BIG * floors
+    return members, copies

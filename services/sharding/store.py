@@ -52,9 +52,7 @@ class MapStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)")
             self._db.execute(
-                "CREATE TABLE IF NOT EXISTS epochs ("
-                "epoch INTEGER PRIMARY KEY, map BLOB NOT NULL, "
-                "state BLOB NOT NULL)"
+                "CREATE TABLE IF NOT EXISTS epochs (epoch INTEGER PRIMARY KEY, map BLOB NOT NULL, state BLOB NOT NULL)"
             )
             row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
@@ -83,9 +81,7 @@ class MapStore:
                     raise Conflict(
                         f"epoch {shard_map.epoch} is older than the saved epoch {newest}; refusing to go back"
                     )
-                db.execute(
-                    "INSERT OR REPLACE INTO epochs VALUES (?, ?, ?)", (shard_map.epoch, blob_map, blob_state)
-                )
+                db.execute("INSERT OR REPLACE INTO epochs VALUES (?, ?, ?)", (shard_map.epoch, blob_map, blob_state))
                 db.execute("DELETE FROM epochs WHERE epoch <= ?", (shard_map.epoch - self.keep,))
                 db.execute("COMMIT")
             except BaseException:
@@ -95,9 +91,7 @@ class MapStore:
     def load(self) -> tuple[ShardMap, dict[str, Any]] | None:
         """The newest committed map and state, or None if nothing was ever saved."""
         with self._lock:
-            row = self._db.execute(
-                "SELECT epoch, map, state FROM epochs ORDER BY epoch DESC LIMIT 1"
-            ).fetchone()
+            row = self._db.execute("SELECT epoch, map, state FROM epochs ORDER BY epoch DESC LIMIT 1").fetchone()
         if row is None:
             return None
         epoch, blob_map, blob_state = row
