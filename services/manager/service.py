@@ -166,7 +166,14 @@ class ManagerService:
 
     async def op_remove(self, node: str) -> Any:
         """Forget a node; refused while it holds the only live replica of a shard."""
-        sole = await self.client.request("sharding", "sole_replicas", node=node)
+        # Sharding learns of deaths through our queued node_dead actions, so its view can
+        # lag membership's: take membership's current verdicts too, and refuse on either
+        # view (the union is the safe side).
+        with contextlib.suppress(PhantomError):
+            members = await self.client.request("membership", "members")
+            await self._apply(self.core.sync_members(members, time.time()))
+        by_sharding = await self.client.request("sharding", "sole_replicas", node=node)
+        sole = sorted({*by_sharding, *self.core.sole_shards(node)})
         self.core.check_remove(node, sole)
         try:
             await self.client.request("sharding", "remove_node", node=node)
@@ -221,11 +228,11 @@ class ManagerService:
         """Catch up with discovery and membership, then re-issue unfinished work."""
         now = time.time()
         try:
-            self.core.sync_discovery(await self.client.request("discovery", "nodes"), now)
+            await self._apply(self.core.sync_discovery(await self.client.request("discovery", "nodes"), now))
         except PhantomError as exc:
             logger.debug("discovery sync skipped: {}", exc)
         try:
-            self.core.sync_members(await self.client.request("membership", "members"), now)
+            await self._apply(self.core.sync_members(await self.client.request("membership", "members"), now))
         except PhantomError as exc:
             logger.debug("membership sync skipped: {}", exc)
         for action in self.core.reconcile(now, removals=removals):
