@@ -777,10 +777,11 @@ class ShardingCore:
         with self._lock:
             return [self._view(n) for n in sorted(self._nodes)]
 
-    def shard_rows(self) -> list[dict[str, Any]]:
-        """One row per shard: ``keyspace, shard, range, replicas, primary, state``."""
+    def shard_rows(self, shard_map: ShardMap | None = None) -> list[dict[str, Any]]:
+        """One row per shard of ``shard_map`` (default: the current map):
+        ``keyspace, shard, range, replicas, primary, state``."""
         rows = []
-        for ks, sh in self._map.shards():
+        for ks, sh in (shard_map or self._map).shards():
             if ks.kind == "hash":
                 span = ",".join(f"{a}-{b - 1}" for a, b in sh.slots)
                 desc = f"slots {span}"

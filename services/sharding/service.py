@@ -21,6 +21,7 @@ from loguru import logger
 from phantom_bus.config import Config
 from phantom_bus.errors import BadRequest
 from phantom_bus.service import Service
+from phantom_bus.shardmap import ShardMap
 from services.sharding.config import ShardingConfig
 from services.sharding.core import Result, ShardingCore
 from services.sharding.store import MapStore
@@ -40,12 +41,17 @@ class ShardingService:
         self.store = MapStore(cfg.data)
         loaded = self.store.load()
         now = time.monotonic()
+        # What readers are served: the last map *committed to disk*. The core runs
+        # ahead of it while a save is in progress; serving that would let a SIGKILL
+        # take the epoch clients saw backwards.
+        self.published: ShardMap
         if loaded is None:
             self.core = ShardingCore(self.config)
-            shard_map, state = self.core.snapshot(now)
-            self.store.save(shard_map, state)
-            logger.info("new shard map at epoch {}", shard_map.epoch)
+            self.published, state = self.core.snapshot(now)
+            self.store.save(self.published, state)
+            logger.info("new shard map at epoch {}", self.published.epoch)
         else:
+            self.published = loaded[0]
             self.core = ShardingCore.restore(loaded[0], loaded[1], now, self.config)
             logger.info("shard map restored at epoch {}", self.core.epoch)
         self._write = asyncio.Lock()
@@ -65,6 +71,7 @@ class ShardingService:
             if result.events:
                 shard_map, state = self.core.snapshot(time.monotonic())
                 await asyncio.to_thread(self.store.save, shard_map, state)
+                self.published = shard_map
                 for event in result.events:
                     logger.bind(epoch=event.data.get("epoch")).info("{} ({})", event.kind, event.data.get("reason"))
                     await self.service.publish(event.kind, event.data)
@@ -74,18 +81,20 @@ class ShardingService:
 
     def op_lookup(self, key: str | bytes, keyspace: str = "default") -> dict[str, Any]:
         """The shard owning ``key`` and its replicas."""
-        return self.core.lookup(keyspace, key).value.to_wire()
+        self.core.lookup(keyspace, key)  # records the key for split points
+        return self.published.route(keyspace, key).to_wire()
 
     def op_map(self, since_epoch: int | None = None) -> dict[str, Any] | None:
         """The whole map, or nil when it is not newer than ``since_epoch``."""
-        shard_map = self.core.map(since_epoch).value
-        return None if shard_map is None else shard_map.to_wire()
+        if since_epoch is not None and (type(since_epoch) is not int or since_epoch < 0):
+            raise BadRequest(f"since_epoch must be a non-negative integer, got {since_epoch!r}")
+        shard_map = self.published
+        return None if since_epoch is not None and shard_map.epoch <= since_epoch else shard_map.to_wire()
 
     def op_shards(self) -> list[dict[str, Any]]:
         """One row per shard (``phantom shards``), with each replica's role."""
-        rows = self.core.shard_rows()
-        shard_map = self.core.map().value
-        assert shard_map is not None
+        shard_map = self.published
+        rows = self.core.shard_rows(shard_map)
         for row in rows:
             shard = shard_map.shard(row["shard"])
             row["roles"] = {r.node: r.role for r in shard.replicas}
@@ -101,7 +110,7 @@ class ShardingService:
 
     def op_health(self) -> dict[str, Any]:
         """Shard counts: total, under-replicated, unavailable; and the epoch."""
-        return {**self.core.health(), "epoch": self.core.epoch, "shortfall": self.core.shortfall()}
+        return {**self.core.health(), "epoch": self.published.epoch, "shortfall": self.core.shortfall()}
 
     def op_sole_replicas(self, node: str) -> list[str]:
         """Shards whose only live replica is on ``node``."""
@@ -138,9 +147,7 @@ class ShardingService:
         return {"shard": merged.shard, "absorbed": merged.absorbed, "done": merged.done, "epoch": self.core.epoch}
 
     def _keyspace_of(self, shard: str) -> str:
-        shard_map = self.core.map().value
-        assert shard_map is not None
-        return shard_map.locate(shard)[0].name
+        return self.published.locate(shard)[0].name
 
     async def op_add_node(self, node: str, zone: str = "default", weight: float = 1.0) -> dict[str, Any]:
         """Place replicas on a node (or update its zone/weight)."""
