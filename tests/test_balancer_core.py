@@ -613,3 +613,20 @@ BalancerHistory.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_random_histories_keep_counts_consistent = BalancerHistory.TestCase
+
+
+def test_slow_start_ramps_share_instead_of_starving_the_latest_node() -> None:
+    # Nodes that became servable half a second apart ramp almost together; before
+    # the fix the latest of them got no reads at all until its 30 s ramp ended.
+    import random
+    from collections import Counter
+
+    from services.balancer.core import Balancer, Candidate
+
+    b = Balancer(rng=random.Random(7))
+    for i, t in enumerate((100.0, 100.5, 101.0), start=1):
+        b.node_update(f"node-{i}", state="alive", lifecycle="active", now=t)
+    candidates = [Candidate("node-1", "primary"), Candidate("node-2", "replica"), Candidate("node-3", "replica")]
+    picks = Counter(b.select("s1", candidates, lease=False, now=105.0).node for _ in range(3000))
+    assert set(picks) == {"node-1", "node-2", "node-3"}
+    assert min(picks.values()) > 3000 * 0.2

@@ -206,13 +206,24 @@ class PowerOfTwoChoices:
             la = _UNKNOWN_LATENCY_MS if lb is None else lb
         if lb is None:
             lb = la
-        return a if self._cost(a, la, now) <= self._cost(b, lb, now) else b
+        if self._cost(a, la, now) <= self._cost(b, lb, now):
+            winner, other = a, b
+        else:
+            winner, other = b, a
+        # Slow start as a probability, not a cost factor: folded into the cost, a
+        # ramping node that is as fast as its rival lost every comparison and got
+        # nothing until its ramp ended (a cliff). Here it keeps a win with
+        # probability equal to its ramp, so its share grows with the ramp.
+        ramp = winner.ramp(now, self._floor)
+        if ramp < 1.0 and self._rng.random() >= ramp:
+            return other
+        return winner
 
     def _cost(self, node: NodeState, latency: float, now: float) -> float:
         penalty = node.penalty if now - node.load_at <= self._stale else 1.0
         if latency < _MIN_LATENCY_MS:
             latency = _MIN_LATENCY_MS
-        return latency * (node.in_flight + 1) * penalty / (node.weight * node.ramp(now, self._floor))
+        return latency * (node.in_flight + 1) * penalty / node.weight
 
     def forget(self, shard: str) -> None:
         """Stateless."""
