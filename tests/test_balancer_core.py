@@ -630,3 +630,25 @@ def test_slow_start_ramps_share_instead_of_starving_the_latest_node() -> None:
     picks = Counter(b.select("s1", candidates, lease=False, now=105.0).node for _ in range(3000))
     assert set(picks) == {"node-1", "node-2", "node-3"}
     assert min(picks.values()) > 3000 * 0.2
+
+
+def test_least_connections_gives_a_ramping_node_a_growing_share() -> None:
+    import random
+    from collections import Counter
+
+    from services.balancer.core import Balancer, Candidate
+
+    b = Balancer(rng=random.Random(3))
+    b.node_update("old-1", state="alive", lifecycle="active", now=0.0)
+    b.node_update("old-2", state="alive", lifecycle="active", now=0.0)
+    b.node_update("new", state="alive", lifecycle="active", now=100.0)
+    candidates = [Candidate("old-1", "primary"), Candidate("old-2", "replica"), Candidate("new", "replica")]
+
+    def share(now: float) -> float:
+        picks = Counter(
+            b.select("s1", candidates, strategy="least_connections", lease=False, now=now).node for _ in range(3000)
+        )
+        return picks["new"] / 3000
+
+    early, later = share(101.0), share(120.0)
+    assert 0.02 < early < later < 0.34  # probed at once, then more and more, never the lion's share

@@ -14,6 +14,7 @@ the strategy whose order is easiest to predict.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from typing import ClassVar, Protocol
@@ -104,19 +105,30 @@ class LeastConnections:
         self._floor = config.slow_start_floor
 
     def pick(self, shard: str, pool: Sequence[NodeState], now: float) -> NodeState:
-        """Minimum of (in_flight + 1) / effective weight."""
+        """Minimum of (in_flight + 1) / weight; a node in slow start keeps its win
+        with probability equal to its ramp (else the runner-up takes the request)."""
         size = len(pool)
         if size == 1:
             return pool[0]
-        floor = self._floor
         start = int(self._rng.random() * size)
         best = pool[start]
-        best_score = (best.in_flight + 1) / (best.weight * best.ramp(now, floor))
+        best_score = (best.in_flight + 1) / best.weight
+        second: NodeState | None = None
+        second_score = math.inf
         for i in range(1, size):
             node = pool[(start + i) % size]
-            score = (node.in_flight + 1) / (node.weight * node.ramp(now, floor))
+            score = (node.in_flight + 1) / node.weight
             if score < best_score:
+                second, second_score = best, best_score
                 best, best_score = node, score
+            elif score < second_score:
+                second, second_score = node, score
+        # Dividing the score by the ramp instead made a new node lose every
+        # comparison while in-flight counts were low: no traffic until the ramp
+        # was nearly over (bench/e2e.py), rather than a growing share.
+        ramp = best.ramp(now, self._floor)
+        if second is not None and ramp < 1.0 and self._rng.random() >= ramp:
+            return second
         return best
 
     def forget(self, shard: str) -> None:

@@ -1,0 +1,404 @@
+"""Selection strategies under heterogeneous nodes and stale load information (issue 6).
+
+A discrete-event simulation in virtual time (seconds) that drives the real
+balancer core (:class:`services.balancer.Balancer` with its default
+:class:`BalancerConfig`, only ``default_strategy`` changed):
+
+* 10 nodes, each one FIFO server; 8 serve a request in ``FAST_MS`` on average,
+  2 (``n8``, ``n9``) at 1/3 speed (3 x ``FAST_MS``); service times are
+  exponential. Total capacity ``M = sum(1 / mean_i)``.
+* Poisson arrivals at 80% of ``M``; every request reads one of ``SHARDS``
+  shards, and every shard is replicated on all 10 nodes (each shard lists them
+  in a different rotation, its first node as primary; reads from the primary
+  are allowed, the default), so every strategy may pick any node and a
+  full-scan oracle is well defined.
+* Weights: the operator declares each node's capacity as its weight (1 for a
+  fast node, 1/3 for a slow one), as ``services.agent --weight`` would.
+  ``round_robin`` ignores weights by design. A second set of rows
+  (``--unweighted`` on by default for the two feedback strategies) shows
+  ``least_connections`` and ``performance`` with every weight 1, because
+  ``performance`` already sees slowness through latency and the weight then
+  counts it twice.
+* Load: like an agent, each node reports its CPU as its busy fraction over
+  the last virtual second (memory 50%) through ``node_update``; ``tick`` runs
+  every virtual second.
+* Common random numbers: for a given seed every strategy sees the same arrival
+  times, shards and per-request work (a unit exponential scaled by the
+  chosen node's mean service time).
+* Oracle: full-scan least connections over all 10 nodes using the simulator's
+  own outstanding counts (ground truth, always fresh), random tie-break,
+  unweighted (join-the-shortest-queue). No core involved.
+
+Staleness (``--stale``, in mean service times ``S = 10 / M``, the mean
+service time of a request when load is spread in proportion to capacity):
+with ``k > 0`` the core's view is only updated in batches every ``k * S``.
+During a period each select is a lookup (``lease=False``: the strategy decides
+on the in-flight counts and latency estimates as of the last batch); at the
+batch boundary the period's selections open their leases (a select with the
+chosen node as the only candidate, so the core's in-flight count and lease
+table are exact afterwards) and the period's completions are released with
+their true latency, both at the boundary's time. This models a balancer
+whose in-flight view and release feedback arrive every ``k * S`` (e.g.
+several balancer replicas or batched client feedback). ``round_robin``,
+``random`` and ``weighted`` use no feedback, so their decisions are the same
+with stale information; they are run fresh only.
+
+Load of a node = its busy fraction (time serving / arrival window); the
+table shows ``max/mean`` of that over the 10 nodes (1.0 = perfectly even
+relative to time; the mean is about 0.8). Latency = queueing + service, in
+ms of virtual time; the first 2% of requests are warm-up and not counted.
+
+Goals (issue 6), printed next to the figures: ``performance`` p99 <= 1.3 x
+the oracle's and max/mean load <= 1.1 with fresh information; and with stale
+information ``performance`` p99 below ``least_connections`` p99.
+
+Run: ``python bench/balancer_sim.py [--quick]``; writes
+``bench/results/balancer_sim.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import multiprocessing as mp
+import random
+import statistics
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench._procs import host_info, write_results  # noqa: E402
+from phantom_bus.errors import NotFound  # noqa: E402
+from services.balancer import STRATEGY_NAMES, Balancer, BalancerConfig, Candidate  # noqa: E402
+
+NODES = 10
+SLOW = ("n8", "n9")
+FAST_MS = 10.0
+SLOW_FACTOR = 3.0
+LOAD = 0.80
+SHARDS = 16
+WARMUP = 0.02
+ORACLE = "oracle"
+FEEDBACK = ("least_connections", "performance")
+
+MEAN_MS = {f"n{i}": FAST_MS * (SLOW_FACTOR if f"n{i}" in SLOW else 1.0) for i in range(NODES)}
+CAPACITY = sum(1000.0 / ms for ms in MEAN_MS.values())  # requests per second
+RATE = LOAD * CAPACITY
+MEAN_SERVICE_S = NODES / CAPACITY  # S: mean service time under capacity-proportional split
+
+
+class Node:
+    __slots__ = ("busy_from", "busy_s", "busy_window", "mean_s", "name", "outstanding",
+                 "queue", "served")
+
+    def __init__(self, name: str, mean_s: float) -> None:
+        self.name = name
+        self.mean_s = mean_s
+        self.queue: deque[list[Any]] = deque()
+        self.outstanding = 0
+        self.busy_from: float | None = None
+        self.busy_s = 0.0  # inside the arrival window
+        self.busy_window = 0.0  # since the last load report
+        self.served = 0
+
+
+def shard_table() -> dict[str, list[Candidate]]:
+    names = list(MEAN_MS)
+    table = {}
+    for s in range(SHARDS):
+        order = [names[(s + k) % NODES] for k in range(NODES)]
+        table[f"s{s}"] = [Candidate(n, "primary" if k == 0 else "replica") for k, n in enumerate(order)]
+    return table
+
+
+def pct(xs: list[float], q: float) -> float:
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: bool = True) -> dict[str, Any]:
+    """One run; ``strategy`` is a core strategy name or ORACLE."""
+    arrivals = random.Random(seed)  # inter-arrival times, shards, work: same for every strategy
+    tie = random.Random(seed + 7919)  # oracle tie-break
+    nodes = {n: Node(n, ms / 1000.0) for n, ms in MEAN_MS.items()}
+    shards = shard_table()
+    shard_ids = list(shards)
+    only = {n: [Candidate(n)] for n in nodes}
+    oracle = strategy == ORACLE
+    bal = Balancer(BalancerConfig(default_strategy="performance" if oracle else strategy), random.Random(seed + 1))
+    for n, ms in MEAN_MS.items():
+        weight = FAST_MS / ms if weighted else 1.0
+        # now=-1000: any slow-start ramp is long over when the run starts at 0.
+        bal.node_update(n, state="alive", lifecycle="active", weight=weight, address=n, now=-1000.0)
+    period = stale_k * MEAN_SERVICE_S
+    stale = period > 0
+    pending_open: list[list[Any]] = []
+    pending_release: list[tuple[list[Any], float]] = []
+
+    heap: list[tuple[float, int, int, Any]] = []
+    seq = 0
+    ARRIVE, DONE, REPORT, BATCH = 0, 1, 2, 3
+
+    def push(at: float, kind: int, payload: Any) -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(heap, (at, seq, kind, payload))
+
+    # request record: [arrival, work, node, lease, index]
+    latencies: list[float] = []
+    warm = int(requests * WARMUP)
+    sent = 0
+    t_end = 0.0  # the last arrival: the load window is [0, t_end]
+
+    expired = 0
+
+    def release(lease: str, latency_ms: float, now: float) -> None:
+        # A request that waited longer than lease_timeout_s (30 s) finds its lease
+        # expired: only an overloaded node (round_robin on the slow ones) gets there.
+        nonlocal expired
+        try:
+            bal.release(lease, latency_ms, True, now=now)
+        except NotFound:
+            expired += 1
+
+    def start(node: Node, req: list[Any], now: float) -> None:
+        node.busy_from = now
+        push(now + req[1] * node.mean_s, DONE, (node, req))
+
+    push(arrivals.expovariate(RATE), ARRIVE, None)
+    push(1.0, REPORT, None)
+    if stale:
+        push(period, BATCH, None)
+    while heap:
+        now, _, kind, payload = heapq.heappop(heap)
+        if kind == ARRIVE:
+            sid = shard_ids[int(arrivals.random() * SHARDS)]
+            work = arrivals.expovariate(1.0)
+            req: list[Any] = [now, work, None, None, sent]
+            sent += 1
+            t_end = now
+            if sent < requests:
+                push(now + arrivals.expovariate(RATE), ARRIVE, None)
+            if oracle:
+                cands = shards[sid]
+                k0 = int(tie.random() * NODES)
+                best = None
+                for i in range(NODES):
+                    nd = nodes[cands[(k0 + i) % NODES].node]
+                    if best is None or nd.outstanding < best.outstanding:
+                        best = nd
+                node = best
+            elif stale:
+                sel = bal.select(sid, shards[sid], lease=False, now=now)
+                node = nodes[sel.node]
+                pending_open.append(req)
+            else:
+                sel = bal.select(sid, shards[sid], now=now)
+                node = nodes[sel.node]
+                req[3] = sel.lease
+            assert node is not None
+            req[2] = node
+            node.outstanding += 1
+            node.served += 1
+            if node.busy_from is None:
+                start(node, req, now)
+            else:
+                node.queue.append(req)
+        elif kind == DONE:
+            node, req = payload
+            began = node.busy_from
+            node.busy_window += now - began
+            if sent < requests:
+                node.busy_s += now - began
+            else:
+                node.busy_s += max(0.0, min(now, t_end) - began)
+            node.busy_from = None
+            node.outstanding -= 1
+            latency_ms = (now - req[0]) * 1000.0
+            if req[4] >= warm:
+                latencies.append(latency_ms)
+            if stale:
+                pending_release.append((req, latency_ms))
+            elif req[3] is not None:
+                release(req[3], latency_ms, now)
+            if node.queue:
+                start(node, node.queue.popleft(), now)
+        elif kind == REPORT:
+            if sent >= requests:
+                continue
+            for node in nodes.values():
+                window = node.busy_window
+                if node.busy_from is not None:
+                    window += now - node.busy_from
+                    node.busy_window = -(now - node.busy_from)  # the part already counted
+                else:
+                    node.busy_window = 0.0
+                bal.node_update(node.name, load={"cpu": min(100.0, 100.0 * window), "mem": 50.0}, now=now)
+            bal.tick(now)
+            push(now + 1.0, REPORT, None)
+        else:  # BATCH: the core learns about the last period's selections and completions
+            for req in pending_open:
+                req[3] = bal.select(req[2].name + "/feedback", only[req[2].name], now=now).lease
+            for req, latency_ms in pending_release:
+                release(req[3], latency_ms, now)
+            pending_open.clear()
+            pending_release.clear()
+            if sent < requests or any(n.outstanding for n in nodes.values()):
+                push(now + period, BATCH, None)
+    # Services still running at t_end count up to t_end (handled above); window [0, t_end].
+    busy = [n.busy_s / t_end for n in nodes.values()]
+    mean_busy = statistics.fmean(busy)
+    latencies.sort()
+    return {
+        "strategy": strategy, "seed": seed, "stale_k": stale_k, "weighted": weighted,
+        "requests": sent, "measured": len(latencies), "expired_leases": expired, "virtual_s": t_end,
+        "p50_ms": pct(latencies, 0.50), "p99_ms": pct(latencies, 0.99),
+        "p999_ms": pct(latencies, 0.999), "mean_ms": statistics.fmean(latencies),
+        "max_over_mean_load": max(busy) / mean_busy, "mean_load": mean_busy,
+        "busy": {n: round(b, 4) for n, b in zip(nodes, busy, strict=True)},
+        "share": {n: nd.served / sent for n, nd in nodes.items()},
+    }
+
+
+def _job(args: tuple[str, int, float, int, bool]) -> dict[str, Any]:
+    return simulate(*args)
+
+
+def label(strategy: str, weighted: bool) -> str:
+    if strategy == ORACLE:
+        return "oracle (full-scan LC, fresh)"
+    return strategy if weighted else f"{strategy} (weights 1)"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="20,000 requests per run (< 1 min)")
+    parser.add_argument("--requests", type=int, default=None)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--stale", type=float, nargs="*", default=[2.0, 8.0],
+                        help="staleness levels in mean service times (fresh is always run)")
+    parser.add_argument("--no-unweighted", action="store_true", help="skip the weights-1 rows")
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args()
+    requests = args.requests or (20_000 if args.quick else 200_000)
+    seeds = list(range(args.seeds))
+    levels = [0.0, *args.stale]
+
+    jobs: list[tuple[str, int, float, int, bool]] = []
+    for seed in seeds:
+        jobs.append((ORACLE, seed, 0.0, requests, True))
+        for s in STRATEGY_NAMES:
+            jobs.append((s, seed, 0.0, requests, True))
+        for k in args.stale:
+            for s in FEEDBACK:
+                jobs.append((s, seed, k, requests, True))
+        if not args.no_unweighted:
+            for k in levels:
+                for s in FEEDBACK:
+                    jobs.append((s, seed, k, requests, False))
+    started = time.perf_counter()
+    with mp.Pool(args.jobs) as pool:
+        runs = pool.map(_job, jobs, chunksize=1)
+    elapsed = time.perf_counter() - started
+
+    oracle_p99 = {r["seed"]: r["p99_ms"] for r in runs if r["strategy"] == ORACLE}
+    for r in runs:
+        r["p99_over_oracle"] = r["p99_ms"] / oracle_p99[r["seed"]]
+    groups: dict[tuple[str, bool, float], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["strategy"], r["weighted"], r["stale_k"]), []).append(r)
+
+    def med(key: tuple[str, bool, float], metric: str) -> float:
+        return statistics.median(r[metric] for r in groups[key])
+
+    def spread(key: tuple[str, bool, float], metric: str) -> str:
+        xs = [r[metric] for r in groups[key]]
+        return f"{min(xs):.2f}..{max(xs):.2f}"
+
+    rows: list[dict[str, Any]] = []
+    table_rows: list[list[Any]] = []
+    order = [(ORACLE, True)] + [(s, True) for s in STRATEGY_NAMES] + \
+        ([] if args.no_unweighted else [(s, False) for s in FEEDBACK])
+    for k in levels:
+        for s, w in order:
+            key = (s, w, k)
+            if key not in groups:
+                continue
+            row = {"strategy": s, "weighted": w, "stale_k": k, "runs": len(groups[key])}
+            for m in ("p50_ms", "p99_ms", "p999_ms", "mean_ms", "max_over_mean_load", "p99_over_oracle"):
+                row[m] = med(key, m)
+                row[m + "_spread"] = [min(r[m] for r in groups[key]), max(r[m] for r in groups[key])]
+            row["expired_leases"] = statistics.median(r["expired_leases"] for r in groups[key])
+            row["slow_share"] = statistics.median(sum(r["share"][n] for n in SLOW) for r in groups[key])
+            rows.append(row)
+            table_rows.append([
+                "fresh" if k == 0 else f"{k:g} S", label(s, w),
+                f"{row['p50_ms']:.1f}", f"{row['p99_ms']:.1f} ({spread(key, 'p99_ms')})",
+                f"{row['p999_ms']:.1f}", f"{row['p99_over_oracle']:.2f} ({spread(key, 'p99_over_oracle')})",
+                f"{row['max_over_mean_load']:.3f} ({spread(key, 'max_over_mean_load')})",
+                f"{row['slow_share']:.1%}", f"{row['expired_leases']:g}",
+            ])
+
+    print(f"\nBalancer core in a simulated cluster: {NODES} nodes (8 x {FAST_MS:g} ms, "
+          f"{len(SLOW)} x {FAST_MS * SLOW_FACTOR:g} ms mean service, exponential, 1 server each), "
+          f"Poisson at {LOAD:.0%} of capacity = {RATE:.0f} req/s, {requests:,} requests per run, "
+          f"median of {len(seeds)} seeds (min..max); S = {MEAN_SERVICE_S * 1000:.2f} ms; "
+          f"weights = capacity unless 'weights 1'")
+    print(f"fair share of the slow nodes (by capacity): {sum(1000 / MEAN_MS[n] for n in SLOW) / CAPACITY:.1%}")
+    from bench._procs import table
+
+    table("latency in ms of virtual time; load = busy fraction; p99/or = p99 / oracle p99 (same seed)",
+          ["info", "strategy", "p50", "p99 (spread)", "p99.9", "p99/or (spread)", "max/mean load (spread)",
+           "slow share", "expired"], table_rows)
+
+    def find(s: str, k: float, w: bool = True) -> dict[str, Any] | None:
+        return next((r for r in rows if r["strategy"] == s and r["stale_k"] == k and r["weighted"] == w), None)
+
+    goals: dict[str, Any] = {}
+    print("\nGoals (issue 6):")
+    for w in (True, False):
+        if args.no_unweighted and not w:
+            continue
+        tag = "" if w else " [weights 1]"
+        perf = find("performance", 0.0, w)
+        assert perf is not None
+        ok1 = perf["p99_over_oracle"] <= 1.3
+        ok2 = perf["max_over_mean_load"] <= 1.1
+        print(f"  performance{tag} fresh: p99 {perf['p99_over_oracle']:.2f}x oracle (goal <= 1.3): "
+              f"{'met' if ok1 else 'NOT met'}; max/mean load {perf['max_over_mean_load']:.3f} (goal <= 1.1): "
+              f"{'met' if ok2 else 'NOT met'}")
+        goals[f"fresh{tag}"] = {"p99_ratio": perf["p99_over_oracle"], "p99_ok": ok1,
+                                "max_mean": perf["max_over_mean_load"], "load_ok": ok2}
+        for k in args.stale:
+            p, lc = find("performance", k, w), find("least_connections", k, w)
+            assert p is not None and lc is not None
+            better = p["p99_ms"] < lc["p99_ms"]
+            seeds_better = sum(
+                a["p99_ms"] < b["p99_ms"]
+                for a, b in zip(sorted(groups[("performance", w, k)], key=lambda r: r["seed"]),
+                                sorted(groups[("least_connections", w, k)], key=lambda r: r["seed"]), strict=True)
+            )
+            print(f"  stale {k:g} S{tag}: performance p99 {p['p99_ms']:.1f} ms vs least_connections "
+                  f"{lc['p99_ms']:.1f} ms (goal: better): {'met' if better else 'NOT met'} "
+                  f"({seeds_better}/{len(seeds)} seeds better); performance p99 {p['p99_over_oracle']:.2f}x "
+                  f"fresh oracle, max/mean load {p['max_over_mean_load']:.3f}")
+            goals[f"stale_{k:g}{tag}"] = {"perf_p99": p["p99_ms"], "lc_p99": lc["p99_ms"], "ok": better,
+                                          "seeds_better": seeds_better}
+    print(f"\n({len(runs)} runs in {elapsed:.0f} s wall on {args.jobs} processes)")
+    out = write_results("balancer_sim", {
+        "params": {"nodes": MEAN_MS, "load": LOAD, "rate": RATE, "capacity": CAPACITY,
+                   "mean_service_s": MEAN_SERVICE_S, "requests": requests, "seeds": seeds,
+                   "stale_levels": levels, "shards": SHARDS, "warmup": WARMUP, "quick": args.quick},
+        "rows": rows, "goals": goals, "runs": runs, "host": host_info(), "elapsed_s": elapsed,
+    })
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
