@@ -31,9 +31,10 @@ from loguru import logger
 
 from phantom_bus import config as cfgmod
 from phantom_bus import log, protocol
+from phantom_bus import security as secmod
 from phantom_bus.dispatch import Dispatcher, ToClient, ToWorker
-from phantom_bus.errors import BadRequest, PhantomError, UnknownOperation
-from phantom_bus.wire import readable, recv_frames, send_frames
+from phantom_bus.errors import BadRequest, PhantomError, Refused, UnknownOperation
+from phantom_bus.wire import readable, recv_frames, recv_frames_as, send_frames
 
 SETTINGS = (
     "broker",
@@ -48,6 +49,8 @@ SETTINGS = (
     "broker_queue",
     "max_message",
     "timeout",
+    "curve_dir",
+    "curve_key",
 )
 
 # Messages handled per socket before looking at the others, so one busy socket
@@ -72,16 +75,21 @@ class Broker:
         self.started = time.time()
         self.counters = {"requests": 0, "replies": 0, "bad_client": 0, "bad_worker": 0, "events": 0}
         self._running = False
-        self.frontend = self._socket(zmq.ROUTER, cfg.bind("broker"))
-        self.backend = self._socket(zmq.ROUTER, cfg.bind("backend"))
-        self.xsub = self._socket(zmq.XSUB, cfg.bind("events_in"))
-        self.xpub = self._socket(zmq.XPUB, cfg.bind("events_out"))
+        self.security = secmod.setup(cfg, "broker/broker")
+        self._secure = self.security.enabled
+        if self._secure:
+            self.counters["refused"] = 0
+        self.frontend = self._socket(zmq.ROUTER, cfg.bind("broker"), secmod.DOMAIN_FRONTEND)
+        self.backend = self._socket(zmq.ROUTER, cfg.bind("backend"), secmod.DOMAIN_BACKEND)
+        self.xsub = self._socket(zmq.XSUB, cfg.bind("events_in"), secmod.DOMAIN_EVENTS_IN)
+        self.xpub = self._socket(zmq.XPUB, cfg.bind("events_out"), secmod.DOMAIN_EVENTS_OUT)
 
-    def _socket(self, kind: int, endpoint: str) -> zmq.Socket[Any]:
+    def _socket(self, kind: int, endpoint: str, domain: str) -> zmq.Socket[Any]:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, _HWM)
         sock.setsockopt(zmq.RCVHWM, _HWM)
+        self.security.server(sock, domain)
         sock.bind(endpoint)
         return sock
 
@@ -94,7 +102,17 @@ class Broker:
         frames += [protocol.CLIENT, service, reqid, protocol.encode_error(err)]
         send_frames(self.frontend, frames)
 
-    def _on_client(self, frames: list[bytes], now: float) -> None:
+    def _on_client_as(self, frames: list[bytes], user: str | None, now: float) -> None:
+        # Security on: the connection was authenticated at the handshake; here the
+        # caller must still be authorized (a key removed since is refused at once),
+        # and its User-Id travels with the request for the service to check.
+        if user is not None and len(user) < 256 and self.security.knows(user):
+            self._on_client(frames, now, user.encode())
+            return
+        self.counters["refused"] += 1
+        self._on_client(frames, now, None)
+
+    def _on_client(self, frames: list[bytes], now: float, caller: bytes | None = b"") -> None:
         identity = frames[0]
         delimited = len(frames) > 1 and frames[1] == b""
         rest = frames[2:] if delimited else frames[1:]
@@ -115,8 +133,12 @@ class Broker:
             self.counters["bad_client"] += 1
             self._client_error(identity, delimited, service_frame[:64], reqid[:64], err)
             return
+        if caller is None:
+            revoked = Refused("this key is no longer authorized (it was removed from the authorized keys)")
+            self._client_error(identity, delimited, service_frame, reqid, revoked)
+            return
         self.counters["requests"] += 1
-        route = protocol.make_route(identity, delimited)
+        route = protocol.make_route(identity, delimited, caller)
         if service == protocol.BROKER_SERVICE:
             self._own_request(identity, delimited, reqid, body, now)
             return
@@ -138,6 +160,7 @@ class Broker:
                     "uptime": round(time.time() - self.started, 3),
                     "pid": os.getpid(),
                     "services": self.dispatcher.services(now),
+                    "security": self.security.stats(),
                 }
             else:
                 raise UnknownOperation(f"the broker has no operation {op!r}; it knows ping, services, stats")
@@ -149,6 +172,17 @@ class Broker:
         send_frames(self.frontend, frames)
 
     # --- backend --------------------------------------------------------------
+
+    def _on_worker_as(self, frames: list[bytes], user: str | None, now: float) -> None:
+        # Security on: only service keys reach the backend (ZAP domain); a worker
+        # may register only for the service its key is named after.
+        if len(frames) >= 4 and frames[2] == protocol.READY and frames[1] == protocol.WORKER:
+            wanted = f"service:{frames[3].decode('ascii', 'replace')}"
+            if user != wanted or not self.security.knows(user):
+                self.counters["bad_worker"] += 1
+                logger.warning("refused a worker registration for {!r} from key {}", frames[3][:64], user)
+                return
+        self._on_worker(frames, now)
 
     def _on_worker(self, frames: list[bytes], now: float) -> None:
         identity = frames[0]
@@ -210,10 +244,10 @@ class Broker:
 
     def _do(self, action: ToWorker | ToClient) -> None:
         if isinstance(action, ToWorker):
-            send_frames(
-                self.backend,
-                [action.identity, protocol.WORKER, protocol.REQUEST, action.route, action.reqid, action.body],
-            )
+            frames = [action.identity, protocol.WORKER, protocol.REQUEST, action.route, action.reqid, action.body]
+            if self._secure:
+                frames.append(protocol.route_caller(action.route))
+            send_frames(self.backend, frames)
             return
         client, delimited = protocol.split_route(action.route)
         self._client_error(client, delimited, action.service.encode(), action.reqid, action.error)
@@ -239,6 +273,14 @@ class Broker:
                 return
             handle(recv_frames(sock), now)
 
+    @staticmethod
+    def _drain_as(sock: zmq.Socket[Any], handle: Any, now: float) -> None:
+        for _ in range(_BATCH):
+            if not readable(sock):
+                return
+            frames, user = recv_frames_as(sock)
+            handle(frames, user, now)
+
     def _relay(self, src: zmq.Socket[Any], dst: zmq.Socket[Any], count: bool) -> None:
         for _ in range(_BATCH):
             if not readable(src):
@@ -254,6 +296,7 @@ class Broker:
             poller.register(sock, zmq.POLLIN)
         self._running = True
         next_beat = time.monotonic() + self.heartbeat
+        (logger.info if self._secure else logger.warning)(self.security.describe())
         logger.info(
             "broker up: clients {} workers {} events {} -> {}",
             self.cfg.bind("broker"),
@@ -270,10 +313,16 @@ class Broker:
                     continue
                 raise
             now = time.monotonic()
-            if self.backend in ready:
-                self._drain(self.backend, self._on_worker, now)
-            if self.frontend in ready:
-                self._drain(self.frontend, self._on_client, now)
+            if self._secure:
+                if self.backend in ready:
+                    self._drain_as(self.backend, self._on_worker_as, now)
+                if self.frontend in ready:
+                    self._drain_as(self.frontend, self._on_client_as, now)
+            else:
+                if self.backend in ready:
+                    self._drain(self.backend, self._on_worker, now)
+                if self.frontend in ready:
+                    self._drain(self.frontend, self._on_client, now)
             if self.xsub in ready:
                 self._relay(self.xsub, self.xpub, True)
             if self.xpub in ready:
@@ -296,6 +345,7 @@ class Broker:
                 )
         for sock in (self.frontend, self.backend, self.xsub, self.xpub):
             sock.close(0)
+        self.security.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,8 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     except zmq.ZMQError as exc:
         logger.error("cannot bind the broker's sockets: {}", exc)
         return 1
+    except cfgmod.ConfigError as exc:
+        logger.error("{}", exc)
+        return 2
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())
     signal.signal(signal.SIGINT, lambda *_: broker.stop())
+    if broker.security.enabled:
+        signal.signal(signal.SIGHUP, lambda *_: broker.security.request_reload())
     broker.run()
     logger.info("broker stopped")
     return 0

@@ -11,9 +11,11 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from phantom_bus import config as cfgmod
+from phantom_bus import security as secmod
 from phantom_bus.client import Client
 from phantom_bus.errors import BrokerUnreachable, PhantomError
 
@@ -155,6 +157,44 @@ def cmd_remove(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _names(text: str | None) -> list[str]:
+    return [n.strip() for n in (text or "").split(",") if n.strip()]
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """``phantom keygen DIR``: key pairs per role and the authorized-keys tree (no broker needed)."""
+    directory = Path(args.dir)
+    try:
+        report = secmod.keygen(
+            directory,
+            agents=_names(args.agents),
+            services=_names(args.services),
+            operators=_names(args.operators),
+            clients=_names(args.clients),
+            force=args.force,
+        )
+    except (OSError, ValueError) as exc:
+        print(f"phantom: keygen failed: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    rows = [
+        {
+            "key": p.ref,
+            "user_id": p.user_id,
+            "what": what,
+            "secret": str(secmod.secret_path(directory, p)),
+            "public": str(secmod.public_path(directory, p)),
+        }
+        for p, what in report
+    ]
+    if args.json:
+        _print_json(rows)
+    else:
+        print(_table(rows, (("key", "key"), ("what", "what"), ("secret", "secret key (keep on its host)"))))
+        print(f"\nauthorized public keys: {directory / secmod.AUTHORIZED}")
+        print(f"turn security on: PHANTOM_CURVE_DIR={directory} for every process (docs: Production)")
+    return EXIT_OK
+
+
 def _owner(client: Client, op: str) -> str:
     """Which service carries out a node operation: the manager when it runs,
     else the service that holds the table (discovery registers and removes)."""
@@ -169,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phantom", description="Phantom cluster control plane")
     parser.add_argument("--broker", help="broker endpoint [PHANTOM_BROKER, default tcp://127.0.0.1:5555]")
     parser.add_argument("--timeout", type=float, help="seconds per attempt [PHANTOM_TIMEOUT]")
+    parser.add_argument("--curve-dir", help="key directory: security on [PHANTOM_CURVE_DIR]")
+    parser.add_argument("--curve-key", help="ROLE/NAME or .key path, default operator/admin [PHANTOM_CURVE_KEY]")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(
@@ -195,6 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("node")
     p = command("remove", cmd_remove, "forget a node (refused while it holds the only live replica)")
     p.add_argument("node")
+    p = sub.add_parser(
+        "keygen",
+        help="make CURVE key pairs per role and the authorized-keys directory",
+        description="Make (or complete) a key directory: DIR/<role>/<name>.key secret key pairs, "
+        "DIR/authorized/<role>/<name>.pub public keys. Existing secret keys are kept unless --force.",
+    )
+    p.add_argument("dir", help="key directory (PHANTOM_CURVE_DIR of the cluster)")
+    p.add_argument("--agents", help="comma-separated node ids, e.g. node-1,node-2")
+    p.add_argument("--services", default=",".join(secmod.DEFAULT_SERVICES), help="service names [%(default)s]")
+    p.add_argument("--operators", default=",".join(secmod.DEFAULT_OPERATORS), help="operator keys [%(default)s]")
+    p.add_argument("--clients", default=",".join(secmod.DEFAULT_CLIENTS), help="client keys [%(default)s]")
+    p.add_argument("--force", action="store_true", help="replace existing secret keys (every holder needs the new one)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(fn=None)
     return parser
 
 
@@ -202,25 +258,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``phantom`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "keygen":
+        return cmd_keygen(args)
+    flags = {"broker": args.broker, "timeout": args.timeout, "curve_dir": args.curve_dir, "curve_key": args.curve_key}
     try:
-        cfg = cfgmod.load({"broker": args.broker, "timeout": args.timeout}, names=("broker", "timeout"))
+        cfg = cfgmod.load(flags, names=tuple(flags))
+        security = secmod.setup(cfg, "operator/admin")
     except cfgmod.ConfigError as exc:
         print(f"phantom: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        with Client(cfg.broker, timeout=cfg.timeout) as client:
+        with Client(cfg.broker, timeout=cfg.timeout, security=security) as client:
             # A quick ping first: an absent broker is reported in about a second
             # instead of after every retry of the real request.
             if not client.ping(timeout=min(cfg.timeout, 1.0)):
-                raise BrokerUnreachable(f"the broker at {cfg.broker} does not answer")
+                raise client.unreachable()
             code: int = args.fn(client, args)
             return code
     except BrokerUnreachable as exc:
-        print(f"phantom: {exc} (is it running? `make up` starts the cluster)", file=sys.stderr)
+        hint = " (is it running? `make up` starts the cluster)" if str(exc).endswith("does not answer") else ""
+        print(f"phantom: {exc}{hint}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except PhantomError as exc:
         print(f"phantom: {args.command} failed: {exc.code}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except cfgmod.ConfigError as exc:  # e.g. a key file that went away
+        print(f"phantom: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
 

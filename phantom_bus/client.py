@@ -29,6 +29,7 @@ import zmq.asyncio
 
 from phantom_bus import config as cfgmod
 from phantom_bus import protocol
+from phantom_bus import security as secmod
 from phantom_bus.errors import (
     BadRequest,
     BrokerUnreachable,
@@ -154,8 +155,13 @@ def _up(services: dict[str, Any], name: str) -> bool:
 
 
 class _Base:
-    def __init__(self, endpoint: str | None, timeout: float | None, retries: int | None) -> None:
-        cfg = cfgmod.load(names=("broker", "timeout", "retries", "max_message"))
+    def __init__(
+        self, endpoint: str | None, timeout: float | None, retries: int | None, security: secmod.Security | None
+    ) -> None:
+        cfg = cfgmod.load(names=("broker", "timeout", "retries", "max_message", "curve_dir", "curve_key"))
+        # The process's identity (a service, an agent, the CLI), else this library
+        # client's own key from PHANTOM_CURVE_DIR / PHANTOM_CURVE_KEY; off without them.
+        self.security = security if security is not None else secmod.current(cfg)
         self.endpoint = endpoint or cfg.broker
         self.timeout = float(timeout if timeout is not None else cfg.timeout)
         self.retries = int(retries if retries is not None else cfg.retries)
@@ -180,6 +186,11 @@ class _Base:
         ok, payload = protocol.decode_reply(rest[3], max_size=self.max_body)
         return rest[2], ok, payload
 
+    def _unreachable(self, diagnosis: PhantomError | None) -> PhantomError:
+        if diagnosis is not None:
+            return diagnosis
+        return BrokerUnreachable(f"the broker at {self.endpoint} does not answer")
+
     @staticmethod
     def _error(payload: Any) -> PhantomError:
         err = error_from_wire(payload)
@@ -201,8 +212,9 @@ class Client(_Base):
         timeout: float | None = None,
         retries: int | None = None,
         ctx: zmq.Context[Any] | None = None,
+        security: secmod.Security | None = None,
     ) -> None:
-        super().__init__(endpoint, timeout, retries)
+        super().__init__(endpoint, timeout, retries, security)
         self.ctx = ctx or zmq.Context.instance()
         self._sock: zmq.Socket[Any] | None = None
 
@@ -212,6 +224,7 @@ class Client(_Base):
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 1000)
             sock.setsockopt(zmq.RCVHWM, 1000)
+            self.security.client(sock)
             sock.connect(self.endpoint)
             self._sock = sock
         return self._sock
@@ -273,8 +286,14 @@ class Client(_Base):
             time.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
         assert last is not None
         if isinstance(last, Timeout) and (service == protocol.BROKER_SERVICE or not self._broker_alive()):
-            raise BrokerUnreachable(f"the broker at {self.endpoint} does not answer") from None
+            raise self.unreachable() from None
         raise last
+
+    def unreachable(self) -> PhantomError:
+        """The error to raise when the broker does not answer: :class:`Refused` if its
+        handshake refuses our key, else :class:`BrokerUnreachable` (saying why when
+        the handshake tells). Takes up to a second: for the failure path only."""
+        return self._unreachable(secmod.diagnose(self.endpoint, self.security, self.ctx))
 
     def _broker_alive(self) -> bool:
         return self.ping(min(self.timeout, 1.0))
@@ -342,8 +361,9 @@ class AsyncClient(_Base):
         timeout: float | None = None,
         retries: int | None = None,
         ctx: zmq.asyncio.Context | None = None,
+        security: secmod.Security | None = None,
     ) -> None:
-        super().__init__(endpoint, timeout, retries)
+        super().__init__(endpoint, timeout, retries, security)
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -355,7 +375,7 @@ class AsyncClient(_Base):
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 10000)
             sock.setsockopt(zmq.RCVHWM, 10000)
-            sock.connect(self.endpoint)
+            self.security.connect(sock, self.endpoint)
             self._sock = sock
             self._reader = asyncio.ensure_future(self._read(sock))
         return self._sock
@@ -394,6 +414,10 @@ class AsyncClient(_Base):
         self, service: str, op: str, args: dict[str, Any], timeout: float
     ) -> tuple[bool, Any] | None:
         sock = self._open()
+        if self.security.enabled:
+            # A connection refused at the handshake leaves the DEALER with no peer, and
+            # a send would wait forever: connect again first if that happened.
+            self.security.retry_refused(sock)
         reqid = self._next_id()
         fut: asyncio.Future[tuple[bool, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[reqid] = fut
@@ -427,8 +451,13 @@ class AsyncClient(_Base):
         if isinstance(last, Timeout) and (
             service == protocol.BROKER_SERVICE or not await self._broker_alive()
         ):
-            raise BrokerUnreachable(f"the broker at {self.endpoint} does not answer") from None
+            raise await self.unreachable() from None
         raise last
+
+    async def unreachable(self) -> PhantomError:
+        """Awaitable :meth:`Client.unreachable` (the handshake probe runs in a thread)."""
+        diagnosis = await asyncio.to_thread(secmod.diagnose, self.endpoint, self.security, self.ctx)
+        return self._unreachable(diagnosis)
 
     async def _broker_alive(self) -> bool:
         try:

@@ -181,6 +181,25 @@ _SETTINGS: list[Setting] = [
         "directory",
         "State directory (SQLite files, agent incarnations, logs); relative to the working directory.",
     ),
+    # --- security -----------------------------------------------------------------
+    Setting(
+        "curve_dir",
+        "",
+        _optional_path,
+        "directory",
+        "Key directory made by `phantom keygen` (`[security] curve_dir` in phantom.toml). Set: every "
+        "socket is CURVE-encrypted and only keys under DIR/authorized may connect, fail closed. "
+        "Empty: security off, for a demo on one host only.",
+    ),
+    Setting(
+        "curve_key",
+        "",
+        _optional_path,
+        "role/name",
+        "This process's own key: ROLE/NAME under curve_dir, or the path of a .key file. Empty: the "
+        "program's own (broker/broker, service/NAME, agent/NODE_ID, operator/admin for the CLI, "
+        "client/app for library clients).",
+    ),
     # --- logging ----------------------------------------------------------------
     Setting(
         "log_json",
@@ -449,6 +468,19 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# Keys of phantom.toml sections whose flattened name is not the setting's own.
+_FILE_ALIASES = {"security_curve_dir": "curve_dir", "security_curve_key": "curve_key"}
+
+
+def _aliased(values: dict[str, Any], path: Path) -> dict[str, Any]:
+    for alias, name in _FILE_ALIASES.items():
+        if alias in values:
+            if name in values:
+                raise ConfigError(f"{path}: both {name} and [security] {name} are set; keep one")
+            values[name] = values.pop(alias)
+    return values
+
+
 def _read_file(env: Mapping[str, str]) -> tuple[dict[str, Any], str]:
     explicit = env.get("PHANTOM_CONFIG")
     path = Path(explicit) if explicit else Path("phantom.toml")
@@ -458,7 +490,7 @@ def _read_file(env: Mapping[str, str]) -> tuple[dict[str, Any], str]:
         return {}, ""
     try:
         with path.open("rb") as fh:
-            return _flatten(tomllib.load(fh)), str(path)
+            return _aliased(_flatten(tomllib.load(fh)), path), str(path)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
 

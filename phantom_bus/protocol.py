@@ -160,23 +160,46 @@ def decode_reply(body: bytes, *, max_size: int = DEFAULT_MAX_BODY) -> tuple[bool
 # --- routes --------------------------------------------------------------------
 # The broker hands a worker an opaque route frame and gets it back with the
 # reply, so it can answer the right client without keeping per-request state
-# or decoding the body. Byte 0 says whether the client used an empty delimiter
-# frame (REQ does, DEALER may); the rest is the client's ROUTER identity.
+# or decoding the body. Byte 0 is a set of flags: 0x01 the client sent an empty
+# delimiter frame (REQ does, DEALER may); 0x02 (security on) the route carries
+# the caller's authenticated User-Id, as one length byte and the id. The rest
+# is the client's ROUTER identity.
 
 _ROUTE_DELIM = b"\x01"
 _ROUTE_BARE = b"\x00"
+_ROUTE_CALLER = 0x02
 
 
-def make_route(identity: bytes, delimited: bool) -> bytes:
-    """Pack a client identity and its delimiter flag into one route frame."""
+def make_route(identity: bytes, delimited: bool, caller: bytes = b"") -> bytes:
+    """Pack a client identity, its delimiter flag and (security on) its User-Id into one route frame."""
+    if caller:
+        return bytes((_ROUTE_CALLER | delimited, len(caller))) + caller + identity
     return (_ROUTE_DELIM if delimited else _ROUTE_BARE) + identity
 
 
 def split_route(route: bytes) -> tuple[bytes, bool]:
-    """Inverse of :func:`make_route`; raises BadRequest on a malformed route."""
-    if len(route) < 2 or route[:1] not in (_ROUTE_DELIM, _ROUTE_BARE):
+    """Inverse of :func:`make_route` (without the caller); raises BadRequest on a malformed route."""
+    flag = route[:1]
+    if len(route) >= 2 and flag in (_ROUTE_DELIM, _ROUTE_BARE):
+        return route[1:], flag == _ROUTE_DELIM
+    identity, delimited, _ = _split_caller_route(route)
+    return identity, delimited
+
+
+def route_caller(route: bytes) -> bytes:
+    """The caller's User-Id carried in ``route``, or b"" if it carries none."""
+    if route[:1] in (_ROUTE_DELIM, _ROUTE_BARE):
+        return b""
+    return _split_caller_route(route)[2]
+
+
+def _split_caller_route(route: bytes) -> tuple[bytes, bool, bytes]:
+    if len(route) < 3 or route[0] & ~0x03 or not route[0] & _ROUTE_CALLER:
         raise BadRequest("malformed route frame")
-    return route[1:], route[:1] == _ROUTE_DELIM
+    end = 2 + route[1]
+    if len(route) <= end:
+        raise BadRequest("malformed route frame")
+    return route[end:], bool(route[0] & 0x01), route[2:end]
 
 
 # --- events --------------------------------------------------------------------

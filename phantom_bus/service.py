@@ -40,8 +40,9 @@ import zmq.asyncio
 from loguru import logger
 
 from phantom_bus import protocol
+from phantom_bus import security as secmod
 from phantom_bus.config import Config
-from phantom_bus.errors import BadRequest, InternalError, PhantomError, UnknownOperation
+from phantom_bus.errors import BadRequest, InternalError, PhantomError, Refused, UnknownOperation
 from phantom_bus.wire import LoopSocket
 
 Handler = Callable[..., Any]
@@ -60,6 +61,8 @@ SERVICE_SETTINGS = (
     "worker_liveness",
     "worker_concurrency",
     "max_message",
+    "curve_dir",
+    "curve_key",
 )
 
 
@@ -86,6 +89,12 @@ class Service:
         self.concurrency = int(cfg.worker_concurrency)
         self.max_body = int(cfg.max_message)
         self.counters = {"requests": 0, "errors": 0, "bad": 0, "reconnects": 0, "events_in": 0}
+        # Security on: connect with this service's key, and check every request's
+        # caller against the operation table before its handler runs.
+        self.security = secmod.setup(cfg, f"service/{name}")
+        self._authorise = self.security.enabled
+        if self._authorise:
+            self.counters["refused"] = 0
         self._ops: dict[str, _Operation] = {}
         self._subs: list[tuple[str, EventCallback]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -150,7 +159,7 @@ class Service:
         # Opened when the service starts, not at the first event: a PUB socket
         # drops what it sends before its connection is up.
         self._pub = self._socket(zmq.PUB)
-        self._pub.connect(self.cfg.events_in)
+        self.security.connect(self._pub, self.cfg.events_in)
 
     async def _event_loop(self) -> None:
         assert self._sub is not None
@@ -189,6 +198,7 @@ class Service:
         if self._worker is not None:
             self._worker.close()
         sock = self.sync_socket(zmq.DEALER)
+        self.security.client(sock)
         sock.connect(self.cfg.backend)
         self._worker = LoopSocket(sock, recheck=self.heartbeat)
         await self._register()
@@ -219,6 +229,10 @@ class Service:
                 await self._connect()
                 continue
             self._send([protocol.WORKER, protocol.HEARTBEAT])
+            if self._authorise:  # event sockets refused (key authorized late) try again
+                for sock in (self._pub, self._sub):
+                    if sock is not None:
+                        self.security.retry_refused(sock)
 
     async def _worker_loop(self) -> None:
         burst = 0
@@ -235,6 +249,8 @@ class Service:
                 self.counters["bad"] += 1
             elif frames[1] == protocol.REQUEST and len(frames) == 5:
                 self._on_request(frames[2], frames[3], frames[4])
+            elif frames[1] == protocol.REQUEST and len(frames) == 6:  # with the caller (security on)
+                self._on_request(frames[2], frames[3], frames[4], frames[5])
             elif frames[1] == protocol.DISCONNECT:
                 logger.info("broker asked us to register again")
                 await self._register()
@@ -245,10 +261,12 @@ class Service:
                 burst = 0
                 await asyncio.sleep(0)
 
-    def _on_request(self, route: bytes, reqid: bytes, body: bytes) -> None:
+    def _on_request(self, route: bytes, reqid: bytes, body: bytes, caller: bytes | None = None) -> None:
         self.counters["requests"] += 1
         try:
             op_name, args = protocol.decode_request(body, max_size=self.max_body)
+            if self._authorise:
+                secmod.authorise(caller, self.name, op_name, args)
             op = self._ops.get(op_name)
             if op is None:
                 known = ", ".join(sorted(self._ops))
@@ -257,6 +275,10 @@ class Service:
                 op.signature.bind(**args)
             except TypeError as exc:
                 raise BadRequest(f"bad arguments for {self.name}.{op_name}: {exc}") from None
+        except Refused as err:
+            self.counters["refused"] += 1
+            self._reply(route, reqid, protocol.encode_error(err))
+            return
         except PhantomError as err:
             self.counters["bad"] += 1
             self._reply(route, reqid, protocol.encode_error(err))
@@ -308,9 +330,10 @@ class Service:
             self._sub = self._socket(zmq.SUB)
             for prefix, _ in self._subs:
                 self._sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
-            self._sub.connect(self.cfg.events_out)
+            self.security.connect(self._sub, self.cfg.events_out)
             loops.append(self._event_loop())
         tasks = [asyncio.ensure_future(c) for c in loops]
+        (logger.info if self.security.enabled else logger.warning)(self.security.describe())
         logger.info("service {} registering at {}", self.name, self.cfg.backend)
         try:
             await run_until(self._stopping, tasks)
@@ -331,6 +354,7 @@ class Service:
             if sock is not None:
                 sock.close(0)
         self._worker = self._pub = self._sub = None
+        self.security.close()
 
     def stop(self) -> None:
         """Finish: unregister, let accepted requests complete, close sockets."""
@@ -344,6 +368,8 @@ def run_forever(service: Service, *extra: Awaitable[Any]) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, service.stop)
+        if service.security.enabled:  # re-read the authorized keys now
+            loop.add_signal_handler(signal.SIGHUP, service.security.request_reload)
         await service.run(*extra)
 
     asyncio.run(main())

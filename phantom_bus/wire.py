@@ -42,6 +42,24 @@ def recv_frames(sock: Any, flags: int = 0) -> list[bytes]:
     return frames
 
 
+def recv_frames_as(sock: Any, flags: int = 0) -> tuple[list[bytes], str | None]:
+    """Like :func:`recv_frames`, plus the message's ZAP ``User-Id`` (None without one).
+
+    Only the first frame is received as a :class:`zmq.Frame` (the property lives
+    on every frame of the message), so this costs one Frame more than
+    :func:`recv_frames`; sockets without security keep using that.
+    """
+    first = _recv(sock, flags, False, False)
+    try:
+        user: str | None = first.get("User-Id")
+    except zmq.ZMQError:
+        user = None
+    frames = [first.bytes]
+    while _get(sock, RCVMORE):
+        frames.append(_recv(sock, 0, True, False))
+    return frames, user
+
+
 def readable(sock: Any) -> bool:
     """True if a message can be received now without blocking."""
     return bool(_get(sock, _EVENTS) & _POLLIN)
@@ -113,6 +131,12 @@ class LoopSocket:
         if not readable(self.sock):
             return None
         return recv_frames(self.sock, NOBLOCK)
+
+    def recv_nowait_as(self) -> tuple[list[bytes], str | None] | None:
+        """One whole message and its ZAP User-Id if one is ready, else None."""
+        if not readable(self.sock):
+            return None
+        return recv_frames_as(self.sock, NOBLOCK)
 
     async def recv(self) -> list[bytes]:
         """The next message, waiting through the event loop."""

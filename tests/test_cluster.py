@@ -87,9 +87,14 @@ def test_dead_node_fails_over_then_rereplicates_after_the_delay(bus: Bus) -> Non
     yellow = wait_until(lambda: (s := status(bus)).get("health") == "yellow" and s, timeout=15, interval=0.1)
     assert node(yellow, "node-4")["state"] in ("suspect", "dead")
     # Primaries moved at once: no shard is without one while we wait for the delay.
-    dead = wait_until(lambda: (s := status(bus)) and node(s, "node-4")["state"] == "dead" and s, timeout=15)
-    assert dead["shards"]["unavailable"] == 0
-    assert node(dead, "node-4")["primaries"] == 0
+    wait_until(lambda: (s := status(bus)) and node(s, "node-4")["state"] == "dead", timeout=15)
+    # Primaries fail over at once: within a map refresh of the verdict, well before the delay.
+    failed_over = wait_until(
+        lambda: (s := status(bus)) and s["shards"]["unavailable"] == 0 and node(s, "node-4")["primaries"] == 0 and s,
+        timeout=5,
+        interval=0.1,
+    )
+    assert node(failed_over, "node-4")["state"] == "dead"
     healed = wait_green(bus, timeout=60)
     assert node(healed, "node-4")["replicas"] == 0
     assert sum(n["replicas"] for n in healed["nodes"]) == healed["shards"]["total"] * 3

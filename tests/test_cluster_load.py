@@ -211,11 +211,15 @@ def test_slow_node_gets_clearly_fewer_reads_under_the_default_strategy(bus: Bus)
                 c.release(sel, latency_ms=40.0 if sel.node == slow else 2.0, ok=True)
                 if phase == "measure":
                     picked[sel.node] += 1
+        view = {
+            n: (v["state"], v["lifecycle"], v["healthy"], v["ejected"], round(v["slow_start"], 2), v["latency_ms"])
+            for n, v in c.request("balancer", "stats")["nodes"].items()
+        }
     total = sum(picked.values())
     assert set(picked) <= {"node-1", "node-2", "node-3"}
     fair = total / 3
-    assert picked[slow] < fair / 2, picked
-    assert all(picked[n] > fair / 2 for n in ("node-1", "node-3")), picked
+    assert picked[slow] < fair / 2, (picked, view)
+    assert all(picked[n] > fair / 2 for n in ("node-1", "node-3")), (picked, view)
 
 
 def test_dead_node_is_never_selected_and_writes_follow_the_current_primary(bus: Bus) -> None:

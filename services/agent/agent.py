@@ -23,6 +23,7 @@ import zmq.asyncio
 from loguru import logger
 
 from phantom_bus import protocol
+from phantom_bus import security as secmod
 from phantom_bus.client import AsyncClient
 from phantom_bus.config import Config
 from phantom_bus.errors import PhantomError
@@ -50,6 +51,8 @@ SETTINGS = (
     "zone",
     "address",
     "weight",
+    "curve_dir",
+    "curve_key",
 )
 
 # Leaving beacons are sent this many times: PUB may drop one, repeats are harmless.
@@ -77,6 +80,9 @@ class Agent:
         self.cfg = cfg
         self.node = check_node_id(cfg.node_id, "node_id")
         self.address = check_address(cfg.address or default_address(self.node), "address")
+        # Security on: this node's agent key, the only one allowed to beacon and heartbeat as it.
+        self.security = secmod.setup(cfg, f"agent/{self.node}")
+        self.security.require(secmod.DISCOVERY, secmod.MEMBERSHIP)
         self.data_dir = Path(cfg.data)
         self.incarnation = next_incarnation(self.data_dir, self.node, time.time_ns() // 1_000_000)
         self.instance = new_instance_id()
@@ -123,6 +129,9 @@ class Agent:
         while True:
             await self._send_beacon(self.beacon())
             await asyncio.sleep(self.cfg.beacon_interval)
+            # Security on: discovery may authorize our key after we started.
+            if self._beacons is not None:
+                self.security.retry_refused(self._beacons)
 
     async def load_loop(self) -> None:
         """Sample the host's load every load interval (psutil runs off the loop)."""
@@ -142,6 +151,7 @@ class Agent:
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.SNDHWM, 4)
         sock.setsockopt(zmq.RCVHWM, 100)
+        self.security.client(sock, secmod.MEMBERSHIP)
         sock.connect(self.cfg.heartbeat)
         return sock
 
@@ -243,7 +253,7 @@ class Agent:
         sub = self.ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"shardmap.changed")
-        sub.connect(self.cfg.events_out)
+        self.security.connect(sub, self.cfg.events_out)
         copying: dict[str, asyncio.Task[None]] = {}
 
         async def listen() -> None:
@@ -284,6 +294,7 @@ class Agent:
                     except PhantomError as exc:
                         logger.debug("shard map not read: {}", exc)
                     changed.clear()
+                    self.security.retry_refused(sub)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(changed.wait(), 5.0)
             finally:
@@ -297,7 +308,8 @@ class Agent:
         self._beacons = self.ctx.socket(zmq.PUB)
         self._beacons.setsockopt(zmq.LINGER, 1000)
         self._beacons.setsockopt(zmq.SNDHWM, 100)
-        self._beacons.connect(self.cfg.beacon)
+        self.security.connect(self._beacons, self.cfg.beacon, secmod.DISCOVERY)
+        (logger.info if self.security.enabled else logger.warning)(self.security.describe())
         logger.info(
             "agent {} incarnation {} advertising {} in zone {}; beacons to {}",
             self.node,

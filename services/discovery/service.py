@@ -16,11 +16,18 @@ import zmq
 from loguru import logger
 
 from phantom_bus import protocol
+from phantom_bus import security as secmod
 from phantom_bus.config import Config
+from phantom_bus.errors import BadRequest
 from phantom_bus.events import Event
 from phantom_bus.service import Service
 from phantom_bus.wire import LoopSocket
+from services.discovery.beacon import decode_beacon
 from services.discovery.core import DROP_MALFORMED, DiscoveryConfig, DiscoveryTable
+
+#: Drop reason (in ``stats``) of a beacon whose sender's key is not the agent key of
+#: the node it announces (security on).
+DROP_UNAUTHORISED = "unauthorised"
 
 SETTINGS = ("beacon", "beacon_interval", "beacon_expiry", "discovery_forget")
 
@@ -82,15 +89,22 @@ class Discovery:
 
     async def beacon_loop(self) -> None:
         """Receive beacons until cancelled; bad ones are counted, never fatal."""
+        security = self.service.security
         sock = self.service.sync_socket(zmq.SUB, hwm=100_000)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
+        security.server(sock, secmod.DOMAIN_BEACON)
         sock.bind(self.cfg.bind("beacon"))
         self._beacons = beacons = LoopSocket(sock)
         logger.info("listening for beacons on {}", self.cfg.bind("beacon"))
         burst = 0
         try:
             while True:
-                frames = beacons.recv_nowait()
+                sender: str | None = None
+                if security.enabled:
+                    got = beacons.recv_nowait_as()
+                    frames, sender = got if got is not None else (None, None)
+                else:
+                    frames = beacons.recv_nowait()
                 if frames is None:
                     burst = 0
                     await beacons.wait()
@@ -104,11 +118,25 @@ class Discovery:
                 if len(frames) != 2 or frames[0] != protocol.BEACON:
                     self.table.count_dropped(DROP_MALFORMED, f"{len(frames)} frames")
                     continue
-                events = self.table.receive(frames[1], now)
+                if security.enabled:
+                    events = self._receive_from(sender, frames[1], now)
+                else:
+                    events = self.table.receive(frames[1], now)
                 if events:
                     await self._publish(events)
         finally:
             beacons.close()
+
+    def _receive_from(self, sender: str | None, payload: bytes, now: float) -> list[Event]:
+        """Security on: take a beacon only from the agent key of the node it announces."""
+        try:
+            beacon = decode_beacon(payload)
+        except BadRequest:
+            return self.table.receive(payload, now)  # the table counts why it is bad
+        if not secmod.speaks_for(sender, beacon.node) or not self.service.security.knows(sender):
+            self.table.count_dropped(DROP_UNAUTHORISED, f"key {sender} may not announce node {beacon.node}")
+            return []
+        return self.table.observe(beacon, now)
 
     async def tick_loop(self) -> None:
         """Expire silent nodes: a few ticks per beacon interval."""

@@ -24,9 +24,10 @@ import zmq
 from loguru import logger
 
 from phantom_bus import protocol
+from phantom_bus import security as secmod
 from phantom_bus.client import AsyncClient
 from phantom_bus.config import Config
-from phantom_bus.errors import BadRequest, PhantomError
+from phantom_bus.errors import BadRequest, PhantomError, Refused
 from phantom_bus.events import Event
 from phantom_bus.service import Service
 from phantom_bus.wire import LoopSocket
@@ -95,6 +96,10 @@ class MembershipService:
         self.core = Membership(core_config(cfg))
         self.service = Service("membership", cfg)
         self.counters = {"malformed": 0}
+        # Security on: a heartbeat counts only from the agent key of the node it names.
+        self._secure = self.service.security.enabled
+        if self._secure:
+            self.counters["refused"] = 0
         self._heartbeats: LoopSocket | None = None
         svc = self.service
         svc.add_operation("members", self.op_members)
@@ -172,7 +177,7 @@ class MembershipService:
                 )
             await self.service.publish(event.kind, event.data)
 
-    def _answer(self, identity: bytes, frames: list[bytes], now: float) -> list[Event]:
+    def _answer(self, identity: bytes, frames: list[bytes], now: float, sender: str | None = None) -> list[Event]:
         if len(frames) != 2 or frames[0] != protocol.HEARTBEAT_HEADER:
             self.counters["malformed"] += 1
             if len(frames) >= 1 and frames[0][:3] == protocol.HEARTBEAT_HEADER[:3]:
@@ -185,13 +190,18 @@ class MembershipService:
             return []
         try:
             msg = decode_heartbeat(frames[1])
+            if self._secure and not self._speaks_for(sender, msg["node"]):
+                raise Refused(
+                    f"key {sender} may not heartbeat as node {msg['node']!r}: "
+                    "an agent heartbeats only as the node its key is named after"
+                )
             if msg["op"] == "leave":
                 events = self.core.leave(msg["node"], msg["incarnation"], now)
                 self._reply(identity, {"ok": True, "code": "left", "node": msg["node"]})
                 return events
             result = self.core.heartbeat(msg["node"], msg["incarnation"], msg["seq"], msg["load"], now)
         except PhantomError as err:
-            self.counters["malformed"] += 1
+            self.counters["refused" if isinstance(err, Refused) else "malformed"] += 1
             self._reply(identity, {"ok": False, "error": err.to_wire()})
             return []
         ack = result.to_wire()
@@ -204,25 +214,36 @@ class MembershipService:
         self._reply(identity, ack)
         return list(result.events)
 
+    def _speaks_for(self, sender: str | None, node: str) -> bool:
+        security = self.service.security
+        return secmod.speaks_for(sender, node) and security.knows(sender)
+
     def _reply(self, identity: bytes, doc: dict[str, Any]) -> None:
         assert self._heartbeats is not None
         self._heartbeats.send([identity, protocol.HEARTBEAT_HEADER, protocol.pack(doc)])
 
     async def heartbeat_loop(self) -> None:
         """Answer heartbeats until cancelled."""
+        security = self.service.security
         sock = self.service.sync_socket(zmq.ROUTER, hwm=100_000)
+        security.server(sock, secmod.DOMAIN_HEARTBEAT)
         sock.bind(self.cfg.bind("heartbeat"))
         self._heartbeats = hb = LoopSocket(sock)
         logger.info("listening for heartbeats on {}", self.cfg.bind("heartbeat"))
         burst = 0
         try:
             while True:
-                frames = hb.recv_nowait()
+                sender: str | None = None
+                if security.enabled:
+                    got = hb.recv_nowait_as()
+                    frames, sender = got if got is not None else (None, None)
+                else:
+                    frames = hb.recv_nowait()
                 if frames is None:
                     burst = 0
                     await hb.wait()
                     continue
-                events = self._answer(frames[0], frames[1:], time.monotonic())
+                events = self._answer(frames[0], frames[1:], time.monotonic(), sender)
                 if events:
                     await self._publish(events)
                 burst += 1

@@ -30,6 +30,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, ContentSwitcher, DataTable, Footer, Input, Static
 
 from phantom_bus import config as cfgmod
+from phantom_bus import security as secmod
 from phantom_bus.errors import BrokerUnreachable, PhantomError
 from services.top import model
 from services.top.feed import BusFeed, Feed, fetch_status
@@ -680,7 +681,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.interval > 0:
         parser.error("--interval must be a positive number of seconds")
     try:
-        cfg = cfgmod.load({"broker": args.broker, "timeout": args.timeout}, names=("broker", "events_out", "timeout"))
+        names = ("broker", "events_out", "timeout", "curve_dir", "curve_key")
+        cfg = cfgmod.load({"broker": args.broker, "timeout": args.timeout}, names=names)
+        secmod.setup(cfg, "operator/admin")  # an operator's tool (it can drain); security off without keys
     except cfgmod.ConfigError as exc:
         print(f"phantom-top: {exc}", file=sys.stderr)
         return EXIT_USAGE

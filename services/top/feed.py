@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import zmq
 
 from phantom_bus import protocol
+from phantom_bus import security as secmod
 from phantom_bus.client import Client
 from phantom_bus.errors import BrokerUnreachable, PhantomError
 from services.top.model import EVENT_PREFIXES
@@ -96,6 +97,7 @@ class BusFeed:
         self.timeout = timeout
         self._client_factory = client_factory
         self._ctx = ctx or zmq.Context.instance()
+        self._security = secmod.current()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._want_shards = False
@@ -192,7 +194,7 @@ class BusFeed:
         for prefix in EVENT_PREFIXES:
             sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
         assert self.events_endpoint
-        sock.connect(self.events_endpoint)
+        self._security.connect(sock, self.events_endpoint)
         return sock
 
     def _event_loop(self, sink: Sink) -> None:
@@ -203,6 +205,7 @@ class BusFeed:
                     if sock is None:
                         sock = self._subscribe()
                     if not sock.poll(_EVENT_POLL_MS, zmq.POLLIN):
+                        self._security.retry_refused(sock)
                         continue
                     batch = self.read_events(sock)
                 except zmq.ZMQError:
