@@ -652,3 +652,22 @@ def test_least_connections_gives_a_ramping_node_a_growing_share() -> None:
 
     early, later = share(101.0), share(120.0)
     assert 0.02 < early < later < 0.34  # probed at once, then more and more, never the lion's share
+
+
+def test_a_never_measured_node_is_explored_even_when_its_load_looks_worse() -> None:
+    import random
+    from collections import Counter
+
+    from services.balancer.core import Balancer, Candidate
+
+    b = Balancer(rng=random.Random(11))
+    for node, cpu in (("a", 10.0), ("b", 10.0), ("c", 60.0)):
+        b.node_update(node, state="alive", lifecycle="active", load={"cpu": cpu, "mem": 10.0}, now=0.0)
+    candidates = [Candidate("a", "primary"), Candidate("b", "replica"), Candidate("c", "replica")]
+    picks: Counter[str] = Counter()
+    for i in range(300):
+        now = 100.0 + i * 0.01
+        sel = b.select("s1", candidates, now=now)
+        b.release(sel.lease, 2.0, True, now=now)
+        picks[sel.node] += 1
+    assert picks["c"] >= 1  # it got its sample, and is judged on it from then on

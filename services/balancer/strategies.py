@@ -214,14 +214,24 @@ class PowerOfTwoChoices:
         b = pool[j]
         la = a.ewma.estimate(now)
         lb = b.ewma.estimate(now)
-        if la is None:
-            la = _UNKNOWN_LATENCY_MS if lb is None else lb
-        if lb is None:
-            lb = la
-        if self._cost(a, la, now) <= self._cost(b, lb, now):
+        # A node never measured gets one probe at a time: with nothing in flight it
+        # wins against a measured rival. Only borrowing the rival's estimate let a
+        # slightly higher CPU penalty lose every comparison, so the node never got
+        # the sample it needed and starved (tests/test_cluster_load.py); winning
+        # outright with requests in flight would send it a whole burst unmeasured.
+        if la is None and lb is not None and a.in_flight == 0:
             winner, other = a, b
-        else:
+        elif lb is None and la is not None and b.in_flight == 0:
             winner, other = b, a
+        else:
+            if la is None:
+                la = _UNKNOWN_LATENCY_MS if lb is None else lb
+            if lb is None:
+                lb = la
+            if self._cost(a, la, now) <= self._cost(b, lb, now):
+                winner, other = a, b
+            else:
+                winner, other = b, a
         # Slow start as a probability, not a cost factor: folded into the cost, a
         # ramping node that is as fast as its rival lost every comparison and got
         # nothing until its ramp ended (a cliff). Here it keeps a win with
