@@ -26,14 +26,16 @@ socket from scratch.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import inspect
 import os
 import signal
 import socket
+import sys
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
 
 import zmq
 import zmq.asyncio
@@ -390,3 +392,43 @@ async def run_until(stopping: asyncio.Event, tasks: list[asyncio.Task[Any]]) -> 
                     task.result()
     finally:
         stopper.cancel()
+
+
+class Shell(Protocol):
+    """What a service process is made of: its :class:`Service` and extra loops."""
+
+    service: Service
+
+    def loops(self) -> list[Awaitable[Any]]:
+        """The coroutines to run next to the service's own."""
+        ...
+
+
+def serve(
+    name: str,
+    description: str,
+    settings: Iterable[str],
+    build: Callable[[Config], Shell],
+    argv: list[str] | None = None,
+) -> int:
+    """The ``main`` of a service process: flags and settings, logging, then run
+    until SIGTERM. A bad setting exits 2 naming it; state that cannot be opened
+    (a store raising RuntimeError) exits 1 saying why."""
+    from phantom_bus import config as cfgmod
+    from phantom_bus import log
+
+    names = tuple(dict.fromkeys((*SERVICE_SETTINGS, *settings)))
+    parser = argparse.ArgumentParser(prog=f"phantom-{name}", description=description)
+    cfgmod.add_flags(parser, names)
+    args = parser.parse_args(argv)
+    try:
+        cfg = cfgmod.from_args(args, names)
+        log.setup(name, json=cfg.log_json, level=cfg.log_level)
+        shell = build(cfg)
+    except (cfgmod.ConfigError, ValueError) as exc:
+        print(f"phantom-{name}: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        print(f"phantom-{name}: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return run_forever(shell.service, *shell.loops())

@@ -145,6 +145,6 @@ class Discovery:
             await asyncio.sleep(period)
             await self._publish(self.table.tick(time.monotonic()))
 
-    async def run(self) -> None:
-        """Serve until stopped."""
-        await self.service.run(self.beacon_loop(), self.tick_loop())
+    def loops(self) -> list[Any]:
+        """The coroutines to run next to the service's own."""
+        return [self.beacon_loop(), self.tick_loop()]

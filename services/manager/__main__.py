@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from phantom_bus import config as cfgmod
-from phantom_bus import log
-from phantom_bus.service import SERVICE_SETTINGS, run_forever
+from phantom_bus.service import serve
 from services.manager.service import SETTINGS, ManagerService
-from services.manager.store import StoreError
 
 
 def main(argv: list[str] | None = None) -> int:
-    names = tuple(dict.fromkeys((*SERVICE_SETTINGS, *SETTINGS)))
-    parser = argparse.ArgumentParser(prog="phantom-manager", description="Phantom cluster manager")
-    cfgmod.add_flags(parser, names)
-    args = parser.parse_args(argv)
-    try:
-        cfg = cfgmod.from_args(args, names)
-        log.setup("manager", json=cfg.log_json, level=cfg.log_level)
-        manager = ManagerService(cfg)
-    except (cfgmod.ConfigError, ValueError) as exc:
-        print(f"phantom-manager: {exc}", file=sys.stderr)
-        return 2
-    except StoreError as exc:
-        print(f"phantom-manager: the registry under {args.data or 'var'} is unusable: {exc}", file=sys.stderr)
-        return 1
-    return run_forever(manager.service, *manager.loops())
+    """Run the manager process until SIGTERM."""
+    return serve("manager", "Phantom cluster manager", SETTINGS, ManagerService, argv)
 
 
 if __name__ == "__main__":
