@@ -14,12 +14,12 @@ all or nothing.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 
 from phantom_bus.errors import BadRequest
+from services.sqlite_store import StoreError, open_store
 
 from .registry import Change, NodeRecord, Registry, Tombstone, TombstoneDropped
 
@@ -43,48 +43,29 @@ _COLUMNS = (
 )
 
 
-class StoreError(RuntimeError):
-    """The store file exists but cannot be used (corrupt, newer schema, unreadable row)."""
-
-
 class RegistryStore:
     """The manager's durable registry under ``directory`` (created if missing). Thread-safe."""
 
     def __init__(self, directory: str | Path, filename: str = FILENAME) -> None:
         self.path = Path(directory) / filename
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
-        try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # FULL: the WAL is fsynced at every commit, so a decision whose changes
-            # were applied survives a power cut, not only a killed process.
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)")
-            # Explicit columns rather than a blob: an operator can read the registry
-            # with the sqlite3 shell during an incident.
-            self._db.execute(
+        self._db = open_store(
+            self.path,
+            SCHEMA_VERSION,
+            (
+                # Explicit columns rather than a blob: an operator can read the registry
+                # with the sqlite3 shell during an incident.
                 "CREATE TABLE IF NOT EXISTS nodes ("
                 "id TEXT PRIMARY KEY, address TEXT NOT NULL, zone TEXT NOT NULL, weight REAL NOT NULL, "
                 "incarnation INTEGER NOT NULL, lifecycle TEXT NOT NULL, member TEXT, member_since REAL, "
                 "first_seen REAL NOT NULL, last_change REAL NOT NULL, reason TEXT NOT NULL, "
-                "approved INTEGER NOT NULL, source TEXT NOT NULL)"
-            )
-            # seq orders tombstones oldest first, whatever the clock did.
-            self._db.execute(
+                "approved INTEGER NOT NULL, source TEXT NOT NULL)",
+                # seq orders tombstones oldest first, whatever the clock did.
                 "CREATE TABLE IF NOT EXISTS tombstones ("
                 "seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, "
-                "incarnation INTEGER NOT NULL, removed_at REAL NOT NULL, reason TEXT NOT NULL)"
-            )
-            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None:
-                self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-            elif row[0] != SCHEMA_VERSION:
-                raise StoreError(f"{self.path} has schema {row[0]}; this code reads {SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as exc:
-            self._db.close()
-            raise StoreError(f"cannot open {self.path}: {exc}") from exc
+                "incarnation INTEGER NOT NULL, removed_at REAL NOT NULL, reason TEXT NOT NULL)",
+            ),
+        )
 
     def apply(self, changes: Iterable[Change]) -> None:
         """Commit ``changes`` (from :meth:`Registry.take_changes`) in one transaction, in order."""

@@ -10,7 +10,6 @@ unfinished transaction back on the next open).
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,13 +19,10 @@ import msgpack
 
 from phantom_bus.errors import BadRequest, Conflict
 from phantom_bus.shardmap import ShardMap
+from services.sqlite_store import StoreError, open_store
 
 FILENAME = "shardmap.sqlite3"
 SCHEMA_VERSION = 1
-
-
-class StoreError(RuntimeError):
-    """The store file exists but cannot be used (corrupt, newer schema, unreadable row)."""
 
 
 class MapStore:
@@ -40,28 +36,13 @@ class MapStore:
         if keep < 1:
             raise ValueError("keep must be at least 1")
         self.path = Path(directory) / filename
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.keep = keep
         self._lock = threading.Lock()
-        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
-        try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # FULL: the WAL is fsynced at every commit, so a saved epoch survives power loss,
-            # which is what lets the shell publish right after save() returns.
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS epochs (epoch INTEGER PRIMARY KEY, map BLOB NOT NULL, state BLOB NOT NULL)"
-            )
-            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None:
-                self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-            elif row[0] != SCHEMA_VERSION:
-                raise StoreError(f"{self.path} has schema {row[0]}; this code reads {SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as exc:
-            self._db.close()
-            raise StoreError(f"cannot open {self.path}: {exc}") from exc
+        self._db = open_store(
+            self.path,
+            SCHEMA_VERSION,
+            ("CREATE TABLE IF NOT EXISTS epochs (epoch INTEGER PRIMARY KEY, map BLOB NOT NULL, state BLOB NOT NULL)",),
+        )
 
     def save(self, shard_map: ShardMap, state: Mapping[str, Any]) -> None:
         """Commit ``shard_map`` and ``state`` (the in-flight moves) durably.
