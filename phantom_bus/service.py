@@ -102,7 +102,6 @@ class Service:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
         self._last_heard = 0.0
-        self._registered = False
         # The worker socket is a plain (synchronous) socket driven by the event loop
         # through its FD: the request path then costs no futures or IntFlag
         # arithmetic, which is most of what zmq.asyncio adds per message.
@@ -214,7 +213,6 @@ class Service:
         }
         self._send([protocol.WORKER, protocol.READY, self.name.encode(), protocol.pack(meta)])
         self._last_heard = time.monotonic()
-        self._registered = True
 
     def _send(self, frames: list[bytes]) -> None:
         # At the high-water mark the message is dropped (the client retries)

@@ -433,9 +433,9 @@ def test_load_digest_holds_only_changed_loads() -> None:
     d.beat("n0", load={"cpu": 1.0})  # unchanged
     d.beat("n1", load={"cpu": 2.0})
     d.beat("n2")  # no load: keeps the old one
-    ev = d.core.load_event(d.now)
-    assert ev is not None and ev.kind == "member.load" and ev.data == {"loads": {"n1": {"cpu": 2.0}}}
-    assert d.core.load_event(d.now) is None
+    [ev] = d.core.load_events(d.now)
+    assert ev.kind == "member.load" and ev.data == {"loads": {"n1": {"cpu": 2.0}}}
+    assert d.core.load_events(d.now) == []
 
 
 def test_forget_emits_left_and_refuses_further_heartbeats() -> None:
@@ -783,14 +783,18 @@ def test_concurrent_use_from_many_threads_keeps_invariants() -> None:
 
 def test_load_digest_events_stay_under_the_message_limit() -> None:
     from phantom_bus import protocol
-    from services.membership.service import LOAD_CHUNK, load_events
+    from services.membership.core import LOAD_CHUNK
 
     load = {"cpu": 12.5, "mem": 40.0, "load1_per_core": 0.5, "disk_read_bps": 1.0e6, "net_rx_bps": 2.0e6}
+    d = make(0)
     loads = {f"node-{i:05d}": dict(load) for i in range(25_000)}
-    events = load_events(loads)
+    for node in loads:
+        d.core.admit(node, d.now)
+        d.core.heartbeat(node, 1, 1, load, d.now)
+    events = d.core.load_events(d.now)
     assert len(events) == -(-25_000 // LOAD_CHUNK)
     assert sum(len(e.data["loads"]) for e in events) == 25_000
     assert {n for e in events for n in e.data["loads"]} == set(loads)
     largest = max(len(protocol.encode_event(e.kind, e.data, source="membership")[2]) for e in events)
     assert largest < 1024 * 1024
-    assert load_events({}) == []
+    assert d.core.load_events(d.now) == []

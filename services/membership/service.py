@@ -269,7 +269,7 @@ class MembershipService:
                 logger.warning("membership loop stalled {:.2f} s; not counting it against any node", lag)
             await self._publish(self.core.tick(now, observer_lag=lag))
             if woke >= next_digest:
-                await self._publish(load_events(self.core.load_digest(now)))
+                await self._publish(self.core.load_events(now))
                 next_digest = woke + digest_period
             due = woke + period
 
@@ -277,16 +277,3 @@ class MembershipService:
         """The coroutines to run next to the service's own."""
         return [self.heartbeat_loop(), self.tick_loop(), self.sync_loop()]
 
-
-# Nodes per member.load event: a digest of every node in one event passed the
-# 4 MiB message limit near 11,500 nodes (bench/failure_detection.py), and
-# subscribers dropped it; 1,000 agent load documents are about 0.4 MB.
-LOAD_CHUNK = 1000
-
-
-def load_events(loads: dict[str, Any]) -> list[Event]:
-    """The ``member.load`` events carrying ``loads``, at most :data:`LOAD_CHUNK` nodes each."""
-    items = sorted(loads.items())
-    return [
-        Event("member.load", {"loads": dict(items[i : i + LOAD_CHUNK])}) for i in range(0, len(items), LOAD_CHUNK)
-    ]
