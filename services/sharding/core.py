@@ -11,9 +11,10 @@ Time is a parameter. ``node_dead``, ``node_alive``, ``confirm``,
 seconds); the other operations accept an optional ``now`` and otherwise use
 the latest time the core was given. The core never reads a clock.
 
-Persistence: before publishing the events of a call, the shell saves
-:meth:`ShardingCore.snapshot` (see :mod:`services.sharding.store`); after a
-restart :meth:`ShardingCore.restore` resumes the in-flight moves.
+Persistence: before publishing the events of a call, the shell commits
+:meth:`ShardingCore.snapshot` to the store (see :mod:`services.sharding.store`);
+after a restart, a leader change or a failed commit,
+:meth:`ShardingCore.restore` resumes from the last committed snapshot.
 
 All public methods are safe to call from several threads. Planning a large
 cluster takes a noticeable fraction of a second (see bench/rebalance.py), so
@@ -641,6 +642,10 @@ class ShardingCore:
             "state": rec.state,
             "alive": rec.alive,
             "dead_since": rec.dead_since,
+            # Dead (or left) for dead_delay: its replicas are being re-created elsewhere.
+            # The one re-replication timer of the cluster; the manager labels the node
+            # ``failed`` from this flag.
+            "expired": rec.expired,
         }
 
     # -- moves -----------------------------------------------------------------------
