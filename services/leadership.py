@@ -23,7 +23,7 @@ from loguru import logger
 
 from phantom_bus.config import Config
 from phantom_bus.errors import NotLeader
-from phantom_bus.leader import Elector
+from phantom_bus.leader import Elector, default_instance
 from phantom_bus.store import Fence, Store
 
 # Seconds between looks at the elector's state when waiting for a change. The
@@ -36,7 +36,7 @@ class Leadership:
 
     def __init__(self, store: Store, service: str, cfg: Config) -> None:
         self.service = service
-        self.instance = str(cfg.instance)
+        self.instance = str(cfg.instance or "") or default_instance()
         self.elector = Elector(store, service=service, instance=self.instance, ttl=float(cfg.leader_ttl))
 
     @property
@@ -108,7 +108,7 @@ class Leadership:
             done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if task in done and not task.cancelled() and task.exception() is not None:
                 watcher.cancel()
-                raise task.exception()  # type: ignore[misc]
+                raise task.exception()
             for t in (task, watcher):
                 t.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

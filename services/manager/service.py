@@ -360,7 +360,7 @@ class ManagerService:
                 if self._map is not None:
                     m = self._map
                     await self._decide_and_apply(
-                        lambda: self.core.observe_shards(
+                        lambda m=m: self.core.observe_shards(  # type: ignore[misc]
                             shards_from_map(m), now=time.time(), down=m.down, epoch=m.epoch
                         )
                     )
@@ -390,7 +390,7 @@ class ManagerService:
             try:
                 nodes = await self.client.request("sharding", "nodes")
                 expired = [n["node"] for n in nodes if isinstance(n, dict) and n.get("expired")]
-                await self._decide_and_apply(lambda: self.core.tick(time.time(), expired))
+                await self._decide_and_apply(lambda e=expired: self.core.tick(time.time(), e))  # type: ignore[misc]
             except PhantomError as exc:
                 logger.debug("sharding's node table not read: {}", exc)
             m = self._map
@@ -402,7 +402,7 @@ class ManagerService:
                 next_discovery = time.monotonic() + _DISCOVERY_SYNC
                 try:
                     docs = await self.client.request("discovery", "nodes")
-                    await self._decide_and_apply(lambda: self.core.sync_discovery(docs, time.time()))
+                    await self._decide_and_apply(lambda d=docs: self.core.sync_discovery(d, time.time()))  # type: ignore[misc]
                 except PhantomError as exc:
                     logger.debug("discovery sync skipped: {}", exc)
             await asyncio.sleep(_LEVEL)

@@ -38,8 +38,8 @@ from phantom_bus.config import Config
 from phantom_bus.errors import BadRequest, PhantomError, Refused
 from phantom_bus.events import Event
 from phantom_bus.service import Service
-from phantom_bus.wire import LoopSocket
 from phantom_bus.store import Store
+from phantom_bus.wire import LoopSocket
 from services.leadership import Leadership
 from services.membership.config import MembershipConfig
 from services.membership.core import Membership
