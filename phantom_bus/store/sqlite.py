@@ -330,11 +330,22 @@ class SqliteStore:
         high = prefix_end(low) or "\U0010ffff"
         cut = len(self.prefix)
         next_rev = start_revision
+        seen = 0  # the highest store revision this watcher has seen
 
         def poll(conn: sqlite3.Connection) -> tuple[list[Change], int]:
+            nonlocal seen
             self._sweep(conn)
             conn.execute("BEGIN")
             rev = self._revision(conn)
+            if rev < seen:
+                conn.execute("COMMIT")
+                # The file was replaced by an older snapshot: this history no longer exists.
+                raise Compacted(
+                    f"store revision went back from {seen} to {rev} (restored from a snapshot?): re-read",
+                    revision=next_rev,
+                    compacted=rev,
+                )
+            seen = rev
             compacted = int(conn.execute("SELECT value FROM meta WHERE key='compacted'").fetchone()[0])
             if next_rev <= compacted:
                 conn.execute("COMMIT")
