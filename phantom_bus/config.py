@@ -101,6 +101,26 @@ def _optional_path(value: Any) -> str:
     return str(value).strip() if value not in (None,) else ""
 
 
+def _store(value: Any) -> str:
+    text = str(value).strip()
+    if text == "sqlite" or (text.startswith("sqlite:") and len(text) > len("sqlite:")):
+        return text
+    if text.startswith("etcd://"):
+        for part in text[len("etcd://") :].split(","):
+            host, sep, port = part.strip().rstrip("/").rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"bad etcd endpoint {part!r}: expected etcd://HOST:PORT[,HOST:PORT...]")
+        return text
+    raise ValueError("expected sqlite or etcd://HOST:PORT[,HOST:PORT...]")
+
+
+def _store_prefix(value: Any) -> str:
+    text = str(value).strip()
+    if not (text.startswith("/") and text.endswith("/")) or "\x00" in text:
+        raise ValueError("expected a key prefix that starts and ends with '/', such as /phantom/")
+    return text
+
+
 @dataclass(frozen=True, slots=True)
 class Setting:
     """One setting: its name, default, parser, unit and why the default is what it is."""
@@ -180,6 +200,39 @@ _SETTINGS: list[Setting] = [
         _path,
         "directory",
         "State directory (SQLite files, agent incarnations, logs); relative to the working directory.",
+    ),
+    # --- the store and leaders ----------------------------------------------------
+    Setting(
+        "store",
+        "sqlite",
+        _store,
+        "url",
+        "Where durable control-plane state lives: sqlite (one file, DATA/store.sqlite3, shared by the "
+        "processes of one host) or etcd://HOST:PORT[,HOST:PORT...] for a control plane on several hosts.",
+    ),
+    Setting(
+        "store_prefix",
+        "/phantom/",
+        _store_prefix,
+        "key prefix",
+        "Every store key starts with it, so one etcd can serve several clusters (or tests) side by side.",
+    ),
+    Setting(
+        "leader_ttl",
+        4.0,
+        _positive_float,
+        "s",
+        "Lease of a service's leader: a dead leader is replaced within about ttl + 0.5 s; it is renewed "
+        "every ttl/3 and the leader steps down after 3/4 ttl without a renewal. 4 s rides out an etcd "
+        "leader election (about 1 s) and a lost renewal; below 2 s etcd raises it to its minimum.",
+    ),
+    Setting(
+        "instance",
+        "",
+        _optional_path,
+        "name",
+        "This process's name among the instances of its service (shown as leader, must be unique per "
+        "service). Empty: HOST:PID.",
     ),
     # --- security -----------------------------------------------------------------
     Setting(

@@ -131,6 +131,34 @@ class InternalError(PhantomError):
     code = "internal"
 
 
+class StoreError(PhantomError):
+    """The control-plane store cannot be used right now (backend down, disk full, read-only, timeout).
+
+    The message carries the backend's own cause, e.g. "database or disk is full".
+    """
+
+    code = "store_unavailable"
+    retry = True
+
+
+class Compacted(StoreError):
+    """A watch asked for history older than the store keeps: re-read (range), then watch again."""
+
+    code = "compacted"
+
+
+class CasFailed(Conflict):
+    """A compare-and-swap found the key moved on (someone wrote first): re-read and decide again."""
+
+    code = "cas_failed"
+
+
+class Fenced(CasFailed):
+    """The writer's leadership term is no longer current: it must stop acting as leader."""
+
+    code = "fenced"
+
+
 _BY_CODE: dict[str, type[PhantomError]] = {}
 
 

@@ -154,3 +154,15 @@ def bus(tmp_path: Path) -> Iterator[Bus]:
         yield b
     finally:
         b.close()
+
+
+@pytest.fixture(scope="session")
+def etcd() -> Iterator[Any]:
+    """One throwaway etcd per test session (per xdist worker); skipped, with the reason, without a binary."""
+    from tests.etcd_fixture import find_etcd, running_etcd
+
+    binary, why = find_etcd()
+    if binary is None:
+        pytest.skip(why)
+    with running_etcd(binary) as server:
+        yield server
