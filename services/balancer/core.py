@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
+from phantom_bus import ids
 from phantom_bus.errors import BadRequest, NoLiveReplica, NotFound
 from phantom_bus.events import Event
 from services.balancer.config import BalancerConfig
@@ -186,8 +187,11 @@ class Balancer:
         able to serve (alive and not joining, draining or decommissioned)
         starts a slow-start ramp. Raises BadRequest on a malformed value.
         """
-        if not isinstance(node, str) or not node:
-            raise self._bad(f"node id must be a non-empty string, got {node!r}")
+        if not ids.is_node_id(node):
+            try:
+                ids.check_node_id(node)
+            except BadRequest as exc:
+                raise self._bad(exc.message) from None
         if state is not None and state not in STATES:
             raise self._bad(f"node {node}: state {state!r} is not one of {', '.join(STATES)}")
         if lifecycle is not None and lifecycle not in LIFECYCLES:

@@ -43,6 +43,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from phantom_bus import ids
 from phantom_bus.errors import BadRequest, Conflict, NotFound, PhantomError
 from phantom_bus.events import Event, EventHooks
 
@@ -69,7 +70,6 @@ STALE_INCARNATION: Final = "stale_incarnation"
 DECLARED_DEAD: Final = "declared_dead"
 HAS_LEFT: Final = "has_left"
 
-_MAX_NODE_ID = 256
 _MAX_INT = 2**63 - 1  # an int64 on the wire, so agents in other languages can hold it
 # Arrivals buffered per node between two ticks. A sane agent sends one or two;
 # beyond this the node is flooding and only its latest arrival is kept.
@@ -242,12 +242,7 @@ class _StallLedger:
 
 
 def _check_node(node: object) -> str:
-    if not isinstance(node, str) or not node or len(node) > _MAX_NODE_ID:
-        raise BadRequest(
-            f"node id must be a non-empty string of at most {_MAX_NODE_ID} characters, "
-            f"got {node!r}"
-        )
-    return node
+    return ids.check_node_id(node)
 
 
 def _check_count(name: str, value: object) -> int:

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar, cast
 
+from phantom_bus import ids
 from phantom_bus.errors import BadRequest, Conflict, NoSuchKeyspace, NotFound, Refused
 from phantom_bus.events import Event
 from phantom_bus.shardmap import (
@@ -55,7 +56,6 @@ T = TypeVar("T")
 CHANGED = "shardmap.changed"
 STATE_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_NODE = re.compile(r"^[^\s/]{1,128}$")
 _MAX_RF = 16
 
 
@@ -116,9 +116,7 @@ def _number(value: Any, what: str) -> float:
 
 
 def _node_id(node: Any) -> str:
-    if not isinstance(node, str) or not _NODE.match(node):
-        raise BadRequest(f"node id must be 1-128 characters without spaces or '/', got {node!r}")
-    return node
+    return ids.check_node_id(node)
 
 
 class ShardingCore:
