@@ -260,6 +260,11 @@ class ShardingService:
         """Read the committed map, then re-read it whenever the store says it changed."""
         delay = 0.1
         while True:
+            if self.core is not None and self.leadership.is_leader:
+                # The leader's own commits are what the store holds; a newer leader's
+                # writes reach it as Fenced on its next commit.
+                await self.leadership.wait_following()
+                continue
             try:
                 committed = await self.maps.load()
                 if not self.leadership.is_leader:
