@@ -214,3 +214,26 @@ def test_a_lost_member_dead_still_fails_the_node_over_within_seconds(bus: Bus) -
     finally:
         relay.halt.set()
         relay.join(5)
+
+
+def test_a_second_membership_takes_over_the_verdicts_when_the_leader_dies(bus: Bus) -> None:
+    bus.env["PHANTOM_LEADER_TTL"] = str(TTL)
+    bus.broker()
+    first = bus.start("services.membership", name="membership1", PHANTOM_INSTANCE="membership1")
+    second = bus.start("services.membership", name="membership2", PHANTOM_INSTANCE="membership2",
+                       PHANTOM_HEARTBEAT=f"tcp://127.0.0.1:{free_port()}")
+    bus.wait_workers("membership", 2)
+
+    def verdicts() -> dict[str, Any] | None:
+        with bus.client(timeout=1.0, retries=4) as c:
+            try:
+                doc: dict[str, Any] = c.request("membership", "verdicts")
+                return doc
+            except PhantomError:
+                return None
+
+    before = wait_until(verdicts, timeout=20)
+    procs = {"membership1": first, "membership2": second}
+    bus.kill(procs[before["instance"]], signal.SIGKILL)
+    after = wait_until(lambda: (v := verdicts()) and v["instance"] != before["instance"] and v, timeout=20)
+    assert after["term"] > before["term"]
