@@ -395,3 +395,19 @@ def test_open_store_refuses_unknown_urls(tmp_path: Path) -> None:
         open_store("zookeeper://x:1", data_dir=str(tmp_path))
     with pytest.raises(BadRequest):
         open_store("etcd://nohost", data_dir=str(tmp_path))
+
+
+def test_store_settings_refuse_what_open_store_could_not_use() -> None:
+    from phantom_bus import config
+
+    good = config.load(env={"PHANTOM_STORE": "etcd://10.0.0.1:2379,10.0.0.2:2379"}, names=["store"])
+    assert good.store == "etcd://10.0.0.1:2379,10.0.0.2:2379"
+    assert config.load(env={}, names=["store", "store_prefix", "leader_ttl"]).leader_ttl == 4.0
+    for name, bad in [
+        ("store", "redis://x:1"),
+        ("store", "etcd://h"),
+        ("store_prefix", "phantom"),
+        ("leader_ttl", "0"),
+    ]:
+        with pytest.raises(config.ConfigError, match=name):
+            config.load(env={f"PHANTOM_{name.upper()}": bad}, names=[name])
