@@ -205,8 +205,11 @@ class MemoryStore:
                     if change.key.startswith(prefix):
                         yield change
                 if not batch:
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel
+                    # that arrives together with the event, and the watcher never ends.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(event.wait(), self._poll)
+                        async with asyncio.timeout(self._poll):
+                            await event.wait()
         finally:
             self._waiters.discard(event)
 
