@@ -449,6 +449,7 @@ class Elector:
         self.core.lease = None
         self.elected.clear()
         self.deposed.set()
-        with contextlib.suppress(PhantomError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(self.store.revoke(lease)), 2.0)
+        with contextlib.suppress(PhantomError, TimeoutError, asyncio.CancelledError):
+            async with asyncio.timeout(2.0):
+                await asyncio.shield(self.store.revoke(lease))
         self._log.info("resigned leadership of {} (term {})", self.service, term)
