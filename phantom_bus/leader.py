@@ -322,6 +322,7 @@ class Elector:
         self._on_deposed = on_deposed
         self._clock = clock
         self._log = logger.bind(service=service, instance=instance)
+        self._last_problem = ""
 
     @property
     def is_leader(self) -> bool:
@@ -370,8 +371,9 @@ class Elector:
                 entry = await self.store.get(self.key)
             except PhantomError as exc:
                 core.failed(sent, str(exc))
-                self._log.warning("leader check failed: {}", exc)
+                self._problem(f"leader check failed: {exc}")
                 return
+            self._problem("")
             core.checked(sent, None if entry is None else decode_holder(entry))
         elif isinstance(action, Campaign):
             await self._campaign(sent)
@@ -394,7 +396,7 @@ class Elector:
             else:
                 core.failed(sent, str(exc))
             if not isinstance(exc, CasFailed):
-                self._log.warning("campaign failed: {}", exc)
+                self._problem(f"campaign failed: {exc}")
             return
         core.won(sent, self._clock(), term, lease)
 
@@ -408,12 +410,20 @@ class Elector:
             return
         except PhantomError as exc:
             core.renew_failed(sent, self._clock(), False, str(exc))
-            self._log.warning("lease renewal failed: {}", exc)
+            self._problem(f"lease renewal failed: {exc}")
             return
         if entry is None or entry.mod_revision != action.term:
             core.renew_failed(sent, self._clock(), True, "leader record gone or rewritten")
             return
         core.renewed(sent, self._clock())
+
+    def _problem(self, text: str) -> None:
+        """Log a store problem once, not at every poll; log its end once too."""
+        if text and text != self._last_problem:
+            self._log.warning("{}", text)
+        elif not text and self._last_problem:
+            self._log.info("store reachable again")
+        self._last_problem = text
 
     def _emit(self) -> None:
         for event in self.core.drain():
@@ -439,6 +449,7 @@ class Elector:
         self.core.lease = None
         self.elected.clear()
         self.deposed.set()
-        with contextlib.suppress(PhantomError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(self.store.revoke(lease)), 2.0)
+        with contextlib.suppress(PhantomError, TimeoutError, asyncio.CancelledError):
+            async with asyncio.timeout(2.0):
+                await asyncio.shield(self.store.revoke(lease))
         self._log.info("resigned leadership of {} (term {})", self.service, term)

@@ -326,6 +326,16 @@ def test_sqlite_write_failure_raises_the_cause_writes_nothing_and_recovers(tmp_p
             entries, rev = await store.range("")
             assert [e.key for e in entries] == ["kept"] and rev == before
             assert await store.txn([], big) == before + 1
+
+            def read_only(conn: sqlite3.Connection) -> None:
+                conn.execute("PRAGMA query_only=1")
+
+            await store._call(read_only)
+            with pytest.raises(StoreError, match="attempt to write a readonly database"):
+                await store.put("kept", b"changed")
+            entry = await store.get("kept")
+            assert entry is not None and entry.value == b"x"
+            assert await store.put("kept", b"changed") == before + 2
         finally:
             await store.close()
 
@@ -395,3 +405,39 @@ def test_open_store_refuses_unknown_urls(tmp_path: Path) -> None:
         open_store("zookeeper://x:1", data_dir=str(tmp_path))
     with pytest.raises(BadRequest):
         open_store("etcd://nohost", data_dir=str(tmp_path))
+
+
+def test_store_settings_refuse_what_open_store_could_not_use() -> None:
+    from phantom_bus import config
+
+    good = config.load(env={"PHANTOM_STORE": "etcd://10.0.0.1:2379,10.0.0.2:2379"}, names=["store"])
+    assert good.store == "etcd://10.0.0.1:2379,10.0.0.2:2379"
+    assert config.load(env={}, names=["store", "store_prefix", "leader_ttl"]).leader_ttl == 4.0
+    for name, bad in [
+        ("store", "redis://x:1"),
+        ("store", "etcd://h"),
+        ("store_prefix", "phantom"),
+        ("leader_ttl", "0"),
+    ]:
+        with pytest.raises(config.ConfigError, match=name):
+            config.load(env={f"PHANTOM_{name.upper()}": bad}, names=[name])
+
+
+def test_etcd_calls_move_to_the_next_endpoint_when_one_is_down(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    from tests.conftest import free_port
+
+    etcd = request.getfixturevalue("etcd")
+    url = f"etcd://127.0.0.1:{free_port()},127.0.0.1:{etcd.client_port}"
+
+    async def main() -> None:
+        store = open_store(url, data_dir=str(tmp_path), prefix=f"/failover-{time.time_ns()}/", timeout=1.0)
+        try:
+            with pytest.raises(StoreError, match="etcd 127.0.0.1"):
+                await store.put("k", b"v")
+            assert await store.put("k", b"v") > 0
+            entry = await store.get("k")
+            assert entry is not None and entry.value == b"v"
+        finally:
+            await store.close()
+
+    asyncio.run(main())

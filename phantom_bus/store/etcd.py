@@ -96,13 +96,16 @@ class EtcdStore:
         self._index = (self._index + 1) % len(self.endpoints)
         if client is not None:
             with contextlib.suppress(TimeoutError, grpc.RpcError, aetcd.ClientError, OSError):
-                await asyncio.wait_for(client.close(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await client.close()
 
     async def _call(self, fn: Callable[[aetcd.Client], Awaitable[T]]) -> T:
         where = self.endpoint
         try:
             client = await self._connected()
-            return await asyncio.wait_for(fn(client), self.timeout + 0.5)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel (see memory.py).
+            async with asyncio.timeout(self.timeout + 0.5):
+                return await fn(client)
         except PhantomError:
             raise
         except TimeoutError:
@@ -222,7 +225,8 @@ class EtcdStore:
         call = rpc.WatchStub(client.channel).Watch(metadata=client.metadata)
         try:
             try:
-                await asyncio.wait_for(call.write(rpc.WatchRequest(create_request=create)), self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    await call.write(rpc.WatchRequest(create_request=create))
                 while True:
                     response = await call.read()
                     if response is grpc.aio.EOF:
@@ -323,7 +327,8 @@ class EtcdStore:
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(TimeoutError, grpc.RpcError, aetcd.ClientError, OSError):
-                await asyncio.wait_for(client.close(), self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    await client.close()
 
 
 async def _identity(client: aetcd.Client) -> aetcd.Client:

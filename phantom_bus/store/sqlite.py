@@ -170,7 +170,9 @@ class SqliteStore:
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._pool, self._guarded, fn)
         try:
-            return await asyncio.wait_for(future, self.timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel (see memory.py).
+            async with asyncio.timeout(self.timeout):
+                return await future
         except TimeoutError:
             raise StoreError(
                 f"sqlite store {self.path}: no answer within {self.timeout:g} s (disk stalled or file locked)"
@@ -464,7 +466,8 @@ class SqliteStore:
 
         loop = asyncio.get_running_loop()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(loop.run_in_executor(self._pool, run), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await loop.run_in_executor(self._pool, run)
         self._pool.shutdown(wait=False)
 
 
