@@ -45,6 +45,7 @@ from loguru import logger
 from phantom_bus.client import AsyncClient
 from phantom_bus.config import Config
 from phantom_bus.errors import Conflict, NotFound, Overloaded, PhantomError, Refused
+from phantom_bus.leader import read_leader
 from phantom_bus.service import Service
 from phantom_bus.shardmap import ShardMap
 from phantom_bus.store import CasFailed, Compacted, Fenced, Store, StoreError
@@ -60,6 +61,7 @@ SETTINGS = ("broker", "timeout", "retries", "auto_join", "dead_delay", "store", 
             "instance")
 
 SERVICES = ("broker", "discovery", "membership", "sharding", "balancer", "manager")
+LEADING = ("sharding", "manager", "membership")  # the services with one decision maker
 _TICK = 1.0
 _MAP_POLL = 2.0
 # Seconds between the leader's reads of membership's verdicts and sharding's node
@@ -266,7 +268,20 @@ class ManagerService:
         if up["balancer"]:
             with contextlib.suppress(PhantomError):
                 merge_balancer_stats(doc, await self.client.request("balancer", "stats"))
+        doc["control"] = await self._control()
         return doc
+
+    async def _control(self) -> dict[str, Any]:
+        """``{"store", "leaders": {service: {"instance", "term"} | None}}`` from the leader records."""
+        leaders: dict[str, Any] = {}
+        for name in LEADING:
+            try:
+                holder = await read_leader(self.store, name)
+            except PhantomError:
+                leaders[name] = None
+                continue
+            leaders[name] = None if holder is None else {"instance": holder.instance, "term": holder.term}
+        return {"store": self.store.name, "leaders": leaders}
 
     def op_health(self) -> dict[str, Any]:
         """The manager itself: leader, store, queues."""

@@ -39,7 +39,7 @@ from phantom_bus.store import CasFailed, Compacted, Fenced, Store, StoreError
 from services.leadership import Leadership
 from services.sharding.config import ShardingConfig
 from services.sharding.core import CHANGED, Result, ShardingCore
-from services.sharding.store import LEGACY_FILE, PREFIX, Committed, MapStore
+from services.sharding.store import LEGACY_FILE, PREFIX, Committed, MapStore, Prepared
 from services.shared_store import StoreHealth, changes, open_shared_store
 
 SETTINGS = ("dead_delay", "store", "store_prefix", "leader_ttl", "instance")
@@ -47,6 +47,12 @@ SETTINGS = ("dead_delay", "store", "store_prefix", "leader_ttl", "instance")
 T = TypeVar("T")
 _TICK = 0.5
 _BACKOFF_MAX = 2.0
+
+
+def _prepare(core: ShardingCore, previous: Committed | None, term: int) -> Prepared:
+    """Snapshot ``core`` and encode the commit (CPU-bound: runs in a worker thread)."""
+    shard_map, state = core.snapshot(time.monotonic())
+    return MapStore.prepare(shard_map, state, previous=previous, term=term, wall=time.time())
 
 
 def resume(committed: Committed, config: ShardingConfig, now: float, wall: float) -> ShardingCore:
@@ -186,10 +192,8 @@ class ShardingService:
             result = await asyncio.to_thread(call, core)
             if not result.events:
                 return result.value
-            shard_map, state = core.snapshot(time.monotonic())
-            prepared = await asyncio.to_thread(
-                MapStore.prepare, shard_map, state, previous=self.committed, term=term, wall=time.time()
-            )
+            prepared = await asyncio.to_thread(_prepare, core, self.committed, term)
+            shard_map = prepared.map
             try:
                 committed = await self.maps.commit(prepared, fence)
             except Fenced as exc:
@@ -238,12 +242,9 @@ class ShardingService:
             core, committed = self.core, self.committed
             if core is None or committed is None or not self.leadership.is_leader:
                 return
-            shard_map, state = core.snapshot(time.monotonic())
-            if shard_map.epoch != committed.epoch:
+            prepared = await asyncio.to_thread(_prepare, core, committed, self.leadership.term)
+            if prepared.map.epoch != committed.epoch:
                 return
-            prepared = await asyncio.to_thread(
-                MapStore.prepare, shard_map, state, previous=committed, term=self.leadership.term, wall=time.time()
-            )
             try:
                 fresh = await self.maps.commit(prepared, self.leadership.fence)
             except StoreError as exc:
@@ -272,8 +273,12 @@ class ShardingService:
                 start = 1
                 if committed is not None:
                     start = committed.revision + 1
-                    if self.committed is None or committed.revision > self.committed.revision:
-                        self._adopt(committed)
+                    if (self.committed is None or committed.revision > self.committed.revision) and self._adopt(
+                        committed
+                    ):
+                        # A warm core for the queries a follower answers, built off the loop.
+                        core = await asyncio.to_thread(resume, committed, self.config, time.monotonic(), time.time())
+                        self._reader_core = (committed.revision, core)
                 async for _change in changes(self.store, PREFIX, start):
                     break  # a hint: re-read the whole committed epoch (level-triggered)
                 delay = 0.1
