@@ -53,6 +53,7 @@ from phantom_bus.errors import PhantomError
 #: The last commit whose sharding encoded the whole map for every request (before the shared store).
 BASELINE = "90bc912"
 POLL = 5.0
+JITTER = 0.5
 CLIENTS = 25
 
 
@@ -70,7 +71,7 @@ class Agents:
     def __init__(self, endpoint: str, events: str, n: int, *, hint: bool) -> None:
         self.endpoint, self.events, self.n, self.hint = endpoint, events, n, hint
         self.epochs = [0] * n
-        self.errors = 0
+        self.errors: dict[str, int] = {}
         self.fetches = 0
         self._wake = [asyncio.Event() for _ in range(n)]
         self.hinted_at = 0.0
@@ -81,8 +82,8 @@ class Agents:
                 doc = await client.request("sharding", "map", since_epoch=self.epochs[i])
             else:
                 doc = await client.request("sharding", "map")
-        except PhantomError:
-            self.errors += 1
+        except PhantomError as exc:
+            self.errors[exc.code] = self.errors.get(exc.code, 0) + 1
             return
         self.fetches += 1
         if doc is not None:
@@ -94,7 +95,12 @@ class Agents:
             await self._fetch(client, i)
             with_hint = asyncio.ensure_future(self._wake[i].wait())
             await asyncio.wait({with_hint}, timeout=POLL)
-            with_hint.cancel()
+            if not with_hint.done():
+                with_hint.cancel()
+            else:
+                # Real agents spread their fetch after a hint, so that a thousand of them
+                # do not all ask in the same millisecond.
+                await asyncio.sleep(random.random() * JITTER)
             self._wake[i].clear()
 
     async def _hints(self) -> None:
@@ -139,6 +145,7 @@ async def measure(cluster: Cluster, sharding: psutil.Process, n: int, hint: bool
         await asyncio.sleep(POLL)
         idle_cpu = (sum(sharding.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0)
         spans, cpus, commits = [], [], []
+        hints: list[float | None] = []
         for k in range(changes):
             op = "node_dead" if k % 2 == 0 else "node_alive"
             cpu0, start = sum(sharding.cpu_times()[:2]), time.monotonic()
@@ -148,6 +155,7 @@ async def measure(cluster: Cluster, sharding: psutil.Process, n: int, hint: bool
             while min(agents.epochs) < target and time.monotonic() - start < 120:
                 await asyncio.sleep(0.01)
             spans.append(time.monotonic() - start)
+            hints.append(agents.hinted_at - start if agents.hinted_at >= start else None)
             cpus.append(sum(sharding.cpu_times()[:2]) - cpu0)
             await asyncio.sleep(1.0)
         return {
@@ -157,8 +165,9 @@ async def measure(cluster: Cluster, sharding: psutil.Process, n: int, hint: bool
             "propagation_spread_s": [min(spans), max(spans)],
             "sharding_cpu_per_change_s": statistics.median(cpus),
             "change_committed_median_s": statistics.median(commits),
+            "hint_received_s": hints,
             "sharding_cpu_idle_per_s": idle_cpu,
-            "fetch_errors": agents.errors,
+            "fetch_errors": dict(agents.errors),
         }
     finally:
         runner.cancel()
@@ -199,18 +208,20 @@ def main() -> int:
     ap.add_argument("--shards", type=int, default=1024)
     ap.add_argument("--changes", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="200 agents, 256 shards, 2 changes")
+    ap.add_argument("--only", choices=("pull", "hint"), help="measure one behaviour only")
     args = ap.parse_args()
     if args.quick:
         args.agents, args.shards, args.changes = 200, 256, 2
     out: dict[str, Any] = {"agents": args.agents, "shards": args.shards + 64, "baseline": BASELINE}
     tmp = Path(tempfile.mkdtemp(prefix="phantom-bench-mapprop-"))
     try:
-        out["hint"] = run_mode("hint", ROOT, args.agents, args.shards, args.changes)
-        base = baseline_tree(tmp)
-        if base is None:
+        if args.only != "pull":
+            out["hint"] = run_mode("hint", ROOT, args.agents, args.shards, args.changes)
+        base = baseline_tree(tmp) if args.only != "hint" else None
+        if base is None and args.only != "hint":
             out["pull"] = None
             print(f"baseline commit {BASELINE} not available (no git history): the pull row is skipped")
-        else:
+        elif base is not None:
             try:
                 out["pull"] = run_mode("pull", base, args.agents, args.shards, args.changes)
             finally:
@@ -228,7 +239,7 @@ def main() -> int:
             spans = f"{r['propagation_median_s']:.2f} ({lo:.2f}-{hi:.2f})"
             rows.append((name, str(r["agents"]), f"{r['map_bytes'] / 1024:.0f}", spans,
                          f"{r['change_committed_median_s']:.2f}", f"{r['sharding_cpu_per_change_s']:.3f}",
-                         f"{r['sharding_cpu_idle_per_s']:.3f}", str(r["fetch_errors"])))
+                         f"{r['sharding_cpu_idle_per_s']:.3f}", str(sum(r["fetch_errors"].values()))))
     if out.get("pull") and out.get("hint"):
         out["speedup_propagation"] = out["pull"]["propagation_median_s"] / out["hint"]["propagation_median_s"]
         out["cpu_ratio_per_change"] = out["pull"]["sharding_cpu_per_change_s"] / max(
