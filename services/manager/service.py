@@ -22,8 +22,9 @@ service being down never holds up the others. Each action is retried with
 back-off; a failover (``sharding.node_dead``, and ``node_alive`` for a node
 that came back) is retried for as long as the verdict behind it stands,
 whatever the error, so a failing sharding store delays a failover but never
-drops it. Other actions give up after a bounded number of attempts (logged);
-reconciliation re-issues them.
+drops it. Other actions end at a definitive answer (bad request, refused,
+not found, conflict) and otherwise give up after a bounded number of
+attempts, ``internal`` included (logged); reconciliation re-issues them.
 
 Level-triggered: every second the leader re-reads membership's verdicts
 (from membership's leader, newest term only) and compares sharding's ``down``
@@ -44,7 +45,7 @@ from loguru import logger
 
 from phantom_bus.client import AsyncClient
 from phantom_bus.config import Config
-from phantom_bus.errors import Conflict, NotFound, Overloaded, PhantomError, Refused
+from phantom_bus.errors import BadRequest, Conflict, NotFound, Overloaded, PhantomError, Refused
 from phantom_bus.leader import read_leader
 from phantom_bus.service import Service
 from phantom_bus.shardmap import ShardMap
@@ -223,7 +224,10 @@ class ManagerService:
                     return
                 attempt += 1
                 what = f"{action.service}.{action.op} {dict(action.args)}"
-                if not failover and (not err.retry or attempt >= MAX_ATTEMPTS):
+                # A definitive answer ends a non-failover action at once; anything else
+                # (store_unavailable, timeout, internal: a service's own failure) is retried.
+                definitive = isinstance(err, BadRequest | Refused | NotFound | Conflict)
+                if not failover and (definitive or attempt >= MAX_ATTEMPTS):
                     self.counters["dropped"] += 1
                     logger.warning("{} given up after {} attempt(s): {} ({}) ({})", what, attempt, err, err.code,
                                    action.reason)
