@@ -861,3 +861,23 @@ def test_random_histories_keep_the_registry_sound(auto_join: bool, history: list
             # ...and no colour change went without its cluster.health event.
             last = core._tracker.current
             assert last is not None and last.status == core.health.status
+
+
+def test_drift_repairs_a_lost_failover_or_return_from_shardings_down_set() -> None:
+    core = make()
+    active_node(core, "n1")
+    active_node(core, "n2")
+    core.on_event(mem("dead", "n1"), 10.0)
+    # Sharding never heard of n1's death, and still holds n2 down from an old verdict.
+    actions = [(a.service, a.op, a.node) for a in core.drift(down=["n2"])]
+    assert actions == [("sharding", "node_dead", "n1"), ("sharding", "node_alive", "n2")]
+    assert core.drift(down=["n1"]) == []  # in line: nothing to do
+
+
+def test_only_sharding_expired_nodes_become_failed() -> None:
+    core = make()
+    active_node(core)
+    core.on_event(mem("dead", "n1"), 10.0)
+    assert not core.tick(10.0 + 10 * DELAY)  # the manager keeps no timer of its own
+    d = core.tick(11.0, expired=["n1"])
+    assert kinds(d) == ["cluster.node_failed"] and core.node("n1").lifecycle == FAILED

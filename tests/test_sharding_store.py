@@ -142,8 +142,8 @@ def test_a_dead_delay_timer_survives_a_takeover_by_the_wall_clock() -> None:
         (view,) = [n for n in other.nodes() if n["node"] == "n0"]
         assert view["dead_since"] == pytest.approx(7.0 - 50.0)  # dead for 30 + 20 s: 10 s left
         other.tick(7.0 + 9.0)
-        assert not [n for n in other.nodes() if n["node"] == "n0"][0]["expired"]
+        assert not next(n for n in other.nodes() if n["node"] == "n0")["expired"]
         other.tick(7.0 + 10.5)
-        assert [n for n in other.nodes() if n["node"] == "n0"][0]["expired"]
+        assert next(n for n in other.nodes() if n["node"] == "n0")["expired"]
 
     asyncio.run(body())
