@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgpack
 import pytest
 
 from phantom_bus import config
@@ -148,5 +149,35 @@ def test_only_one_of_two_instances_leads_and_the_follower_serves_the_committed_m
             with pytest.raises(NotLeader) as refused:
                 await follower.op_add_node("n2", "z2")
             assert refused.value.retry and refused.value.details.get("leader") == leader.leadership.instance
+
+    run(scenario())
+
+
+def test_a_store_restored_to_an_older_epoch_never_takes_the_map_back(tmp_path: Path) -> None:
+    store = FlakyStore()
+    svc = make(tmp_path, store, "s1")
+
+    async def scenario() -> None:
+        async with contextlib.asynccontextmanager(running)(svc):
+            await until(lambda: svc.core is not None)
+            old = await MapStore(store).load()
+            assert old is not None
+            await svc.op_add_node("n1", "z1")
+            await svc.op_add_node("n2", "z2")
+            newest = epoch_of(svc.op_map())
+            # Someone restores an old snapshot of the store under the running leader.
+            from phantom_bus.store import Put
+            from services.sharding.store import EPOCH_KEY, MAP_KEY, STATE_KEY
+
+            record = msgpack.packb({"epoch": old.epoch, "term": old.term, "wall": old.wall})
+            await store.txn([], [Put(EPOCH_KEY, record), Put(MAP_KEY, old.blob),
+                                 Put(STATE_KEY, msgpack.packb(old.state))])
+            with pytest.raises(StoreError):
+                await svc.op_add_node("n3", "z3")
+            assert epoch_of(svc.op_map()) == newest  # still served: not the restored one
+            await svc.op_add_node("n3", "z3")  # the retry commits on top of the restored store
+            stored = await MapStore(store).load()
+            assert stored is not None and stored.epoch > newest
+            assert {n["id"] for n in stored.state["nodes"]} == {"n1", "n2", "n3"}
 
     run(scenario())

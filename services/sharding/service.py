@@ -24,6 +24,7 @@ large cluster takes a noticeable part of a second and must not stall the loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -230,6 +231,13 @@ class ShardingService:
                 fresh = None
             if fresh is not None and self._adopt(fresh):
                 committed = fresh
+            elif fresh is not None and committed is not None:
+                # The store went back (restored from an older snapshot): keep the newer
+                # epoch already served and commit it on top, so the map never goes back.
+                committed = dataclasses.replace(committed, epoch_revision=fresh.epoch_revision)
+                self.committed = committed
+                logger.error("the store went back to epoch {}; epoch {} is committed on top of it", fresh.epoch,
+                             committed.epoch)
         if committed is None:
             self.core = None
             return
