@@ -4,7 +4,7 @@ Run from the repo root: ``.venv/bin/python bench/map_propagation.py [--agents N]
 
 One load process simulates the agents (coroutines sharing a few clients). A
 real broker and a real sharding process serve them; the map has a key space
-of ``--shards`` shards (1,024 by default) on 12 nodes. Each change is a
+of ``--shards`` shards (256 by default, besides the 64 of the default key space) on 12 nodes. Each change is a
 ``node_dead`` / ``node_alive`` of one node, which bumps the epoch. Two
 behaviours are measured in the same run:
 
@@ -210,8 +210,8 @@ def main() -> int:
     interruptible()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--agents", type=int, default=1000)
-    ap.add_argument("--shards", type=int, default=1024)
-    ap.add_argument("--changes", type=int, default=4)
+    ap.add_argument("--shards", type=int, default=256)
+    ap.add_argument("--changes", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="200 agents, 256 shards, 2 changes")
     ap.add_argument("--only", choices=("pull", "hint"), help="measure one behaviour only")
     args = ap.parse_args()
