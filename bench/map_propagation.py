@@ -4,8 +4,9 @@ Run from the repo root: ``.venv/bin/python bench/map_propagation.py [--agents N]
 
 One load process simulates the agents (coroutines sharing a few clients). A
 real broker and a real sharding process serve them; the map has a key space
-of ``--shards`` shards (256 by default, besides the 64 of the default key space) on 12 nodes. Each change is a
-``node_dead`` / ``node_alive`` of one node, which bumps the epoch. Two
+of ``--shards`` shards (256 by default, next to the 64 of the default key
+space) on 12 nodes. Each change is a ``node_dead`` / ``node_alive`` of one
+node, which bumps the epoch. Two
 behaviours are measured in the same run:
 
 * **pull** (the behaviour before the shared store): sharding from the
