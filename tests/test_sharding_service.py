@@ -146,6 +146,12 @@ def test_only_one_of_two_instances_leads_and_the_follower_serves_the_committed_m
             epoch = epoch_of(leader.op_map())
             await until(lambda: follower.committed is not None and follower.committed.epoch == epoch)
             assert [n["node"] for n in follower.op_nodes()] == ["n1"]
+            # A follower may lag: it answers a map only when it is newer than the reader's.
+            assert epoch_of(follower.op_map(since_epoch=epoch - 1)) == epoch
+            for lagging in (lambda: follower.op_map(), lambda: follower.op_map(since_epoch=epoch),
+                            lambda: follower.op_lookup("k")):
+                with pytest.raises(NotLeader):
+                    lagging()
             with pytest.raises(NotLeader) as refused:
                 await follower.op_add_node("n2", "z2")
             assert refused.value.retry and refused.value.details.get("leader") == leader.leadership.instance

@@ -3,9 +3,13 @@
 Several instances may run; one leads (a lease in the store, see
 :mod:`services.leadership`). Only the leader holds a :class:`ShardingCore`,
 changes the map and runs the timers; followers follow the committed map in
-the store (a watch is a hint to re-read it) and serve every read from it.
-A follower answers a change with the retryable ``not_leader`` error naming
-the leader; a client's retry reaches the leader through the broker.
+the store (a watch is a hint to re-read it). Since a follower may lag the
+leader by a moment, it serves ``map`` only when it holds a map newer than
+the reader's ``since_epoch``, and leaves ``lookup`` to the leader, so no
+reader ever sees an epoch go back; it answers the operator reads (``shards``,
+``moves``, ``nodes``, ``health``, ``sole_replicas``) from its committed
+state. Anything else gets the retryable ``not_leader`` error naming the
+leader; a client's retry reaches the leader through the broker.
 
 Every change goes through :meth:`ShardingService._commit`: the core computes
 it, the new epoch and the state needed to resume its moves are committed to
@@ -323,12 +327,12 @@ class ShardingService:
     # --- queries --------------------------------------------------------------------------
 
     def op_lookup(self, key: str | bytes, keyspace: str = "default") -> dict[str, Any]:
-        """The shard owning ``key`` and its replicas."""
-        shard_map = self.published
-        route = shard_map.route(keyspace, key).to_wire()
+        """The shard owning ``key`` and its replicas (the leader's map: see :meth:`op_map`)."""
         core = self.core
-        if core is not None:
-            core.lookup(keyspace, key)  # records the key for split points
+        if core is None or not self.leadership.is_leader:
+            raise self.leadership.not_leader()
+        route = self.published.route(keyspace, key).to_wire()
+        core.lookup(keyspace, key)  # records the key for split points
         return route
 
     def op_map(self, since_epoch: int | None = None) -> Encoded | None:
@@ -336,11 +340,20 @@ class ShardingService:
 
         The reply is the committed map's encoding, made once per epoch (it is
         what the store holds), never re-encoded per request.
+
+        A follower may lag the leader by a moment, and a reader that got epoch
+        N from the leader must never get N-1 from a follower next. So a
+        follower answers only with a map newer than ``since_epoch``; anything
+        else (no ``since_epoch``, or nothing newer here) is ``not_leader``, and
+        the retry reaches the leader.
         """
         if since_epoch is not None and (type(since_epoch) is not int or since_epoch < 0):
             raise BadRequest(f"since_epoch must be a non-negative integer, got {since_epoch!r}")
         committed = self.committed
-        if committed is None:
+        leading = self.core is not None and self.leadership.is_leader
+        if committed is None or (not leading and (since_epoch is None or committed.epoch <= since_epoch)):
+            if not leading:
+                raise self.leadership.not_leader()
             raise ServiceUnavailable("sharding has not read the shard map from the store yet; retry")
         if since_epoch is not None and committed.epoch <= since_epoch:
             return None
