@@ -352,6 +352,17 @@ _SETTINGS: list[Setting] = [
         "Longest a node may stay suspect before it is dead, whatever its history: bounds detection "
         "for nodes whose window learned long gaps.",
     ),
+    Setting(
+        "incarnation_lead",
+        3600.0,
+        _positive_float,
+        "s",
+        "How far ahead of membership's wall clock (or of the incarnation it holds, if higher) a "
+        "heartbeat's incarnation may be; further is refused and counted (incarnation_ahead). "
+        "Agents number incarnations in milliseconds of their clock, so only a clock more than an "
+        "hour fast or a forged heartbeat exceeds it; one such heartbeat could otherwise push a "
+        "node's incarnation to 2^63-1, past which its agent can never refute.",
+    ),
     # --- manager and sharding -----------------------------------------------------------
     Setting(
         "auto_join",
