@@ -617,8 +617,8 @@ class Security:
     def load(cls, directory: str | Path, key: str, *, enrol: bool = False) -> Security:
         """Security on, as the identity ``key`` (``role/name`` or the path of a .key file).
 
-        ``enrol``: if this identity's key pair is missing (and it is not the
-        broker's), make it and authorize it, as ``phantom keygen`` would."""
+        ``enrol``: if this identity's key pair is missing and it is a service's
+        or an agent's, make it and authorize it, as ``phantom keygen`` would."""
         root = Path(directory)
         if not root.is_dir():
             raise SecurityError(f"curve_dir {root} is not a directory; make it with `phantom keygen {root}`")
@@ -635,7 +635,7 @@ class Security:
             except ValueError as exc:
                 raise SecurityError(f"bad curve_key {key!r}: {exc}") from None
             path = secret_path(root, me)
-            if enrol and me.role != "broker" and not path.exists():
+            if enrol and me.role in ("service", "agent") and not path.exists():
                 _enrol(root, me)
         security = cls(root, me, load_keypair(path))
         if me.role != "broker":
