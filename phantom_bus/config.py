@@ -462,6 +462,16 @@ _SETTINGS: list[Setting] = [
         "How long an agent takes to 'copy' a shard it is asked to hold before it confirms the "
         "replica: the agent stands in for the database here, so this simulates the copy.",
     ),
+    # --- balancer -------------------------------------------------------------------
+    Setting(
+        "lease_timeout",
+        30.0,
+        _positive_float,
+        "s",
+        "A select's lease never released ends after this long (counted as expired, not as a node "
+        "failure). Well above a client's worst case (3 attempts x 2.5 s) so live requests keep "
+        "their lease; short enough that a crashed client stops skewing in-flight counts quickly.",
+    ),
     Setting("node_id", "", _optional_path, "id", "The agent's node id (required for an agent)."),
     Setting("zone", "default", _path, "name", "The agent's failure zone (rack, availability zone)."),
     Setting(

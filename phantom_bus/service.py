@@ -44,7 +44,8 @@ from loguru import logger
 from phantom_bus import protocol
 from phantom_bus import security as secmod
 from phantom_bus.config import Config
-from phantom_bus.errors import BadRequest, InternalError, PhantomError, Refused, UnknownOperation
+from phantom_bus.errors import InternalError, PhantomError, Refused, UnknownOperation
+from phantom_bus.opspec import OpSpec, check_args, params_of
 from phantom_bus.wire import LoopSocket
 
 Handler = Callable[..., Any]
@@ -69,13 +70,14 @@ SERVICE_SETTINGS = (
 
 
 class _Operation:
-    __slots__ = ("fn", "is_async", "name", "signature")
+    __slots__ = ("fn", "is_async", "label", "name", "spec")
 
-    def __init__(self, name: str, fn: Handler) -> None:
+    def __init__(self, service: str, name: str, fn: Handler) -> None:
         self.name = name
+        self.label = f"{service}.{name}"
         self.fn = fn
         self.is_async = inspect.iscoroutinefunction(fn)
-        self.signature = inspect.signature(fn)
+        self.spec = params_of(fn)
 
 
 class Service:
@@ -117,14 +119,22 @@ class Service:
         """Decorator: ``fn`` answers operation ``name``."""
 
         def register(fn: Handler) -> Handler:
-            self._ops[name] = _Operation(name, fn)
+            self._ops[name] = _Operation(self.name, name, fn)
             return fn
 
         return register
 
     def add_operation(self, name: str, fn: Handler) -> None:
         """Non-decorator form of :meth:`operation`."""
-        self._ops[name] = _Operation(name, fn)
+        self._ops[name] = _Operation(self.name, name, fn)
+
+    def operations(self) -> dict[str, OpSpec]:
+        """Every operation this service answers, with its wire arguments."""
+        return {name: op.spec for name, op in sorted(self._ops.items())}
+
+    def handler(self, name: str) -> Handler:
+        """The function that answers operation ``name`` (KeyError if none)."""
+        return self._ops[name].fn
 
     def subscribe(self, prefix: str, callback: EventCallback) -> None:
         """Call ``callback(event)`` for every bus event whose kind starts with ``prefix``."""
@@ -269,12 +279,13 @@ class Service:
                 secmod.authorise(caller, self.name, op_name, args)
             op = self._ops.get(op_name)
             if op is None:
-                known = ", ".join(sorted(self._ops))
-                raise UnknownOperation(f"service {self.name!r} has no operation {op_name!r}; it has {known}")
-            try:
-                op.signature.bind(**args)
-            except TypeError as exc:
-                raise BadRequest(f"bad arguments for {self.name}.{op_name}: {exc}") from None
+                known = sorted(self._ops)
+                raise UnknownOperation(
+                    f"service \"{self.name}\" has no operation \"{op_name}\"; it has {', '.join(known)}",
+                    op=op_name,
+                    ops=known,
+                )
+            args = check_args(op.label, op.spec, args)
         except Refused as err:
             self.counters["refused"] += 1
             self._reply(route, reqid, protocol.encode_error(err))
