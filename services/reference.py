@@ -113,17 +113,19 @@ DECLARED: dict[str, dict[str, Op]] = {
         ),
         "merge": Op(
             "map: `shard` (str), `absorbed` (str), `done` (bool: false while replicas still move), `epoch` (int)",
-            ("not_found", "no_such_keyspace", "conflict", "refused"),
+            ("no_such_keyspace", "conflict", "refused"),
             idempotent=False,
         ),
-        "add_node": Op("map: what changed, with the new `epoch`"),
-        "drain_node": Op("map: what changed, with the new `epoch`"),
-        "remove_node": Op("map: what changed, with the new `epoch`", ("refused",)),
-        "node_dead": Op("map: what changed, with the new `epoch`"),
-        "node_alive": Op("map: what changed, with the new `epoch`"),
-        "confirm": Op("map: what changed, with the new `epoch`"),
+        "add_node": Op("the node view; re-adding updates zone and weight and ends a drain"),
+        "drain_node": Op("the node view", ("not_found",)),
+        "remove_node": Op("map: `node` (str), `dropped`", ("not_found", "refused"), idempotent=False),
+        "node_dead": Op("the node view", ("not_found",)),
+        "node_alive": Op("the node view", ("not_found",)),
+        "confirm": Op(
+            "map: `shard`, `node`, `role` (str); a repeated confirmation changes nothing", ("not_found", "conflict")
+        ),
         "report_load": Op(
-            "map: what changed (load-based splits), with the new `epoch`",
+            "map: `split` (array of new shard ids), `ignored` (array of unknown shard ids)",
             notes={"rates": "map shard id -> requests per second (float)"},
         ),
         "report_keys": Op("int: keys recorded", ("no_such_keyspace",), notes={"keys": "array of str or bin"}),

@@ -29,7 +29,7 @@ def test_the_protocol_document_holds_the_current_operations_reference(actual: di
 def test_the_reference_names_each_argument_with_its_msgpack_types(actual: dict) -> None:
     tables = reference.markdown(actual)
     row = next(line for line in tables.splitlines() if line.startswith("| `lookup` "))
-    assert '`key` str or bin, **required**' in row and '`keyspace` str, default "default"' in row
+    assert "`key` str or bin, **required**" in row and '`keyspace` str, default "default"' in row
     assert "`no_such_keyspace`" in row
 
 

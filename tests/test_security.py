@@ -484,7 +484,7 @@ def test_an_agent_started_before_its_key_is_authorized_joins_once_it_is(bus: Bus
 
     wait_until(alive, timeout=20)
     # Its requests through the broker (refused at first) get answers too.
-    wait_until(lambda: "no live worker for service 'sharding'" in bus.log(agent), timeout=15)
+    wait_until(lambda: 'no live worker for service "sharding"' in bus.log(agent), timeout=15)
     assert agent.poll() is None
 
 
