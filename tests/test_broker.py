@@ -38,7 +38,7 @@ def test_requests_reach_the_service_and_come_back(bus: Bus) -> None:
         assert c.request("echo", "echo", text="hello", n=[1, 2]) == {"text": "hello", "n": [1, 2]}
         with pytest.raises(UnknownOperation):
             c.request("echo", "no_such_op")
-        with pytest.raises(BadRequest, match="has no argument .nonsense."):
+        with pytest.raises(BadRequest, match="has no argument 'nonsense'"):
             c.request("echo", "sleep", nonsense=1)
 
 
