@@ -50,6 +50,7 @@ from typing import Any, Final
 
 from phantom_bus.errors import BadRequest, Conflict, NotFound, PhantomError
 from phantom_bus.events import Event, EventHooks
+from phantom_bus.protocol import wire_type
 
 from .config import MembershipConfig
 from .detector import PhiDetector
@@ -399,7 +400,7 @@ class Membership:
         if wall_ms is not None:
             wall_ms = _check_count("wall_ms", wall_ms)
         if load is not None and not isinstance(load, Mapping):
-            raise BadRequest(f"load must be a map or nil, got {type(load).__name__}")
+            raise BadRequest(f"load must be a map or nil, got {wire_type(load)}")
         with self._lock:
             now = self._clock(now)
             result = self._heartbeat(node, incarnation, seq, load, now, wall_ms)
