@@ -109,7 +109,10 @@ DECLARED: dict[str, dict[str, Op]] = {
             "map: `shards` (array of the two new shard ids), `epoch` (int)",
             ("not_found", "no_such_keyspace", "refused"),
             idempotent=False,
-            notes={"at": "range: a key; hash: a slot (int); nil: the middle of the keys seen"},
+            notes={
+                "at": "range: a key; hash: a slot (int); nil: the middle of the keys seen (range) or slots (hash)",
+                "keyspace": "nil: the shard's own",
+            },
         ),
         "merge": Op(
             "map: `shard` (str), `absorbed` (str), `done` (bool: false while replicas still move), `epoch` (int)",
@@ -140,6 +143,7 @@ DECLARED: dict[str, dict[str, Op]] = {
             idempotent=False,
             notes={
                 "write": "true: the shard's primary",
+                "keyspace": 'nil: `"default"`',
                 "strategy": "`round_robin`, `random`, `least_connections`, `weighted` or `performance`; "
                 "nil: the default",
                 "lease": "false: only where the key lives, no lease and no in-flight count",
