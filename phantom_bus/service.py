@@ -293,7 +293,14 @@ class Service:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return
-        self._reply(route, reqid, self._result(op, lambda: op.fn(**args)))
+        try:
+            body = protocol.encode_result(op.fn(**args))
+        except PhantomError as err:
+            self.counters["errors"] += 1
+            body = protocol.encode_error(err)
+        except Exception as exc:
+            body = self._internal(op, exc)
+        self._reply(route, reqid, body)
 
     async def _run_async(self, op: _Operation, args: dict[str, Any], route: bytes, reqid: bytes) -> None:
         try:
@@ -305,15 +312,6 @@ class Service:
         except Exception as exc:
             body = self._internal(op, exc)
         self._reply(route, reqid, body)
-
-    def _result(self, op: _Operation, call: Callable[[], Any]) -> bytes:
-        try:
-            return protocol.encode_result(call())
-        except PhantomError as err:
-            self.counters["errors"] += 1
-            return protocol.encode_error(err)
-        except Exception as exc:
-            return self._internal(op, exc)
 
     def _internal(self, op: _Operation, exc: Exception) -> bytes:
         self.counters["errors"] += 1
