@@ -117,6 +117,7 @@ def peer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         PHANTOM_DATA=str(tmp / "var"),
         PHANTOM_WORKER_HEARTBEAT=str(HEARTBEAT),
         PHANTOM_MAX_MESSAGE="65536",
+        PHANTOM_SECURITY="off",  # the plain protocol; CURVE is the transport's concern
         PYTHONPATH=str(ROOT),
     )
     procs: list[subprocess.Popen[bytes]] = []
