@@ -16,6 +16,7 @@ from typing import Any
 
 from phantom_bus import config as cfgmod
 from phantom_bus import security as secmod
+from phantom_bus import status as statusmod
 from phantom_bus.client import Client
 from phantom_bus.errors import BrokerUnreachable, PhantomError
 
@@ -75,7 +76,8 @@ def _print_json(doc: Any) -> None:
 
 
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
-    """``phantom status``: health, nodes, shards and services; exit 3 unless green."""
+    """``phantom status``: health, nodes, shards and services; exit 3 unless green,
+    1 when the manager does not answer (no verdict on the cluster, see phantom_bus.status)."""
     doc = client.status()
     if args.json:
         _print_json(doc)
@@ -87,15 +89,24 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
         print(line)
         print(f"epoch:  {doc.get('epoch') if doc.get('epoch') is not None else '-'}")
         shards = doc.get("shards") or {}
+        def count(name: str) -> Any:
+            return "-" if shards.get(name) is None else shards[name]
+
         print(
-            f"shards: {shards.get('total', 0)} total, {shards.get('under_replicated', 0)} under-replicated, "
-            f"{shards.get('unavailable', 0)} unavailable"
+            f"shards: {count('total')} total, {count('under_replicated')} under-replicated, "
+            f"{count('unavailable')} unavailable"
         )
+        for reason in doc.get("reasons") or []:
+            if isinstance(reason, dict):
+                print(f"reason: {reason.get('severity')}: {reason.get('message')}")
         services = doc.get("services") or {}
         print("services: " + "  ".join(f"{name} {state}" for name, state in services.items()))
         nodes = doc.get("nodes") or []
         print()
         print(_table(nodes, NODE_COLUMNS) if nodes else "no nodes")
+    if statusmod.not_answering(doc):
+        print(f"phantom: {doc.get('reason')}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK if doc.get("health") == "green" else EXIT_UNHEALTHY
 
 

@@ -90,6 +90,17 @@ def _level(value: Any) -> str:
     return text
 
 
+def _security_mode(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    text = str(value).strip().lower()
+    if text in ("on", "1", "true", "yes"):
+        return "on"
+    if text in ("off", "0", "false", "no"):
+        return "off"
+    raise ValueError("expected on or off")
+
+
 def _path(value: Any) -> str:
     text = str(value).strip()
     if not text:
@@ -236,13 +247,23 @@ _SETTINGS: list[Setting] = [
     ),
     # --- security -----------------------------------------------------------------
     Setting(
+        "security",
+        "on",
+        _security_mode,
+        "on|off",
+        "on: CURVE with the keys in curve_dir, else in DATA/keys (which `make up` creates); a broker, "
+        "service or agent without keys refuses to start, a client (CLI, phantom-top, library) that finds "
+        "none connects without. off: no authentication or encryption even if keys exist, for a demo on "
+        "one host only; every process says so in its log.",
+    ),
+    Setting(
         "curve_dir",
         "",
         _optional_path,
         "directory",
-        "Key directory made by `phantom keygen` (`[security] curve_dir` in phantom.toml). Set: every "
+        "Key directory made by `phantom keygen` (`[security] curve_dir` in phantom.toml): every "
         "socket is CURVE-encrypted and only keys under DIR/authorized may connect, fail closed. "
-        "Empty: security off, for a demo on one host only.",
+        "Empty: DATA/keys if it exists (a checkout's var/keys for clients run elsewhere).",
     ),
     Setting(
         "curve_key",
@@ -405,6 +426,17 @@ _SETTINGS: list[Setting] = [
         "Longest a node may stay suspect before it is dead, whatever its history: bounds detection "
         "for nodes whose window learned long gaps.",
     ),
+    Setting(
+        "incarnation_lead",
+        3600.0,
+        _positive_float,
+        "s",
+        "How far ahead of membership's wall clock (or of the incarnation it holds, if higher) a "
+        "heartbeat's incarnation may be; further is refused and counted (incarnation_ahead). "
+        "Agents number incarnations in milliseconds of their clock, so only a clock more than an "
+        "hour fast or a forged heartbeat exceeds it; one such heartbeat could otherwise push a "
+        "node's incarnation to 2^63-1, past which its agent can never refute.",
+    ),
     # --- manager and sharding -----------------------------------------------------------
     Setting(
         "auto_join",
@@ -429,6 +461,16 @@ _SETTINGS: list[Setting] = [
         "s",
         "How long an agent takes to 'copy' a shard it is asked to hold before it confirms the "
         "replica: the agent stands in for the database here, so this simulates the copy.",
+    ),
+    # --- balancer -------------------------------------------------------------------
+    Setting(
+        "lease_timeout",
+        30.0,
+        _positive_float,
+        "s",
+        "A select's lease never released ends after this long (counted as expired, not as a node "
+        "failure). Well above a client's worst case (3 attempts x 2.5 s) so live requests keep "
+        "their lease; short enough that a crashed client stops skewing in-flight counts quickly.",
     ),
     Setting("node_id", "", _optional_path, "id", "The agent's node id (required for an agent)."),
     Setting("zone", "default", _path, "name", "The agent's failure zone (rack, availability zone)."),
@@ -522,7 +564,11 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # Keys of phantom.toml sections whose flattened name is not the setting's own.
-_FILE_ALIASES = {"security_curve_dir": "curve_dir", "security_curve_key": "curve_key"}
+_FILE_ALIASES = {
+    "security_curve_dir": "curve_dir",
+    "security_curve_key": "curve_key",
+    "security_mode": "security",
+}
 
 
 def _aliased(values: dict[str, Any], path: Path) -> dict[str, Any]:

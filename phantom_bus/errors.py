@@ -94,6 +94,13 @@ class ServiceUnavailable(PhantomError):
     retry = True
 
 
+class UnknownService(NotFound):
+    """No worker ever registered under the requested service name (a typo, or a
+    service this cluster does not run): retrying cannot help."""
+
+    code = "unknown_service"
+
+
 class Overloaded(PhantomError):
     """The broker or service queue for the request is full."""
 
@@ -178,7 +185,7 @@ def error_from_wire(doc: Any) -> PhantomError:
     newer server never makes an older client crash.
     """
     if not isinstance(doc, dict):
-        return PhantomError(f"malformed error reply: {doc!r}")
+        return PhantomError("malformed error reply: the 'error' field is not a map")
     code = str(doc.get("code", "error"))
     message = str(doc.get("message", "unknown error"))
     raw = doc.get("details")

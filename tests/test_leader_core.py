@@ -103,6 +103,9 @@ class Sim:
         if isinstance(action, float):
             self.push(max(action, t + 1e-6), who, "wake")
             return
+        if isinstance(action, Renew) and not core.is_leader(t):
+            # e.g. woken from a pause past its lease: it must not act as the leader it was
+            self.violations.append(f"t={t:.3f}: {core.instance} renews term {action.term} without leading")
         # Maybe the leader also makes a fenced write now, as a leader would between renewals.
         if core.is_leader(t) and self.rng.random() < 0.5:
             assert core.term is not None

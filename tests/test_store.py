@@ -432,7 +432,7 @@ def test_etcd_calls_move_to_the_next_endpoint_when_one_is_down(tmp_path: Path, r
     async def main() -> None:
         store = open_store(url, data_dir=str(tmp_path), prefix=f"/failover-{time.time_ns()}/", timeout=1.0)
         try:
-            with pytest.raises(StoreError, match="etcd 127.0.0.1"):
+            with pytest.raises(StoreError, match=r"etcd 127\.0\.0\.1"):
                 await store.put("k", b"v")
             assert await store.put("k", b"v") > 0
             entry = await store.get("k")

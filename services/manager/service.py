@@ -52,6 +52,7 @@ from phantom_bus.shardmap import ShardMap
 from phantom_bus.store import CasFailed, Compacted, Fenced, Store, StoreError
 from services.leadership import Leadership
 from services.manager.config import ManagerConfig
+from services.manager.control import ControlWatch, apply_reasons
 from services.manager.core import Action, Decision, ManagerCore
 from services.manager.health import shards_from_map
 from services.manager.registry import Registry
@@ -80,6 +81,7 @@ QUEUE_LIMIT = 4096
 MAX_ATTEMPTS = 10
 # Sharding operations retried for as long as the verdict behind them stands.
 _FAILOVER = ("node_dead", "node_alive")
+_CONTROL_POLL = 2.0
 
 
 def _already_done(action: Action, err: PhantomError) -> bool:
@@ -116,6 +118,8 @@ class ManagerService:
         self._map: ShardMap | None = None
         self._map_stale = asyncio.Event()
         self.counters = {"overloaded": 0, "dropped": 0, "stale_verdicts": 0}
+        # The control plane's own health: restarts, sharding's store, our queues' ages.
+        self.control = ControlWatch()
         svc = self.service
         for name in ("status", "nodes", "node", "register", "approve", "drain", "remove", "health"):
             svc.add_operation(name, getattr(self, f"op_{name}"))
@@ -187,6 +191,7 @@ class ManagerService:
                 service=action.service,
             ) from None
         self._pending.add(key)
+        self.control.queued(action.service, f"{action.service}.{action.op}", time.monotonic())
 
     def _superseded(self, action: Action) -> bool:
         """A failover action whose verdict no longer stands (the node came back, or died again)."""
@@ -202,6 +207,7 @@ class ManagerService:
                 await self._carry_out(action)
             finally:
                 self._pending.discard(_key(action))
+                self.control.finished(service)
             if action.service == "sharding" and action.op == "drain_node":
                 # A drain is only judged on maps fetched after it was accepted.
                 self._map_stale.set()
@@ -272,6 +278,10 @@ class ManagerService:
         if up["balancer"]:
             with contextlib.suppress(PhantomError):
                 merge_balancer_stats(doc, await self.client.request("balancer", "stats"))
+        now = time.monotonic()
+        if registered:
+            self.control.observe_services(registered, now)
+        apply_reasons(doc, self.control.reasons(now), self.control.queue_ages(now))
         doc["control"] = await self._control()
         return doc
 
@@ -453,7 +463,8 @@ class ManagerService:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
         self._member_term = 0
-        tasks = [asyncio.ensure_future(c) for c in (self.reconcile_loop(), self.map_loop(), self.level_loop())]
+        loops = (self.reconcile_loop(), self.map_loop(), self.level_loop(), self.control_loop())
+        tasks = [asyncio.ensure_future(c) for c in loops]
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -488,6 +499,17 @@ class ManagerService:
                     logger.warning("store: cannot follow the registry: {}", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
+
+    async def control_loop(self) -> None:
+        """Watch the control plane itself: worker restarts at the broker, sharding's store."""
+        while True:
+            with contextlib.suppress(PhantomError):
+                self.control.observe_services(await self.client.request("broker", "services"), time.monotonic())
+            try:
+                self.control.observe_store(await self.client.request("sharding", "health"))
+            except PhantomError:
+                self.control.forget_store()
+            await asyncio.sleep(_CONTROL_POLL)
 
     def loops(self) -> list[Any]:
         """The coroutines to run next to the service's own."""
