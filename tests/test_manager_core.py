@@ -285,6 +285,17 @@ def test_left_is_an_outage_like_dead_and_dead_then_left_is_one_outage() -> None:
     assert kinds(core.tick(10.0 + DELAY)) == ["cluster.node_failed"]
 
 
+def test_gracefully_left_node_is_labelled_left_not_failed_and_returns_to_active() -> None:
+    core = make()
+    active_node(core)
+    core.on_event(mem("left", "n1", reason="leave"), 10.0)
+    assert kinds(core.tick(10.0 + DELAY)) == ["cluster.node_left"]
+    assert core.node("n1").lifecycle == "left"
+    d = core.on_event(mem("alive", "n1", inc=2), 10.0 + DELAY + 5)
+    assert ("sharding", "node_alive") in ops(d)
+    assert kinds(d) == ["cluster.node_active"] and core.node("n1").lifecycle == ACTIVE
+
+
 def test_suspect_after_dead_means_it_came_back_when_the_alive_event_was_lost() -> None:
     core = make()
     active_node(core)
