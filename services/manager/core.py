@@ -72,9 +72,9 @@ from .config import ManagerConfig
 from .health import Health, HealthTracker, ShardInfo, assess, sole_replicas, status_document
 from .registry import (
     ACTIVE,
+    AWAY,
     DECOMMISSIONED,
     DRAINING,
-    AWAY,
     FAILED,
     JOINING,
     LEFT,
@@ -576,6 +576,12 @@ class ManagerCore:
     def node(self, node: str) -> NodeRecord:
         """One node; :class:`NotFound` if it is not registered."""
         return self.registry.get(node)
+
+    @property
+    def epoch(self) -> int | None:
+        """Epoch of the last shard map observed (``None`` before the first)."""
+        with self._lock:
+            return self._epoch
 
     @property
     def health(self) -> Health:

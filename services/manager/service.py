@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from loguru import logger
@@ -29,7 +31,8 @@ from phantom_bus.service import Service
 from phantom_bus.shardmap import ShardMap
 from services.manager.config import ManagerConfig
 from services.manager.core import Action, Decision, ManagerCore
-from services.manager.health import shards_from_map
+from services.manager.health import Health, shards_from_map
+from services.manager.registry import LIFECYCLES, NodeRecord
 from services.manager.store import RegistryStore
 
 SETTINGS = ("broker", "timeout", "retries", "auto_join", "dead_delay")
@@ -39,6 +42,7 @@ _TICK = 1.0
 _MAP_POLL = 2.0
 _RECONCILE = 30.0
 _BACKOFF_MAX = 5.0
+_METRICS_POLL = 5.0
 
 
 def _already_done(action: Action, err: PhantomError) -> bool:
@@ -65,6 +69,9 @@ class ManagerService:
         self._workers: list[asyncio.Task[None]] = []
         self._map: ShardMap | None = None
         self._map_stale = asyncio.Event()
+        # Replaced whole by metrics_loop, read by the metrics thread.
+        self._select_seconds: Any = None
+        self._moves: int | None = None
         svc = self.service
         for name in ("status", "nodes", "node", "register", "approve", "drain", "remove"):
             svc.add_operation(name, getattr(self, f"op_{name}"))
@@ -243,9 +250,78 @@ class ManagerService:
         await asyncio.sleep(0.5)  # let the broker see us and the subscriptions settle
         await self._resync(removals=True)
 
+    async def metrics_loop(self) -> None:
+        """What /metrics shows beyond the core's state: the balancer's select
+        histogram and sharding's moves in flight, fetched now and then."""
+        while True:
+            with contextlib.suppress(PhantomError):
+                stats = await self.client.request("balancer", "stats")
+                if isinstance(stats, dict):
+                    self._select_seconds = stats.get("select_seconds")
+            try:
+                self._moves = len(await self.client.request("sharding", "moves"))
+            except PhantomError:
+                self._moves = None
+            await asyncio.sleep(_METRICS_POLL)
+
+    def metrics(self) -> list[Any]:
+        """The cluster view for /metrics (called from the metrics thread: the core is thread-safe)."""
+        return cluster_metrics(self.core.health, self.core.nodes(), self.core.epoch, self._moves,
+                               self._select_seconds)
+
     def loops(self) -> list[Any]:
         """The coroutines to run next to the service's own."""
-        return [self.startup(), self.map_loop(), self.tick_loop()]
+        loops = [self.startup(), self.map_loop(), self.tick_loop()]
+        if self.cfg.get("metrics"):
+            loops.append(self.metrics_loop())
+        return loops
+
+
+def cluster_metrics(
+    health: Health, records: Sequence[NodeRecord], epoch: int | None, moves: int | None, select_seconds: Any
+) -> list[Any]:
+    """The manager's metric families: health, nodes by state and lifecycle, shards by state, epoch."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    from phantom_bus import metrics as m
+
+    helps = {s.name: s.help for s in m.SERIES}
+    out: list[Any] = []
+    colour = GaugeMetricFamily("phantom_cluster_health", helps["phantom_cluster_health"])
+    colour.add_metric([], m.HEALTH_VALUES.get(health.status, 2))
+    out.append(colour)
+    nodes = GaugeMetricFamily("phantom_nodes", helps["phantom_nodes"], labels=["state"])
+    states = Counter(r.member or "unknown" for r in records)
+    for state in m.NODE_STATES:
+        nodes.add_metric([state], states.get(state, 0))
+    out.append(nodes)
+    lifecycles = GaugeMetricFamily("phantom_node_lifecycle", helps["phantom_node_lifecycle"], labels=["lifecycle"])
+    counts = Counter(r.lifecycle for r in records)
+    for lifecycle in LIFECYCLES:
+        lifecycles.add_metric([lifecycle], counts.get(lifecycle, 0))
+    out.append(lifecycles)
+    shards = GaugeMetricFamily("phantom_shards", helps["phantom_shards"], labels=["state"])
+    flagged = {*health.unavailable_shards, *health.under_replicated_shards, *health.moving_shards,
+               *health.degraded_shards}
+    for state, value in (
+        ("ok", health.total - len(flagged)),
+        ("under_replicated", health.under_replicated),
+        ("unavailable", health.unavailable),
+        ("moving", health.moving),
+        ("degraded", health.degraded),
+    ):
+        shards.add_metric([state], value)
+    out.append(shards)
+    if epoch is not None:
+        ep = GaugeMetricFamily("phantom_shardmap_epoch", helps["phantom_shardmap_epoch"])
+        ep.add_metric([], epoch)
+        out.append(ep)
+    if moves is not None:
+        mv = GaugeMetricFamily("phantom_moves_in_flight", helps["phantom_moves_in_flight"])
+        mv.add_metric([], moves)
+        out.append(mv)
+    out.extend(m.histogram_from_snapshot("phantom_select_seconds", select_seconds))
+    return out
 
 
 def merge_balancer_stats(doc: dict[str, Any], stats: Any) -> None:
