@@ -140,7 +140,8 @@ def test_join_drain_and_kill_show_in_events_and_metrics(cluster: tuple[Bus, str]
     assert before["phantom_shardmap_epoch"] >= 1
     assert before['phantom_shards{state="unavailable"}'] == 0
     follow = subprocess.Popen(
-        [sys.executable, "-m", "phantom_bus.cli", "events", "--follow", "--json", "--type", "cluster.node_*", "--limit", "1"],
+        [sys.executable, "-m", "phantom_bus.cli", "events", "--follow", "--json", "--type", "cluster.node_*",
+         "--limit", "1"],
         cwd=ROOT, env=bus.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     follow_all = subprocess.Popen(
