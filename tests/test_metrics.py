@@ -90,3 +90,17 @@ def test_json_logs_are_flat_with_the_event_kind_as_a_field(capsys: pytest.Captur
     assert second["event"] is None and second["shard"] == "default/7" and second["msg"] == "plain words"
     assert not any(isinstance(v, dict) for v in (*first.values(), *second.values()))
     log.setup("test")
+
+
+def test_grafana_dashboard_queries_only_series_that_exist() -> None:
+    import re
+
+    dash = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
+    known = {s.name.removesuffix("_total") for s in metrics.SERIES}
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert exprs
+    for expr in exprs:
+        names = set(re.findall(r"phantom_[a-z_]+", expr))
+        assert names, expr
+        for name in names:
+            assert re.sub(r"_(bucket|count|sum)$", "", name) in known, f"{expr}: {name} is not exported"
