@@ -213,6 +213,7 @@ def _wait_decommissioned(client: Client, node: str, limit: float | None) -> dict
     """Poll the status until ``node`` is decommissioned; progress lines on stderr."""
     deadline = None if not limit else time.monotonic() + limit
     last = ""
+    idle = 0
     while True:
         doc = client.status()
         row = next((n for n in doc.get("nodes") or [] if n.get("id") == node), None)
@@ -224,9 +225,17 @@ def _wait_decommissioned(client: Client, node: str, limit: float | None) -> dict
             f"phantom: {node} {row.get('lifecycle')}: {row.get('replicas') or 0} replica(s) left, "
             f"{doc.get('moves_in_flight') or 0} move(s) in flight, health {doc.get('health')}"
         )
+        idle = idle + 1 if line == last and not doc.get("moves_in_flight") else 0
         if line != last:
             print(line, file=sys.stderr, flush=True)
             last = line
+        elif idle == 10:
+            print(
+                f"phantom: nothing is moving off {node}: there may be too few other nodes or zones to take "
+                "its replicas (each shard keeps its replication factor); `phantom moves` shows what waits",
+                file=sys.stderr,
+                flush=True,
+            )
         if deadline is not None and time.monotonic() >= deadline:
             raise PhantomError(f"{node} is not decommissioned after {limit:g} s (still {row.get('lifecycle')})")
         time.sleep(1.0)
@@ -357,6 +366,8 @@ def cmd_moves(client: Client, args: argparse.Namespace) -> int:
 def cmd_events(client: Client, args: argparse.Namespace) -> int:
     """``phantom events [--follow] [--type PATTERN] [--json]``: recent events, then (``--follow``) new ones."""
     pattern = args.type or "*"
+    # One member.load per node per heartbeat would bury everything else: shown only when asked for.
+    loads = "load" in pattern
     # Subscribe before asking for the recent ones, so nothing falls between the two.
     sock = _event_socket(args.events_out, pattern) if args.follow else None
     try:
@@ -364,19 +375,24 @@ def cmd_events(client: Client, args: argparse.Namespace) -> int:
         seen = set()
         for event in recent if isinstance(recent, list) else []:
             seen.add(_event_id(event))
-            if fnmatch.fnmatchcase(str(event.get("kind")), pattern):
+            if _wanted(event, pattern, loads):
                 _print_event(event, args.json)
         if sock is None:
             return EXIT_OK
         for event in _follow(sock):
             if _event_id(event) in seen:
                 continue  # already printed from the recent list
-            if fnmatch.fnmatchcase(str(event.get("kind")), pattern):
+            if _wanted(event, pattern, loads):
                 _print_event(event, args.json)
         return EXIT_OK
     finally:
         if sock is not None:
             sock.close(0)
+
+
+def _wanted(event: dict[str, Any], pattern: str, loads: bool) -> bool:
+    kind = str(event.get("kind"))
+    return fnmatch.fnmatchcase(kind, pattern) and (loads or kind != "member.load")
 
 
 def _event_socket(events_out: str, pattern: str) -> Any:
