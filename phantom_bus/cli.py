@@ -100,7 +100,7 @@ def _print_json(doc: Any) -> None:
 
 
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
-    """``phantom status``: health, nodes, shards and services; exit 3 unless green."""
+    """``phantom status``: health, nodes, shards and services; exit 3 when yellow or red."""
     doc = client.status()
     if args.json:
         _print_json(doc)
@@ -529,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
-    command("status", cmd_status, "cluster health, nodes, shards, services (exit 3 unless green)")
+    command("status", cmd_status, "cluster health, nodes, shards, services (exit 3 when yellow or red)")
     command("nodes", cmd_nodes, "one row per node")
     command("shards", cmd_shards, "one row per shard")
     p = command("select", cmd_select, "which node serves KEY")
