@@ -243,16 +243,23 @@ def _wait_decommissioned(client: Client, node: str, limit: float | None) -> dict
 
 def cmd_remove(client: Client, args: argparse.Namespace) -> int:
     """``phantom remove NODE``; says so when the node is still listed alive afterwards."""
-    result = client.request(_owner(client, "remove"), "remove", node=args.node)
+    owner = _owner(client, "remove")
+    result = client.request(owner, "remove", node=args.node)
     still = _still_alive(client, args.node)
-    if still:
+    if still and owner != "manager":
+        msg = (
+            f"discovery forgot {args.node}, but its agent still runs and beacons, so it is listed alive again "
+            "(no manager runs to ignore it). Stop the agent on its host"
+        )
+    elif still:
         # The manager ignores the agent's beacons (cluster.node_ignored) until it
         # restarts with a new incarnation: the removal holds, but the node is listed.
         msg = (
-            f"{args.node} was removed from the registry and holds no data, but its agent still runs and "
+            f"{args.node} was removed (no shard is placed on it any more), but its agent still runs and "
             f"is still listed alive; the manager ignores it (cluster.node_ignored). Stop the agent on its "
             f"host; restarting it, or `phantom register {args.node}`, brings it back as a new node"
         )
+    if still:
         print(f"phantom: remove: {msg}", file=sys.stderr)
         if args.json:
             _print_json({**(result if isinstance(result, dict) else {"result": result}), "still_listed": True,
