@@ -808,7 +808,7 @@ def test_random_histories_keep_the_registry_sound(auto_join: bool, history: list
                     assert ("sharding", "drain_node") in mine and ("sharding", "add_node") not in mine
                 elif rec.lifecycle == ACTIVE:
                     assert ("sharding", "add_node") in mine
-                elif rec.lifecycle == FAILED:
+                elif rec.lifecycle in (FAILED, "left"):
                     assert ("sharding", "node_dead") in mine
             if shards is not None:
                 core.observe_shards(shards, now=now, epoch=1)
@@ -834,7 +834,8 @@ def test_random_histories_keep_the_registry_sound(auto_join: bool, history: list
 
         # Lifecycle moves only along legal edges, one event per move.
         moves = [e for e in d.events if e.kind in ("cluster.node_active", "cluster.node_draining",
-                                                    "cluster.node_decommissioned", "cluster.node_failed")]
+                                                    "cluster.node_decommissioned", "cluster.node_failed",
+                                                    "cluster.node_left")]
         for e in moves:
             assert e.data["lifecycle"] in TRANSITIONS[e.data["previous"]], e
         for node, rec in after.items():

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, Bus, free_port, wait_until
+from tests.test_cluster import settled
 
 pytestmark = pytest.mark.processes
 
@@ -34,7 +35,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Bus, str
             bus.procs_by_name[name] = bus.start(f"services.{name}", **env)  # type: ignore[attr-defined]
         for n in (1, 2, 3):
             bus.agent(n)
-        wait_until(lambda: status(bus).get("health") == "green", timeout=60, interval=0.2)
+        wait_until(lambda: settled(status(bus)), timeout=60, interval=0.2)
         yield bus, metrics
     finally:
         bus.close()
