@@ -195,7 +195,8 @@ def cmd_drain(client: Client, args: argparse.Namespace) -> int:
             "decommissioned once a manager runs again)"
         )
     if not args.wait:
-        _print_json(result) if args.json else print(f"draining {args.node}{note}")
+        hint = "" if note else f" (`phantom drain {args.node} --wait` returns when it is decommissioned)"
+        _print_json(result) if args.json else print(f"draining {args.node}{note or hint}")
         return EXIT_OK
     if owner != "manager":
         raise PhantomError(
