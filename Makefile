@@ -7,7 +7,12 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 SUPERVISORCTL := $(VENV)/bin/supervisorctl -c supervisor.conf
 
-.PHONY: up down test top bench venv status lint
+# The cluster's CURVE keys, made on the first `make up` (security is on by default;
+# PHANTOM_SECURITY=off turns it off). Every process and tool of this checkout finds them.
+KEYS := $${PHANTOM_DATA:-var}/keys
+DEMO_AGENTS := node-1,node-2,node-3
+
+.PHONY: up down test top bench venv status lint keys
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +22,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-up: $(STAMP)
+keys:
+	@if [ ! -f $(KEYS)/authorized/broker/broker.pub ]; then \
+		$(VENV)/bin/phantom keygen $(KEYS) --agents $(DEMO_AGENTS) --json >/dev/null || exit 1; \
+		echo "made CURVE keys in $(KEYS): the bus is authenticated and encrypted (PHANTOM_SECURITY=off turns it off)"; \
+	fi
+
+up: $(STAMP) keys
 	@mkdir -p var/log
 	@if $(SUPERVISORCTL) pid >/dev/null 2>&1; then \
 		echo "supervisord already running; starting any stopped programs"; \

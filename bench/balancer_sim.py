@@ -74,7 +74,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench._procs import host_info, write_results  # noqa: E402
-from phantom_bus.errors import NotFound  # noqa: E402
 from services.balancer import STRATEGY_NAMES, Balancer, BalancerConfig, Candidate  # noqa: E402
 
 NODES = 10
@@ -161,9 +160,7 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
         # A request that waited longer than lease_timeout_s (30 s) finds its lease
         # expired: only an overloaded node (round_robin on the slow ones) gets there.
         nonlocal expired
-        try:
-            bal.release(lease, latency_ms, True, now=now)
-        except NotFound:
+        if bal.end_lease(lease, latency_ms, True, now=now)[0] == "expired":
             expired += 1
 
     def start(node: Node, req: list[Any], now: float) -> None:

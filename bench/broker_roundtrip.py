@@ -206,6 +206,8 @@ def main() -> int:
         # Services on the broker's host may reach it over a Unix socket.
         env["PHANTOM_BACKEND"] = f"ipc:///tmp/phantom-bench-{os.getpid()}.sock"
     env["PHANTOM_LOG_LEVEL"] = "WARNING"
+    os.environ.setdefault("PHANTOM_SECURITY", "off")  # the raw bus, for its clients here too
+    env.setdefault("PHANTOM_SECURITY", "off")
     broker_ep = env["PHANTOM_BROKER"]
 
     raw = mp.Process(target=raw_echo_server, args=(raw_ep,), daemon=True)

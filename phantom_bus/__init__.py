@@ -15,6 +15,7 @@ from phantom_bus.errors import (
     PhantomError,
     ServiceUnavailable,
     Timeout,
+    UnknownService,
 )
 
 if TYPE_CHECKING:
@@ -42,4 +43,5 @@ __all__ = [
     "Selection",
     "ServiceUnavailable",
     "Timeout",
+    "UnknownService",
 ]

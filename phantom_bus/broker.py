@@ -34,8 +34,10 @@ from phantom_bus import config as cfgmod
 from phantom_bus import log, protocol
 from phantom_bus import security as secmod
 from phantom_bus.dispatch import Dispatcher, ToClient, ToWorker
-from phantom_bus.errors import BadRequest, PhantomError, Refused, UnknownOperation
+from phantom_bus.errors import BadRequest, PhantomError, Refused, UnknownOperation, UnsupportedVersion
 from phantom_bus.wire import readable, recv_frames, recv_frames_as, send_frames
+
+_BROKER_NAME = protocol.BROKER_SERVICE.encode()
 
 SETTINGS = (
     "broker",
@@ -64,6 +66,15 @@ RECENT_EVENTS = 1000
 # Too chatty to be worth remembering: one per node per heartbeat.
 _NOT_RECENT = (b"member.load",)
 
+#: The operations of the broker's own ``broker`` service (none takes arguments).
+OPERATIONS = ("ping", "services", "events", "stats")
+#: After this many worker-liveness periods of broker uptime, a service name that
+#: no worker ever registered under is answered ``unknown_service`` (not
+#: retryable) instead of ``service_unavailable``: by then every running service
+#: has registered, even after a broker restart (workers re-register within one
+#: liveness period).
+UNKNOWN_SERVICE_GRACE = 5
+
 
 class Broker:
     """The broker: sockets, the poll loop, and the dispatcher it drives."""
@@ -73,10 +84,12 @@ class Broker:
         self.ctx = ctx or zmq.Context.instance()
         self.max_body = int(cfg.max_message)
         self.heartbeat = float(cfg.worker_heartbeat)
+        liveness = self.heartbeat * int(cfg.worker_liveness)
         self.dispatcher = Dispatcher(
-            liveness=self.heartbeat * int(cfg.worker_liveness),
+            liveness=liveness,
             queue_limit=int(cfg.broker_queue),
             queue_timeout=float(cfg.timeout) * 2,
+            unknown_after=time.monotonic() + UNKNOWN_SERVICE_GRACE * liveness,
         )
         self.started = time.time()
         self.counters = {"requests": 0, "replies": 0, "bad_client": 0, "bad_worker": 0, "events": 0}
@@ -106,10 +119,16 @@ class Broker:
     # --- frontend -------------------------------------------------------------
 
     def _client_error(
-        self, identity: bytes, delimited: bool, service: bytes, reqid: bytes, err: PhantomError
+        self,
+        identity: bytes,
+        delimited: bool,
+        service: bytes,
+        reqid: bytes,
+        err: PhantomError,
+        header: bytes = protocol.CLIENT,
     ) -> None:
         frames = [identity, b""] if delimited else [identity]
-        frames += [protocol.CLIENT, service, reqid, protocol.encode_error(err)]
+        frames += [header, service, reqid, protocol.encode_error(err)]
         send_frames(self.frontend, frames)
 
     def _on_client_as(self, frames: list[bytes], user: str | None, now: float) -> None:
@@ -126,46 +145,74 @@ class Broker:
         identity = frames[0]
         delimited = len(frames) > 1 and frames[1] == b""
         rest = frames[2:] if delimited else frames[1:]
+        if len(rest) == 4 and rest[0] == protocol.CLIENT:
+            service_frame, reqid, body = rest[1], rest[2], rest[3]
+            if (
+                0 < len(service_frame) <= protocol.MAX_SERVICE_NAME
+                and len(reqid) <= protocol.MAX_REQUEST_ID
+                and len(body) <= self.max_body
+                and service_frame.isascii()
+            ):
+                if caller is None:
+                    revoked = Refused("this key is no longer authorized (it was removed from the authorized keys)")
+                    self._client_error(identity, delimited, service_frame, reqid, revoked)
+                    return
+                self.counters["requests"] += 1
+                if service_frame == _BROKER_NAME:
+                    self._own_request(identity, delimited, reqid, body, now)
+                    return
+                route = protocol.make_route(identity, delimited, caller)
+                action = self.dispatcher.request(service_frame.decode("ascii"), route, reqid, body, now)
+                if action is not None:
+                    self._do(action)
+                return
+        self._malformed(identity, delimited, rest)
+
+    def _malformed(self, identity: bytes, delimited: bool, rest: list[bytes]) -> None:
+        """Answer a request that breaks a framing rule.
+
+        The reply always has the four frames of a reply, so one parser reads
+        every answer: the service and request-id frames are echoed exactly as
+        sent, whatever their length (so a client can match the reply to its
+        request), and a frame the request lacked is empty. The header frame is
+        ``PHC1``, except for ``unsupported_version``, which echoes the header the
+        client sent (the one it understands).
+        """
         service_frame = rest[1] if len(rest) > 1 else b""
         reqid = rest[2] if len(rest) > 2 else b""
+        header = protocol.CLIENT
         try:
+            protocol.check_header(rest[0] if rest else b"", protocol.CLIENT)
             if len(rest) != 4:
                 raise BadRequest(
-                    f"a request has 4 frames (header, service, request id, body), got {len(rest)}"
+                    f"a request has 4 frames (header, service, request id, body), got {len(rest)}", field="frames"
                 )
-            protocol.check_header(rest[0], protocol.CLIENT)
-            service = protocol.decode_service(service_frame)
+            protocol.decode_service(service_frame)
             protocol.check_request_id(reqid)
-            body = rest[3]
-            if len(body) > self.max_body:
-                raise protocol.TooLarge(f"body is {len(body)} bytes, the limit is {self.max_body}")
+            size, limit = len(rest[3]), self.max_body
+            raise protocol.TooLarge(f"body is {size} bytes, the limit is {limit}", size=size, limit=limit)
+        except UnsupportedVersion as err:
+            header = rest[0]
+            error: PhantomError = err
         except PhantomError as err:
-            self.counters["bad_client"] += 1
-            self._client_error(identity, delimited, service_frame[:64], reqid[:64], err)
-            return
-        if caller is None:
-            revoked = Refused("this key is no longer authorized (it was removed from the authorized keys)")
-            self._client_error(identity, delimited, service_frame, reqid, revoked)
-            return
-        self.counters["requests"] += 1
-        route = protocol.make_route(identity, delimited, caller)
-        if service == protocol.BROKER_SERVICE:
-            self._own_request(identity, delimited, reqid, body, now)
-            return
-        action = self.dispatcher.request(service, route, reqid, body, now)
-        if action is not None:
-            self._do(action)
+            error = err
+        self.counters["bad_client"] += 1
+        self._client_error(identity, delimited, service_frame, reqid, error, header)
 
     def _own_request(self, identity: bytes, delimited: bool, reqid: bytes, body: bytes, now: float) -> None:
-        name = protocol.BROKER_SERVICE.encode()
+        name = _BROKER_NAME
         try:
-            op, _args = protocol.decode_request(body, max_size=self.max_body)
+            op, args = protocol.decode_request(body, max_size=self.max_body)
+            extra = sorted(set(args) - ({"limit"} if op == "events" else set()))
+            if op in OPERATIONS and extra:
+                takes = "only limit" if op == "events" else "no arguments"
+                raise BadRequest(f"broker.{op} takes {takes}, got {', '.join(extra)}", op=op, args=extra)
             if op == "ping":
                 result: Any = {"pong": True, "time": time.time()}
             elif op == "services":
                 result = self.dispatcher.services(now)
             elif op == "events":
-                result = self._recent_events(_args.get("limit", 100))
+                result = self._recent_events(args.get("limit", 100))
             elif op == "stats":
                 result = {
                     **self.counters,
@@ -175,7 +222,9 @@ class Broker:
                     "security": self.security.stats(),
                 }
             else:
-                raise UnknownOperation(f"the broker has no operation {op!r}; it knows ping, services, events, stats")
+                raise UnknownOperation(
+                    f"the broker has no operation \"{op}\"; it has {', '.join(OPERATIONS)}", op=op, ops=list(OPERATIONS)
+                )
         except PhantomError as err:
             self._client_error(identity, delimited, name, reqid, err)
             return

@@ -25,6 +25,7 @@ from typing import Any
 from phantom_bus import config as cfgmod
 from phantom_bus import protocol
 from phantom_bus import security as secmod
+from phantom_bus import status as statusmod
 from phantom_bus.client import Client
 from phantom_bus.errors import BrokerUnreachable, NotFound, PhantomError
 
@@ -100,7 +101,8 @@ def _print_json(doc: Any) -> None:
 
 
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
-    """``phantom status``: health, nodes, shards and services; exit 3 when yellow or red."""
+    """``phantom status``: health, nodes, shards and services; exit 3 when yellow or red,
+    1 when the manager does not answer (no verdict on the cluster, see phantom_bus.status)."""
     doc = client.status()
     if args.json:
         _print_json(doc)
@@ -113,16 +115,26 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
         print(f"epoch:  {doc.get('epoch') if doc.get('epoch') is not None else '-'}")
         shards = doc.get("shards") or {}
         moves = doc.get("moves_in_flight")
+
+        def count(name: str) -> Any:
+            return "-" if shards.get(name) is None else shards[name]
+
         print(
-            f"shards: {shards.get('total', 0)} total, {shards.get('under_replicated', 0)} under-replicated, "
-            f"{shards.get('unavailable', 0)} unavailable, {shards.get('moving') or 0} moving"
+            f"shards: {count('total')} total, {count('under_replicated')} under-replicated, "
+            f"{count('unavailable')} unavailable, {shards.get('moving') or 0} moving"
             + (f" ({moves} moves in flight)" if moves else "")
         )
+        for reason in doc.get("reasons") or []:
+            if isinstance(reason, dict):
+                print(f"reason: {reason.get('severity')}: {reason.get('message')}")
         services = doc.get("services") or {}
         print("services: " + "  ".join(f"{name} {state}" for name, state in services.items()))
         nodes = doc.get("nodes") or []
         print()
         print(_table(nodes, NODE_COLUMNS) if nodes else "no nodes")
+    if statusmod.not_answering(doc):
+        print(f"phantom: {doc.get('reason')}", file=sys.stderr)
+        return EXIT_FAILURE
     health = doc.get("health")
     if health in ("yellow", "red"):
         return EXIT_UNHEALTHY
@@ -591,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace existing secret keys (every holder needs the new one)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(fn=None)
+    _add_snapshot_parser(sub)
     return parser
 
 
@@ -614,6 +627,82 @@ def _fail(args: argparse.Namespace | None, code: int, error: str, message: str) 
     return code
 
 
+def _add_snapshot_parser(sub: Any) -> None:
+    """``phantom snapshot save|restore FILE`` (the SQLite store; etcd has its own tools)."""
+    p = sub.add_parser(
+        "snapshot",
+        help="save or restore the control-plane store (SQLite)",
+        description="Save a consistent copy of DATA/store.sqlite3 while the control plane runs, or restore "
+        "one while it is stopped. With store=etcd://... use etcdctl snapshot save / etcdutl snapshot restore.",
+    )
+    p.add_argument("action", choices=("save", "restore"))
+    p.add_argument("file", help="the snapshot file")
+    p.add_argument("--data", help="state directory [PHANTOM_DATA, default var]")
+    p.add_argument("--store", help="store url [PHANTOM_STORE, default sqlite]")
+    p.add_argument("--force", action="store_true", help="restore even while the control plane runs")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(fn=None)
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    """``phantom snapshot save|restore FILE``: no broker needed, it works on the store file."""
+    import asyncio
+
+    from phantom_bus import snapshot
+    from phantom_bus.store.sqlite import SqliteStore
+
+    try:
+        cfg = cfgmod.load({"data": args.data, "store": args.store}, names=("data", "store"))
+    except cfgmod.ConfigError as exc:
+        print(f"phantom: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if str(cfg.store).startswith("etcd://"):
+        endpoints = str(cfg.store)[len("etcd://") :]
+        tool = (
+            f"etcdctl --endpoints={endpoints} snapshot save {args.file}"
+            if args.action == "save"
+            else f"etcdutl snapshot restore {args.file} --data-dir NEW_DIR (then start etcd on NEW_DIR)"
+        )
+        print(f"phantom: the store is etcd ({cfg.store}); use etcd's own tool: {tool}", file=sys.stderr)
+        return EXIT_FAILURE
+    store_path = Path(str(cfg.store)[len("sqlite:") :]) if str(cfg.store).startswith("sqlite:") else None
+    store_path = store_path or Path(cfg.data) / "store.sqlite3"
+    file = Path(args.file)
+    try:
+        if args.action == "save":
+            if not store_path.exists():
+                raise PhantomError(f"no store at {store_path} (wrong --data, or the control plane never ran)")
+
+            async def save() -> snapshot.SnapshotInfo:
+                store = SqliteStore(store_path)
+                try:
+                    return await snapshot.save(store, file)
+                finally:
+                    await store.close()
+
+            info = asyncio.run(save())
+            verb = "saved"
+        else:
+            info = snapshot.restore(file, store_path, force=args.force)
+            verb = "restored"
+    except PhantomError as exc:
+        print(f"phantom: snapshot {args.action} failed: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    doc = {
+        "action": args.action,
+        "file": str(info.path),
+        "store": str(store_path),
+        "revision": info.revision,
+        "keys": info.keys,
+    }
+    if args.json:
+        _print_json(doc)
+    else:
+        where = f"{store_path} -> {info.path}" if args.action == "save" else f"{info.path} -> {store_path}"
+        print(f"{verb} store revision {info.revision} ({info.keys} keys): {where}")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``phantom`` console script; returns the exit code."""
     try:
@@ -635,6 +724,8 @@ def _main(argv: Sequence[str] | None) -> int:
     args = parser.parse_args(raw)
     if args.command == "keygen":
         return cmd_keygen(args)
+    if args.command == "snapshot":
+        return cmd_snapshot(args)
     flags = {"broker": args.broker, "timeout": args.timeout, "curve_dir": args.curve_dir, "curve_key": args.curve_key}
     names = (*flags, "events_out")
     try:

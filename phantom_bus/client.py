@@ -17,7 +17,6 @@ subclass; if the broker itself did not answer a ping either, it is
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
 import time
@@ -30,11 +29,11 @@ import zmq.asyncio
 from phantom_bus import config as cfgmod
 from phantom_bus import protocol
 from phantom_bus import security as secmod
+from phantom_bus import status as statusmod
 from phantom_bus.errors import (
     BadRequest,
     BrokerUnreachable,
     PhantomError,
-    ServiceUnavailable,
     Timeout,
     error_from_wire,
 )
@@ -95,63 +94,6 @@ def _release_args(sel: Selection, latency_ms: float, ok: bool) -> dict[str, Any]
     if sel.lease is None:
         raise BadRequest("this selection was made with lease=False; there is nothing to release")
     return {"lease": sel.lease, "latency_ms": float(latency_ms), "ok": bool(ok)}
-
-
-_DISCOVERY_STATES = {"alive": "alive", "lost": "dead", "left": "left"}
-
-
-def node_row(discovered: dict[str, Any] | None, member: dict[str, Any] | None) -> dict[str, Any]:
-    """One node of the status document from discovery's and membership's views;
-    membership's verdict on liveness wins over discovery's."""
-    d, m = discovered or {}, member or {}
-    raw_load = m.get("load")
-    load: dict[str, Any] = raw_load if isinstance(raw_load, dict) and not m.get("load_stale") else {}
-    state = m.get("state") or _DISCOVERY_STATES.get(str(d.get("state")), d.get("state"))
-    return {
-        "id": d.get("id") or m.get("id"),
-        "state": state,
-        "lifecycle": None,
-        "address": d.get("address"),
-        "zone": d.get("zone"),
-        "cpu": load.get("cpu"),
-        "mem": load.get("mem"),
-        "load": load.get("load1_per_core"),
-        "phi": m.get("phi"),
-        "heartbeat_age": m.get("last_heartbeat_age"),
-        "incarnation": m.get("incarnation", d.get("incarnation")),
-        "replicas": None,
-        "primaries": None,
-    }
-
-
-def fallback_status(
-    services: dict[str, Any],
-    reason: str,
-    discovered: list[dict[str, Any]] | None = None,
-    members: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """A status document assembled without the manager, from the broker's service
-    table and, when they answer, discovery's node table and membership's list.
-    Health is ``red``: with no manager nobody vouches for the shards."""
-    names = ("broker", "discovery", "membership", "sharding", "balancer", "manager")
-    by_id_d = {str(n.get("id")): n for n in discovered or []}
-    by_id_m = {str(m.get("id")): m for m in members or []}
-    nodes = [node_row(by_id_d.get(i), by_id_m.get(i)) for i in sorted({*by_id_d, *by_id_m})]
-    return {
-        "health": "red",
-        "reason": reason,
-        "epoch": None,
-        "nodes": nodes,
-        "shards": {"total": 0, "under_replicated": 0, "unavailable": 0},
-        "services": {
-            name: "up" if name == "broker" or services.get(name, {}).get("workers") else "down"
-            for name in names
-        },
-    }
-
-
-def _up(services: dict[str, Any], name: str) -> bool:
-    return bool(services.get(name, {}).get("workers"))
 
 
 class _Base:
@@ -332,22 +274,8 @@ class Client(_Base):
         return result
 
     def status(self) -> dict[str, Any]:
-        """The cluster status document (``phantom status --json``)."""
-        services = self.services()
-        if _up(services, "manager"):
-            try:
-                doc: dict[str, Any] = self.request("manager", "status")
-                return doc
-            except ServiceUnavailable:
-                pass
-        nodes = members = None
-        if _up(services, "discovery"):
-            with contextlib.suppress(PhantomError):
-                nodes = self.request("discovery", "nodes")
-        if _up(services, "membership"):
-            with contextlib.suppress(PhantomError):
-                members = self.request("membership", "members")
-        return fallback_status(services, "the manager is not running", nodes, members)
+        """The cluster status document (``phantom status --json``); see :mod:`phantom_bus.status`."""
+        return statusmod.collect(self)
 
 
 class AsyncClient(_Base):
@@ -490,18 +418,4 @@ class AsyncClient(_Base):
 
     async def status(self) -> dict[str, Any]:
         """Awaitable :meth:`Client.status`."""
-        services = await self.services()
-        if _up(services, "manager"):
-            try:
-                doc: dict[str, Any] = await self.request("manager", "status")
-                return doc
-            except ServiceUnavailable:
-                pass
-        nodes = members = None
-        if _up(services, "discovery"):
-            with contextlib.suppress(PhantomError):
-                nodes = await self.request("discovery", "nodes")
-        if _up(services, "membership"):
-            with contextlib.suppress(PhantomError):
-                members = await self.request("membership", "members")
-        return fallback_status(services, "the manager is not running", nodes, members)
+        return await statusmod.collect_async(self)

@@ -90,6 +90,17 @@ def _level(value: Any) -> str:
     return text
 
 
+def _security_mode(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    text = str(value).strip().lower()
+    if text in ("on", "1", "true", "yes"):
+        return "on"
+    if text in ("off", "0", "false", "no"):
+        return "off"
+    raise ValueError("expected on or off")
+
+
 def _path(value: Any) -> str:
     text = str(value).strip()
     if not text:
@@ -108,6 +119,26 @@ def _optional_address(value: Any) -> str:
 
 def _optional_path(value: Any) -> str:
     return str(value).strip() if value not in (None,) else ""
+
+
+def _store(value: Any) -> str:
+    text = str(value).strip()
+    if text == "sqlite" or (text.startswith("sqlite:") and len(text) > len("sqlite:")):
+        return text
+    if text.startswith("etcd://"):
+        for part in text[len("etcd://") :].split(","):
+            host, sep, port = part.strip().rstrip("/").rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"bad etcd endpoint {part!r}: expected etcd://HOST:PORT[,HOST:PORT...]")
+        return text
+    raise ValueError("expected sqlite or etcd://HOST:PORT[,HOST:PORT...]")
+
+
+def _store_prefix(value: Any) -> str:
+    text = str(value).strip()
+    if not (text.startswith("/") and text.endswith("/")) or "\x00" in text:
+        raise ValueError("expected a key prefix that starts and ends with '/', such as /phantom/")
+    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,15 +221,58 @@ _SETTINGS: list[Setting] = [
         "directory",
         "State directory (SQLite files, agent incarnations, logs); relative to the working directory.",
     ),
+    # --- the store and leaders ----------------------------------------------------
+    Setting(
+        "store",
+        "sqlite",
+        _store,
+        "url",
+        "Where durable control-plane state lives: sqlite (one file, DATA/store.sqlite3, shared by the "
+        "processes of one host) or etcd://HOST:PORT[,HOST:PORT...] for a control plane on several hosts.",
+    ),
+    Setting(
+        "store_prefix",
+        "/phantom/",
+        _store_prefix,
+        "key prefix",
+        "Every store key starts with it, so one etcd can serve several clusters (or tests) side by side.",
+    ),
+    Setting(
+        "leader_ttl",
+        4.0,
+        _positive_float,
+        "s",
+        "Lease of a service's leader: a dead leader is replaced within about ttl + 0.5 s; it is renewed "
+        "every ttl/3 and the leader steps down after 3/4 ttl without a renewal. 4 s rides out an etcd "
+        "leader election (about 1 s) and a lost renewal; below 2 s etcd raises it to its minimum.",
+    ),
+    Setting(
+        "instance",
+        "",
+        _optional_path,
+        "name",
+        "This process's name among the instances of its service (shown as leader, must be unique per "
+        "service). Empty: HOST:PID.",
+    ),
     # --- security -----------------------------------------------------------------
+    Setting(
+        "security",
+        "on",
+        _security_mode,
+        "on|off",
+        "on: CURVE with the keys in curve_dir, else in DATA/keys (which `make up` creates); a broker, "
+        "service or agent without keys refuses to start, a client (CLI, phantom-top, library) that finds "
+        "none connects without. off: no authentication or encryption even if keys exist, for a demo on "
+        "one host only; every process says so in its log.",
+    ),
     Setting(
         "curve_dir",
         "",
         _optional_path,
         "directory",
-        "Key directory made by `phantom keygen` (`[security] curve_dir` in phantom.toml). Set: every "
+        "Key directory made by `phantom keygen` (`[security] curve_dir` in phantom.toml): every "
         "socket is CURVE-encrypted and only keys under DIR/authorized may connect, fail closed. "
-        "Empty: security off, for a demo on one host only.",
+        "Empty: DATA/keys if it exists (a checkout's var/keys for clients run elsewhere).",
     ),
     Setting(
         "curve_key",
@@ -369,6 +443,17 @@ _SETTINGS: list[Setting] = [
         "Longest a node may stay suspect before it is dead, whatever its history: bounds detection "
         "for nodes whose window learned long gaps.",
     ),
+    Setting(
+        "incarnation_lead",
+        3600.0,
+        _positive_float,
+        "s",
+        "How far ahead of membership's wall clock (or of the incarnation it holds, if higher) a "
+        "heartbeat's incarnation may be; further is refused and counted (incarnation_ahead). "
+        "Agents number incarnations in milliseconds of their clock, so only a clock more than an "
+        "hour fast or a forged heartbeat exceeds it; one such heartbeat could otherwise push a "
+        "node's incarnation to 2^63-1, past which its agent can never refute.",
+    ),
     # --- manager and sharding -----------------------------------------------------------
     Setting(
         "auto_join",
@@ -393,6 +478,16 @@ _SETTINGS: list[Setting] = [
         "s",
         "How long an agent takes to 'copy' a shard it is asked to hold before it confirms the "
         "replica: the agent stands in for the database here, so this simulates the copy.",
+    ),
+    # --- balancer -------------------------------------------------------------------
+    Setting(
+        "lease_timeout",
+        30.0,
+        _positive_float,
+        "s",
+        "A select's lease never released ends after this long (counted as expired, not as a node "
+        "failure). Well above a client's worst case (3 attempts x 2.5 s) so live requests keep "
+        "their lease; short enough that a crashed client stops skewing in-flight counts quickly.",
     ),
     Setting("node_id", "", _optional_path, "id", "The agent's node id (required for an agent)."),
     Setting("zone", "default", _path, "name", "The agent's failure zone (rack, availability zone)."),
@@ -486,7 +581,11 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # Keys of phantom.toml sections whose flattened name is not the setting's own.
-_FILE_ALIASES = {"security_curve_dir": "curve_dir", "security_curve_key": "curve_key"}
+_FILE_ALIASES = {
+    "security_curve_dir": "curve_dir",
+    "security_curve_key": "curve_key",
+    "security_mode": "security",
+}
 
 
 def _aliased(values: dict[str, Any], path: Path) -> dict[str, Any]:

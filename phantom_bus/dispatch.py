@@ -13,7 +13,11 @@ Policy:
 * a worker takes at most ``capacity`` requests at once; beyond that requests
   wait in a bounded per-service queue, and beyond *that* the client is told
   ``overloaded`` at once;
-* a service with no live worker answers ``service_unavailable`` at once;
+* a service with no live worker answers ``service_unavailable`` at once
+  (retryable), unless no worker ever registered under that name and the
+  broker has been up for ``unknown_after`` seconds: then ``unknown_service``
+  (not retryable: a typo is not worth retrying). The standard service names
+  are never unknown, so a client that starts before the cluster does waits;
 * a worker silent for ``liveness`` seconds is dropped, and the clients whose
   requests it held are told so (they may retry) rather than left to time out.
 """
@@ -25,7 +29,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from phantom_bus.errors import Overloaded, PhantomError, ServiceUnavailable, Timeout
+from phantom_bus.errors import Overloaded, PhantomError, ServiceUnavailable, Timeout, UnknownService
+
+#: The services of a Phantom cluster: never answered ``unknown_service``, since a
+#: request for one of them that finds no worker is early, not wrong.
+STANDARD_SERVICES = frozenset({"discovery", "membership", "sharding", "balancer", "manager"})
 
 
 class ToWorker(NamedTuple):
@@ -81,8 +89,13 @@ def _unavailable(service: str, reason: str, message: str) -> ServiceUnavailable:
 class Dispatcher:
     """Workers per service, requests in flight, and the decisions about both."""
 
-    def __init__(self, *, liveness: float, queue_limit: int, queue_timeout: float) -> None:
+    def __init__(
+        self, *, liveness: float, queue_limit: int, queue_timeout: float, unknown_after: float | None = None
+    ) -> None:
         self.liveness = liveness
+        # From this (monotonic) time on, a name no worker ever registered under is
+        # unknown rather than unavailable; None: never (every name may still come).
+        self.unknown_after = unknown_after
         self.queue_limit = queue_limit
         self.queue_timeout = queue_timeout
         self._workers: dict[bytes, Worker] = {}
@@ -144,7 +157,7 @@ class Dispatcher:
                     route, reqid, _body, _at = svc.queue.popleft()
                     err = Timeout(
                         f"request waited {self.queue_timeout:g} s in the broker queue of "
-                        f"{svc.name!r}: every worker stayed busy",
+                        f"\"{svc.name}\": every worker stayed busy",
                         service=svc.name,
                     )
                     actions.append(ToClient(route, svc.name, reqid, err))
@@ -175,7 +188,7 @@ class Dispatcher:
         actions: list[Action] = []
         while svc.queue:
             route, reqid, _body, _at = svc.queue.popleft()
-            err = _unavailable(svc.name, "no_worker", f"no live worker for service {svc.name!r}")
+            err = _unavailable(svc.name, "no_worker", f"no live worker for service \"{svc.name}\" right now")
             actions.append(ToClient(route, svc.name, reqid, err))
         return actions
 
@@ -186,8 +199,7 @@ class Dispatcher:
         with self._lock:
             svc = self._services.get(service)
             if svc is None or not svc.workers:
-                err = _unavailable(service, "no_worker", f"no live worker for service {service!r}")
-                return ToClient(route, service, reqid, err)
+                return ToClient(route, service, reqid, self._no_worker(service, svc is None, now))
             svc.requests += 1
             worker = self._pick(svc)
             if worker is not None:
@@ -196,12 +208,26 @@ class Dispatcher:
             if len(svc.queue) >= self.queue_limit:
                 svc.rejected += 1
                 busy = Overloaded(
-                    f"service {service!r} has {len(svc.queue)} requests queued; try again later",
+                    f"service \"{service}\" has {len(svc.queue)} requests queued; try again later",
                     service=service,
                 )
                 return ToClient(route, service, reqid, busy)
             svc.queue.append((route, reqid, body, now))
             return None
+
+    def _no_worker(self, service: str, never: bool, now: float) -> PhantomError:
+        if (
+            never
+            and self.unknown_after is not None
+            and now >= self.unknown_after
+            and service not in STANDARD_SERVICES
+        ):
+            return UnknownService(
+                f"no worker has ever registered for service \"{service}\" at this broker; "
+                "check the name (the broker's 'services' operation lists the registered ones)",
+                service=service,
+            )
+        return _unavailable(service, "no_worker", f"no live worker for service \"{service}\" right now")
 
     def replied(self, identity: bytes, route: bytes, reqid: bytes, now: float) -> list[Action]:
         """A worker answered; its freed slot may take a queued request."""

@@ -94,6 +94,13 @@ class ServiceUnavailable(PhantomError):
     retry = True
 
 
+class UnknownService(NotFound):
+    """No worker ever registered under the requested service name (a typo, or a
+    service this cluster does not run): retrying cannot help."""
+
+    code = "unknown_service"
+
+
 class Overloaded(PhantomError):
     """The broker or service queue for the request is full."""
 
@@ -120,6 +127,34 @@ class InternalError(PhantomError):
     code = "internal"
 
 
+class StoreError(PhantomError):
+    """The control-plane store cannot be used right now (backend down, disk full, read-only, timeout).
+
+    The message carries the backend's own cause, e.g. "database or disk is full".
+    """
+
+    code = "store_unavailable"
+    retry = True
+
+
+class Compacted(StoreError):
+    """A watch asked for history older than the store keeps: re-read (range), then watch again."""
+
+    code = "compacted"
+
+
+class CasFailed(Conflict):
+    """A compare-and-swap found the key moved on (someone wrote first): re-read and decide again."""
+
+    code = "cas_failed"
+
+
+class Fenced(CasFailed):
+    """The writer's leadership term is no longer current: it must stop acting as leader."""
+
+    code = "fenced"
+
+
 _BY_CODE: dict[str, type[PhantomError]] = {}
 
 
@@ -139,7 +174,7 @@ def error_from_wire(doc: Any) -> PhantomError:
     newer server never makes an older client crash.
     """
     if not isinstance(doc, dict):
-        return PhantomError(f"malformed error reply: {doc!r}")
+        return PhantomError("malformed error reply: the 'error' field is not a map")
     code = str(doc.get("code", "error"))
     message = str(doc.get("message", "unknown error"))
     raw = doc.get("details")

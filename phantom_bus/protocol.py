@@ -70,44 +70,101 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+def wire_type(value: Any) -> str:
+    """The msgpack type name of a decoded value: nil, bool, int, float, str, bin, array, map.
+
+    Error replies name types this way (``details.type``), never by a language's
+    own type names, so a client in any language can read them.
+    """
+    if value is None:
+        return "nil"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "bin"
+    if isinstance(value, list | tuple):
+        return "array"
+    if isinstance(value, dict):
+        return "map"
+    return "ext"
+
+
 def unpack(data: bytes, *, max_size: int = DEFAULT_MAX_BODY) -> Any:
     """Decode one msgpack object, refusing oversize or malformed input with BadRequest."""
     if len(data) > max_size:
-        raise TooLarge(f"message body is {len(data)} bytes, the limit is {max_size}")
+        raise TooLarge(f"message body is {len(data)} bytes, the limit is {max_size}", size=len(data), limit=max_size)
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as exc:
-        raise BadRequest(f"body is not a single valid msgpack object: {exc}") from None
-    except Exception as exc:  # msgpack raises a handful of odd types on garbage
-        raise BadRequest(f"body is not valid msgpack: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # msgpack raises a handful of types on garbage
+        raise BadRequest(f"body is not valid msgpack: {_garbage_reason(data, exc)}") from None
+
+
+def _garbage_reason(data: bytes, exc: Exception) -> str:
+    """Why msgpack refused ``data``, in words that do not depend on this library."""
+    if not data:
+        return "it is empty"
+    if isinstance(exc, msgpack.ExtraData):
+        return f"{len(exc.extra)} extra byte(s) follow the first complete object (send exactly one object)"
+    if isinstance(exc, msgpack.FormatError):
+        return "it contains a byte that begins no msgpack type (0xc1 is reserved)"
+    if isinstance(exc, msgpack.StackError):
+        return "arrays or maps are nested too deeply"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a str holds bytes that are not UTF-8 (at byte {exc.start} of that str); send binary data as bin"
+    if isinstance(exc, TypeError):
+        return "a map key is an array or a map (keys must be nil, bool, int, float, str or bin)"
+    if isinstance(exc, ValueError) and ("incomplete" in str(exc) or "exceeds max" in str(exc)):
+        return f"it ends in the middle of an object ({len(data)} bytes received; truncated?)"
+    return "it cannot be decoded as one msgpack object"
+
+
+def _show(frame: bytes) -> str:
+    """A header frame as readable text: ASCII as is, anything else as hex."""
+    head = frame[:16]
+    if head and all(0x21 <= b < 0x7F for b in head):
+        return f'"{head.decode("ascii")}"'
+    return "0x" + head.hex() if head else "an empty frame"
 
 
 def check_header(frame: bytes, expected: bytes) -> None:
     """Raise UnsupportedVersion or BadRequest unless ``frame`` is the ``expected`` header."""
     if frame == expected:
         return
-    if frame[:3] == expected[:3]:
+    want = expected.decode("ascii")
+    if len(frame) == len(expected) and frame[:3] == expected[:3]:
         raise UnsupportedVersion(
-            f"protocol header {frame!r} is not supported; this peer speaks {expected!r}",
+            f"protocol header {_show(frame)} is not supported; "
+            f"this peer speaks \"{want}\" (version {PROTOCOL_VERSION})",
             supported=[PROTOCOL_VERSION],
         )
-    raise BadRequest(f"expected protocol header {expected!r}, got {frame[:16]!r}")
+    raise BadRequest(f"expected the protocol header \"{want}\", got {_show(frame)}", field="header")
 
 
 def decode_service(frame: bytes) -> str:
     """Validate and decode a service name frame."""
     if not frame or len(frame) > MAX_SERVICE_NAME:
-        raise BadRequest(f"service name must be 1..{MAX_SERVICE_NAME} bytes")
+        raise BadRequest(
+            f"the service name is {len(frame)} bytes; it must be 1..{MAX_SERVICE_NAME} ASCII bytes",
+            field="service",
+        )
     try:
         return frame.decode("ascii")
     except UnicodeDecodeError:
-        raise BadRequest("service name must be ASCII") from None
+        raise BadRequest("the service name must be ASCII", field="service") from None
 
 
 def check_request_id(frame: bytes) -> None:
     """Refuse request ids longer than :data:`MAX_REQUEST_ID` bytes."""
     if len(frame) > MAX_REQUEST_ID:
-        raise BadRequest(f"request id is {len(frame)} bytes, the limit is {MAX_REQUEST_ID}")
+        raise BadRequest(
+            f"the request id is {len(frame)} bytes, the limit is {MAX_REQUEST_ID}", field="request_id"
+        )
 
 
 # --- request and reply bodies -------------------------------------------------
@@ -122,15 +179,22 @@ def decode_request(body: bytes, *, max_size: int = DEFAULT_MAX_BODY) -> tuple[st
     """Decode a request body into ``(op, args)``, or raise BadRequest saying what is wrong."""
     doc = unpack(body, max_size=max_size)
     if not isinstance(doc, dict):
-        raise BadRequest(f"request body must be a map, got {type(doc).__name__}")
+        kind = wire_type(doc)
+        raise BadRequest(f"the request body must be a map, got {kind}", field="body", type=kind)
     op = doc.get("op")
     if not isinstance(op, str) or not op:
-        raise BadRequest("request body needs 'op', a non-empty string")
+        kind = wire_type(op)
+        raise BadRequest(f"the request body needs 'op', a non-empty str (got {kind})", field="op", type=kind)
     args = doc.get("args", {})
     if args is None:
         args = {}
-    if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
-        raise BadRequest("request 'args' must be a map with string keys")
+    if not isinstance(args, dict):
+        kind = wire_type(args)
+        raise BadRequest(f"the request 'args' must be a map, got {kind}", field="args", type=kind)
+    for key in args:
+        if not isinstance(key, str):
+            kind = wire_type(key)
+            raise BadRequest(f"the request 'args' map must have str keys, got a {kind} key", field="args", type=kind)
     return op, args
 
 

@@ -1,7 +1,9 @@
 """Bus security: CURVE keys per role, a fail-closed ZAP handler, and who may do what.
 
-Off by default (a demo on one host). On when ``curve_dir`` (``PHANTOM_CURVE_DIR``)
-names a directory made by ``phantom keygen``::
+On by default (setting ``security``, ``PHANTOM_SECURITY``: ``on`` or ``off``).
+The keys live in ``curve_dir`` (``PHANTOM_CURVE_DIR``), else in ``DATA/keys``,
+a directory made by ``phantom keygen`` (``make up`` makes ``var/keys`` on its
+first start)::
 
     DIR/<role>/<name>.key              a key pair (public + secret), mode 0600: one per process identity
     DIR/authorized/<role>/<name>.pub   the public keys allowed to connect, by role and name
@@ -30,6 +32,19 @@ Three checks, from coarse to fine:
 Keys are re-read within :data:`RESCAN` seconds of a change under
 ``authorized/`` (or at once on SIGHUP), so adding or revoking a node needs no
 restart.
+
+Where the keys are found (:func:`resolve_directory`): ``curve_dir`` if set;
+else ``DATA/keys`` if it exists; else, for a client (CLI, phantom-top, a
+library ``Client``) while ``data`` is left at its default, the ``var/keys``
+of the checkout this package runs from, so tools run from anywhere on the
+host of a ``make up`` cluster find its keys. A broker, service or agent that
+finds no keys refuses to start (security off takes ``security = off``); a
+client that finds none connects without and is told if the broker wants
+CURVE. In a directory found as ``DATA/keys`` (one host, one user), a service
+or agent whose own key is missing makes it and authorizes it, as
+``phantom keygen`` would: ``python -m services.agent --node-id node-4`` joins a
+``make up`` cluster with nothing else to do. With an explicit ``curve_dir``
+(the production layout, keys copied between hosts) nothing is made.
 """
 
 from __future__ import annotations
@@ -590,6 +605,8 @@ class Security:
         self._watched: dict[int, tuple[zmq.Socket[Any], zmq.Socket[Any], str, str]] = {}
         self._refusal_logged: dict[str, float] = {}
         self.reload_requested = False
+        #: Why security is off, for :meth:`describe` ("" when on).
+        self.off_reason = ""
 
     @property
     def enabled(self) -> bool:
@@ -597,8 +614,11 @@ class Security:
         return self.keys is not None
 
     @classmethod
-    def load(cls, directory: str | Path, key: str) -> Security:
-        """Security on, as the identity ``key`` (``role/name`` or the path of a .key file)."""
+    def load(cls, directory: str | Path, key: str, *, enrol: bool = False) -> Security:
+        """Security on, as the identity ``key`` (``role/name`` or the path of a .key file).
+
+        ``enrol``: if this identity's key pair is missing and it is a service's
+        or an agent's, make it and authorize it, as ``phantom keygen`` would."""
         root = Path(directory)
         if not root.is_dir():
             raise SecurityError(f"curve_dir {root} is not a directory; make it with `phantom keygen {root}`")
@@ -615,6 +635,8 @@ class Security:
             except ValueError as exc:
                 raise SecurityError(f"bad curve_key {key!r}: {exc}") from None
             path = secret_path(root, me)
+            if enrol and me.role in ("service", "agent") and not path.exists():
+                _enrol(root, me)
         security = cls(root, me, load_keypair(path))
         if me.role != "broker":
             security.require(BROKER)  # everyone else connects to the broker: say so now, not at the first request
@@ -622,18 +644,45 @@ class Security:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], default_key: str) -> Security:
-        """From the ``curve_dir`` and ``curve_key`` settings (absent or empty: off)."""
-        directory = str(cfg.get("curve_dir") or "")
-        if not directory:
-            return cls()
-        return cls.load(directory, str(cfg.get("curve_key") or "") or default_key)
+        """From the ``security``, ``curve_dir``, ``curve_key`` and ``data`` settings
+        (any of them missing from ``cfg`` is read from the environment and files).
+
+        ``default_key``'s role says whether this is a server (broker, service,
+        agent: no keys is an error) or a client (no keys: off)."""
+        mode = str(_setting(cfg, "security"))
+        if mode == "off":
+            off = cls()
+            off.off_reason = "security = off"
+            return off
+        key = str(cfg.get("curve_key") or "") or default_key
+        role = Principal.parse_ref(default_key).role
+        found = resolve_directory(cfg, client=role in ("client", "operator"))
+        if found is None:
+            if role in ("client", "operator"):
+                off = cls()
+                off.off_reason = "no keys found"
+                return off
+            data = Path(str(_setting(cfg, "data")))
+            raise SecurityError(
+                f"security is on (the default) but there are no keys: curve_dir is not set and {data / 'keys'} "
+                f"does not exist. Make them with `phantom keygen {data / 'keys'}` (make up does), point "
+                "PHANTOM_CURVE_DIR at a key directory, or set PHANTOM_SECURITY=off for a demo on one host"
+            )
+        directory, explicit = found
+        return cls.load(directory, key, enrol=not explicit)
 
     def describe(self) -> str:
         """One line for the start-up log."""
         if not self.enabled:
+            if self.off_reason == "no keys found":
+                return (
+                    "security off (no keys found): no curve_dir and no DATA/keys; a broker that requires "
+                    "CURVE will refuse this connection"
+                )
+            why = f" ({self.off_reason})" if self.off_reason else ""
             return (
-                "security off: the bus is neither authenticated nor encrypted; anyone who can reach "
-                "its ports can join. Set PHANTOM_CURVE_DIR (docs: 'Production') beyond a one-host demo"
+                f"security off{why}: the bus is neither authenticated nor encrypted; anyone who can reach "
+                "its ports can join. Only for a demo on one host (docs: 'Production')"
             )
         return f"security on: CURVE as {self.me} with keys in {self.directory}"
 
@@ -814,6 +863,72 @@ class Security:
         return {"enabled": True, "as": str(self.me), "keys": keys, "allowed": allowed, "denied": denied}
 
 
+# --- where the keys are -------------------------------------------------------------------------------
+
+#: The directory under ``data`` where ``make up`` keeps the cluster's keys.
+KEYS_DIR = "keys"
+
+
+def _setting(cfg: Mapping[str, Any], name: str) -> Any:
+    if name in cfg:
+        return cfg[name]
+    from phantom_bus import config as cfgmod
+
+    return cfgmod.load(names=(name,))[name]
+
+
+def checkout_keys() -> Path | None:
+    """``var/keys`` of the source checkout this package runs from, if it is one and has keys."""
+    root = Path(__file__).resolve().parent.parent
+    keys = root / "var" / KEYS_DIR
+    if (root / "supervisor.conf").is_file() and keys.is_dir():
+        return keys
+    return None
+
+
+def resolve_directory(cfg: Mapping[str, Any], *, client: bool = False) -> tuple[Path, bool] | None:
+    """The key directory and whether it was set explicitly (``curve_dir``), or None if
+    there is none: ``DATA/keys`` if it exists, else (``client`` with ``data`` at its
+    default) the checkout's ``var/keys``."""
+    explicit = str(cfg.get("curve_dir") or "")
+    if not explicit and "curve_dir" not in cfg:
+        explicit = str(_setting(cfg, "curve_dir") or "")
+    if explicit:
+        return Path(explicit), True
+    data = str(_setting(cfg, "data"))
+    keys = Path(data) / KEYS_DIR
+    if keys.is_dir():
+        return keys, False
+    if client:
+        from phantom_bus import config as cfgmod
+
+        if isinstance(cfg, cfgmod.Config) and "data" in cfg:
+            source = cfg.source("data")
+        elif "data" in cfg:
+            source = "given"
+        else:
+            source = cfgmod.load(names=("data",)).source("data")
+        if source == "default":
+            found = checkout_keys()
+            if found is not None:
+                return found, False
+    return None
+
+
+def _enrol(directory: Path, principal: Principal) -> None:
+    """Make and authorize ``principal``'s key pair in a keygen'd ``directory``."""
+    if not public_path(directory, Principal("broker", "broker")).is_file():
+        return  # not a key directory made by keygen: say so when the key is read
+    keys = KeyPair.generate()
+    private = secret_path(directory, principal)
+    private.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    public = public_path(directory, principal)
+    public.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(private, _certificate(principal, keys, secret=True), 0o600)
+    _write_atomically(public, _certificate(principal, keys, secret=False), 0o644)
+    logger.info("made and authorized the key {} in {}", principal.ref, directory)
+
+
 # --- the process's identity --------------------------------------------------------------------------
 
 _process: Security | None = None
@@ -839,7 +954,7 @@ def current(cfg: Mapping[str, Any] | None = None) -> Security:
     if cfg is None:
         from phantom_bus import config as cfgmod
 
-        cfg = cfgmod.load(names=("curve_dir", "curve_key"))
+        cfg = cfgmod.load(names=("security", "curve_dir", "curve_key", "data"))
     return Security.from_config(cfg, "client/app")
 
 
@@ -902,7 +1017,10 @@ def diagnose(
                 # The peer closes at once on a mechanism mismatch, so which of the
                 # two failures we see is a race; both mean the same here.
                 if not security.enabled:
-                    hint = "it requires CURVE security: set PHANTOM_CURVE_DIR (and PHANTOM_CURVE_KEY)"
+                    hint = (
+                        "it requires CURVE security and we found no keys: set PHANTOM_CURVE_DIR (and "
+                        "PHANTOM_CURVE_KEY), or PHANTOM_DATA to the cluster's data directory (its keys/)"
+                    )
                     return BrokerUnreachable(f"the broker at {endpoint} failed the handshake: {hint}")
                 hint = "it runs without security, or authorized/broker/broker.pub is not its current public key"
                 return BrokerUnreachable(f"the broker at {endpoint} failed the handshake: {hint}")

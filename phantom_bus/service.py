@@ -44,7 +44,8 @@ from loguru import logger
 from phantom_bus import protocol
 from phantom_bus import security as secmod
 from phantom_bus.config import Config
-from phantom_bus.errors import BadRequest, InternalError, PhantomError, Refused, UnknownOperation
+from phantom_bus.errors import InternalError, PhantomError, Refused, UnknownOperation
+from phantom_bus.opspec import OpSpec, check_args, params_of
 from phantom_bus.wire import LoopSocket
 
 Handler = Callable[..., Any]
@@ -70,13 +71,14 @@ SERVICE_SETTINGS = (
 
 
 class _Operation:
-    __slots__ = ("fn", "is_async", "name", "signature")
+    __slots__ = ("fn", "is_async", "label", "name", "spec")
 
-    def __init__(self, name: str, fn: Handler) -> None:
+    def __init__(self, service: str, name: str, fn: Handler) -> None:
         self.name = name
+        self.label = f"{service}.{name}"
         self.fn = fn
         self.is_async = inspect.iscoroutinefunction(fn)
-        self.signature = inspect.signature(fn)
+        self.spec = params_of(fn)
 
 
 class Service:
@@ -118,14 +120,22 @@ class Service:
         """Decorator: ``fn`` answers operation ``name``."""
 
         def register(fn: Handler) -> Handler:
-            self._ops[name] = _Operation(name, fn)
+            self._ops[name] = _Operation(self.name, name, fn)
             return fn
 
         return register
 
     def add_operation(self, name: str, fn: Handler) -> None:
         """Non-decorator form of :meth:`operation`."""
-        self._ops[name] = _Operation(name, fn)
+        self._ops[name] = _Operation(self.name, name, fn)
+
+    def operations(self) -> dict[str, OpSpec]:
+        """Every operation this service answers, with its wire arguments."""
+        return {name: op.spec for name, op in sorted(self._ops.items())}
+
+    def handler(self, name: str) -> Handler:
+        """The function that answers operation ``name`` (KeyError if none)."""
+        return self._ops[name].fn
 
     def subscribe(self, prefix: str, callback: EventCallback) -> None:
         """Call ``callback(event)`` for every bus event whose kind starts with ``prefix``."""
@@ -203,9 +213,12 @@ class Service:
         self.security.client(sock)
         sock.connect(self.cfg.backend)
         self._worker = LoopSocket(sock, recheck=self.heartbeat)
-        await self._register()
+        self._register()
+        # Requests are handled straight from the loop's reader callback: no
+        # future and no task switch per message (see LoopSocket.serve).
+        self._worker.serve(self._on_worker_message)
 
-    async def _register(self) -> None:
+    def _register(self) -> None:
         meta = {
             "concurrency": self.concurrency,
             "pid": os.getpid(),
@@ -235,17 +248,9 @@ class Service:
                     if sock is not None:
                         self.security.retry_refused(sock)
 
-    async def _worker_loop(self) -> None:
-        burst = 0
-        while True:
-            worker = self._worker
-            assert worker is not None
-            frames = worker.recv_nowait()
-            if frames is None:
-                burst = 0
-                await worker.wait()
-                continue
-            self._last_heard = time.monotonic()
+    def _on_worker_message(self, frames: list[bytes]) -> None:
+        self._last_heard = time.monotonic()
+        try:
             if len(frames) < 2 or frames[0] != protocol.WORKER:
                 self.counters["bad"] += 1
             elif frames[1] == protocol.REQUEST and len(frames) == 5:
@@ -254,13 +259,12 @@ class Service:
                 self._on_request(frames[2], frames[3], frames[4], frames[5])
             elif frames[1] == protocol.DISCONNECT:
                 logger.info("broker asked us to register again")
-                await self._register()
+                self._register()
             elif frames[1] != protocol.HEARTBEAT:
                 self.counters["bad"] += 1
-            burst += 1
-            if burst == 64:  # a long burst still lets timers and handlers run
-                burst = 0
-                await asyncio.sleep(0)
+        except Exception:  # a bug here must not stop the worker from reading
+            self.counters["bad"] += 1
+            logger.exception("a message from the broker could not be handled")
 
     def _on_request(self, route: bytes, reqid: bytes, body: bytes, caller: bytes | None = None) -> None:
         self.counters["requests"] += 1
@@ -270,12 +274,13 @@ class Service:
                 secmod.authorise(caller, self.name, op_name, args)
             op = self._ops.get(op_name)
             if op is None:
-                known = ", ".join(sorted(self._ops))
-                raise UnknownOperation(f"service {self.name!r} has no operation {op_name!r}; it has {known}")
-            try:
-                op.signature.bind(**args)
-            except TypeError as exc:
-                raise BadRequest(f"bad arguments for {self.name}.{op_name}: {exc}") from None
+                known = sorted(self._ops)
+                raise UnknownOperation(
+                    f"service \"{self.name}\" has no operation \"{op_name}\"; it has {', '.join(known)}",
+                    op=op_name,
+                    ops=known,
+                )
+            args = check_args(op.label, op.spec, args)
         except Refused as err:
             self.counters["refused"] += 1
             self._reply(route, reqid, protocol.encode_error(err))
@@ -289,7 +294,14 @@ class Service:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return
-        self._reply(route, reqid, self._result(op, lambda: op.fn(**args)))
+        try:
+            body = protocol.encode_result(op.fn(**args))
+        except PhantomError as err:
+            self.counters["errors"] += 1
+            body = protocol.encode_error(err)
+        except Exception as exc:
+            body = self._internal(op, exc)
+        self._reply(route, reqid, body)
 
     async def _run_async(self, op: _Operation, args: dict[str, Any], route: bytes, reqid: bytes) -> None:
         try:
@@ -301,15 +313,6 @@ class Service:
         except Exception as exc:
             body = self._internal(op, exc)
         self._reply(route, reqid, body)
-
-    def _result(self, op: _Operation, call: Callable[[], Any]) -> bytes:
-        try:
-            return protocol.encode_result(call())
-        except PhantomError as err:
-            self.counters["errors"] += 1
-            return protocol.encode_error(err)
-        except Exception as exc:
-            return self._internal(op, exc)
 
     def _internal(self, op: _Operation, exc: Exception) -> bytes:
         self.counters["errors"] += 1
@@ -326,7 +329,7 @@ class Service:
         if self._pub is None:
             self._open_publisher()
         await self._connect()
-        loops = [self._heartbeat_loop(), self._worker_loop(), *extra]
+        loops = [self._heartbeat_loop(), *extra]
         if self._subs:
             self._sub = self._socket(zmq.SUB)
             for prefix, _ in self._subs:

@@ -33,6 +33,7 @@ from typing import Any, Final, Literal, cast
 import msgpack
 
 from phantom_bus.errors import BadRequest, NoSuchKeyspace, NotFound
+from phantom_bus.protocol import wire_type
 
 __all__ = [
     "DEFAULT_SLOTS",
@@ -77,10 +78,16 @@ _from_bytes = int.from_bytes
 
 
 def _odd_key(key: object) -> BadRequest:
+    # A value decoded from msgpack is named by its msgpack type; anything else
+    # can only come from Python code calling in, and is named as Python calls it.
+    name = wire_type(key) if type(key) in _WIRE_TYPES else type(key).__name__
     return BadRequest(
-        f"a key must be str or bytes, not {type(key).__name__}; encode numbers and other values as text or bytes first",
-        type=type(key).__name__,
+        f"a key must be str or bin, not {name}; encode numbers and other values as text or bytes first",
+        type=name,
     )
+
+
+_WIRE_TYPES = frozenset({type(None), bool, int, float, list, dict})
 
 
 def key_bytes(key: str | bytes) -> bytes:
@@ -499,7 +506,7 @@ class ShardMap:
     def unpack(cls, data: bytes) -> ShardMap:
         """Rebuild a map from :meth:`pack` output; :class:`BadRequest` if malformed."""
         if not isinstance(data, bytes | bytearray | memoryview):
-            raise BadRequest(f"a packed shard map is bytes, not {type(data).__name__}")
+            raise BadRequest(f"a packed shard map is bin, not {wire_type(data)}")
         try:
             doc = msgpack.unpackb(data, raw=False, strict_map_key=True)
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
@@ -518,7 +525,7 @@ class _Reader:
 
     def mapping(self, doc: object) -> Mapping[str, Any]:
         if not isinstance(doc, Mapping):
-            raise self._bad(f"expected a map, got {type(doc).__name__}")
+            raise self._bad(f"expected a map, got {wire_type(doc)}")
         return doc
 
     def get(self, doc: Mapping[str, Any], key: str) -> Any:
@@ -543,7 +550,7 @@ class _Reader:
             return []
         value = self.get(doc, key)
         if not isinstance(value, list | tuple):
-            raise self._bad(f"field {key!r} must be a list, got {type(value).__name__}")
+            raise self._bad(f"field {key!r} must be an array, got {wire_type(value)}")
         return list(value)
 
 

@@ -25,6 +25,11 @@ from phantom_bus.errors import PhantomError
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Security is on by default and finds the keys `make up` leaves in this checkout's
+# var/keys: the test process itself (its in-process clients) runs without unless a
+# test says otherwise, like the processes a Bus starts. Tests of security set it.
+os.environ["PHANTOM_SECURITY"] = "off"
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
@@ -56,6 +61,8 @@ class Bus:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PHANTOM_")}
         self.env.update({f"PHANTOM_{k.upper()}": f"tcp://127.0.0.1:{p}" for k, p in self.ports.items()})
         self.env["PHANTOM_DATA"] = str(tmp / "var")
+        # Fast and key-free by default; tests of security turn it on (see test_security.py).
+        self.env["PHANTOM_SECURITY"] = "off"
         self.env["PHANTOM_LOG_LEVEL"] = "DEBUG"
         self.env["PYTHONPATH"] = str(ROOT)
         self.env["PYTHONUNBUFFERED"] = "1"
@@ -154,3 +161,15 @@ def bus(tmp_path: Path) -> Iterator[Bus]:
         yield b
     finally:
         b.close()
+
+
+@pytest.fixture(scope="session")
+def etcd() -> Iterator[Any]:
+    """One throwaway etcd per test session (per xdist worker); skipped, with the reason, without a binary."""
+    from tests.etcd_fixture import find_etcd, running_etcd
+
+    binary, why = find_etcd()
+    if binary is None:
+        pytest.skip(why)
+    with running_etcd(binary) as server:
+        yield server

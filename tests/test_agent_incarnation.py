@@ -86,3 +86,32 @@ def test_runtime_refutation_is_kept_for_the_next_start(tmp_path: Path) -> None:
     persist_incarnation(tmp_path, "node-1", first + 10)  # lower: ignored
     assert read_incarnation(tmp_path, "node-1") == first + 50
     assert next_incarnation(tmp_path, "node-1", T0 + 20) == first + 51
+
+
+# -- what the agent does with membership's acks ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ack", "expected"),
+    [
+        # Whatever the path, one past the higher of ours and membership's, at once.
+        ({"code": "stale_incarnation", "incarnation": T0 + 10**7, "refute": True}, T0 + 10**7 + 1),
+        ({"code": "declared_dead", "incarnation": T0 + 10**7, "refute": True}, T0 + 10**7 + 1),
+        ({"code": "ok", "incarnation": T0, "refute": True, "suspected": True}, T0 + 1),
+        ({"code": "declared_dead", "incarnation": T0, "refute": True}, T0 + 1),
+        ({"code": "has_left", "incarnation": T0}, T0 + 1),
+        # Nothing to refute.
+        ({"code": "ok", "incarnation": T0, "refute": False}, None),
+        ({"code": "duplicate", "incarnation": T0}, None),
+        ({"code": "unknown_node", "incarnation": None}, None),
+        ({"code": "incarnation_ahead", "incarnation": T0 - 5}, None),
+        ({"ok": False, "error": {"code": "bad_request"}}, None),
+        # A garbled number is not followed.
+        ({"code": "stale_incarnation", "incarnation": True}, T0 + 1),
+        ({"code": "stale_incarnation", "incarnation": 2**63 - 1}, None),
+    ],
+)
+def test_refutation_jumps_past_what_membership_holds(ack: dict[str, object], expected: int | None) -> None:
+    from services.agent.incarnation import refutation
+
+    assert refutation(T0, ack) == expected

@@ -127,3 +127,20 @@ def test_capacity_is_at_least_one(capacity: int) -> None:
     d = make()
     d.ready(b"a", "svc", capacity, {}, 0.0)
     assert isinstance(req(d, 1), ToWorker)
+
+
+def test_a_name_never_registered_is_unknown_once_the_grace_is_over() -> None:
+    d = Dispatcher(liveness=1.5, queue_limit=3, queue_timeout=5.0, unknown_after=10.0)
+    early = d.request("sharing", b"r", b"1", b"", 9.0)
+    late = d.request("sharing", b"r", b"2", b"", 10.0)
+    assert isinstance(early, ToClient) and early.error.code == "service_unavailable" and early.error.retry
+    assert isinstance(late, ToClient) and late.error.code == "unknown_service" and not late.error.retry
+
+
+def test_standard_and_once_registered_services_stay_unavailable_not_unknown() -> None:
+    d = Dispatcher(liveness=1.5, queue_limit=3, queue_timeout=5.0, unknown_after=0.0)
+    d.ready(b"w", "echo", 1, {}, 0.0)
+    d.remove(b"w")
+    for service in ("echo", "balancer"):
+        action = d.request(service, b"r", b"1", b"", 100.0)
+        assert isinstance(action, ToClient) and action.error.code == "service_unavailable"

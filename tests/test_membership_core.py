@@ -798,3 +798,95 @@ def test_load_digest_events_stay_under_the_message_limit() -> None:
     largest = max(len(protocol.encode_event(e.kind, e.data, source="membership")[2]) for e in events)
     assert largest < 1024 * 1024
     assert d.core.load_events(d.now) == []
+
+
+# -- incarnations far ahead: refutation always wins -------------------------------------
+
+WALL = 1_764_000_000_000  # membership's wall clock in ms, as the shell hands it in
+
+
+def _agent_loop(core: Membership, node: str, inc: int, start: float, beats: int) -> tuple[int, list[str]]:
+    """A well-behaved agent: heartbeats every INTERVAL, refutes as the real agent does,
+    ticks between; returns its final incarnation and the codes it got."""
+    from services.agent.incarnation import refutation
+
+    codes = []
+    seq = 1000
+    for k in range(beats):
+        t = start + k * INTERVAL
+        seq += 1
+        res = core.heartbeat(node, inc, seq, None, t, wall_ms=WALL + int((t - T0) * 1000))
+        codes.append(res.code)
+        nxt = refutation(inc, res.to_wire())
+        if nxt is not None:
+            inc, seq = nxt, 0
+        core.tick(t + TICK)
+    return inc, codes
+
+
+def test_a_forged_higher_incarnation_is_passed_at_once_and_the_node_never_goes_down() -> None:
+    core = Membership(MembershipConfig())
+    core.admit("n0", T0)
+    inc, _ = _agent_loop(core, "n0", WALL, T0, 20)
+    # Ten million milliseconds ahead is more than the default lead allows; one million is not.
+    forged = core.heartbeat("n0", WALL + 10**7, 1, None, T0 + 5.01, wall_ms=WALL + 5010)
+    assert forged.code == "incarnation_ahead" and not forged.accepted
+    assert core.stats()["incarnation_ahead"] == 1
+    assert core.member("n0", T0 + 5.01)["incarnation"] == inc
+    accepted = core.heartbeat("n0", WALL + 10**6, 1, None, T0 + 5.02, wall_ms=WALL + 5020)
+    assert accepted.ok
+    before = len(core.members(T0 + 5.1))
+    inc, codes = _agent_loop(core, "n0", inc, T0 + 5.1, 40)
+    # The very next ack said stale; the agent jumped past the forged number and was taken.
+    assert codes[0] == "stale_incarnation" and set(codes[1:]) == {"ok"}
+    assert inc == WALL + 10**6 + 1
+    member = core.member("n0", T0 + 16)
+    assert member["state"] == ALIVE and member["incarnation"] == inc and before == 1
+
+
+def test_an_incarnation_at_the_int64_ceiling_is_refused_for_a_known_and_a_new_node() -> None:
+    core = Membership(MembershipConfig())
+    core.admit("n0", T0)
+    core.admit("n1", T0)
+    assert core.heartbeat("n0", WALL, 1, None, T0, wall_ms=WALL).ok
+    for node in ("n0", "n1"):
+        res = core.heartbeat(node, 2**63 - 1, 1, None, T0 + 0.1, wall_ms=WALL + 100)
+        assert res.code == "incarnation_ahead" and not res.ok
+        assert isinstance(res.error(), Conflict)
+    assert core.stats()["incarnation_ahead"] == 2
+    with pytest.raises(NotFound):
+        core.member("n1", T0 + 0.2)  # the refused first heartbeat created no member
+    # An unknown node is still told it is unknown, whatever its incarnation.
+    assert core.heartbeat("stranger", 2**63 - 1, 1, None, T0, wall_ms=WALL).code == "unknown_node"
+
+
+def test_small_counters_and_restarts_within_the_lead_are_accepted() -> None:
+    core = Membership(MembershipConfig(incarnation_lead=60.0))
+    core.admit("n0", T0)
+    core.admit("n1", T0)
+    # An agent in another language counting 1, 2, 3: far below the wall clock.
+    assert core.heartbeat("n0", 1, 1, None, T0, wall_ms=WALL).ok
+    assert core.heartbeat("n0", 2, 1, None, T0 + 0.1, wall_ms=WALL + 100).ok
+    # A restart numbered on a clock 59 s fast is taken, 61 s fast is not.
+    assert core.heartbeat("n1", WALL + 59_000, 1, None, T0, wall_ms=WALL).ok
+    assert core.heartbeat("n1", WALL + 59_000 + 61_000 + 200, 1, None, T0 + 0.1, wall_ms=WALL + 100).code == (
+        "incarnation_ahead"
+    )
+    # Without a wall clock the bound is relative to what membership holds.
+    assert core.heartbeat("n0", 2 + 61_000, 2, None, T0 + 0.2).code == "incarnation_ahead"
+    assert core.heartbeat("n0", 2 + 59_000, 2, None, T0 + 0.2).ok
+
+
+def test_a_suspicion_does_not_outlive_a_refutation_from_a_higher_incarnation() -> None:
+    d = make(2)
+    d.run(T0 + 30)
+    d.run(d.now + 1.15, silent={"n1"})
+    assert d.core.member("n1", d.now)["state"] == SUSPECT
+    d.inc["n1"], d.seq["n1"] = 5, 0
+    d.run(d.now + 10)
+    assert d.kinds("n1") == ["member.alive", "member.suspect", "member.alive"]
+    # A late heartbeat of the old incarnation is refused and changes nothing, now or later.
+    late = d.core.heartbeat("n1", 1, 10**6, None, d.now)
+    assert late.code == "stale_incarnation" and late.incarnation == 5
+    d.run(d.now + 10)
+    assert d.kinds("n1")[-1] == "member.alive" and d.core.member("n1", d.now)["state"] == ALIVE

@@ -159,3 +159,33 @@ def test_unknown_and_malformed_heartbeats_are_answered_and_create_nothing(bus: B
     stats = bus.request("membership", "stats")
     assert stats["unknown_node"] >= 1 and stats["malformed"] >= 4
     assert state(bus, "node-1") == "alive"
+
+
+def test_a_forged_higher_incarnation_does_not_keep_a_running_node_down(bus: Bus) -> None:
+    from services.agent.incarnation import read_incarnation
+
+    cluster(bus, agents=1)
+    watch = Watch(bus)
+    try:
+        held = members(bus)["node-1"]["incarnation"]
+        # Beyond incarnation_lead: refused and counted, nothing changes.
+        too_far = {"op": "hb", "node": "node-1", "incarnation": 2**63 - 1, "seq": 1, "load": None}
+        ack = heartbeat(bus, [protocol.HEARTBEAT_HEADER, protocol.pack(too_far)])
+        assert ack["ok"] is False and ack["code"] == "incarnation_ahead"
+        assert bus.request("membership", "stats")["incarnation_ahead"] == 1
+        # Within the lead (a million ms ahead): taken, and the running agent must pass it at once.
+        forged = held + 10**6
+        body = {"op": "hb", "node": "node-1", "incarnation": forged, "seq": 1, "load": None}
+        assert heartbeat(bus, [protocol.HEARTBEAT_HEADER, protocol.pack(body)])["ok"] is True
+        after = wait_until(
+            lambda: (m := members(bus).get("node-1")) and m["state"] == "alive" and m["incarnation"] > forged and m,
+            timeout=10,
+        )
+        assert after["incarnation"] == forged + 1
+        # Persisted, so a restart starts above it too.
+        assert read_incarnation(bus.tmp / "var", "node-1") == forged + 1
+        time.sleep(1.0)
+        assert "member.dead" not in watch.kinds("node-1")
+        assert state(bus, "node-1") == "alive"
+    finally:
+        watch.close()

@@ -3,6 +3,7 @@ and real processes with security on (refusals, impostors, key rotation) and off.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -89,10 +90,10 @@ def test_key_store_takes_identity_from_the_path_and_leaves_out_what_it_cannot_tr
 
 
 def test_security_off_is_a_no_op_and_on_needs_its_key(tmp_path: Path) -> None:
-    off = Security.from_config({"curve_dir": ""}, "client/app")
-    assert not off.enabled and off.knows(None) and "security off" in off.describe()
+    off = Security.from_config({"security": "off", "curve_dir": ""}, "client/app")
+    assert not off.enabled and off.knows(None) and "security off (security = off)" in off.describe()
     with pytest.raises(secmod.SecurityError, match="not a directory"):
-        Security.from_config({"curve_dir": str(tmp_path / "missing")}, "client/app")
+        Security.from_config({"security": "on", "curve_dir": str(tmp_path / "missing")}, "client/app")
     keys = tmp_path / "keys"
     secmod.keygen(keys)
     with pytest.raises(secmod.SecurityError, match=r"agent/node-9\.key"):
@@ -101,6 +102,50 @@ def test_security_off_is_a_no_op_and_on_needs_its_key(tmp_path: Path) -> None:
     assert by_path.me == Principal("operator", "admin")
     with pytest.raises(secmod.SecurityError, match="bad curve_key"):
         Security.load(keys, "wizard/merlin")
+
+
+def _cfg(tmp_path: Path, **values: str) -> dict[str, str]:
+    return {"security": "on", "curve_dir": "", "curve_key": "", "data": str(tmp_path / "var"), **values}
+
+
+def test_security_is_on_by_default_and_a_server_without_keys_refuses_to_start(tmp_path: Path) -> None:
+    assert config.load(env={}, names=("security",)).security == "on"
+    assert config.load(env={"PHANTOM_SECURITY": "OFF"}, names=("security",)).security == "off"
+    with pytest.raises(config.ConfigError, match="'security'"):
+        config.load(env={"PHANTOM_SECURITY": "maybe"}, names=("security",))
+    for key in ("broker/broker", "service/sharding", "agent/node-1"):
+        with pytest.raises(secmod.SecurityError, match="PHANTOM_SECURITY=off"):
+            Security.from_config(_cfg(tmp_path), key)
+    # A client finds none and goes without (the broker tells it if CURVE is wanted).
+    client = Security.from_config(_cfg(tmp_path), "client/app")
+    assert not client.enabled and "no keys found" in client.describe()
+
+
+def test_keys_under_the_data_directory_are_found_and_off_needs_saying_so(tmp_path: Path) -> None:
+    keys = tmp_path / "var" / "keys"
+    secmod.keygen(keys, agents=["node-1"])
+    for key in ("broker/broker", "service/sharding", "agent/node-1", "operator/admin", "client/app"):
+        found = Security.from_config(_cfg(tmp_path), key)
+        assert found.enabled and found.directory == keys and str(found.me) == key.replace("/", ":")
+        assert "security on" in found.describe()
+    off = Security.from_config(_cfg(tmp_path, security="off"), "broker/broker")
+    assert not off.enabled and "security = off" in off.describe()
+    other = tmp_path / "elsewhere"
+    secmod.keygen(other)
+    assert Security.from_config(_cfg(tmp_path, curve_dir=str(other)), "service/manager").directory == other
+
+
+def test_a_new_agent_enrols_itself_only_in_the_data_directorys_keys(tmp_path: Path) -> None:
+    keys = tmp_path / "var" / "keys"
+    secmod.keygen(keys)
+    agent = Security.from_config(_cfg(tmp_path), "agent/node-4")
+    assert agent.enabled and str(agent.me) == "agent:node-4"
+    assert (keys / "agent" / "node-4.key").stat().st_mode & 0o777 == 0o600
+    assert secmod.KeyStore.load(keys / "authorized").lookup(agent.keys.public) == Principal("agent", "node-4")
+    # The production layout (an explicit curve_dir) makes nothing.
+    with pytest.raises(secmod.SecurityError, match=r"node-5\.key"):
+        Security.from_config(_cfg(tmp_path, curve_dir=str(keys)), "agent/node-5")
+    assert not (keys / "agent" / "node-5.key").exists()
 
 
 def test_curve_dir_comes_from_the_environment_or_the_security_section(tmp_path: Path) -> None:
@@ -285,6 +330,7 @@ def secure(bus: Bus, agents: int = 0, **extra: Any) -> Path:
     services = (*secmod.DEFAULT_SERVICES, "echo")
     secmod.keygen(keys, agents=[f"node-{n}" for n in range(1, agents + 1)], services=services, **extra)
     bus.env["PHANTOM_CURVE_DIR"] = str(keys)
+    bus.env["PHANTOM_SECURITY"] = "on"
     return keys
 
 
@@ -438,7 +484,7 @@ def test_an_agent_started_before_its_key_is_authorized_joins_once_it_is(bus: Bus
 
     wait_until(alive, timeout=20)
     # Its requests through the broker (refused at first) get answers too.
-    wait_until(lambda: "no live worker for service 'sharding'" in bus.log(agent), timeout=15)
+    wait_until(lambda: 'no live worker for service "sharding"' in bus.log(agent), timeout=15)
     assert agent.poll() is None
 
 
@@ -449,7 +495,16 @@ def test_an_agent_started_before_its_key_is_authorized_joins_once_it_is(bus: Bus
 def secured_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Bus, Path]]:
     bus = Bus(tmp_path_factory.mktemp("secured"))
     try:
-        keys = secure(bus, agents=3)
+        # The default set-up, as `make up` makes it: keys under the data directory, made
+        # by `make keys`, and nothing else said (no curve_dir, no security setting).
+        del bus.env["PHANTOM_SECURITY"]
+        made = subprocess.run(
+            ["make", "--no-print-directory", "keys", "VENV=" + str(Path(sys.executable).parent.parent)],
+            cwd=ROOT, env=bus.env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        keys = Path(bus.env["PHANTOM_DATA"]) / "keys"
+        assert "made CURVE keys" in made.stdout and (keys / "agent" / "node-3.key").is_file()
         bus.env["PHANTOM_COPY_TIME"] = "0.1"
         bus.broker()
         for name in secmod.DEFAULT_SERVICES:
@@ -542,6 +597,71 @@ def test_an_agent_key_cannot_heartbeat_beacon_or_confirm_as_another_node(secured
     finally:
         hb.close(0)
         pub.close(0)
+
+
+@pytest.mark.processes
+def test_the_default_setup_refuses_rogue_beacons_heartbeats_events_and_workers(
+    secured_cluster: tuple[Bus, Path],
+) -> None:
+    """What any local process could do to a `make up` cluster before security was on by default:
+    move node-2 to its address, kill node-3 with one heartbeat, fail node-1 over with one forged
+    member.dead, answer selects as a second balancer. With no key, or a key of the wrong role, none
+    of it gets through."""
+    bus, keys = secured_cluster
+    with as_(keys, "operator/admin", bus) as op:
+        nodes_before = {n["id"]: n["address"] for n in op.request("discovery", "nodes")}
+        incarnations = {m["id"]: m["incarnation"] for m in op.request("membership", "members")}
+        balancers = op.services()["balancer"]["workers"]
+    impostors = [
+        bus.start("services.echo", "--name", "balancer", name="fake-balancer-client", PHANTOM_CURVE_KEY="client/app"),
+        bus.start("services.echo", "--name", "balancer", name="fake-balancer-nokey", PHANTOM_SECURITY="off"),
+    ]
+    ctx = zmq.Context.instance()
+    socks: list[Any] = []
+    rogues = {"no key": Security(), "client key": Security.load(keys, "client/app")}
+    # Numbers an unsecured cluster would take: a little ahead of the real ones.
+    beacon = Beacon("node-2", incarnations["node-2"] + 10**6, new_instance_id(), "127.0.0.1:6666", zone="z3")
+    heartbeat = {"op": "hb", "node": "node-3", "incarnation": incarnations["node-3"] + 10**6, "seq": 1, "load": None}
+    forged = {"node": "node-1", "incarnation": incarnations["node-1"], "reason": "phi", "previous": "suspect"}
+    dead = protocol.encode_event("member.dead", forged, source="membership")
+    try:
+        for sec in rogues.values():
+            for kind, endpoint, server in (
+                (zmq.PUB, "PHANTOM_BEACON", secmod.DISCOVERY),
+                (zmq.DEALER, "PHANTOM_HEARTBEAT", secmod.MEMBERSHIP),
+                (zmq.PUB, "PHANTOM_EVENTS_IN", secmod.BROKER),
+            ):
+                sock = ctx.socket(kind)
+                sock.setsockopt(zmq.LINGER, 0)
+                sec.client(sock, server)
+                sock.connect(bus.env[endpoint])
+                socks.append(sock)
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline:  # PUB/SUB: keep sending, as an attacker would
+            for i in range(0, len(socks), 3):
+                socks[i].send_multipart([protocol.BEACON, encode_beacon(beacon)])
+                with contextlib.suppress(zmq.Again):
+                    socks[i + 1].send_multipart([protocol.HEARTBEAT_HEADER, protocol.pack(heartbeat)], zmq.NOBLOCK)
+                socks[i + 2].send_multipart(dead)
+            time.sleep(0.1)
+        assert not any(sock.poll(0) for sock in socks[1::3])  # membership never answered a rogue heartbeat
+        with as_(keys, "operator/admin", bus) as op:
+            assert {n["id"]: n["address"] for n in op.request("discovery", "nodes")} == nodes_before
+            members = {m["id"]: m for m in op.request("membership", "members")}
+            assert {n: m["incarnation"] for n, m in members.items()} == incarnations
+            assert {m["state"] for m in members.values()} == {"alive"}
+            assert op.services()["balancer"]["workers"] == balancers
+            status = op.status()
+            assert status["health"] == "green"
+            assert {n["id"]: n["lifecycle"] for n in status["nodes"]}["node-1"] == "active"
+        log = bus.log(bus.procs[0])
+        assert "refused" in log  # the broker says who it turned away
+        assert all(proc.poll() is None or proc.returncode != 0 for proc in impostors)
+    finally:
+        for sock in socks:
+            sock.close(0)
+        for proc in impostors:
+            bus.kill(proc, signal.SIGTERM)
 
 
 # --- security off ------------------------------------------------------------------------------------------

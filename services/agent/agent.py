@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import signal
 import time
 import zlib
@@ -29,7 +30,7 @@ from phantom_bus.config import Config
 from phantom_bus.errors import PhantomError
 from phantom_bus.service import run_until
 from phantom_bus.shardmap import ShardMap
-from services.agent.incarnation import next_incarnation, persist_incarnation
+from services.agent.incarnation import next_incarnation, persist_incarnation, refutation
 from services.agent.load import LoadDocument, LoadSampler
 from services.agent.probe import PsutilProbe
 from services.discovery.beacon import Beacon, check_address, check_node_id, encode_beacon, new_instance_id
@@ -92,6 +93,7 @@ class Agent:
         self.sampler = LoadSampler()
         self.load: LoadDocument | None = None
         self.membership_state: str | None = None
+        self._ahead_logged = -math.inf
         self.assignments: dict[str, str] = {}
         self.ctx = zmq.asyncio.Context.instance()
         self._beacons: zmq.asyncio.Socket | None = None
@@ -159,10 +161,23 @@ class Agent:
     def _on_ack(self, ack: dict[str, Any]) -> None:
         code = ack.get("code")
         self.membership_state = ack.get("state")
-        if ack.get("refute") or code == "declared_dead":
-            self._bump(self.incarnation + 1, f"membership says {ack.get('state')}: refuting")
-        elif code == "stale_incarnation" and isinstance(ack.get("incarnation"), int):
-            self._bump(ack["incarnation"] + 1, "membership holds a newer incarnation")
+        target = refutation(self.incarnation, ack)
+        if target is not None:
+            self._bump(
+                target,
+                f"membership says {ack.get('state')} ({code}) at incarnation {ack.get('incarnation')}: "
+                "refuting past it",
+            )
+        elif code == "incarnation_ahead":
+            now = time.monotonic()
+            if now - self._ahead_logged > 60.0:
+                self._ahead_logged = now
+                logger.error(
+                    "membership refuses incarnation {} as too far ahead of its clock: is this host's clock "
+                    "fast? ({})",
+                    self.incarnation,
+                    ack.get("message"),
+                )
         elif code == "unknown_node":
             logger.debug("membership does not know us yet; beacons will get us admitted")
         elif ack.get("ok") is False and "error" in ack and code is None:

@@ -27,7 +27,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from loguru import logger
@@ -92,6 +94,29 @@ def persist_incarnation(data_dir: Path, node_id: str, value: int) -> None:
     stored = read_incarnation(data_dir, node_id)
     if stored is None or value > stored:
         _write_atomically(incarnation_path(data_dir, node_id), f"{value}\n")
+
+
+#: Ack codes after which the agent must move past the incarnation membership holds.
+REFUTING_CODES = frozenset({"stale_incarnation", "declared_dead", "has_left"})
+
+
+def refutation(current: int, ack: Mapping[str, Any]) -> int | None:
+    """The incarnation to move to after membership's heartbeat ``ack``, or None to keep ``current``.
+
+    Whatever the reason membership gives (it suspects us, holds us dead or left,
+    or holds a higher incarnation than ours: a restored data directory, a clock
+    that went back, a forged heartbeat), the answer is the same: one past the
+    higher of ours and the one it holds, at once. Climbing one step per ack
+    towards a number far ahead would keep a live node dead for as long as the
+    climb takes (a 10^7 lead is 29 days at four heartbeats a second).
+    """
+    held = ack.get("incarnation")
+    if isinstance(held, bool) or not isinstance(held, int) or held < 0:
+        held = None
+    if ack.get("code") in REFUTING_CODES or ack.get("refute") is True or (held is not None and held > current):
+        target = max(current, held if held is not None else current) + 1
+        return target if target <= MAX_INCARNATION else None
+    return None
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -156,6 +156,7 @@ class Balancer:
         self._leases = LeaseTable(self.config.lease_timeout_s, prefix, self.config.expired_memory)
         self._ops = {"select": 0, "release": 0, "node_update": 0, "forget_node": 0, "tick": 0}
         self._errors = {"bad_request": 0, "not_found": 0, "no_live_replica": 0}
+        self._releases = {"released": 0, "already_released": 0, "expired": 0, "unknown": 0}
         self._totals = {
             "reads": 0, "writes": 0, "lookups": 0, "panics": 0, "leases": 0,
             "successes": 0, "failures": 0, "expired": 0, "dropped": 0,
@@ -447,52 +448,62 @@ class Balancer:
 
     def release(self, lease_id: str, latency_ms: float | None = None, ok: bool = True, *,
                 now: float) -> list[Event]:
-        """End a lease and learn from the request's outcome.
+        """:meth:`end_lease` without the status: the events only."""
+        return self.end_lease(lease_id, latency_ms, ok, now=now)[1]
 
-        ``latency_ms`` is what the caller measured; None means "from select to
-        now". A failure counts toward outlier ejection; the returned events
-        (usually none) say when this release ejected the node. NotFound if the
-        lease is not open (already released, expired, or never issued).
+    def end_lease(self, lease_id: str, latency_ms: float | None = None, ok: bool = True, *,
+                  now: float) -> tuple[str, list[Event]]:
+        """End a lease and learn from the request's outcome; returns (status, events).
+
+        ``latency_ms`` is what the caller measured; None records no latency
+        (the lease's age would include the caller's own delays), while the
+        outcome still counts. A failure counts toward outlier ejection; the
+        events (usually none) say when this release ejected the node.
+
+        Never an error for a lease that is not open: the status says what it
+        was (``released`` when this call ended it; ``already_released``,
+        ``expired`` or ``unknown`` otherwise, and then nothing is learnt, so a
+        resend counts nothing twice). Each status is counted in ``stats``.
         """
         if not isinstance(lease_id, str):
-            raise self._bad(f"lease id must be a string, got {lease_id!r}")
+            raise self._bad("the lease id must be a str")
         if latency_ms is not None and (not _number(latency_ms) or latency_ms < 0):
-            raise self._bad(f"latency_ms must be a number >= 0, got {latency_ms!r}")
+            raise self._bad(f"latency_ms must be a number >= 0, got {latency_ms}")
         if not isinstance(ok, bool):
-            raise self._bad(f"ok must be true or false, got {ok!r}")
+            raise self._bad("ok must be true or false")
         with self._lock:
             self._ops["release"] += 1
-            try:
-                lease = self._leases.close(lease_id)
-            except NotFound:
-                self._errors["not_found"] += 1
-                raise
+            lease = self._leases.close(lease_id, now)
+            if isinstance(lease, str):
+                self._releases[lease] += 1
+                return lease, []
+            self._releases["released"] += 1
             node = lease.node
             node.in_flight -= 1
-            if latency_ms is None:
-                latency_ms = max(0.0, (now - lease.started) * 1000.0)
             sh = self._shards.get(lease.shard)
             if ok:
                 node.successes += 1
                 node.consecutive_failures = 0
-                node.ewma.observe(latency_ms, now)
-                node.latency.add(latency_ms, now)
+                if latency_ms is not None:
+                    node.ewma.observe(latency_ms, now)
+                    node.latency.add(latency_ms, now)
                 self._totals["successes"] += 1
                 if sh is not None:
                     sh.successes += 1
-                return []
+                return "released", []
             node.failures += 1
             node.consecutive_failures += 1
             self._totals["failures"] += 1
             if sh is not None:
                 sh.failures += 1
-            # A fast failure (connection refused) must not make a node look fast.
-            last = node.ewma.last
-            node.ewma.observe(latency_ms if last is None else max(latency_ms, last), now)
+            if latency_ms is not None:
+                # A fast failure (connection refused) must not make a node look fast.
+                last = node.ewma.last
+                node.ewma.observe(latency_ms if last is None else max(latency_ms, last), now)
             if (node.consecutive_failures >= self.config.eject_consecutive_failures
                     and not node.is_ejected(now) and node.klass != OUT):
-                return self._eject(node, now)
-            return []
+                return "released", self._eject(node, now)
+            return "released", []
 
     def _eject(self, node: NodeState, now: float) -> list[Event]:
         cfg = self.config
@@ -634,6 +645,7 @@ class Balancer:
                 "totals": totals,
                 "ops": dict(self._ops),
                 "errors": dict(self._errors),
+                "releases": dict(self._releases),
                 "nodes": nodes,
                 "shards": shards,
             }

@@ -4,8 +4,13 @@ A lease holds a node's in-flight count up. Every lease lives exactly
 ``timeout`` seconds at most, so leases expire in the order they were opened:
 the table is a dict (insertion ordered) and expiry scans from its front and
 stops at the first lease still running. Open, close and expiry are O(1) per
-lease; memory is O(open leases) plus a bounded memory of recent expiries,
-kept only to tell a late caller "expired" rather than "unknown".
+lease; memory is O(open leases) plus a bounded memory of recent expiries and
+releases, kept only to answer a late or repeated release precisely.
+
+Closing is idempotent and never an error: a lease already released (a resend
+after a lost reply), expired or never issued (before a restart) is simply
+over. :meth:`LeaseTable.close` says which, so the caller counts it right and
+counts nothing twice.
 """
 
 from __future__ import annotations
@@ -13,8 +18,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from phantom_bus.errors import NotFound
 from services.balancer.health import NodeState
+
+#: How :meth:`LeaseTable.close` found a lease that was not open.
+ALREADY_RELEASED = "already_released"
+EXPIRED = "expired"
+UNKNOWN = "unknown"
 
 
 class Lease:
@@ -41,14 +50,17 @@ class ExpiredLease:
 
 
 class LeaseTable:
-    """Open leases in deadline order, plus a bounded memory of expired ones.
+    """Open leases in deadline order, plus a bounded memory of ended ones.
 
     Lease ids are ``<prefix>-<counter in hex>``; the prefix differs per
     balancer instance so a release carrying an id from before a restart is
-    reported as unknown instead of ending someone else's lease.
+    reported as unknown instead of ending someone else's lease. Released ids
+    are remembered for ``timeout`` seconds (a client resends within a few
+    seconds) and expired ones until ``expired_memory`` newer ones push them
+    out; each memory holds at most ``expired_memory`` ids.
     """
 
-    __slots__ = ("_expired", "_memory", "_open", "_prefix", "_seq", "timeout")
+    __slots__ = ("_expired", "_memory", "_open", "_prefix", "_released", "_seq", "timeout")
 
     def __init__(self, timeout: float, prefix: str, expired_memory: int) -> None:
         self.timeout = timeout
@@ -57,6 +69,7 @@ class LeaseTable:
         self._open: dict[str, Lease] = {}
         # OrderedDict: dropping the oldest is O(1); a dict would rescan deleted slots.
         self._expired: OrderedDict[str, ExpiredLease] = OrderedDict()
+        self._released: OrderedDict[str, float] = OrderedDict()  # id -> when released
         self._memory = expired_memory
 
     def __len__(self) -> int:
@@ -70,24 +83,26 @@ class LeaseTable:
         self._open[lease_id] = lease
         return lease
 
-    def close(self, lease_id: str) -> Lease:
-        """Remove and return an open lease; NotFound if it is not open."""
+    def close(self, lease_id: str, now: float) -> Lease | str:
+        """Remove and return an open lease; if it is not open, say why:
+        :data:`ALREADY_RELEASED`, :data:`EXPIRED` or :data:`UNKNOWN`."""
+        released = self._released
+        while released:  # forget releases older than a lease's lifetime
+            oldest, at = next(iter(released.items()))
+            if at + self.timeout > now:
+                break
+            del released[oldest]
         lease = self._open.pop(lease_id, None)
         if lease is not None:
+            released[lease_id] = now
+            if len(released) > self._memory:
+                released.popitem(last=False)
             return lease
-        gone = self._expired.get(lease_id)
-        if gone is not None:
-            raise NotFound(
-                f"lease {lease_id} expired before it was released (node {gone.node}, shard "
-                f"{gone.shard}); it was counted as expired. Release sooner or raise "
-                f"lease_timeout_s",
-                lease=lease_id, node=gone.node, shard=gone.shard, reason="expired",
-            )
-        raise NotFound(
-            f"lease {lease_id} is not open: it was already released, or it was never issued by "
-            f"this balancer (for instance before a restart); nothing to do",
-            lease=lease_id, reason="unknown",
-        )
+        if lease_id in released:
+            return ALREADY_RELEASED
+        if lease_id in self._expired:
+            return EXPIRED
+        return UNKNOWN
 
     def expire(self, now: float) -> list[Lease]:
         """Remove and return every lease whose deadline is at or before ``now``."""

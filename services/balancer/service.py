@@ -20,7 +20,7 @@ from loguru import logger
 
 from phantom_bus.client import AsyncClient
 from phantom_bus.config import Config
-from phantom_bus.errors import BadRequest, NoLiveReplica, PhantomError
+from phantom_bus.errors import NoLiveReplica, PhantomError
 from phantom_bus.events import Event
 from phantom_bus.metrics import SelectTimer
 from phantom_bus.service import Service
@@ -28,7 +28,7 @@ from phantom_bus.shardmap import ShardMap
 from services.balancer.config import BalancerConfig
 from services.balancer.core import Balancer, Candidate
 
-SETTINGS = ("broker", "timeout", "retries")
+SETTINGS = ("broker", "timeout", "retries", "lease_timeout")
 
 DEFAULT_KEYSPACE = "default"
 # Seconds between map refreshes without an event, snapshot syncs, and rate reports.
@@ -49,7 +49,7 @@ class BalancerService:
 
     def __init__(self, cfg: Config, *, seed: int | None = None) -> None:
         self.cfg = cfg
-        self.core = Balancer(BalancerConfig(), random.Random(seed))
+        self.core = Balancer(BalancerConfig(lease_timeout_s=float(cfg.lease_timeout)), random.Random(seed))
         self.map: ShardMap | None = None
         self.service = Service("balancer", cfg)
         self.select_timer = SelectTimer()
@@ -87,8 +87,6 @@ class BalancerService:
     ) -> dict[str, Any]:
         if self.map is None:
             raise NoLiveReplica("the balancer has no shard map yet (is sharding running?)")
-        if not isinstance(write, bool) or not isinstance(lease, bool):
-            raise BadRequest("'write' and 'lease' are booleans")
         name = keyspace or DEFAULT_KEYSPACE
         shard = self.map.lookup(name, key)
         candidates = [Candidate(r.node, r.role) for r in shard.replicas]
@@ -107,12 +105,17 @@ class BalancerService:
         }
 
     async def op_release(self, lease: str, latency_ms: float | None = None, ok: bool = True) -> dict[str, Any]:
-        """End a lease and feed the request's latency and outcome into the node's statistics."""
-        if not isinstance(lease, str):
-            raise BadRequest("'lease' is the lease id string from select")
-        events = self.core.release(lease, latency_ms, ok, now=time.monotonic())
-        await self._publish(events)
-        return {"released": lease}
+        """End a lease and feed the request's latency and outcome into the node's statistics.
+
+        Always answered as done: a lease that is no longer open (released
+        before, expired, or from before a restart) has ended either way, so
+        the application gets no error; ``status`` says which."""
+        status, events = self.core.end_lease(lease, latency_ms, ok, now=time.monotonic())
+        if status != "released":
+            logger.debug("release of lease {}: {}", lease, status)
+        if events:
+            await self._publish(events)
+        return {"released": lease, "status": status}
 
     def op_node_update(
         self,

@@ -39,6 +39,7 @@ from typing import Any
 import msgpack
 
 from phantom_bus.errors import BadRequest, TooLarge, UnsupportedVersion
+from phantom_bus.protocol import wire_type
 
 BEACON_VERSION = 1
 """The only beacon protocol version this code speaks."""
@@ -154,7 +155,7 @@ def parse_beacon(obj: Any) -> Beacon:
     subclass :class:`UnsupportedVersion`. Unknown extra fields are ignored.
     """
     if not isinstance(obj, dict):
-        raise BadRequest(f"beacon must be a map, got {type(obj).__name__}", field="beacon")
+        raise BadRequest(f"beacon must be a map, got {wire_type(obj)}", field="beacon")
     version = obj.get("v")
     if not _is_int(version):
         raise BadRequest("beacon field 'v' must be an integer protocol version", field="v")

@@ -30,6 +30,7 @@ from phantom_bus.errors import Conflict, NotFound, PhantomError, Refused
 from phantom_bus.service import Service
 from phantom_bus.shardmap import ShardMap
 from services.manager.config import ManagerConfig
+from services.manager.control import ControlWatch, apply_reasons
 from services.manager.core import Action, Decision, ManagerCore
 from services.manager.health import Health, shards_from_map
 from services.manager.registry import LIFECYCLES, NodeRecord
@@ -42,6 +43,7 @@ _TICK = 1.0
 _MAP_POLL = 2.0
 _RECONCILE = 30.0
 _BACKOFF_MAX = 5.0
+_CONTROL_POLL = 2.0
 _METRICS_POLL = 5.0
 
 
@@ -69,6 +71,8 @@ class ManagerService:
         self._workers: list[asyncio.Task[None]] = []
         self._map: ShardMap | None = None
         self._map_stale = asyncio.Event()
+        # The control plane's own health: restarts, sharding's store, our queues' ages.
+        self.control = ControlWatch()
         # Replaced whole by metrics_loop, read by the metrics thread.
         self._select_seconds: Any = None
         self._moves: int | None = None
@@ -95,6 +99,7 @@ class ManagerService:
             queue = self._queues[action.service] = asyncio.Queue()
             self._workers.append(asyncio.ensure_future(self._run_queue(action.service, queue)))
         queue.put_nowait(action)
+        self.control.queued(action.service, f"{action.service}.{action.op}", time.monotonic())
 
     async def _run_queue(self, service: str, queue: asyncio.Queue[Action]) -> None:
         while True:
@@ -120,6 +125,7 @@ class ManagerService:
                         break
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, _BACKOFF_MAX)
+            self.control.finished(service)
             if action.service == "sharding" and action.op == "drain_node":
                 # A drain is only judged on maps fetched after it was accepted.
                 self._map_stale.set()
@@ -149,6 +155,10 @@ class ManagerService:
         if up["balancer"]:
             with contextlib.suppress(PhantomError):
                 merge_balancer_stats(doc, await self.client.request("balancer", "stats"))
+        now = time.monotonic()
+        if registered:
+            self.control.observe_services(registered, now)
+        apply_reasons(doc, self.control.reasons(now), self.control.queue_ages(now))
         return doc
 
     def op_nodes(self) -> list[dict[str, Any]]:
@@ -250,6 +260,17 @@ class ManagerService:
         await asyncio.sleep(0.5)  # let the broker see us and the subscriptions settle
         await self._resync(removals=True)
 
+    async def control_loop(self) -> None:
+        """Watch the control plane itself: worker restarts at the broker, sharding's store."""
+        while True:
+            with contextlib.suppress(PhantomError):
+                self.control.observe_services(await self.client.request("broker", "services"), time.monotonic())
+            try:
+                self.control.observe_store(await self.client.request("sharding", "health"))
+            except PhantomError:
+                self.control.forget_store()
+            await asyncio.sleep(_CONTROL_POLL)
+
     async def metrics_loop(self) -> None:
         """What /metrics shows beyond the core's state: the balancer's select
         histogram and sharding's moves in flight, fetched now and then."""
@@ -271,7 +292,7 @@ class ManagerService:
 
     def loops(self) -> list[Any]:
         """The coroutines to run next to the service's own."""
-        loops = [self.startup(), self.map_loop(), self.tick_loop()]
+        loops = [self.startup(), self.map_loop(), self.tick_loop(), self.control_loop()]
         if self.cfg.get("metrics"):
             loops.append(self.metrics_loop())
         return loops

@@ -85,6 +85,18 @@ class MembershipConfig:
     spread; this caps detection at (suspect silence + 1 s). Four intervals:
     time for a suspected node to refute several times over."""
 
+    incarnation_lead: float = default("incarnation_lead")
+    """Seconds an incarnation may run ahead of membership's wall clock, or of the
+    incarnation it holds for the node if that is higher (agents number incarnations
+    in milliseconds of their own clock, so this is compared as milliseconds). A
+    heartbeat further ahead is refused with ``incarnation_ahead`` and counted: one
+    forged heartbeat must not be able to push a node to an incarnation its agent
+    can never pass (the int64 ceiling), nor far enough that its agent has to climb.
+    An hour covers any sane clock skew between hosts; a host whose clock runs more
+    than an hour fast is refused until its clock is fixed, and says why in its log.
+    Without a wall clock (``wall_ms`` not given) the bound is relative to the held
+    incarnation only."""
+
     tick_interval: float = 0.1
     """Seconds between the shell's calls to ``tick``. Detection granularity: 0.1 s
     is 5 % of the 2 s budget. Deadlines sit in a heap, so a tick costs what the
@@ -140,6 +152,7 @@ class MembershipConfig:
             "heartbeat_interval",
             "min_std_dev",
             "suspicion_timeout",
+            "incarnation_lead",
             "tick_interval",
             "load_digest_interval",
             "max_load_age",

@@ -15,7 +15,12 @@ How the pieces fit:
   incarnation: only a strictly higher one brings the node back. A heartbeat at
   the current incarnation clears ``suspect`` (it is direct evidence of life),
   and its ack says the node had been suspected so the agent can refute by
-  bumping its incarnation.
+  bumping its incarnation. Every refusal carries the incarnation membership
+  holds, so an agent that learns of a higher one jumps past it at once. How
+  far ahead an incarnation may run is bounded (``incarnation_lead``, against
+  the wall clock the shell hands in and the held incarnation): further is
+  refused as ``incarnation_ahead``, so one forged or corrupt heartbeat cannot
+  push a node beyond what its agent can pass.
 * **Detection.** A :class:`PhiDetector` per node. Rather than evaluating phi for
   every node on every tick, the core turns the phi thresholds into the silence
   at which they are crossed and keeps one deadline per node in a heap; a tick
@@ -45,6 +50,7 @@ from typing import Any, Final
 
 from phantom_bus.errors import BadRequest, Conflict, NotFound, PhantomError
 from phantom_bus.events import Event, EventHooks
+from phantom_bus.protocol import wire_type
 
 from .config import MembershipConfig
 from .detector import PhiDetector
@@ -68,6 +74,7 @@ UNKNOWN_NODE: Final = "unknown_node"
 STALE_INCARNATION: Final = "stale_incarnation"
 DECLARED_DEAD: Final = "declared_dead"
 HAS_LEFT: Final = "has_left"
+INCARNATION_AHEAD: Final = "incarnation_ahead"
 
 _MAX_NODE_ID = 256
 _MAX_INT = 2**63 - 1  # an int64 on the wire, so agents in other languages can hold it
@@ -300,6 +307,7 @@ class Membership:
                 "stale_incarnation",
                 "declared_dead",
                 "has_left",
+                "incarnation_ahead",
                 "lost",
                 "gaps_dropped",
                 "ticks",
@@ -375,22 +383,27 @@ class Membership:
         seq: int,
         load: Mapping[str, Any] | None,
         now: float,
+        wall_ms: int | None = None,
     ) -> HeartbeatResult:
         """Take one heartbeat; O(1). Raises ``BadRequest`` on malformed arguments.
 
         ``seq`` increases by one per heartbeat within an incarnation; a ``seq``
         not above the last one seen is a duplicate or reordered message and is
         ignored (``code == "duplicate"``). ``load`` is the agent's opaque load
-        document (``None`` keeps the previous one).
+        document (``None`` keeps the previous one). ``wall_ms`` is the shell's
+        wall clock in milliseconds since the Unix epoch, the yardstick of the
+        ``incarnation_lead`` bound (agents number incarnations on theirs).
         """
         node = _check_node(node)
         incarnation = _check_count("incarnation", incarnation)
         seq = _check_count("seq", seq)
+        if wall_ms is not None:
+            wall_ms = _check_count("wall_ms", wall_ms)
         if load is not None and not isinstance(load, Mapping):
-            raise BadRequest(f"load must be a map or nil, got {type(load).__name__}")
+            raise BadRequest(f"load must be a map or nil, got {wire_type(load)}")
         with self._lock:
             now = self._clock(now)
-            result = self._heartbeat(node, incarnation, seq, load, now)
+            result = self._heartbeat(node, incarnation, seq, load, now, wall_ms)
             if result.events:
                 self._outbox.extend(result.events)
         if result.events:
@@ -404,10 +417,26 @@ class Membership:
         seq: int,
         load: Mapping[str, Any] | None,
         now: float,
+        wall_ms: int | None,
     ) -> HeartbeatResult:
         counters = self._counters
         counters["heartbeats"] += 1
         rec = self._members.get(node)
+        held = rec.incarnation if rec is not None else None
+        ceiling = self._ceiling(held, wall_ms)
+        if ceiling is not None and incarnation > ceiling and (rec is not None or node in self._admitted):
+            counters[INCARNATION_AHEAD] += 1
+            return HeartbeatResult(
+                node,
+                INCARNATION_AHEAD,
+                False,
+                f"incarnation {incarnation} of {node!r} is more than incarnation_lead "
+                f"({self.config.incarnation_lead:g} s) ahead of membership's clock and of the "
+                f"incarnation it holds ({held}): refused; check the clock of that host, or "
+                "whether something forges its heartbeats",
+                rec.state if rec is not None else None,
+                held,
+            )
         if rec is None:
             if node not in self._admitted:
                 counters["unknown_node"] += 1
@@ -511,6 +540,13 @@ class Membership:
             suspected=state == SUSPECT,
             events=events,
         )
+
+    def _ceiling(self, held: int | None, wall_ms: int | None) -> int | None:
+        """The highest incarnation a heartbeat may carry now, or None for no bound."""
+        if held is None and wall_ms is None:
+            return None  # a new node and no clock: nothing to measure against
+        lead = int(self.config.incarnation_lead * 1000)
+        return max(held or 0, wall_ms or 0) + lead
 
     def leave(self, node: str, incarnation: int, now: float) -> list[Event]:
         """Graceful leave: ``node`` becomes ``left`` at ``incarnation``.

@@ -44,6 +44,7 @@ SETTINGS = (
     "phi_suspect",
     "phi_dead",
     "suspicion_timeout",
+    "incarnation_lead",
     "timeout",
     "retries",
 )
@@ -63,6 +64,7 @@ def core_config(cfg: Config) -> MembershipConfig:
         suspect_phi=cfg.phi_suspect,
         dead_phi=cfg.phi_dead,
         suspicion_timeout=cfg.suspicion_timeout,
+        incarnation_lead=cfg.incarnation_lead,
     )
 
 
@@ -199,7 +201,9 @@ class MembershipService:
                 events = self.core.leave(msg["node"], msg["incarnation"], now)
                 self._reply(identity, {"ok": True, "code": "left", "node": msg["node"]})
                 return events
-            result = self.core.heartbeat(msg["node"], msg["incarnation"], msg["seq"], msg["load"], now)
+            result = self.core.heartbeat(
+                msg["node"], msg["incarnation"], msg["seq"], msg["load"], now, wall_ms=time.time_ns() // 1_000_000
+            )
         except PhantomError as err:
             self.counters["refused" if isinstance(err, Refused) else "malformed"] += 1
             self._reply(identity, {"ok": False, "error": err.to_wire()})

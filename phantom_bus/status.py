@@ -1,0 +1,194 @@
+"""The cluster status document (``phantom status --json``, ``Client.status()``).
+
+The manager assembles the document; it alone vouches for the shards. This
+module asks it, and when it does not answer (not registered with the broker,
+paused, overloaded, restarting) builds the document without it from what the
+broker, discovery and membership say, marked so that nobody mistakes it for a
+verdict on the cluster:
+
+* ``"health": "unknown"`` and ``"manager": "not answering"``: with no manager
+  nobody knows whether the shards have their replicas, so the colour is not
+  red (that would page someone about a cluster that may be fine, and is what
+  a 5 s pause of the manager used to do), nor green;
+* ``"reason"``: one line saying why, and the same as the first entry of
+  ``"reasons"`` (code ``manager_not_answering``);
+* ``"nodes"`` from discovery and membership (liveness only: no lifecycle, no
+  replica counts), ``"services"`` from the broker's table.
+
+``phantom status`` exits 1 for such a document (it is not a health verdict;
+3 stays "the cluster is not healthy"). A document from the manager carries
+``"manager": "answering"`` and a ``"reasons"`` list of what makes the control
+plane itself unwell (see the operator's guide, "Health"), empty when nothing.
+
+The functions take any object with the client's ``services()`` and
+``request()`` methods, so the blocking and the asyncio client share them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable
+from typing import Any, Protocol
+
+from phantom_bus.errors import BadRequest, BrokerUnreachable, PhantomError, Refused
+
+SERVICES = ("broker", "discovery", "membership", "sharding", "balancer", "manager")
+
+#: ``health`` of a document assembled without the manager.
+UNKNOWN = "unknown"
+#: ``manager`` of a document the manager did not answer.
+NOT_ANSWERING = "not answering"
+ANSWERING = "answering"
+MANAGER_NOT_ANSWERING = "manager_not_answering"
+
+_DISCOVERY_STATES = {"alive": "alive", "lost": "dead", "left": "left"}
+
+
+class _SyncClient(Protocol):
+    def services(self) -> dict[str, Any]: ...
+
+    def request(self, service: str, op: str, /, **args: Any) -> Any: ...
+
+
+class _AsyncClient(Protocol):
+    def services(self) -> Awaitable[dict[str, Any]]: ...
+
+    def request(self, service: str, op: str, /, **args: Any) -> Awaitable[Any]: ...
+
+
+def node_row(discovered: dict[str, Any] | None, member: dict[str, Any] | None) -> dict[str, Any]:
+    """One node of the status document from discovery's and membership's views;
+    membership's verdict on liveness wins over discovery's."""
+    d, m = discovered or {}, member or {}
+    raw_load = m.get("load")
+    load: dict[str, Any] = raw_load if isinstance(raw_load, dict) and not m.get("load_stale") else {}
+    state = m.get("state") or _DISCOVERY_STATES.get(str(d.get("state")), d.get("state"))
+    return {
+        "id": d.get("id") or m.get("id"),
+        "state": state,
+        "lifecycle": None,
+        "address": d.get("address"),
+        "zone": d.get("zone"),
+        "cpu": load.get("cpu"),
+        "mem": load.get("mem"),
+        "load": load.get("load1_per_core"),
+        "phi": m.get("phi"),
+        "heartbeat_age": m.get("last_heartbeat_age"),
+        "incarnation": m.get("incarnation", d.get("incarnation")),
+        "replicas": None,
+        "primaries": None,
+    }
+
+
+def fallback_status(
+    services: dict[str, Any],
+    reason: str,
+    discovered: list[dict[str, Any]] | None = None,
+    members: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A status document assembled without the manager, from the broker's service
+    table and, when they answer, discovery's node table and membership's list.
+    Health is ``unknown``: with no manager nobody vouches for the shards."""
+    by_id_d = {str(n.get("id")): n for n in discovered or [] if isinstance(n, dict)}
+    by_id_m = {str(m.get("id")): m for m in members or [] if isinstance(m, dict)}
+    nodes = [node_row(by_id_d.get(i), by_id_m.get(i)) for i in sorted({*by_id_d, *by_id_m})]
+    table = {
+        name: "up" if name == "broker" or _up(services, name) else "down" for name in SERVICES
+    }
+    return {
+        "health": UNKNOWN,
+        "manager": NOT_ANSWERING,
+        "reason": f"manager not answering: {reason}",
+        "reasons": [
+            {"code": MANAGER_NOT_ANSWERING, "severity": UNKNOWN, "service": "manager", "message": reason}
+        ],
+        "epoch": None,
+        "nodes": nodes,
+        "shards": {"total": None, "under_replicated": None, "unavailable": None},
+        "services": table,
+    }
+
+
+def from_manager(doc: Any) -> dict[str, Any]:
+    """The manager's answer, marked as such (``manager: answering``, a ``reasons`` list)."""
+    if not isinstance(doc, dict):
+        raise BadRequest(f"malformed status reply from the manager: {type(doc).__name__}")
+    doc.setdefault("manager", ANSWERING)
+    doc.setdefault("reasons", [])
+    return doc
+
+
+def not_answering(doc: dict[str, Any]) -> bool:
+    """True for a document built because the manager did not answer."""
+    return doc.get("manager") == NOT_ANSWERING
+
+
+def _up(services: dict[str, Any], name: str) -> bool:
+    entry = services.get(name)
+    return isinstance(entry, dict) and bool(entry.get("workers"))
+
+
+def _why(err: PhantomError) -> str:
+    return f"{err.code}: {err.message}"
+
+
+# Errors that say the caller, not the manager, is at fault: those are raised as they are.
+_CALLER_FAULTS = (BadRequest, BrokerUnreachable, Refused)
+
+
+def collect(client: _SyncClient) -> dict[str, Any]:
+    """The status document through a blocking client (``Client.status()``)."""
+    services = client.services()
+    if _up(services, "manager"):
+        try:
+            return from_manager(client.request("manager", "status"))
+        except _CALLER_FAULTS:
+            raise
+        except PhantomError as err:
+            reason = f"it did not answer the status request ({_why(err)})"
+    else:
+        reason = "it is not registered with the broker (stopped, restarting, or cut off)"
+    nodes = members = None
+    if _up(services, "discovery"):
+        with contextlib.suppress(PhantomError):
+            nodes = client.request("discovery", "nodes")
+    if _up(services, "membership"):
+        with contextlib.suppress(PhantomError):
+            members = client.request("membership", "members")
+    return fallback_status(services, reason, nodes, members)
+
+
+async def collect_async(client: _AsyncClient) -> dict[str, Any]:
+    """The status document through an asyncio client (``AsyncClient.status()``)."""
+    services = await client.services()
+    if _up(services, "manager"):
+        try:
+            return from_manager(await client.request("manager", "status"))
+        except _CALLER_FAULTS:
+            raise
+        except PhantomError as err:
+            reason = f"it did not answer the status request ({_why(err)})"
+    else:
+        reason = "it is not registered with the broker (stopped, restarting, or cut off)"
+    nodes = members = None
+    if _up(services, "discovery"):
+        with contextlib.suppress(PhantomError):
+            nodes = await client.request("discovery", "nodes")
+    if _up(services, "membership"):
+        with contextlib.suppress(PhantomError):
+            members = await client.request("membership", "members")
+    return fallback_status(services, reason, nodes, members)
+
+
+__all__ = [
+    "ANSWERING",
+    "MANAGER_NOT_ANSWERING",
+    "NOT_ANSWERING",
+    "UNKNOWN",
+    "collect",
+    "collect_async",
+    "fallback_status",
+    "from_manager",
+    "node_row",
+    "not_answering",
+]

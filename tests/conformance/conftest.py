@@ -1,0 +1,160 @@
+"""A tiny harness for the conformance suite: raw pyzmq + msgpack, nothing of phantom_bus.
+
+Each test module asks for the services it needs with a module-level
+``SERVICES`` tuple; the ``peer`` fixture starts a broker and those services as
+subprocesses (``python -m ...``) on free ports, once per module, and stops
+them afterwards whatever happens.
+
+To run the same cases against another implementation, start it yourself and
+set ``CONFORMANCE_BROKER=tcp://host:port``: nothing is started then, and the
+cases talk to that endpoint. Its worker heartbeat should be 0.1 s (or the
+``unknown_service`` case waits longer; see ``GRACE``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+ROOT = Path(__file__).resolve().parents[2]
+HEARTBEAT = 0.1
+#: How long after the broker starts an unregistered name becomes unknown:
+#: 5 liveness periods of 3 heartbeats (docs/protocol.md, *Unknown or unavailable service*).
+GRACE = 5 * 3 * HEARTBEAT
+TIMEOUT_MS = 5000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Peer:
+    """An endpoint speaking the client protocol, and raw ways to talk to it."""
+
+    def __init__(self, endpoint: str, started: float) -> None:
+        self.endpoint = endpoint
+        self.started = started
+        self.ctx = zmq.Context()
+
+    def socket(self, kind: int = zmq.DEALER) -> zmq.Socket[Any]:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, TIMEOUT_MS)
+        sock.connect(self.endpoint)
+        return sock
+
+    def exchange(self, frames: list[bytes], *, kind: int = zmq.DEALER) -> list[bytes]:
+        """Send ``frames`` as one message and return the reply's frames."""
+        with contextlib.closing(self.socket(kind)) as sock:
+            sock.send_multipart(frames)
+            return sock.recv_multipart()
+
+    def call(self, service: str, op: str, args: Any = None, *, body: bytes | None = None) -> dict[str, Any]:
+        """One request over a DEALER without delimiter; the decoded reply body."""
+        reqid = uuid.uuid4().bytes
+        if body is None:
+            doc: dict[str, Any] = {"op": op} if args is None else {"op": op, "args": args}
+            body = msgpack.packb(doc, use_bin_type=True)
+        reply = self.exchange([b"PHC1", service.encode(), reqid, body])
+        assert reply[:3] == [b"PHC1", service.encode(), reqid]
+        decoded: dict[str, Any] = msgpack.unpackb(reply[3], raw=False)
+        return decoded
+
+    def result(self, service: str, op: str, args: Any = None) -> Any:
+        reply = self.call(service, op, args)
+        assert reply["ok"] is True, reply
+        return reply["result"]
+
+    def error(self, service: str, op: str, args: Any = None, *, body: bytes | None = None) -> dict[str, Any]:
+        reply = self.call(service, op, args, body=body)
+        assert reply["ok"] is False, reply
+        err: dict[str, Any] = reply["error"]
+        return err
+
+    def wait_for(self, service: str, timeout: float = 20.0) -> None:
+        """Until ``service`` answers ``ping``."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            last = self.call(service, "ping")
+            if last["ok"]:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"{service} did not come up: {last}")
+
+
+@pytest.fixture(scope="module")
+def peer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
+    services: tuple[str, ...] = getattr(request.module, "SERVICES", ())
+    external = os.environ.get("CONFORMANCE_BROKER")
+    if external:
+        p = Peer(external, time.monotonic() - 3600)
+        for name in services:
+            p.wait_for(name)
+        yield p
+        p.ctx.destroy(0)
+        return
+    tmp = tmp_path_factory.mktemp("conformance")
+    ports = {name: _free_port() for name in ("broker", "backend", "events_in", "events_out", "beacon", "heartbeat")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PHANTOM_")}
+    env.update({f"PHANTOM_{k.upper()}": f"tcp://127.0.0.1:{v}" for k, v in ports.items()})
+    env.update(
+        PHANTOM_DATA=str(tmp / "var"),
+        PHANTOM_WORKER_HEARTBEAT=str(HEARTBEAT),
+        PHANTOM_MAX_MESSAGE="65536",
+        PHANTOM_SECURITY="off",  # the plain protocol; CURVE is the transport's concern
+        PYTHONPATH=str(ROOT),
+    )
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for module in ("phantom_bus.broker", *(f"services.{s}" for s in services)):
+            log = (tmp / f"{module}.log").open("wb")
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", module],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+            if module == "phantom_bus.broker":
+                started = time.monotonic()
+        p = Peer(env["PHANTOM_BROKER"], started)
+        p.wait_for("broker")
+        for name in services:
+            p.wait_for(name)
+        yield p
+        p.ctx.destroy(0)
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+def packb(obj: Any) -> bytes:
+    """msgpack with str as str and bytes as bin, as the protocol says."""
+    return msgpack.packb(obj, use_bin_type=True)
