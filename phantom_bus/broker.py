@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from typing import Any
 
 import zmq
@@ -46,6 +47,7 @@ SETTINGS = (
     "bind_host",
     "log_json",
     "log_level",
+    "metrics",
     "worker_heartbeat",
     "worker_liveness",
     "broker_queue",
@@ -59,9 +61,13 @@ SETTINGS = (
 # cannot starve the rest while a burst is still drained without re-polling.
 _BATCH = 256
 _HWM = 10000
+#: Recent events kept for the ``events`` operation (`phantom events`); the most one reply holds.
+RECENT_EVENTS = 1000
+# Too chatty to be worth remembering: one per node per heartbeat.
+_NOT_RECENT = (b"member.load",)
 
 #: The operations of the broker's own ``broker`` service (none takes arguments).
-OPERATIONS = ("ping", "services", "stats")
+OPERATIONS = ("ping", "services", "events", "stats")
 #: After this many worker-liveness periods of broker uptime, a service name that
 #: no worker ever registered under is answered ``unknown_service`` (not
 #: retryable) instead of ``service_unavailable``: by then every running service
@@ -96,6 +102,10 @@ class Broker:
         self.backend = self._socket(zmq.ROUTER, cfg.bind("backend"), secmod.DOMAIN_BACKEND)
         self.xsub = self._socket(zmq.XSUB, cfg.bind("events_in"), secmod.DOMAIN_EVENTS_IN)
         self.xpub = self._socket(zmq.XPUB, cfg.bind("events_out"), secmod.DOMAIN_EVENTS_OUT)
+        # The broker itself hears every event, so that `phantom events` can show the
+        # recent ones; raw frames, decoded only when asked for.
+        self.recent: deque[list[bytes]] = deque(maxlen=RECENT_EVENTS)
+        self.xsub.send(b"\x01")
 
     def _socket(self, kind: int, endpoint: str, domain: str) -> zmq.Socket[Any]:
         sock = self.ctx.socket(kind)
@@ -193,14 +203,16 @@ class Broker:
         name = _BROKER_NAME
         try:
             op, args = protocol.decode_request(body, max_size=self.max_body)
-            if op in OPERATIONS and args:
-                raise BadRequest(
-                    f"broker.{op} takes no arguments, got {', '.join(sorted(args))}", op=op, args=sorted(args)
-                )
+            extra = sorted(set(args) - ({"limit"} if op == "events" else set()))
+            if op in OPERATIONS and extra:
+                takes = "only limit" if op == "events" else "no arguments"
+                raise BadRequest(f"broker.{op} takes {takes}, got {', '.join(extra)}", op=op, args=extra)
             if op == "ping":
                 result: Any = {"pong": True, "time": time.time()}
             elif op == "services":
                 result = self.dispatcher.services(now)
+            elif op == "events":
+                result = self._recent_events(args.get("limit", 100))
             elif op == "stats":
                 result = {
                     **self.counters,
@@ -219,6 +231,28 @@ class Broker:
         frames = [identity, b""] if delimited else [identity]
         frames += [protocol.CLIENT, name, reqid, protocol.encode_result(result)]
         send_frames(self.frontend, frames)
+
+    def metrics(self) -> list[Any]:
+        """``phantom_broker_messages_total{kind}`` (read from the metrics thread)."""
+        from prometheus_client.core import CounterMetricFamily
+
+        from phantom_bus.metrics import SERIES
+
+        help_text = next(s.help for s in SERIES if s.name == "phantom_broker_messages_total")
+        family = CounterMetricFamily("phantom_broker_messages", help_text, labels=["kind"])
+        for kind, value in dict(self.counters).items():
+            family.add_metric([kind], value)
+        return [family]
+
+    def _recent_events(self, limit: Any) -> list[dict[str, Any]]:
+        """The last ``limit`` events relayed (oldest first; ``member.load`` is not kept)."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= RECENT_EVENTS:
+            raise BadRequest(f"limit must be an integer in 1..{RECENT_EVENTS}, got {limit!r}")
+        out = []
+        for frames in list(self.recent)[-limit:]:
+            with contextlib.suppress(PhantomError):
+                out.append(protocol.decode_event(frames, max_size=self.max_body))
+        return out
 
     # --- backend --------------------------------------------------------------
 
@@ -334,9 +368,12 @@ class Broker:
         for _ in range(_BATCH):
             if not readable(src):
                 return
+            frames = recv_frames(src)
             if count:
                 self.counters["events"] += 1
-            send_frames(dst, recv_frames(src))
+                if frames and frames[0] not in _NOT_RECENT:
+                    self.recent.append(frames)
+            send_frames(dst, frames)
 
     def run(self) -> None:
         """Serve until :meth:`stop` (or SIGTERM/SIGINT in :func:`main`)."""
@@ -420,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: broker.stop())
     if broker.security.enabled:
         signal.signal(signal.SIGHUP, lambda *_: broker.security.request_reload())
+    from phantom_bus.service import serve_metrics
+
+    serve_metrics(cfg, "broker", broker.metrics)
     broker.run()
     logger.info("broker stopped")
     return 0

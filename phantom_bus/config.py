@@ -108,6 +108,15 @@ def _path(value: Any) -> str:
     return text
 
 
+def _optional_address(value: Any) -> str:
+    text = "" if value is None else str(value).strip()
+    if text:
+        from phantom_bus.metrics import parse_address
+
+        parse_address(text)
+    return text
+
+
 def _optional_path(value: Any) -> str:
     return str(value).strip() if value not in (None,) else ""
 
@@ -284,6 +293,14 @@ _SETTINGS: list[Setting] = [
     ),
     Setting(
         "log_level", "INFO", _level, "level", "INFO logs every decision once; DEBUG adds per-message detail."
+    ),
+    Setting(
+        "metrics",
+        "",
+        _optional_address,
+        "host:port",
+        "Where this process serves its own Prometheus /metrics; empty: off, since each process needs "
+        "its own port (supervisor.conf gives the manager, the cluster view, 127.0.0.1:9555).",
     ),
     # --- client -------------------------------------------------------------------
     Setting(

@@ -60,6 +60,7 @@ SERVICE_SETTINGS = (
     "data",
     "log_json",
     "log_level",
+    "metrics",
     "worker_heartbeat",
     "worker_liveness",
     "worker_concurrency",
@@ -432,4 +433,24 @@ def serve(
     except RuntimeError as exc:
         print(f"phantom-{name}: cannot start: {exc}", file=sys.stderr)
         return 1
+    serve_metrics(cfg, name, getattr(shell, "metrics", None))
     return run_forever(shell.service, *shell.loops())
+
+
+def serve_metrics(cfg: Config, name: str, source: Callable[[], Any] | None = None) -> None:
+    """Serve ``/metrics`` on the ``metrics`` setting's address (if set) from a thread.
+
+    A port that cannot be bound is logged and the process goes on without
+    metrics: monitoring is never a reason to stop serving.
+    """
+    address = str(cfg.get("metrics") or "")
+    if not address:
+        return
+    from phantom_bus import metrics
+
+    try:
+        metrics.serve(address, name, source)
+    except OSError as exc:
+        logger.error("metrics: cannot serve /metrics on {}: {}; going on without metrics", address, exc)
+        return
+    logger.info("metrics: serving http://{}/metrics", address)

@@ -38,8 +38,14 @@ def status(bus: Bus) -> dict[str, Any]:
         return {}
 
 
+def settled(doc: dict[str, Any]) -> bool:
+    """Green with no shard moving (planned moves keep the colour green while they run)."""
+    return doc.get("health") == "green" and not (doc.get("shards") or {}).get("moving")
+
+
 def wait_green(bus: Bus, timeout: float = 30) -> dict[str, Any]:
-    return wait_until(lambda: (s := status(bus)).get("health") == "green" and s, timeout=timeout, interval=0.2)
+    """Until the cluster is green and settled: no move in flight."""
+    return wait_until(lambda: settled(s := status(bus)) and s, timeout=timeout, interval=0.2)
 
 
 def node(doc: dict[str, Any], node_id: str) -> dict[str, Any]:

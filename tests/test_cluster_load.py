@@ -22,7 +22,7 @@ from phantom_bus.store.sqlite import SqliteStore
 from services.balancer.config import BalancerConfig
 from services.sharding.store import Committed, MapStore
 from tests.conftest import Bus, wait_until
-from tests.test_cluster import cluster, node, phantom, status, wait_green
+from tests.test_cluster import cluster, node, phantom, settled, status, wait_green
 
 pytestmark = pytest.mark.processes
 
@@ -122,7 +122,7 @@ def test_fourth_agent_joins_a_green_cluster_and_takes_exactly_its_share(bus: Bus
         timeout=30,
     )
     healed = wait_until(
-        lambda: (s := status(bus)).get("health") == "green" and node(s, "node-4")["replicas"] and s, timeout=60
+        lambda: settled(s := status(bus)) and node(s, "node-4")["replicas"] and s, timeout=60
     )
     assert node(healed, "node-4")["state"] == "alive"
     after_map = sharding_map(bus)
@@ -302,7 +302,7 @@ def test_sigkill_of_sharding_mid_rebalance_keeps_the_map_and_finishes_the_moves(
     if back.epoch == stored.epoch:
         assert back == stored
     healed = wait_until(
-        lambda: (s := status(bus)).get("health") == "green" and node(s, "node-4")["replicas"] == 48 and s, timeout=90
+        lambda: settled(s := status(bus)) and node(s, "node-4")["replicas"] == 48 and s, timeout=90
     )
     assert healed["epoch"] > stored.epoch
     final = sharding_map(bus)

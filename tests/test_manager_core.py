@@ -292,6 +292,17 @@ def test_left_is_an_outage_like_dead_and_dead_then_left_is_one_outage() -> None:
     assert kinds(tick(core, 10.0 + DELAY)) == ["cluster.node_failed"]
 
 
+def test_gracefully_left_node_is_labelled_left_not_failed_and_returns_to_active() -> None:
+    core = make()
+    active_node(core)
+    core.on_event(mem("left", "n1", reason="leave"), 10.0)
+    assert kinds(core.tick(10.0 + DELAY)) == ["cluster.node_left"]
+    assert core.node("n1").lifecycle == "left"
+    d = core.on_event(mem("alive", "n1", inc=2), 10.0 + DELAY + 5)
+    assert ("sharding", "node_alive") in ops(d)
+    assert kinds(d) == ["cluster.node_active"] and core.node("n1").lifecycle == ACTIVE
+
+
 def test_suspect_after_dead_means_it_came_back_when_the_alive_event_was_lost() -> None:
     core = make()
     active_node(core)
@@ -804,7 +815,7 @@ def test_random_histories_keep_the_registry_sound(auto_join: bool, history: list
                     assert ("sharding", "drain_node") in mine and ("sharding", "add_node") not in mine
                 elif rec.lifecycle == ACTIVE:
                     assert ("sharding", "add_node") in mine
-                elif rec.lifecycle == FAILED:
+                elif rec.lifecycle in (FAILED, "left"):
                     assert ("sharding", "node_dead") in mine
             if shards is not None:
                 core.observe_shards(shards, now=now, epoch=1)
@@ -830,7 +841,8 @@ def test_random_histories_keep_the_registry_sound(auto_join: bool, history: list
 
         # Lifecycle moves only along legal edges, one event per move.
         moves = [e for e in d.events if e.kind in ("cluster.node_active", "cluster.node_draining",
-                                                    "cluster.node_decommissioned", "cluster.node_failed")]
+                                                    "cluster.node_decommissioned", "cluster.node_failed",
+                                                    "cluster.node_left")]
         for e in moves:
             assert e.data["lifecycle"] in TRANSITIONS[e.data["previous"]], e
         for node, rec in after.items():

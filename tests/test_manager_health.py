@@ -68,13 +68,14 @@ def test_extra_copy_on_a_dead_node_is_degraded_not_under_replicated() -> None:
     assert h.status == YELLOW and h.under_replicated == 0 and h.degraded == 1
 
 
-def test_joining_or_leaving_copy_or_moving_state_is_yellow() -> None:
+def test_planned_moves_keep_the_shard_green_and_are_counted_beside_the_colour() -> None:
     states = {**ALIVE3, "d": "alive"}
     joining = shard("s0", ("a", "primary"), ("b", "replica"), ("c", "replica"), ("d", "joining"))
     leaving = shard("s1", ("a", "primary"), ("b", "replica"), ("c", "replica"), ("d", "leaving"))
     flagged = shard("s2", ("a", "primary"), ("b", "replica"), ("c", "replica"), moving=True)
     h = assess([joining, leaving, flagged], states)
-    assert h.status == YELLOW and h.moving == 3 and h.under_replicated == 0
+    assert h.status == GREEN and h.moving == 3 and h.under_replicated == 0
+    assert "3 shard(s) moving" in h.reason and h.counts()["moving"] == 3
     assert h.per_node["d"] == {"replicas": 0, "primaries": 0, "joining": 1, "leaving": 1}
     assert h.holdings("d") == 2 and h.holdings("nobody") == 0
 
@@ -94,7 +95,7 @@ def test_primary_on_dead_or_down_node_is_red_but_on_suspect_node_yellow() -> Non
 def test_planned_hand_off_is_moving_not_red() -> None:
     s = shard("s0", ("a", "replica"), ("b", "replica"), ("c", "replica"), moving=True)
     h = assess([s], ALIVE3)
-    assert h.status == YELLOW and h.unavailable == 0 and h.moving == 1
+    assert h.status == GREEN and h.unavailable == 0 and h.moving == 1
     # ...but not when nobody could be promoted.
     assert assess([s], {"a": "dead", "b": "dead", "c": "left"}).status == RED
 
@@ -152,6 +153,7 @@ def test_shards_from_a_real_map() -> None:
     infos = shards_from_map(ShardMap(3, (ks,), frozenset({"c"})))
     assert infos[0] == ShardInfo("default/0", 2, (("a", "primary"), ("b", "replica")), False, "default")
     assert infos[1].moving and infos[1].primary == "b"
+    # default/1 has one serving copy of two: under-replicated, not merely moving.
     assert assess(infos, {"a": "alive", "b": "alive"}).status == YELLOW
 
 
@@ -241,18 +243,17 @@ def oracle(shards: list[ShardInfo], states: dict[str, str | None], down: set[str
         holders = [n for n, r in roles.items() if r in ("primary", "replica")]
         good = [n for n in holders if states.get(n) == "alive" and n not in down]
         ok = [n for n in holders if states.get(n) in ("alive", "suspect") and n not in down]
-        moving = s.moving or any(r in ("joining", "leaving") for r in roles.values())
         if primaries and primaries[0] in ok:
             pass
         elif not primaries and s.moving and ok:
-            moving = True
+            pass  # a planned hand-off: moving, which does not change the colour
         else:
             unavailable += 1
             red = True
         if len(good) < s.rf:
             under += 1
             yellow = True
-        if len(good) < len(holders) or moving:
+        if len(good) < len(holders):
             yellow = True
     return {"status": RED if red else YELLOW if yellow else GREEN, "unavailable": unavailable,
             "under_replicated": under}

@@ -43,6 +43,7 @@ def walk_to(r: Registry, node: str, lifecycle: str) -> None:
         DRAINING: [ACTIVE, DRAINING],
         DECOMMISSIONED: [ACTIVE, DRAINING, DECOMMISSIONED],
         FAILED: [ACTIVE, FAILED],
+        "left": [ACTIVE, "left"],
     }
     for step in paths[lifecycle]:
         r.transition(node, step, "walk", 1.0)

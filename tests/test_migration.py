@@ -142,6 +142,19 @@ def test_dead_primary_replaced_by_lowest_id_replica_and_never_by_a_joining_one()
     assert m.primary("s") == "b"
 
 
+def test_dead_nodes_primaries_are_spread_over_the_survivors() -> None:
+    m = Migrations(CFG)
+    for i in range(12):
+        m.add_shard(f"s{i}", 3, {"a": "primary", "b": "replica", "c": "replica"})
+    m.add_shard("t", 3, {"b": "primary", "a": "replica", "c": "replica"})
+    m.node_down("a")
+    m.step(0.0)
+    owners = [m.primary(f"s{i}") for i in range(12)]
+    # b already had one primary: the twelve orphans go 5/7 or 6/6, never 12/0.
+    assert abs(owners.count("b") + 1 - owners.count("c")) <= 1
+    assert owners.count("b") + owners.count("c") == 12
+
+
 def test_leaving_replica_is_promoted_only_when_no_full_replica_is_left() -> None:
     m = Migrations(CFG)
     m.add_shard("s", 2, {"a": "primary", "b": "leaving", "c": "joining"})

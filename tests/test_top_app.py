@@ -17,7 +17,7 @@ from textual.widgets import DataTable, Static
 from phantom_bus import protocol
 from phantom_bus.errors import BrokerUnreachable, ServiceUnavailable
 from services.top import app as topapp
-from services.top.app import ConfirmDrain, HelpScreen, NodeDetails, PhantomTop
+from services.top.app import ConfirmDrain, HelpScreen, NodeDetails, PhantomTop, SortChooser
 from services.top.feed import BusFeed, Sink
 from tests.conftest import free_port, wait_until
 from tests.test_top_model import SAMPLE, SAMPLE_SHARDS, SAMPLE_SNAPSHOT
@@ -146,15 +146,16 @@ async def test_table_follows_new_documents_and_keeps_the_selected_node():
 
 
 @pytest.mark.asyncio
-async def test_sort_key_cycles_columns_and_r_reverses():
+async def test_sort_key_is_chosen_from_the_columns_and_r_reverses():
     app, _ = make_app()
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         await pilot.press("s")
+        assert isinstance(app.screen, SortChooser)
+        await pilot.press("down", "enter")  # from NODE to STATE
         assert app.sort_key["nodes"] == "state"
         assert column(nodes_table(app), "state") == ["dead", "suspect", "alive", "alive", "left"]
-        for _ in range(3):  # lifecycle, zone, cpu
-            await pilot.press("s")
+        await pilot.press("s", "down", "down", "down", "enter")  # lifecycle, zone, cpu
         assert app.sort_key["nodes"] == "cpu"
         assert column(nodes_table(app), "id") == ["node-1", "node-3", "node-2", "node-4", "node-10"]
         await pilot.press("r")
@@ -392,10 +393,51 @@ async def test_enter_opens_the_details_of_the_selected_node():
         await pilot.press("down", "enter")
         assert isinstance(app.screen, NodeDetails)
         assert app.screen.row.id == "node-2"
-        body = str(app.screen.query_one(Static).render())
+        body_widget = app.screen.query_one("#details-body", Static)
+        body = str(body_widget.render())
         assert "127.0.0.1:7002" in body and "member.suspect" in body and "incarnation" in body
+        # Shown, not only built: the dialog has room for its fields.
+        assert body_widget.region.height > 10 and body_widget.region.width > 40
+        assert footer_keys(app) == ["Close"]
         await pilot.press("escape")
         assert not isinstance(app.screen, NodeDetails)
+
+
+def footer_keys(app: PhantomTop) -> list[str]:
+    """What the footer of the screen on top offers."""
+    return [b.binding.description for b in app.screen.active_bindings.values() if b.binding.show and b.enabled]
+
+
+@pytest.mark.asyncio
+async def test_footer_follows_the_view_and_the_dialog():
+    app, _ = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        nodes = footer_keys(app)
+        assert {"Details", "Drain", "Shards"} <= set(nodes) and "Nodes" not in nodes
+        await pilot.press("tab")
+        shards = footer_keys(app)
+        assert "Nodes" in shards and not {"Details", "Drain", "Shards"} & set(shards)
+        await pilot.press("s")
+        assert footer_keys(app) == ["Cancel"]
+
+
+@pytest.mark.asyncio
+async def test_header_says_stale_when_the_broker_is_down_and_rows_dim():
+    app, feed = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert feed.sink is not None
+        feed.sink.trouble("the broker at tcp://127.0.0.1:5555 does not answer")
+        await pilot.pause()
+        header = static_text(app, "#header")
+        assert "STALE" in header and "last known health yellow" in header
+        assert "YELLOW" not in header and "broker up" not in header
+        assert str(nodes_table(app).get_cell("node-1", "id").style) == "dim"
+        feed.push(copy.deepcopy(SAMPLE))
+        await pilot.pause()
+        assert "YELLOW" in static_text(app, "#header")
+        assert str(nodes_table(app).get_cell("node-1", "id").style) == ""
 
 
 @pytest.mark.asyncio
@@ -413,6 +455,11 @@ async def test_question_mark_shows_help_and_q_quits():
 def test_snapshot_of_a_fixed_status_document(snap_compare):
     app, _ = make_app(events=EVENTS)
     assert snap_compare(app, terminal_size=SIZE)
+
+
+def test_snapshot_at_80x24_keeps_the_footer_and_hb_age(snap_compare):
+    app, _ = make_app(events=EVENTS)
+    assert snap_compare(app, terminal_size=(80, 24))
 
 
 # --- the feed, with in-process sockets and a fake client -----------------------------------

@@ -283,7 +283,28 @@ def test_event_line_has_time_kind_node_reason_and_other_fields():
     assert row is not None
     assert row.line(UTC) == "01:00:00  member.suspect      node-2  phi 8.1 > 8.0  incarnation=5 phi=8.1 previous=alive"
     assert model.event_style(row.kind) == "yellow"
-    assert model.event_style("cluster.health") == "magenta"
+
+
+def test_event_colour_follows_severity_not_the_event_family():
+    green = model.event_row({"kind": "cluster.health", "ts": 1.0, "health": "green", "reason": "all fine"})
+    red = model.event_row({"kind": "cluster.health", "ts": 2.0, "health": "red", "reason": "no primary"})
+    dead = model.event_row({"kind": "member.dead", "ts": 3.0, "node": "n1"})
+    assert green is not None and red is not None and dead is not None
+    assert (green.severity, red.severity, dead.severity) == ("ok", "error", "error")
+    assert model.event_style(green.kind, green.severity) == "green"
+    assert model.event_style(red.kind, red.severity) == "bold red"
+    assert model.event_style("shardmap.changed") == ""
+
+
+def test_repeated_shardmap_ticks_fold_into_one_counted_line():
+    log = EventLog()
+    ticks = [{"kind": "shardmap.changed", "ts": float(i), "reason": "tick", "epoch": i} for i in range(12)]
+    log.add([{"kind": "member.suspect", "ts": 0.0, "node": "n1"}, *ticks])
+    rows = log.latest(5)
+    assert [r.kind for r in rows] == ["member.suspect", "shardmap.changed"]
+    assert rows[1].repeats == 12 and rows[1].ts == 11.0 and rows[1].line(UTC).endswith("(x12)")
+    log.add([{"kind": "shardmap.changed", "ts": 20.0, "reason": "node.dead", "epoch": 20}])
+    assert len(log.latest(5)) == 3  # another reason is news: its own line
 
 
 def test_event_log_is_bounded_and_finds_events_about_a_node():

@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
             f"phantom-agent: cannot record the incarnation under {args.data or 'var'}: {exc}", file=sys.stderr
         )
         return 1
+    from phantom_bus.service import serve_metrics
+
+    serve_metrics(cfg, "agent")
     return run_agent(agent)
 
 

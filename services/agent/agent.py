@@ -45,6 +45,7 @@ SETTINGS = (
     "data",
     "log_json",
     "log_level",
+    "metrics",
     "beacon_interval",
     "heartbeat_interval",
     "load_interval",

@@ -22,6 +22,7 @@ from phantom_bus.client import AsyncClient
 from phantom_bus.config import Config
 from phantom_bus.errors import NoLiveReplica, PhantomError
 from phantom_bus.events import Event
+from phantom_bus.metrics import SelectTimer
 from phantom_bus.service import Service
 from phantom_bus.shardmap import ShardMap
 from services.balancer.config import BalancerConfig
@@ -51,6 +52,7 @@ class BalancerService:
         self.core = Balancer(BalancerConfig(lease_timeout_s=float(cfg.lease_timeout)), random.Random(seed))
         self.map: ShardMap | None = None
         self.service = Service("balancer", cfg)
+        self.select_timer = SelectTimer()
         self._map_stale = asyncio.Event()
         svc = self.service
         svc.add_operation("select", self.op_select)
@@ -74,6 +76,15 @@ class BalancerService:
         lease: bool = True,
     ) -> dict[str, Any]:
         """The node to use for ``key``: the primary for a write, a healthy replica for a read."""
+        started = time.perf_counter()
+        try:
+            return self._select(key, write, keyspace, strategy, lease)
+        finally:
+            self.select_timer.observe(time.perf_counter() - started)
+
+    def _select(
+        self, key: str | bytes, write: bool, keyspace: str | None, strategy: str | None, lease: bool
+    ) -> dict[str, Any]:
         if self.map is None:
             raise NoLiveReplica("the balancer has no shard map yet (is sharding running?)")
         name = keyspace or DEFAULT_KEYSPACE
@@ -128,7 +139,12 @@ class BalancerService:
         """Per node and per shard statistics, and the map epoch in use."""
         stats = self.core.stats(time.monotonic())
         stats["epoch"] = None if self.map is None else self.map.epoch
+        stats["select_seconds"] = self.select_timer.snapshot()
         return stats
+
+    def metrics(self) -> list[Any]:
+        """This balancer's own ``phantom_select_seconds`` (read from the metrics thread)."""
+        return self.select_timer.families()
 
     # --- events -----------------------------------------------------------------------
 

@@ -40,8 +40,8 @@ events over PUB/SUB can be lost.
 * ``member.dead`` / ``member.left``: balancer first, then
   ``sharding.node_dead``: sharding fails the node's primaries over at once and
   re-creates its replicas only after its re-replication delay. The manager
-  keeps the node ``active`` during the delay and labels it ``failed`` after
-  it (:meth:`ManagerCore.tick`); a node that returns within the delay gets
+  keeps the node ``active`` during the delay and labels it ``failed`` (or
+  ``left``, after a graceful leave) after it (:meth:`ManagerCore.tick`); a node that returns within the delay gets
   ``sharding.node_alive`` and nothing moves; one that returns later goes
   ``failed -> active`` and may be given replicas again. A draining node that
   dies stays ``draining``: the operator's intent stands and sharding moves
@@ -72,10 +72,12 @@ from .config import ManagerConfig
 from .health import Health, HealthTracker, ShardInfo, assess, sole_replicas, status_document
 from .registry import (
     ACTIVE,
+    AWAY,
     DECOMMISSIONED,
     DRAINING,
     FAILED,
     JOINING,
+    LEFT,
     MEMBER_STATES,
     SOURCE_BEACON,
     SOURCE_MANUAL,
@@ -104,7 +106,7 @@ BALANCER: Final = "balancer"
 
 _DOWN = ("dead", "left")
 # Lifecycles whose node is known to sharding and may hold replicas.
-_PLACED = (ACTIVE, DRAINING, FAILED)
+_PLACED = (ACTIVE, DRAINING, *AWAY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,7 +334,7 @@ class ManagerCore:
             out = _Out()
             if record.lifecycle == JOINING:
                 self._decommission(out, record, "drained before it held any replica", t)
-            elif record.lifecycle in (ACTIVE, FAILED):
+            elif record.lifecycle in (ACTIVE, *AWAY):
                 reason = "drain requested by operator: its replicas move away under the move cap"
                 out.act(SHARDING, "drain_node", reason, node=node)
                 out.act(BALANCER, "node_update", reason, node=node, lifecycle=DRAINING)
@@ -444,7 +446,8 @@ class ManagerCore:
 
     def tick(self, now: float, expired: Iterable[str] = ()) -> Decision:
         """Sharding says the nodes in ``expired`` have been dead (or left) for its
-        re-replication delay: those still ``active`` and down become ``failed``.
+        re-replication delay: those still ``active`` and down become ``failed`` (or
+        ``left`` for a graceful leave).
 
         The delay has one timer, sharding's (durable in the store, so a leader
         change does not restart it); the manager only labels the lifecycle from
@@ -458,9 +461,10 @@ class ManagerCore:
             for record in self.registry.records():
                 if record.id in gone_for and record.lifecycle == ACTIVE and record.member in _DOWN:
                     gone = t - record.member_since if record.member_since is not None else delay
+                    # A graceful leave is not a failure: same handling, honest label.
                     _, event = self.registry.transition(
                         record.id,
-                        FAILED,
+                        LEFT if record.member == "left" else FAILED,
                         f"{record.member} for {_secs(gone)} (re-replication delay {delay:g} s): "
                         "its replicas are re-created elsewhere",
                         t,
@@ -576,7 +580,7 @@ class ManagerCore:
                 if rec.lifecycle != DECOMMISSIONED:
                     out.act(MEMBERSHIP, "admit", why, node=node)
                 update: dict[str, Any] = {"node": node, "address": rec.address, "weight": rec.weight}
-                if rec.lifecycle != FAILED:
+                if rec.lifecycle not in AWAY:
                     update["lifecycle"] = rec.lifecycle
                 if rec.member is not None:
                     update["state"] = rec.member
@@ -607,6 +611,12 @@ class ManagerCore:
     def node(self, node: str) -> NodeRecord:
         """One node; :class:`NotFound` if it is not registered."""
         return self.registry.get(node)
+
+    @property
+    def epoch(self) -> int | None:
+        """Epoch of the last shard map observed (``None`` before the first)."""
+        with self._lock:
+            return self._epoch
 
     @property
     def health(self) -> Health:
@@ -756,7 +766,7 @@ class ManagerCore:
         # address from here, through the balancer.
         if "address" in changed or "weight" in changed:
             out.act(BALANCER, "node_update", reason, node=node, address=record.address, weight=record.weight)
-        if ("zone" in changed or "weight" in changed) and record.lifecycle in (ACTIVE, FAILED):
+        if ("zone" in changed or "weight" in changed) and record.lifecycle in (ACTIVE, *AWAY):
             # Not for a draining node: add_node would make sharding stop draining it.
             out.act(SHARDING, "add_node", reason, node=node, zone=record.zone, weight=record.weight)
 
@@ -822,7 +832,7 @@ class ManagerCore:
         node = record.id
         said = f" ({why})" if why else ""
         gone = now - old.member_since if old.member_since is not None else 0.0
-        if record.lifecycle == FAILED:
+        if record.lifecycle in AWAY:
             reason = (
                 f"back after {_secs(gone)}{said}, past the re-replication delay: its replicas were re-created "
                 "elsewhere; placement may give it replicas again"

@@ -1,8 +1,10 @@
 """Cluster health from the shard map and membership, and the status document. Pure functions.
 
-Health (DESIGN.md): **green** = every shard has its primary and all replicas
-live; **yellow** = some shard under-replicated or moving; **red** = some shard
-has no live primary. Precisely, with ``states`` membership's verdict per node
+Health: **green** = every shard has its primary and all replicas live (a
+planned move adds the new copy as ``joining`` before the old one is dropped,
+so a shard that is only moving stays green; the moves in flight are reported
+beside the colour); **yellow** = some shard under-replicated; **red** = some
+shard has no live primary. Precisely, with ``states`` membership's verdict per node
 and ``down`` the nodes the shard map lists as down:
 
 * a node is **healthy** when its state is ``alive`` and it is not down;
@@ -19,8 +21,9 @@ and ``down`` the nodes the shard map lists as down:
   that is not healthy (a replica on a suspect or dead node);
 * **moving** when the map says so or it has ``joining``/``leaving`` copies.
 
-Red if any shard is unavailable; yellow if any is under-replicated, degraded
-or moving; green otherwise (also with no shards at all). With no shard map at
+Red if any shard is unavailable; yellow if any is under-replicated or
+degraded; green otherwise (also with no shards at all), moving shards
+included: their count is in the reason and in ``shards.moving``. With no shard map at
 all (sharding never answered) nobody can vouch for the data: red.
 """
 
@@ -193,7 +196,7 @@ def assess(
             moving.append(sh.id)
     if unavailable:
         status, reason = RED, _listing("without a live primary", unavailable)
-    elif under or degraded or moving:
+    elif under or degraded:
         status = YELLOW
         parts = []
         if under:
@@ -207,6 +210,9 @@ def assess(
         status, reason = GREEN, "no shards"
     else:
         status, reason = GREEN, f"all {total} shards have their primary and all replicas live"
+        if moving:
+            # Planned moves add a copy before dropping one: beside the colour, not in it.
+            reason += f"; {_listing('moving', moving)}"
     return Health(
         status,
         reason,

@@ -7,7 +7,7 @@ Sans-I/O and thread-safe. A node goes through
     joining ──> active ──> draining ──> decommissioned ──(remove)──> gone
        │          │  ^         ^
        │          v  │         │
-       │         failed ───────┘
+       │     failed / left ────┘
        └──────────────────────────────> decommissioned   (drained before it held anything)
 
 * ``joining``: registered (discovered, or by an operator), holds no replica.
@@ -16,9 +16,11 @@ Sans-I/O and thread-safe. A node goes through
 * ``active``: sharding may place replicas on it.
 * ``draining``: its replicas are moving away; it keeps serving meanwhile.
 * ``decommissioned``: it holds nothing; it may be removed.
-* ``failed``: dead (or left) for longer than the re-replication delay; its
-  replicas are being re-created elsewhere. It becomes ``active`` again when
-  it returns, or ``draining`` if an operator drains it.
+* ``failed``: dead for longer than the re-replication delay; its replicas
+  are being re-created elsewhere. It becomes ``active`` again when it
+  returns, or ``draining`` if an operator drains it.
+* ``left``: the same for a node that left gracefully (its agent was stopped
+  and said goodbye): nothing failed, so it is not labelled ``failed``.
 
 Any other transition raises :class:`Conflict`. Removal is not a transition:
 the record is deleted and a :class:`Tombstone` remembers the incarnation it
@@ -49,14 +51,18 @@ ACTIVE: Final = "active"
 DRAINING: Final = "draining"
 DECOMMISSIONED: Final = "decommissioned"
 FAILED: Final = "failed"
-LIFECYCLES: Final = (JOINING, ACTIVE, DRAINING, DECOMMISSIONED, FAILED)
+LEFT: Final = "left"
+LIFECYCLES: Final = (JOINING, ACTIVE, DRAINING, DECOMMISSIONED, FAILED, LEFT)
+#: Lifecycles of a node that is gone past the re-replication delay.
+AWAY: Final = (FAILED, LEFT)
 
 #: Legal lifecycle transitions; everything else is a :class:`Conflict`.
 TRANSITIONS: Final[dict[str, frozenset[str]]] = {
     JOINING: frozenset({ACTIVE, DECOMMISSIONED}),
-    ACTIVE: frozenset({DRAINING, FAILED}),
+    ACTIVE: frozenset({DRAINING, FAILED, LEFT}),
     DRAINING: frozenset({DECOMMISSIONED}),
     FAILED: frozenset({ACTIVE, DRAINING}),
+    LEFT: frozenset({ACTIVE, DRAINING}),
     DECOMMISSIONED: frozenset(),
 }
 
@@ -78,6 +84,7 @@ EVENT_FOR: Final[dict[str, str]] = {
     DRAINING: "cluster.node_draining",
     DECOMMISSIONED: "cluster.node_decommissioned",
     FAILED: "cluster.node_failed",
+    LEFT: "cluster.node_left",
 }
 
 # Same rule as the sharding core's node ids, so a node registered here is

@@ -38,7 +38,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from loguru import logger
@@ -54,8 +55,8 @@ from services.leadership import Leadership
 from services.manager.config import ManagerConfig
 from services.manager.control import ControlWatch, apply_reasons
 from services.manager.core import Action, Decision, ManagerCore
-from services.manager.health import shards_from_map
-from services.manager.registry import Registry
+from services.manager.health import Health, shards_from_map
+from services.manager.registry import LIFECYCLES, NodeRecord, Registry
 from services.manager.store import LEGACY_FILE, PREFIX, RegistryStore
 from services.shared_store import StoreHealth, changes, open_shared_store
 
@@ -82,6 +83,7 @@ MAX_ATTEMPTS = 10
 # Sharding operations retried for as long as the verdict behind them stands.
 _FAILOVER = ("node_dead", "node_alive")
 _CONTROL_POLL = 2.0
+_METRICS_POLL = 5.0
 
 
 def _already_done(action: Action, err: PhantomError) -> bool:
@@ -120,6 +122,9 @@ class ManagerService:
         self.counters = {"overloaded": 0, "dropped": 0, "stale_verdicts": 0}
         # The control plane's own health: restarts, sharding's store, our queues' ages.
         self.control = ControlWatch()
+        # Replaced whole by metrics_loop, read by the metrics thread.
+        self._select_seconds: Any = None
+        self._moves: int | None = None
         svc = self.service
         for name in ("status", "nodes", "node", "register", "approve", "drain", "remove", "health"):
             svc.add_operation(name, getattr(self, f"op_{name}"))
@@ -511,9 +516,78 @@ class ManagerService:
                 self.control.forget_store()
             await asyncio.sleep(_CONTROL_POLL)
 
+    async def metrics_loop(self) -> None:
+        """What /metrics shows beyond the core's state: the balancer's select
+        histogram and sharding's moves in flight, fetched now and then."""
+        while True:
+            with contextlib.suppress(PhantomError):
+                stats = await self.client.request("balancer", "stats")
+                if isinstance(stats, dict):
+                    self._select_seconds = stats.get("select_seconds")
+            try:
+                self._moves = len(await self.client.request("sharding", "moves"))
+            except PhantomError:
+                self._moves = None
+            await asyncio.sleep(_METRICS_POLL)
+
+    def metrics(self) -> list[Any]:
+        """The cluster view for /metrics (called from the metrics thread: the core is thread-safe)."""
+        return cluster_metrics(self.core.health, self.core.nodes(), self.core.epoch, self._moves,
+                               self._select_seconds)
+
     def loops(self) -> list[Any]:
         """The coroutines to run next to the service's own."""
-        return [self.leadership.run(), self.leadership.while_leading("manager", self._lead), self.follow_loop()]
+        loops = [self.leadership.run(), self.leadership.while_leading("manager", self._lead), self.follow_loop()]
+        if self.cfg.get("metrics"):
+            loops.append(self.metrics_loop())
+        return loops
+
+
+def cluster_metrics(
+    health: Health, records: Sequence[NodeRecord], epoch: int | None, moves: int | None, select_seconds: Any
+) -> list[Any]:
+    """The manager's metric families: health, nodes by state and lifecycle, shards by state, epoch."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    from phantom_bus import metrics as m
+
+    helps = {s.name: s.help for s in m.SERIES}
+    out: list[Any] = []
+    colour = GaugeMetricFamily("phantom_cluster_health", helps["phantom_cluster_health"])
+    colour.add_metric([], m.HEALTH_VALUES.get(health.status, 2))
+    out.append(colour)
+    nodes = GaugeMetricFamily("phantom_nodes", helps["phantom_nodes"], labels=["state"])
+    states = Counter(r.member or "unknown" for r in records)
+    for state in m.NODE_STATES:
+        nodes.add_metric([state], states.get(state, 0))
+    out.append(nodes)
+    lifecycles = GaugeMetricFamily("phantom_node_lifecycle", helps["phantom_node_lifecycle"], labels=["lifecycle"])
+    counts = Counter(r.lifecycle for r in records)
+    for lifecycle in LIFECYCLES:
+        lifecycles.add_metric([lifecycle], counts.get(lifecycle, 0))
+    out.append(lifecycles)
+    shards = GaugeMetricFamily("phantom_shards", helps["phantom_shards"], labels=["state"])
+    flagged = {*health.unavailable_shards, *health.under_replicated_shards, *health.moving_shards,
+               *health.degraded_shards}
+    for state, value in (
+        ("ok", health.total - len(flagged)),
+        ("under_replicated", health.under_replicated),
+        ("unavailable", health.unavailable),
+        ("moving", health.moving),
+        ("degraded", health.degraded),
+    ):
+        shards.add_metric([state], value)
+    out.append(shards)
+    if epoch is not None:
+        ep = GaugeMetricFamily("phantom_shardmap_epoch", helps["phantom_shardmap_epoch"])
+        ep.add_metric([], epoch)
+        out.append(ep)
+    if moves is not None:
+        mv = GaugeMetricFamily("phantom_moves_in_flight", helps["phantom_moves_in_flight"])
+        mv.add_metric([], moves)
+        out.append(mv)
+    out.extend(m.histogram_from_snapshot("phantom_select_seconds", select_seconds))
+    return out
 
 
 def merge_balancer_stats(doc: dict[str, Any], stats: Any) -> None:

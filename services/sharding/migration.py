@@ -25,8 +25,10 @@ Safety rules, checked at every step:
   than before it, and a drain with nowhere to go waits instead of shrinking.
 * A replica on a dead node is dropped only once every live target is ready.
 * A shard gets a new primary only when it has none: at once when its primary
-  died (a ``replica`` on a live node, the planned primary first, then by node
-  id; a ``leaving`` one only if no ``replica`` is left), or in the step after
+  died (a ``replica`` on a live node, the planned primary first, then the
+  node with the fewest primaries, then by node id, so a dead node's primaries
+  spread over the survivors; a ``leaving`` one only if no ``replica`` is
+  left), or in the step after
   a planned step-down.
 * A shard that once had data and has no live replica is not copied to
   (there is nothing to copy from); it waits for a holder to come back.
@@ -108,6 +110,8 @@ class _Round:
     stuck: list[tuple[str, str]] = field(default_factory=list)
     total: int = 0
     per_node: dict[str, int] = field(default_factory=dict)
+    # Primaries per node, counted on first need: a failover picks the least loaded.
+    primaries: dict[str, int] | None = None
 
 
 class Migrations:
@@ -390,7 +394,7 @@ class Migrations:
                 if failures >= cfg.move_retries:
                     ctx.stuck.append((sid, n))
         self._add_replicas(sid, st, ctx)
-        self._elect(sid, st, changes)
+        self._elect(sid, st, ctx)
         if _primary(st) is not None:
             self._remove_replicas(sid, st, now, changes)
         st.floor = max(st.floor, min(st.rf, self._live(st)))
@@ -436,33 +440,52 @@ class Migrations:
             if src is not None:
                 ctx.per_node[src] = ctx.per_node.get(src, 0) + 1
 
-    def _elect(self, sid: str, st: _Shard, changes: list[Change]) -> None:
+    def _elect(self, sid: str, st: _Shard, ctx: _Round) -> None:
+        changes = ctx.changes
         down = self._down
         p = _primary(st)
         tp = st.target_primary
         if p is None:
             if st.stepdown == self._round:
                 return  # stepped down in this very epoch: promote in the next one
-            best = self._candidate(st)
+            best = self._candidate(st, ctx)
             if best is not None:
                 self._set(sid, st, best, "primary", changes)
+                counts = self._primary_counts(ctx)
+                counts[best] = counts.get(best, 0) + 1
             st.stepdown = None
         elif tp is not None and p != tp and tp not in down and st.roles.get(tp) == "replica":
             self._set(sid, st, p, "replica", changes)
             st.stepdown = self._round
 
-    def _candidate(self, st: _Shard) -> str | None:
-        """The replica to promote: planned primary, else a full replica, else a leaving one."""
+    def _candidate(self, st: _Shard, ctx: _Round) -> str | None:
+        """The replica to promote: planned primary, else a full replica, else a leaving one.
+
+        Among equals the node with the fewest primaries wins (then by id), so
+        the primaries of a dead node are spread over the survivors instead of
+        all landing on the lowest id.
+        """
         down = self._down
         tp = st.target_primary
         if tp is not None and tp not in down and st.roles.get(tp) == "replica":
             return tp
         for role in ("replica", "leaving"):
-            found = sorted(n for n, r in st.roles.items() if r == role and n not in down)
+            found = [n for n, r in st.roles.items() if r == role and n not in down]
             if found:
                 in_target = [n for n in found if n in st.target_set]
-                return (in_target or found)[0]
+                counts = self._primary_counts(ctx)
+                return min(in_target or found, key=lambda n: (counts.get(n, 0), n))
         return None
+
+    def _primary_counts(self, ctx: _Round) -> dict[str, int]:
+        if ctx.primaries is None:
+            counts: dict[str, int] = {}
+            for st in self._shards.values():
+                p = _primary(st)
+                if p is not None:
+                    counts[p] = counts.get(p, 0) + 1
+            ctx.primaries = counts
+        return ctx.primaries
 
     def _remove_replicas(self, sid: str, st: _Shard, now: float, changes: list[Change]) -> None:
         down = self._down

@@ -27,7 +27,8 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import ModalScreen
-from textual.widgets import Button, ContentSwitcher, DataTable, Footer, Input, Static
+from textual.widgets import Button, ContentSwitcher, DataTable, Footer, Input, OptionList, Static
+from textual.widgets.option_list import Option
 
 from phantom_bus import config as cfgmod
 from phantom_bus import security as secmod
@@ -35,11 +36,13 @@ from phantom_bus.errors import BrokerUnreachable, PhantomError
 from services.top import model
 from services.top.feed import BusFeed, Feed, fetch_status
 from services.top.model import (
+    COMPACT_COLUMNS,
     LIFECYCLE_STYLES,
     NODE_COLUMNS,
     SHARD_COLUMNS,
     SHARD_STYLES,
     STATE_STYLES,
+    WIDE_ENOUGH,
     Column,
     EventLog,
     History,
@@ -63,7 +66,8 @@ HELP = """\
   [b]?[/b]       this help
   [b]/[/b]       filter rows: words, or field:word (state:dead zone:z1);
           enter keeps the filter, escape clears it
-  [b]s[/b]       sort by the next column      [b]r[/b]  reverse the order
+  [b]s[/b]       sort: choose the column      [b]r[/b]  reverse the order
+          (or click a column heading; again reverses)
   [b]p[/b]       pause / resume updates
   [b]tab[/b]     switch between nodes and shards
   [b]enter[/b]   details of the selected node
@@ -71,7 +75,11 @@ HELP = """\
 
 Node states: [green]alive[/] [yellow]suspect[/] [red]dead[/] [grey50]left[/].
 Shard roles: P primary, R replica, J joining, L leaving.
-Sparklines show the last few samples of CPU (0-100 %) and select rate.
+Sparklines show the last few samples of CPU (0-100 %) and select rate
+(on a terminal at least 118 columns wide; narrower ones drop MEM%, LOAD,
+INFL and P99 MS so that HB AGE stays in view). Dimmed rows: a node not
+alive or not heard from for 5 s. STALE in the header: the broker does not
+answer and everything shown is the last known state.
 
 escape closes this window."""
 
@@ -150,10 +158,14 @@ class AppSink:
 class HelpScreen(ModalScreen[None]):
     """The key list."""
 
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,question_mark,q", "dismiss", "Close")]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "dismiss", "Close"),
+        Binding("question_mark,q", "dismiss", "Close", show=False),
+    ]
 
     def compose(self) -> ComposeResult:
         yield Static(HELP, id="help", classes="dialog")
+        yield Footer()
 
 
 class ConfirmDrain(ModalScreen[bool]):
@@ -181,6 +193,7 @@ class ConfirmDrain(ModalScreen[bool]):
             with Horizontal(id="buttons"):
                 yield Button("Drain", variant="error", id="drain")
                 yield Button("Cancel", variant="primary", id="cancel")
+        yield Footer()
 
     def action_answer(self, yes: bool) -> None:
         self.dismiss(yes)
@@ -193,7 +206,10 @@ class ConfirmDrain(ModalScreen[bool]):
 class NodeDetails(ModalScreen[None]):
     """Everything the status document says about one node, its recent samples and events."""
 
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,enter,q", "dismiss", "Close")]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "dismiss", "Close"),
+        Binding("enter,q", "dismiss", "Close", show=False),
+    ]
 
     def __init__(self, row: NodeRow, cpu: list[float | None], rate: list[float | None], events: Text) -> None:
         super().__init__()
@@ -214,7 +230,37 @@ class NodeDetails(ModalScreen[None]):
         body.append_text(self.events if self.events.plain else Text("none seen since phantom-top started"))
         body.append("\n\nescape closes this window", style="dim")
         with VerticalScroll(classes="dialog", id="details"):
-            yield Static(body)
+            yield Static(body, id="details-body")
+        yield Footer()
+
+
+class SortChooser(ModalScreen[str | None]):
+    """Pick the column to sort by; dismisses with its key (``None``: cancelled)."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "cancel", "Cancel"),
+        Binding("q", "cancel", "Cancel", show=False),
+    ]
+
+    def __init__(self, columns: Sequence[Column], current: str) -> None:
+        super().__init__()
+        self.columns, self.current = list(columns), current
+
+    def compose(self) -> ComposeResult:
+        options = OptionList(*(Option(c.heading, id=c.key) for c in self.columns), id="sort-options",
+                             classes="dialog")
+        options.border_title = "sort by"
+        keys = [c.key for c in self.columns]
+        options.highlighted = keys.index(self.current) if self.current in keys else 0
+        yield options
+        yield Footer()
+
+    @on(OptionList.OptionSelected)
+    def _chosen(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
 
 
 class NodesTable(DataTable[Any]):
@@ -258,6 +304,8 @@ class PhantomTop(App[None]):
     .dialog { width: auto; max-width: 90%; height: auto; max-height: 90%;
               border: thick $primary; background: $surface; padding: 1 2; }
     #confirm { width: 60; }
+    #details { width: 80; max-width: 95%; height: 90%; }
+    #sort-options { width: 30; height: auto; }
     #buttons { height: auto; margin-top: 1; }
     #buttons Button { margin-right: 2; }
     """
@@ -266,9 +314,11 @@ class PhantomTop(App[None]):
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("slash", "filter", "Filter", key_display="/"),
         Binding("s", "sort", "Sort"),
-        Binding("r", "reverse", "Reverse"),
-        Binding("p", "pause", "Pause"),
-        Binding("tab", "switch_view", "Nodes/Shards", priority=True),
+        Binding("r", "reverse", "Reverse", show=False),
+        Binding("p", "pause", "Pause", show=False),
+        # One key, two labels: the footer names the view tab switches to.
+        Binding("tab", "show_view('shards')", "Shards", priority=True),
+        Binding("tab", "show_view('nodes')", "Nodes", priority=True),
         Binding("enter", "details", "Details", show=False),
         Binding("d", "drain", "Drain"),
     ]
@@ -293,7 +343,7 @@ class PhantomTop(App[None]):
         self.trouble: str | None = None
         self._pending_doc: Any = None
         self._pending_shards: ShardsArrived | None = None
-        self._columns_shown: dict[str, tuple[str, bool]] = {}
+        self._columns_shown: dict[str, tuple[str, bool, tuple[str, ...]]] = {}
 
     # --- layout -------------------------------------------------------------------
 
@@ -324,6 +374,7 @@ class PhantomTop(App[None]):
         if self.trouble is not None:
             self.trouble = None
             self._render_banner()
+            self._render_header()
         if self.paused:
             self._pending_doc = message.doc
             return
@@ -340,8 +391,12 @@ class PhantomTop(App[None]):
             self._render_events()
 
     def on_feed_trouble(self, message: FeedTrouble) -> None:
+        changed = self.trouble is None
         self.trouble = message.message
         self._render_banner()
+        if changed:
+            self._render_header()
+            self._render_nodes()
 
     def on_drain_done(self, message: DrainDone) -> None:
         if message.error is None:
@@ -389,7 +444,7 @@ class PhantomTop(App[None]):
         if self.status is None:
             lines: list[list[tuple[str, str]]] = [[("waiting for status…", "dim")], [], []]
         else:
-            lines = model.header_segments(self.status.header)
+            lines = model.header_segments(self.status.header, stale=self.trouble)
         extra: list[tuple[str, str]] = []
         if self.paused:
             extra.append(("  PAUSED ", "bold black on yellow"))
@@ -400,9 +455,16 @@ class PhantomTop(App[None]):
         text = Text.assemble(*lines[0], "\n", *lines[1], "\n", *lines[2], *extra)
         self.query_one("#header", Static).update(text)
 
+    def node_columns(self) -> tuple[Column, ...]:
+        """The nodes table's columns for the terminal's width."""
+        return NODE_COLUMNS if self.size.width >= WIDE_ENOUGH else COMPACT_COLUMNS
+
+    def on_resize(self) -> None:
+        self._render_nodes()
+
     def _columns(self, table: DataTable[Any], view: str, columns: Sequence[Column]) -> None:
-        """(Re)build the column headings when the sort changed, else keep them."""
-        shown = (self.sort_key[view], self.reverse[view])
+        """(Re)build the column headings when the sort or the columns changed, else keep them."""
+        shown = (self.sort_key[view], self.reverse[view], tuple(c.key for c in columns))
         if self._columns_shown.get(view) == shown and table.columns:
             table.clear()
             return
@@ -440,7 +502,7 @@ class PhantomTop(App[None]):
         rows = model.filter_rows(self.shard_list or (), self.filter_text, model.shard_matches)
         return model.sort_rows(rows, self.sort_key["shards"], self.reverse["shards"], tiebreak="shard")
 
-    def _node_cell(self, row: NodeRow, col: Column) -> Text:
+    def _node_cell(self, row: NodeRow, col: Column, *, sparks: bool = True, dim: bool = False) -> Text:
         value = row.get(col.key)
         cell = col.cell(value)
         style = ""
@@ -449,20 +511,26 @@ class PhantomTop(App[None]):
         elif col.key == "lifecycle":
             style = LIFECYCLE_STYLES.get(value or "", "")
         elif col.key == "cpu":
-            spark = model.sparkline(self.history.cpu(row.key), SPARK_WIDTH, top=100.0)
             style = "red" if (row.cpu or 0) >= 90 else "yellow" if (row.cpu or 0) >= 70 else ""
-            return Text(f"{cell:>5} {spark}", style=style, no_wrap=True)  # fixed width: no justify
-        elif col.key == "select_rate":
+            if sparks:
+                spark = model.sparkline(self.history.cpu(row.key), SPARK_WIDTH, top=100.0)
+                return Text(f"{cell:>5} {spark}", style="dim" if dim else style, no_wrap=True)  # fixed width
+        elif col.key == "select_rate" and sparks:
             spark = model.sparkline(self.history.rate(row.key), SPARK_WIDTH)
-            return Text(f"{cell:>7} {spark}", no_wrap=True)
+            return Text(f"{cell:>7} {spark}", style="dim" if dim else "", no_wrap=True)
+        if dim and col.key != "state":
+            style = "dim"  # the state keeps its colour: it says why the row is dimmed
         return Text(cell, style=style, justify="right" if col.numeric else "left", no_wrap=True)
 
     def _render_nodes(self) -> None:
         table = self.query_one("#nodes", DataTable)
         key, index = self._cursor_key(table), table.cursor_row
-        self._columns(table, "nodes", NODE_COLUMNS)
+        columns = self.node_columns()
+        sparks = columns is NODE_COLUMNS
+        self._columns(table, "nodes", columns)
         for row in self.visible_nodes():
-            table.add_row(*(self._node_cell(row, c) for c in NODE_COLUMNS), key=row.key)
+            dim = self.trouble is not None or model.row_is_stale(row)
+            table.add_row(*(self._node_cell(row, c, sparks=sparks, dim=dim) for c in columns), key=row.key)
         self._restore_cursor(table, key, index)
 
     def _render_shards(self) -> None:
@@ -494,7 +562,7 @@ class PhantomTop(App[None]):
         for i, row in enumerate(reversed(rows)):  # newest first
             if i:
                 out.append("\n")
-            out.append(row.line(self.tz), style=model.event_style(row.kind))
+            out.append(row.line(self.tz), style=model.event_style(row.kind, row.severity))
         return out
 
     def _render_events(self) -> None:
@@ -504,12 +572,21 @@ class PhantomTop(App[None]):
 
     # --- actions ------------------------------------------------------------------------
 
-    _VIEW_ACTIONS = frozenset({"help", "filter", "sort", "reverse", "pause", "switch_view", "details", "drain"})
+    _VIEW_ACTIONS = frozenset(
+        {"help", "filter", "sort", "reverse", "pause", "switch_view", "show_view", "details", "drain"}
+    )
+
+    _NODE_ACTIONS = frozenset({"details", "drain"})
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # While a dialog is open its keys are its own: tab must not switch the view
-        # behind a confirmation, nor d open a second one.
-        return not (action in self._VIEW_ACTIONS and isinstance(self.screen, ModalScreen))
+        # behind a confirmation, nor d open a second one. Node actions are not
+        # offered in the shards view. False also hides the key from the footer.
+        if action in self._VIEW_ACTIONS and isinstance(self.screen, ModalScreen):
+            return False
+        if action == "show_view":
+            return parameters[:1] != (self.view,)
+        return not (action in self._NODE_ACTIONS and self.view != "nodes")
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
@@ -543,9 +620,15 @@ class PhantomTop(App[None]):
         return self.query_one("#nodes" if self.view == "nodes" else "#shard-table", DataTable)
 
     def action_sort(self) -> None:
-        columns = NODE_COLUMNS if self.view == "nodes" else SHARD_COLUMNS
-        self.sort_key[self.view] = model.next_column(columns, self.sort_key[self.view])
-        self._rerender_view()
+        view = self.view
+        columns = self.node_columns() if view == "nodes" else SHARD_COLUMNS
+
+        def chosen(key: str | None) -> None:
+            if key is not None:
+                self.sort_key[view] = key
+                self._rerender_view()
+
+        self.push_screen(SortChooser(columns, self.sort_key[view]), chosen)
 
     @on(DataTable.HeaderSelected)
     def _header_clicked(self, event: DataTable.HeaderSelected) -> None:
@@ -579,8 +662,13 @@ class PhantomTop(App[None]):
             self._render_events()
         self._render_header()
 
+    def action_show_view(self, view: str) -> None:
+        if view != self.view:
+            self.action_switch_view()
+
     def action_switch_view(self) -> None:
         self.view = "shards" if self.view == "nodes" else "nodes"
+        self.refresh_bindings()
         self.query_one("#main", ContentSwitcher).current = self.view
         self.feed.want_shards(self.view == "shards")
         if self.view == "shards":

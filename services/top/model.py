@@ -13,7 +13,7 @@ import math
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, tzinfo
 from typing import Any
 
@@ -292,11 +292,27 @@ def parse_status(doc: Any) -> Status:
     return Status(header, nodes)
 
 
-def header_segments(h: Header) -> list[list[tuple[str, str]]]:
+STALE_STYLE = "bold white on grey35"
+
+
+def header_segments(h: Header, stale: str | None = None) -> list[list[tuple[str, str]]]:
     """The header as three lines of ``(text, style)`` segments: health and nodes,
-    shards and traffic, services."""
+    shards and traffic, services.
+
+    ``stale`` (why the data is old, e.g. the broker does not answer): the
+    colour is replaced by ``STALE``, the last known health is shown as such,
+    and the services line says they are unknown rather than repeating ``up``.
+    """
     health = h.health or "unknown"
-    line1: list[tuple[str, str]] = [(f" {health.upper()} ", HEALTH_STYLES.get(health, "reverse"))]
+    if stale is not None:
+        line1: list[tuple[str, str]] = [(" STALE ", STALE_STYLE), (f"  last known health {health}", "dim")]
+        line1.append((f"  epoch {h.epoch or MISSING}", "dim"))
+        line1.append((f"  │ {h.nodes} nodes when last seen", "dim"))
+        line2: list[tuple[str, str]] = [("shards ", "dim"), (f"{fmt_number(h.shards_total, 0)} total when last seen",
+                                                            "dim")]
+        line3: list[tuple[str, str]] = [("services unknown: ", "bold"), (stale, "")]
+        return [line1, line2, line3]
+    line1 = [(f" {health.upper()} ", HEALTH_STYLES.get(health, "reverse"))]
     line1.append((f"  epoch {h.epoch or MISSING}", "bold"))
     line1.append((f"  │ nodes {h.nodes}: ", "dim"))
     for count, name in ((h.alive, "alive"), (h.suspect, "suspect"), (h.dead, "dead"), (h.left, "left")):
@@ -304,14 +320,14 @@ def header_segments(h: Header) -> list[list[tuple[str, str]]]:
         line1.append((" ", ""))
     if h.reason:
         line1.append((f" │ {h.reason}", "italic"))
-    line2: list[tuple[str, str]] = [("shards ", "dim"), (f"{fmt_number(h.shards_total, 0)} total  ", "")]
+    line2 = [("shards ", "dim"), (f"{fmt_number(h.shards_total, 0)} total  ", "")]
     line2.append((f"{fmt_number(h.under_replicated, 0)} under-replicated  ", "yellow" if h.under_replicated else ""))
     line2.append((f"{fmt_number(h.unavailable, 0)} unavailable", "bold red" if h.unavailable else ""))
     line2.append(("  │ moves in flight ", "dim"))
     line2.append((fmt_number(h.moves_in_flight, 0), "cyan" if h.moves_in_flight else ""))
     line2.append(("  │ selects/s ", "dim"))
     line2.append((fmt_number(h.selects_per_s, 1), ""))
-    line3: list[tuple[str, str]] = [("services ", "dim")]
+    line3 = [("services ", "dim")]
     for name, state in h.services:
         line3.append((f"{name} ", ""))
         line3.append((f"{state or MISSING}  ", SERVICE_STYLES.get(state or "", "yellow")))
@@ -361,8 +377,24 @@ NODE_COLUMNS: tuple[Column, ...] = (
     Column("select_rate", "SEL/S", 1),
     Column("heartbeat_age", "HB AGE", age=True),
 )
+#: The columns that fit 80 columns (sparklines off): what a narrow terminal must still show.
+COMPACT_COLUMNS: tuple[Column, ...] = tuple(
+    c for c in NODE_COLUMNS if c.key not in ("mem", "load", "inflight", "p99_ms")
+)
+#: Below this many columns the nodes table uses :data:`COMPACT_COLUMNS`.
+WIDE_ENOUGH = 118
 #: The plain snapshot also shows the address, which the full-screen table leaves to the details view.
 SNAPSHOT_COLUMNS: tuple[Column, ...] = (*NODE_COLUMNS[:4], Column("address", "ADDRESS"), *NODE_COLUMNS[4:])
+
+
+#: A node not heard from for this long shows dimmed: its numbers are old.
+STALE_AFTER = 5.0
+
+
+def row_is_stale(row: NodeRow) -> bool:
+    """Whether a node's row shows old data: not alive, or no heartbeat for :data:`STALE_AFTER` s."""
+    age = row.heartbeat_age
+    return row.state != "alive" or (age is not None and age > STALE_AFTER)
 
 
 def _sort_value(row: Any, key: str) -> Any:
@@ -542,34 +574,52 @@ def shard_matches(row: ShardRow, query: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class EventRow:
-    """One bus event as the events pane shows it."""
+    """One bus event as the events pane shows it; ``repeats`` > 1 when several
+    like events were folded into this line (see :meth:`EventLog.add`)."""
 
     ts: float | None
     kind: str
     node: str | None
     reason: str | None
     detail: str
+    severity: str = "info"
+    repeats: int = 1
 
     def line(self, tz: tzinfo | None = None) -> str:
         """``12:03:04  member.suspect  node-3  reason  detail``."""
-        parts = [clock(self.ts, tz), f"{self.kind:<18}", self.node or "", self.reason or "", self.detail]
+        times = f"(x{self.repeats})" if self.repeats > 1 else ""
+        parts = [clock(self.ts, tz), f"{self.kind:<18}", self.node or "", self.reason or "", self.detail, times]
         return "  ".join(p for p in parts if p)
 
 
-EVENT_STYLES: Mapping[str, str] = {
-    "member.alive": "green",
-    "member.suspect": "yellow",
-    "member.dead": "red",
-    "member.left": "grey50",
-    "balancer.ejected": "yellow",
-    "balancer.restored": "green",
-    "shardmap.changed": "cyan",
-}
+#: Line style per severity: what needs a look is red or yellow, good news green, the rest plain.
+SEVERITY_STYLES: Mapping[str, str] = {"error": "bold red", "warning": "yellow", "ok": "green", "info": ""}
+_ERROR_KINDS = frozenset({"member.dead", "cluster.node_failed", "cluster.failover", "sharding.move_stuck"})
+_WARNING_KINDS = frozenset({"member.suspect", "balancer.ejected", "cluster.node_suspect", "cluster.node_ignored",
+                            "cluster.node_draining", "node.conflict", "node.lost"})
+_OK_KINDS = frozenset({"member.alive", "balancer.restored", "cluster.node_recovered", "cluster.node_active",
+                       "cluster.node_decommissioned"})
+_HEALTH_SEVERITY: Mapping[str, str] = {"green": "ok", "yellow": "warning", "red": "error"}
 
 
-def event_style(kind: str) -> str:
-    """The style of an event line: by kind, ``cluster.*`` in magenta, else none."""
-    return EVENT_STYLES.get(kind) or ("magenta" if kind.startswith("cluster.") else "")
+def event_severity(kind: str, data: Mapping[str, Any] | None = None) -> str:
+    """``error``, ``warning``, ``ok`` or ``info`` for an event: by what it says, not its
+    family (``cluster.health`` is as good or bad as the colour it reports)."""
+    d = data or {}
+    if kind == "cluster.health":
+        return _HEALTH_SEVERITY.get(str(d.get("health")), "info")
+    if kind in _ERROR_KINDS:
+        return "error"
+    if kind in _WARNING_KINDS:
+        return "warning"
+    if kind in _OK_KINDS:
+        return "ok"
+    return "info"
+
+
+def event_style(kind: str, severity: str | None = None) -> str:
+    """The style of an event line, by its severity."""
+    return SEVERITY_STYLES.get(severity or event_severity(kind), "")
 
 
 _ENVELOPE = frozenset({"kind", "ts", "service", "node", "reason"})
@@ -604,7 +654,13 @@ def event_row(doc: Any) -> EventRow | None:
         node=text(d.get("node")),
         reason=text(d.get("reason"), 80),
         detail=detail,
+        severity=event_severity(str(kind), d),
     )
+
+
+#: Events folded into the previous line when they repeat it: during a rebalance
+#: sharding publishes a ``shardmap.changed`` per step, which would bury the rest.
+COALESCED: frozenset[str] = frozenset({"shardmap.changed"})
 
 
 class EventLog:
@@ -614,13 +670,28 @@ class EventLog:
         self._rows: deque[EventRow] = deque(maxlen=size)
 
     def add(self, docs: Iterable[Any]) -> int:
-        """Keep the events the pane shows; returns how many were kept."""
+        """Keep the events the pane shows; returns how many were kept.
+
+        A :data:`COALESCED` event with the same kind and reason as the newest
+        line replaces it, counted (``x12``) and with the newest time and detail.
+        """
         kept = 0
         for doc in docs:
             row = event_row(doc)
-            if row is not None:
+            if row is None:
+                continue
+            last = self._rows[-1] if self._rows else None
+            if (
+                last is not None
+                and row.kind in COALESCED
+                and last.kind == row.kind
+                and last.reason == row.reason
+                and last.node == row.node
+            ):
+                self._rows[-1] = replace(row, repeats=last.repeats + 1)
+            else:
                 self._rows.append(row)
-                kept += 1
+            kept += 1
         return kept
 
     def latest(self, n: int) -> list[EventRow]:
