@@ -296,7 +296,7 @@ def test_gracefully_left_node_is_labelled_left_not_failed_and_returns_to_active(
     core = make()
     active_node(core)
     core.on_event(mem("left", "n1", reason="leave"), 10.0)
-    assert kinds(core.tick(10.0 + DELAY)) == ["cluster.node_left"]
+    assert kinds(tick(core, 10.0 + DELAY)) == ["cluster.node_left"]
     assert core.node("n1").lifecycle == "left"
     d = core.on_event(mem("alive", "n1", inc=2), 10.0 + DELAY + 5)
     assert ("sharding", "node_alive") in ops(d)
