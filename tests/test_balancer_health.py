@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from services.balancer import Balancer, BalancerConfig, Candidate
-from services.balancer.health import (
+from phantom_bus.routing.health import (
     DOUBTFUL,
     HEALTHY,
     NO_READS,

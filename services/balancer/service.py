@@ -24,8 +24,8 @@ from phantom_bus.errors import NoLiveReplica, PhantomError
 from phantom_bus.events import Event
 from phantom_bus.service import Service
 from phantom_bus.shardmap import ShardMap
-from services.balancer.config import BalancerConfig
-from services.balancer.core import Balancer, Candidate
+from phantom_bus.routing.config import BalancerConfig
+from phantom_bus.routing.balancer import Balancer, Candidate
 
 SETTINGS = ("broker", "timeout", "retries", "lease_timeout")
 

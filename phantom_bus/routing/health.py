@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 
-from services.balancer.config import BalancerConfig
-from services.balancer.stats import PeakEwma, WindowedLatency
+from phantom_bus.routing.config import BalancerConfig
+from phantom_bus.routing.stats import PeakEwma, WindowedLatency
 
 STATES = ("alive", "suspect", "dead", "left")
 LIFECYCLES = ("joining", "active", "draining", "decommissioned")

@@ -33,8 +33,8 @@ from typing import Any, TypeGuard
 
 from phantom_bus.errors import BadRequest, NoLiveReplica, NotFound
 from phantom_bus.events import Event
-from services.balancer.config import BalancerConfig
-from services.balancer.health import (
+from phantom_bus.routing.config import BalancerConfig
+from phantom_bus.routing.health import (
     DOUBTFUL,
     HEALTHY,
     LIFECYCLES,
@@ -48,9 +48,9 @@ from services.balancer.health import (
     ejection_duration,
     load_penalty,
 )
-from services.balancer.leases import Lease, LeaseTable
-from services.balancer.stats import RateMeter
-from services.balancer.strategies import Strategy, build_strategies
+from phantom_bus.routing.leases import Lease, LeaseTable
+from phantom_bus.routing.stats import RateMeter
+from phantom_bus.routing.strategies import Strategy, build_strategies
 
 EJECTED = "balancer.ejected"
 RESTORED = "balancer.restored"
