@@ -228,7 +228,7 @@ class AsyncMapFollower:
 
     ``on_change(map)`` runs for every newer map, ``on_regress(regression)`` for
     every refused older one (after a loud log line); either may be a coroutine
-    function. Feed events with :meth:`hint`; run :meth:`run` as a task.
+    function. New epochs are logged at ``change_level`` (library clients: DEBUG). Feed events with :meth:`hint`; run :meth:`run` as a task.
     """
 
     def __init__(
@@ -240,8 +240,10 @@ class AsyncMapFollower:
         on_regress: Callback | None = None,
         poll_s: float = DEFAULT_POLL_S,
         verify_s: float = DEFAULT_VERIFY_S,
+        change_level: str = "INFO",
     ) -> None:
         self.core = MapFollower(poll_s=poll_s, verify_s=verify_s)
+        self.change_level = change_level
         self.client = client
         self.name = name
         self.on_change = on_change
@@ -292,8 +294,8 @@ class AsyncMapFollower:
             logger.debug("{}: shard map not read: {}", self.name, exc)
             return
         if outcome.changed is not None:
-            logger.bind(epoch=outcome.changed.epoch).info("{}: shard map epoch {}", self.name,
-                                                          outcome.changed.epoch)
+            logger.bind(epoch=outcome.changed.epoch).log(self.change_level, "{}: shard map epoch {}",
+                                                         self.name, outcome.changed.epoch)
             self._changed.set()
             await _call(self.on_change, outcome.changed)
         if outcome.regressed is not None:

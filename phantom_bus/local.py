@@ -72,7 +72,7 @@ class RoutingFeed:
         self.name = name
         self.report_s = report_s
         self.follower = AsyncMapFollower(client, name=name, on_change=router.set_map,
-                                         on_regress=self._regressed)
+                                         on_regress=self._regressed, change_level="DEBUG")
         self.ready = asyncio.Event()
         self.health_loaded = False
         self.counters = {"events": 0, "reports": 0, "report_errors": 0}

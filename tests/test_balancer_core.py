@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from phantom_bus.errors import BadRequest, NoLiveReplica, NotFound
-from services.balancer import STRATEGY_NAMES, Balancer, BalancerConfig, Candidate
 from phantom_bus.routing.config import describe
+from services.balancer import STRATEGY_NAMES, Balancer, BalancerConfig, Candidate
 
 T0 = 1000.0
 

@@ -99,7 +99,9 @@ def test_a_node_join_reaches_local_clients(cluster: Bus) -> None:
         assert asyncio.run(follow_async()) is not None
 
 
-def test_selects_survive_the_broker_and_catch_up_after_it_returns(cluster: Bus, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_selects_survive_the_broker_and_catch_up_after_it_returns(
+    cluster: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PHANTOM_MAP_STALE_AFTER", "1.5")
     broker = next(p for p in cluster.procs if "phantom_bus.broker" in p.args and p.poll() is None)
     with local(cluster) as mine:

@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 
 from phantom_bus.errors import BadRequest, NoLiveReplica
 from phantom_bus.follower import MapFollower
-from phantom_bus.routing import Balancer, BalancerConfig, Candidate
-from phantom_bus.routing import inputs
+from phantom_bus.routing import Balancer, BalancerConfig, Candidate, inputs
 from phantom_bus.routing.local import LocalRouter
 from phantom_bus.shardmap import Keyspace, Replica, Shard, ShardMap
 
@@ -44,9 +43,9 @@ health = st.dictionaries(
 keys = st.lists(st.one_of(st.text(max_size=12), st.binary(max_size=12)), min_size=1, max_size=30)
 
 
-def outcome(fn: Any) -> tuple[str, ...]:
+def outcome(fn: Any, *args: Any, **kw: Any) -> tuple[str, ...]:
     try:
-        sel = fn()
+        sel = fn(*args, **kw)
     except (NoLiveReplica, BadRequest) as exc:
         return ("error", type(exc).__name__)
     return (sel.node, sel.role, sel.strategy, str(sel.panic))
@@ -73,8 +72,8 @@ def test_local_selection_agrees_with_the_balancer_core(
         write = i % 3 == 0
         shard = shard_map.lookup("default", key)
         cands = [Candidate(r.node, r.role) for r in shard.replicas]
-        want = outcome(lambda: central.select(shard.id, cands, write=write, strategy=strategy, now=1.0 + i))
-        got = outcome(lambda: local.select(key, write=write, strategy=strategy, now=1.0 + i)[2])
+        want = outcome(central.select, shard.id, cands, write=write, strategy=strategy, now=1.0 + i)
+        got = outcome(lambda *a, **k: local.select(*a, **k)[2], key, write=write, strategy=strategy, now=1.0 + i)
         assert got == want
 
 
