@@ -228,7 +228,8 @@ class AsyncMapFollower:
 
     ``on_change(map)`` runs for every newer map, ``on_regress(regression)`` for
     every refused older one (after a loud log line); either may be a coroutine
-    function. New epochs are logged at ``change_level`` (library clients: DEBUG). Feed events with :meth:`hint`; run :meth:`run` as a task.
+    function. New epochs are logged at ``change_level`` (library clients:
+    DEBUG). Feed events with :meth:`hint`; run :meth:`run` as a task.
     """
 
     def __init__(
