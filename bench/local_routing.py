@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import os
 import random
 import sys
 import threading
@@ -36,6 +37,7 @@ if str(ROOT) not in sys.path:
 import msgpack  # noqa: E402
 import zmq  # noqa: E402
 import zmq.asyncio  # noqa: E402
+from loguru import logger  # noqa: E402
 
 from bench._procs import Cluster, free_port, host_info, log, summary, table, write_results  # noqa: E402
 from phantom_bus import protocol  # noqa: E402
@@ -114,6 +116,7 @@ class TimedRouter(LocalRouter):
 
 def feeds_proc(endpoint: str, events: str, count: int, seconds: float, out: Any) -> None:
     """``count`` local clients in one loop for ``seconds``; report when each saw each epoch."""
+    quiet()
 
     async def main() -> list[dict[int, float]]:
         ctx = zmq.asyncio.Context()
@@ -232,7 +235,14 @@ def memory(shards: int = 4096) -> dict[str, Any]:
     return {"shards": shards, "wire_bytes": wire, "map_bytes": after_map - base, "client_bytes": used - base}
 
 
+def quiet() -> None:
+    """Warnings only: a hundred clients logging every epoch would measure stderr."""
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+
+
 def main() -> int:
+    quiet()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seconds", type=float, default=None)
@@ -243,7 +253,7 @@ def main() -> int:
     args = parser.parse_args()
     seconds = args.seconds or (2.0 if args.quick else 5.0)
     changes = args.changes or (5 if args.quick else 10)
-    out: dict[str, Any] = {"host": host_info()}
+    out: dict[str, Any] = {"host": host_info(), "load_average": list(os.getloadavg())}
 
     log("memory with 4,096 shards")
     out["memory"] = mem = memory()
@@ -304,6 +314,7 @@ def main() -> int:
          ""],
     ])
     print(f"selects the balancer counted from this client's reports: {tp['balancer_counted']}")
+    print(f"load average at start: {out['load_average']} (on {os.cpu_count()} cores)")
     path = write_results("local_routing", out)
     print(f"wrote {path}")
     return 0
