@@ -141,6 +141,7 @@ class RoutingFeed:
                     args = self.router.report(now)
                     nodes = await self.client.request("balancer", "report", client=self.name,
                                                       **args)
+                    self.router.commit()
                     self.counters["reports"] += 1
                 self.router.on_routing_table(nodes.get("nodes") if isinstance(nodes, dict) else None,
                                              time.monotonic())

@@ -91,6 +91,9 @@ def test_local_release_feeds_the_clients_own_ejection() -> None:
     assert "b" not in picks
     report = local.report(now=20.0)
     assert report["nodes"]["b"]["failures"] >= 1 and report["nodes"]["a"]["latencies"]
+    # Not committed (the balancer did not take it): the counts go out again.
+    assert local.report(now=20.5)["nodes"]["b"]["failures"] == report["nodes"]["b"]["failures"]
+    local.commit()
     assert local.report(now=21.0)["nodes"].keys() <= {"a", "c"}  # only what changed since
 
 

@@ -42,6 +42,7 @@ class LocalRouter:
         self._seen: dict[str, int] = {}
         self._sent_nodes: dict[str, tuple[int, int, int]] = {}
         self._sent_shards: dict[str, tuple[int, int]] = {}
+        self._pending: tuple[dict[str, tuple[int, int, int]], dict[str, tuple[int, int]], list[str]] = ({}, {}, [])
         self.ignored = 0
 
     # --- inputs -----------------------------------------------------------------------
@@ -119,9 +120,12 @@ class LocalRouter:
     # --- report -----------------------------------------------------------------------
 
     def report(self, now: float) -> dict[str, Any]:
-        """The traffic since the last report, as the balancer's ``report`` arguments."""
+        """The traffic since the last committed report, as the balancer's ``report``
+        arguments; call :meth:`commit` once the balancer has taken it (counts of a
+        report that failed go out with the next one; its latency sample is dropped)."""
         stats = self.core.stats(now)
         nodes: dict[str, Any] = {}
+        node_counts: dict[str, tuple[int, int, int]] = {}
         for nid, row in stats["nodes"].items():
             counts = (row["picks"], row["successes"], row["failures"])
             last = self._sent_nodes.get(nid, (0, 0, 0))
@@ -130,15 +134,26 @@ class LocalRouter:
             if counts != last or samples:
                 nodes[nid] = {"picks": counts[0] - last[0], "successes": counts[1] - last[1],
                               "failures": counts[2] - last[2], "latencies": samples}
-                self._sent_nodes[nid] = counts
+                node_counts[nid] = counts
         shards: dict[str, Any] = {}
+        shard_counts: dict[str, tuple[int, int]] = {}
         for sid, row in stats["shards"].items():
             counts2 = (row["reads"], row["writes"])
             last2 = self._sent_shards.get(sid, (0, 0))
             if counts2 != last2:
                 shards[sid] = {"reads": counts2[0] - last2[0], "writes": counts2[1] - last2[1]}
-                self._sent_shards[sid] = counts2
+                shard_counts[sid] = counts2
         # A shard forgotten by the core (idle) restarts its counts from zero.
-        for sid in [s for s in self._sent_shards if s not in stats["shards"]]:
-            del self._sent_shards[sid]
+        live = stats["shards"]
+        self._pending = (node_counts, shard_counts, [s for s in self._sent_shards if s not in live])
         return {"nodes": nodes, "shards": shards}
+
+    def commit(self) -> None:
+        """The last :meth:`report` reached the balancer: count it as sent."""
+        node_counts, shard_counts, gone = self._pending
+        self._sent_nodes.update(node_counts)
+        self._sent_shards.update(shard_counts)
+        for sid in gone:
+            if sid not in shard_counts:
+                self._sent_shards.pop(sid, None)
+        self._pending = ({}, {}, [])
