@@ -46,6 +46,9 @@ DEFAULT_POLL_S = 1.0
 #: Seconds between whole-map reads that would reveal an epoch gone backwards
 #: when no event says so (``since_epoch`` answers nil for an older map).
 DEFAULT_VERIFY_S = 15.0
+#: Seconds between attempts while no map is held yet (a service that starts
+#: before sharding answers within a fraction of a second once sharding is up).
+FIRST_RETRY_S = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,14 +183,17 @@ class MapFollower:
         return Outcome(changed=fresh)
 
     def on_error(self, now: float, *, full: bool) -> None:
-        """The read failed (timeout, no sharding): try again after one poll interval
-        (a whole read stays due if this was one)."""
+        """The read failed (timeout, no sharding): try again after one poll interval,
+        or :data:`FIRST_RETRY_S` before the first map (a whole read stays due if
+        this was one)."""
         self.counters["errors"] += 1
         self._due = False
         self._verify = False
-        self._next_poll = now + self.poll_s
+        # Until a first map arrives nothing can route: ask again sooner.
+        wait = self.poll_s if self.map is not None else min(self.poll_s, FIRST_RETRY_S)
+        self._next_poll = now + wait
         if full:
-            self._next_verify = now + self.poll_s
+            self._next_verify = now + wait
 
     def _schedule(self, now: float, full: bool) -> None:
         self._due = False

@@ -104,7 +104,16 @@ def test_selects_survive_the_broker_and_catch_up_after_it_returns(
 ) -> None:
     monkeypatch.setenv("PHANTOM_MAP_STALE_AFTER", "1.5")
     broker = next(p for p in cluster.procs if "phantom_bus.broker" in p.args and p.poll() is None)
-    with local(cluster) as mine:
+    with local(cluster) as mine, cluster.client() as broker_client:
+        mine.select(KEYS[0], lease=False)
+
+        def settled() -> bool:
+            # Not mid-move (every shard has a primary), and the client holds sharding's epoch.
+            m = mine._router.map if mine._router is not None else None
+            return (m is not None and _green(cluster) and all(s.primary for _, s in m.shards())
+                    and broker_client.request("sharding", "map", since_epoch=m.epoch) is None)
+
+        wait_until(settled, timeout=60, interval=0.5)
         epoch = mine.select(KEYS[0], write=True, lease=False).epoch
         expected = {k: mine.select(k, write=True, lease=False).node for k in KEYS}
         Bus.kill(broker)

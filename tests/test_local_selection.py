@@ -219,3 +219,9 @@ def test_failed_reads_retry_after_a_poll_and_staleness_follows_the_last_success(
     f.on_error(1.0, full=False)
     assert f.next_read(1.5) is None and f.next_read(2.0) is not None
     assert not f.stale(9.0, after=10.0) and f.stale(10.5, after=10.0)
+
+
+def test_before_the_first_map_a_failed_read_is_retried_sooner() -> None:
+    f = MapFollower(poll_s=1.0)
+    f.on_error(0.0, full=True)
+    assert f.next_read(0.1) is None and f.next_read(0.25) == {}
