@@ -122,7 +122,7 @@ def feeds_proc(endpoint: str, events: str, count: int, seconds: float, out: Any)
         ctx = zmq.asyncio.Context()
         sec = secmod.current()
         routers = [TimedRouter() for _ in range(count)]
-        clients = [AsyncClient(endpoint, timeout=1.0, retries=1, ctx=ctx, routing="broker") for _ in routers]
+        clients = [AsyncClient(endpoint, timeout=2.5, retries=1, ctx=ctx, routing="broker") for _ in routers]
         feeds = [RoutingFeed(r, c, events=events, security=sec, ctx=ctx, name=f"bench-{i}")
                  for i, (r, c) in enumerate(zip(routers, clients, strict=True))]
         tasks = [asyncio.ensure_future(f.run()) for f in feeds]

@@ -245,7 +245,7 @@ class Client(_Base):
             from phantom_bus.local import FeedThread
 
             self._router = LocalRouter()
-            endpoint, security, timeout = self.endpoint, self.security, min(self.timeout, 1.0)
+            endpoint, security, timeout = self.endpoint, self.security, self.timeout
 
             def make_client(ctx: zmq.asyncio.Context) -> AsyncClient:
                 return AsyncClient(endpoint, timeout=timeout, retries=1, ctx=ctx, security=security,
@@ -426,7 +426,7 @@ class AsyncClient(_Base):
 
             self._router = LocalRouter()
             client = self._feed_client = AsyncClient(
-                self.endpoint, timeout=min(self.timeout, 1.0), retries=1, ctx=self.ctx, security=self.security,
+                self.endpoint, timeout=self.timeout, retries=1, ctx=self.ctx, security=self.security,
                 routing="broker",
             )
             self._feed = RoutingFeed(self._router, client, events=self.events, security=self.security,
