@@ -114,8 +114,8 @@ class TimedRouter(LocalRouter):
         self.when[shard_map.epoch] = time.time()
 
 
-def feeds_proc(endpoint: str, events: str, count: int, seconds: float, out: Any) -> None:
-    """``count`` local clients in one loop for ``seconds``; report when each saw each epoch."""
+def feeds_proc(endpoint: str, events: str, count: int, stop: Any, out: Any) -> None:
+    """``count`` local clients in one loop until ``stop`` is set; report when each saw each epoch."""
     quiet()
 
     async def main() -> list[dict[int, float]]:
@@ -126,7 +126,8 @@ def feeds_proc(endpoint: str, events: str, count: int, seconds: float, out: Any)
         feeds = [RoutingFeed(r, c, events=events, security=sec, ctx=ctx, name=f"bench-{i}")
                  for i, (r, c) in enumerate(zip(routers, clients, strict=True))]
         tasks = [asyncio.ensure_future(f.run()) for f in feeds]
-        await asyncio.sleep(seconds)
+        while not stop.is_set():
+            await asyncio.sleep(0.1)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -164,8 +165,8 @@ def propagation(cluster: Cluster, clients: int, procs: int, changes: int) -> dic
     listener = threading.Thread(target=publications, args=(events, stop, seen), daemon=True)
     listener.start()
     q: Any = mp.Queue()
-    run_s = 8.0 + changes * 1.5
-    workers = [mp.Process(target=feeds_proc, args=(cluster.endpoint("broker"), events, clients // procs, run_s, q))
+    done = mp.Event()
+    workers = [mp.Process(target=feeds_proc, args=(cluster.endpoint("broker"), events, clients // procs, done, q))
                for _ in range(procs)]
     for w in workers:
         w.start()
@@ -176,7 +177,9 @@ def propagation(cluster: Cluster, clients: int, procs: int, changes: int) -> dic
             c.request("sharding", "create_keyspace", name=f"bench{i}_{random.getrandbits(20)}", shards=4)
             made.append(c.request("sharding", "health")["epoch"])
             time.sleep(1.5)
-    results = [q.get(timeout=run_s + 30) for _ in workers]
+    time.sleep(5.0)  # the last change reaches everyone (or counts as missing)
+    done.set()
+    results = [q.get(timeout=60) for _ in workers]
     for w in workers:
         w.join(10)
     stop.set()
