@@ -28,6 +28,7 @@ seconds). ``routing="broker"`` makes every select a request to the balancer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import time
