@@ -100,8 +100,8 @@ class LocalRouter:
     def release(self, node: str, lease: str, latency_ms: float | None, ok: bool, *,
                 now: float) -> None:
         """End a local lease; the outcome feeds this client's strategy and its report."""
-        self.core.release(lease, latency_ms, ok, now=now)
-        if latency_ms is not None and ok:
+        status, _ = self.core.end_lease(lease, latency_ms, ok, now=now)
+        if status == "released" and latency_ms is not None and ok:
             samples = self._samples.get(node)
             if samples is None:
                 samples = self._samples[node] = []

@@ -142,7 +142,9 @@ class BalancerService:
         return {"epoch": None if self.map is None else self.map.epoch,
                 "nodes": self.core.routing_table(time.monotonic())}
 
-    def op_report(self, client: str = "", nodes: Any = None, shards: Any = None) -> dict[str, Any]:
+    def op_report(
+        self, client: str = "", nodes: dict[str, Any] | None = None, shards: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """A locally routing client's traffic since its last report; answered with
         the node table, so each report also refreshes the client's node health."""
         now = time.monotonic()
