@@ -101,6 +101,10 @@ class MapFollower:
         #: Monotonic time of the last successful read (the map is known current then).
         self.refreshed_at: float | None = None
         self._due = True
+        # Hints so far, and how many had arrived when the read in flight was issued:
+        # a hint that arrives during a read must survive that read's answer.
+        self._hints = 0
+        self._hints_at_read = 0
         self._verify = False
         self._next_poll = -float("inf")
         self._next_verify = -float("inf")
@@ -133,16 +137,19 @@ class MapFollower:
             if epoch < held:
                 self._verify = True  # only a whole read can show an older map
         self._due = True
+        self._hints += 1
         return True
 
     def poke(self) -> None:
         """Read at the next chance (the owner has a reason of its own)."""
         self._due = True
+        self._hints += 1
 
     def next_read(self, now: float) -> dict[str, Any] | None:
         """Arguments of the ``sharding.map`` read due now, or None if none is due."""
         if not (self._due or self._verify or now >= self._next_poll or now >= self._next_verify):
             return None
+        self._hints_at_read = self._hints
         if self.map is None or self._verify or now >= self._next_verify:
             return {}
         return {"since_epoch": self.map.epoch}
@@ -187,7 +194,7 @@ class MapFollower:
         or :data:`FIRST_RETRY_S` before the first map (a whole read stays due if
         this was one)."""
         self.counters["errors"] += 1
-        self._due = False
+        self._due = False  # retried after a pause, not at once, even if hinted meanwhile
         self._verify = False
         # Until a first map arrives nothing can route: ask again sooner.
         wait = self.poll_s if self.map is not None else min(self.poll_s, FIRST_RETRY_S)
@@ -196,7 +203,7 @@ class MapFollower:
             self._next_verify = now + wait
 
     def _schedule(self, now: float, full: bool) -> None:
-        self._due = False
+        self._due = self._hints != self._hints_at_read
         self._next_poll = now + self.poll_s
         if full:
             self._verify = False

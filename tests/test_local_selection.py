@@ -225,3 +225,12 @@ def test_before_the_first_map_a_failed_read_is_retried_sooner() -> None:
     f = MapFollower(poll_s=1.0)
     f.on_error(0.0, full=True)
     assert f.next_read(0.1) is None and f.next_read(0.25) == {}
+
+
+def test_a_hint_arriving_during_a_read_is_not_lost() -> None:
+    f = MapFollower(poll_s=1.0)
+    f.on_reply(wire(3), 0.0, full=True)
+    assert f.next_read(1.0) == {"since_epoch": 3}   # a poll goes out...
+    assert f.hint({"epoch": 4}) is True             # ...epoch 4 is published meanwhile...
+    f.on_reply(None, 1.01, full=False)              # ...and the poll saw nothing newer yet
+    assert f.next_read(1.02) == {"since_epoch": 3}  # read again now, not a poll later
