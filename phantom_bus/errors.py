@@ -121,6 +121,17 @@ class BrokerUnreachable(Timeout):
     code = "broker_unreachable"
 
 
+class NotLeader(PhantomError):
+    """This instance of a service is a follower; only its leader performs the operation.
+
+    Retryable: the broker hands the retry to the next worker of the service,
+    and ``details`` name the leader (``leader``, ``term``) when one is known.
+    """
+
+    code = "not_leader"
+    retry = True
+
+
 class InternalError(PhantomError):
     """A handler failed unexpectedly; the service logged the traceback."""
 

@@ -198,8 +198,19 @@ def decode_request(body: bytes, *, max_size: int = DEFAULT_MAX_BODY) -> tuple[st
     return op, args
 
 
+class Encoded(bytes):
+    """A result that is already msgpack-encoded (a cached large reply, such as the
+    shard map of one epoch): :func:`encode_result` splices it in unchanged."""
+
+
+# {"ok": true, "result": <value>} without the value: a fixmap of two entries.
+_RESULT_HEAD = b"\x82" + pack("ok") + pack(True) + pack("result")
+
+
 def encode_result(result: Any) -> bytes:
     """A successful reply body."""
+    if isinstance(result, Encoded):
+        return _RESULT_HEAD + result
     return pack({"ok": True, "result": result})
 
 

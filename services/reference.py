@@ -17,6 +17,8 @@ adding an operation means: declare it here, run the command, commit both.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -82,22 +84,31 @@ DECLARED: dict[str, dict[str, Op]] = {
         ),
         "forget": Op("map: `node` (str), `forgotten` (true)"),
         "stats": _STATS,
+        "verdicts": Op(
+            "map: `term` (int, the leader's), `instance` (str), `members` (as `members`): the verdicts that count",
+            ("not_leader",),
+        ),
     },
     "sharding": {
         "ping": _PING,
         "lookup": Op(
             "route map: `keyspace`, `shard` (str), `primary` (str or nil), `readers` (array of str), `epoch` (int)",
-            ("no_such_keyspace",),
+            ("no_such_keyspace", "not_leader"),
             notes={"key": "str keys hash as their UTF-8 bytes (see shardmap.md)"},
         ),
         "map": Op(
             "the whole shard map (shardmap.md), or nil when its epoch is not above `since_epoch`",
-            notes={"since_epoch": "an int >= 0"},
+            ("not_leader",),
+            notes={"since_epoch": "an int >= 0; a follower answers only with a newer map"},
         ),
         "shards": Op("array of map: `keyspace`, `shard`, `range`, `replicas`, `primary`, `state`, `roles`"),
         "moves": Op("array of map, one per move not finished yet"),
         "nodes": Op("array of map: the nodes replicas are placed on, with their counts"),
-        "health": Op("map: `total`, `under_replicated`, `unavailable` (int), `epoch` (int), `shortfall`"),
+        "health": Op(
+            "map: `total`, `under_replicated`, `unavailable`, `moving` (int), `epoch` (int), `shortfall`, "
+            "`store` (map: `ok` (bool), `error` (str or nil), `failing_for` (float s or nil)), "
+            "`leader` (map: `instance`, `term`, `leader` (bool: this instance), `self`)"
+        ),
         "sole_replicas": Op("array of str: shards whose only live replica is on `node`"),
         "create_keyspace": Op(
             "the key space map (shardmap.md)",
@@ -181,7 +192,11 @@ DECLARED: dict[str, dict[str, Op]] = {
     },
     "manager": {
         "ping": _PING,
-        "status": Op("the status document (`phantom status --json`)"),
+        "status": Op("the status document (`phantom status --json`)", ("not_leader",)),
+        "health": Op(
+            "map: `leader` (as sharding's), `store` (as sharding's), `queues` (map service -> actions waiting), "
+            "`queue_limit`, `membership_term`, `overloaded`, `dropped`, `stale_verdicts` (int)"
+        ),
         "nodes": Op("array of node records: `id`, `lifecycle`, `address`, `zone`, `weight`, ..."),
         "node": Op("one node record, as in `nodes`", ("not_found",)),
         "register": Op("the node record", ("conflict",)),
@@ -226,7 +241,9 @@ def actual_operations() -> dict[str, dict[str, OpSpec]]:
                 store = getattr(shell, "store", None)
                 close = getattr(store, "close", None)
                 if callable(close):
-                    close()
+                    closing = close()
+                    if inspect.iscoroutine(closing):
+                        asyncio.run(closing)
     finally:
         logger.enable("services")
     return out

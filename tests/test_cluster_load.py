@@ -5,10 +5,12 @@ on the current primary, and the shard map surviving a SIGKILL mid-rebalance."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +19,8 @@ from phantom_bus.client import Client
 from phantom_bus.errors import NotFound
 from phantom_bus.routing.config import BalancerConfig
 from phantom_bus.shardmap import ShardMap
-from services.sharding.store import MapStore
+from phantom_bus.store.sqlite import SqliteStore
+from services.sharding.store import Committed, MapStore
 from tests.conftest import Bus, wait_until
 from tests.test_cluster import cluster, node, phantom, settled, status, wait_green
 
@@ -263,6 +266,14 @@ def assert_writes_hit_current_primary(c: Client, keys: list[str]) -> None:
 # --- issue 5: the shard map survives a SIGKILL mid-rebalance ---------------------------------
 
 
+async def stored_map(bus: Bus) -> Committed | None:
+    store = SqliteStore(Path(bus.env["PHANTOM_DATA"]) / "store.sqlite3")
+    try:
+        return await MapStore(store).load()
+    finally:
+        await store.close()
+
+
 def test_sigkill_of_sharding_mid_rebalance_keeps_the_map_and_finishes_the_moves(bus: Bus) -> None:
     procs = cluster(bus, agents=3, PHANTOM_COPY_TIME="0.3")
     procs["node-4"] = start_agent(bus, 4, "z4")
@@ -271,10 +282,9 @@ def test_sigkill_of_sharding_mid_rebalance_keeps_the_map_and_finishes_the_moves(
         last = c.request("sharding", "map")
     bus.kill(procs["sharding"], signal.SIGKILL)
     # What the store holds now is what the restarted service must come back with.
-    with MapStore(bus.env["PHANTOM_DATA"]) as store:
-        loaded = store.load()
+    loaded = asyncio.run(stored_map(bus))
     assert loaded is not None
-    stored = loaded[0]
+    stored = loaded.map
     served = ShardMap.from_wire(last)
     # Every epoch a client saw was committed before it was served: the store is not behind.
     assert stored.epoch >= served.epoch, (stored.epoch, served.epoch)

@@ -76,6 +76,13 @@ def make(auto_join: bool = True, store: FakeStore | None = None, hooks: EventHoo
                        persist=store.apply, hooks=hooks)
 
 
+def tick(core: ManagerCore, now: float) -> Decision:
+    """``core.tick`` with the nodes sharding's dead-delay timer would report expired at ``now``."""
+    expired = [r.id for r in core.nodes()
+               if r.member in ("dead", "left") and r.member_since is not None and now - r.member_since >= DELAY]
+    return core.tick(now, expired)
+
+
 def disc(node: str, inc: int = 1, address: str | None = None, zone: str = "z1", weight: float = 1.0,
          source: str = "beacon", kind: str = "node.discovered") -> Event:
     return Event(kind, {"node": node, "reason": "first beacon", "address": address or f"127.0.0.1:{7000 + len(node)}",
@@ -242,12 +249,12 @@ def test_node_back_within_the_delay_keeps_its_replicas() -> None:
     core = make()
     active_node(core)
     core.on_event(mem("dead", "n1"), 10.0)
-    assert not core.tick(10.0 + DELAY - 1)
+    assert not tick(core, 10.0 + DELAY - 1)
     d = core.on_event(mem("alive", "n1", inc=2, reason="rejoined"), 10.0 + DELAY - 1)
     assert ops(d) == [("sharding", "node_alive"), ("balancer", "node_update")]
     assert kinds(d) == [EVENT_RECOVERED] and "nothing moves" in d.events[0].data["reason"]
     assert d.events[0].data["down_for"] == DELAY - 1
-    assert not core.tick(10.0 + 10 * DELAY)
+    assert not tick(core, 10.0 + 10 * DELAY)
     assert core.node("n1").lifecycle == ACTIVE
 
 
@@ -255,18 +262,18 @@ def test_dead_node_becomes_failed_after_the_delay() -> None:
     core = make()
     active_node(core)
     core.on_event(mem("dead", "n1"), 10.0)
-    d = core.tick(10.0 + DELAY)
+    d = tick(core, 10.0 + DELAY)
     assert kinds(d) == ["cluster.node_failed"] and d.actions == ()
     assert "re-created elsewhere" in d.events[0].data["reason"] and d.events[0].data["previous"] == ACTIVE
     assert core.node("n1").lifecycle == FAILED
-    assert not core.tick(10.0 + 2 * DELAY)
+    assert not tick(core, 10.0 + 2 * DELAY)
 
 
 def test_failed_node_returning_becomes_active_again() -> None:
     core = make()
     active_node(core)
     core.on_event(mem("dead", "n1"), 10.0)
-    core.tick(100.0)
+    tick(core, 100.0)
     d = core.on_event(mem("alive", "n1", inc=2), 120.0)
     assert ops(d) == [("sharding", "add_node"), ("sharding", "node_alive"), ("balancer", "node_update")]
     assert d.actions[2].args == {"node": "n1", "state": "alive", "lifecycle": "active"}
@@ -282,7 +289,7 @@ def test_left_is_an_outage_like_dead_and_dead_then_left_is_one_outage() -> None:
     d = core.on_event(mem("dead", "n1"), 20.0)
     assert d.actions == () and d.events == ()
     assert core.node("n1").member == "dead" and core.node("n1").member_since == 10.0
-    assert kinds(core.tick(10.0 + DELAY)) == ["cluster.node_failed"]
+    assert kinds(tick(core, 10.0 + DELAY)) == ["cluster.node_failed"]
 
 
 def test_gracefully_left_node_is_labelled_left_not_failed_and_returns_to_active() -> None:
@@ -310,7 +317,7 @@ def test_failed_node_seen_suspect_is_back_and_active_but_not_routed_to() -> None
     core = make()
     active_node(core)
     core.on_event(mem("dead", "n1"), 10.0)
-    core.tick(10.0 + DELAY)
+    tick(core, 10.0 + DELAY)
     d = core.on_event(mem("suspect", "n1", inc=2), 200.0)
     assert ops(d) == [("balancer", "node_update"), ("sharding", "add_node"), ("sharding", "node_alive"),
                       ("balancer", "node_update")]
@@ -322,7 +329,7 @@ def test_death_of_a_joining_node_moves_nothing() -> None:
     core = make()
     core.on_event(disc("n1"), 0.0)
     assert not core.on_event(mem("dead", "n1"), 1.0).actions
-    assert not core.tick(1000.0)
+    assert not tick(core, 1000.0)
     assert core.node("n1").lifecycle == JOINING
 
 
@@ -383,7 +390,7 @@ def test_failed_node_can_be_drained() -> None:
     core = make()
     active_node(core)
     core.on_event(mem("dead", "n1"), 0.0)
-    core.tick(DELAY)
+    tick(core, DELAY)
     d = core.drain("n1", now=DELAY + 1)
     assert ("sharding", "drain_node") in ops(d) and core.node("n1").lifecycle == DRAINING
 
@@ -394,7 +401,7 @@ def test_draining_node_that_dies_stays_draining_and_its_return_continues_the_dra
     core.drain("n1", now=1.0)
     d = core.on_event(mem("dead", "n1"), 2.0)
     assert ops(d) == [("balancer", "node_update"), ("sharding", "node_dead")]
-    assert not core.tick(2.0 + 5 * DELAY)
+    assert not tick(core, 2.0 + 5 * DELAY)
     assert core.node("n1").lifecycle == DRAINING
     d = core.on_event(mem("alive", "n1", inc=2), 3.0 + 5 * DELAY)
     assert ("sharding", "node_alive") in ops(d) and "drain continues" in d.events[0].data["reason"]
@@ -644,7 +651,7 @@ def build_cluster(store: FakeStore) -> ManagerCore:
     for n in ("act", "dead", "drn", "fail", "gone", "dec"):
         core.on_event(mem("alive", n), 1.0)
     core.on_event(mem("dead", "fail"), 2.0)
-    core.tick(2.0 + DELAY)
+    tick(core, 2.0 + DELAY)
     core.on_event(mem("dead", "dead"), 3.0 + DELAY)
     core.drain("drn", now=4.0 + DELAY)
     core.drain("dec", now=4.0 + DELAY)
@@ -703,8 +710,8 @@ def test_dead_timer_survives_a_restart() -> None:
     active_node(core)
     core.on_event(mem("dead", "n1"), 10.0)
     again = make(store=store)
-    assert not again.tick(10.0 + DELAY - 1)
-    assert kinds(again.tick(10.0 + DELAY)) == ["cluster.node_failed"]
+    assert not tick(again, 10.0 + DELAY - 1)
+    assert kinds(tick(again, 10.0 + DELAY)) == ["cluster.node_failed"]
 
 
 def test_concurrent_inputs_never_double_a_node_and_persist_every_change() -> None:
@@ -781,7 +788,7 @@ def _apply(core: ManagerCore, op: tuple[Any, ...], now: float) -> tuple[Decision
         shards = [ShardInfo("s0", 2, tuple(seen.items()))]
         return core.observe_shards(shards, now=now, epoch=1), shards
     if kind == "tick":
-        return core.tick(now), None
+        return tick(core, now), None
     raise AssertionError(kind)
 
 
@@ -866,3 +873,23 @@ def test_random_histories_keep_the_registry_sound(auto_join: bool, history: list
             # ...and no colour change went without its cluster.health event.
             last = core._tracker.current
             assert last is not None and last.status == core.health.status
+
+
+def test_drift_repairs_a_lost_failover_or_return_from_shardings_down_set() -> None:
+    core = make()
+    active_node(core, "n1")
+    active_node(core, "n2")
+    core.on_event(mem("dead", "n1"), 10.0)
+    # Sharding never heard of n1's death, and still holds n2 down from an old verdict.
+    actions = [(a.service, a.op, a.node) for a in core.drift(down=["n2"])]
+    assert actions == [("sharding", "node_dead", "n1"), ("sharding", "node_alive", "n2")]
+    assert core.drift(down=["n1"]) == []  # in line: nothing to do
+
+
+def test_only_sharding_expired_nodes_become_failed() -> None:
+    core = make()
+    active_node(core)
+    core.on_event(mem("dead", "n1"), 10.0)
+    assert not core.tick(10.0 + 10 * DELAY)  # the manager keeps no timer of its own
+    d = core.tick(11.0, expired=["n1"])
+    assert kinds(d) == ["cluster.node_failed"] and core.node("n1").lifecycle == FAILED

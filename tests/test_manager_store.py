@@ -1,31 +1,21 @@
-"""The manager's SQLite registry store: round trips, reopen, atomicity, SIGKILL mid-write."""
+"""The manager's registry in the store: round trips, fenced CAS writes, the committed copy for rollback."""
 
 from __future__ import annotations
 
-import os
-import signal
-import sqlite3
-import subprocess
-import sys
-import textwrap
-from dataclasses import replace
+import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from phantom_bus.store import CasFailed, Fence, Fenced, Put, Store, StoreError
+from phantom_bus.store.memory import MemoryStore
+from phantom_bus.store.sqlite import SqliteStore
 from services.manager.config import ManagerConfig
 from services.manager.core import ManagerCore
-from services.manager.registry import (
-    ACTIVE,
-    DRAINING,
-    NodeRecord,
-    Registry,
-    Tombstone,
-    TombstoneDropped,
-)
-from services.manager.store import FILENAME, RegistryStore, StoreError
-
-ROOT = Path(__file__).resolve().parent.parent
+from services.manager.registry import ACTIVE, DRAINING, NodeRecord, Registry, Tombstone, TombstoneDropped
+from services.manager.store import NODES, RegistryStore
 
 
 def record(node: str, inc: int = 1, lifecycle: str = "joining", member: str | None = None) -> NodeRecord:
@@ -33,156 +23,83 @@ def record(node: str, inc: int = 1, lifecycle: str = "joining", member: str | No
                       1.0, 2.0, "because", True, "beacon")
 
 
-def test_records_round_trip_through_a_reopen(tmp_path: Path) -> None:
-    with RegistryStore(tmp_path) as store:
-        store.apply([record("b", member="dead"), record("a", lifecycle=ACTIVE)])
-    with RegistryStore(tmp_path) as store:
-        records, tombs = store.load()
-    assert records == [record("a", lifecycle=ACTIVE), record("b", member="dead")] and tombs == []
-    assert (tmp_path / FILENAME).exists()
+@pytest.fixture(params=["memory", "sqlite"])
+def store_run(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[Callable[[Store], Awaitable[Any]]], Any]:
+    def run(body: Callable[[Store], Awaitable[Any]]) -> Any:
+        async def main() -> Any:
+            store: Store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "s.sqlite3")
+            try:
+                return await asyncio.wait_for(body(store), 30)
+            finally:
+                await store.close()
+
+        return asyncio.run(main())
+
+    return run
 
 
-def test_an_upsert_replaces_the_row_and_never_doubles_it(tmp_path: Path) -> None:
-    with RegistryStore(tmp_path) as store:
-        store.apply([record("a"), record("a", inc=2), replace(record("a", inc=2), lifecycle=ACTIVE)])
-        records, _ = store.load()
-    assert records == [replace(record("a", inc=2), lifecycle=ACTIVE)]
+def test_records_and_tombstones_round_trip_in_order(store_run: Any) -> None:
+    async def body(store: Store) -> None:
+        regs = RegistryStore(store)
+        await regs.apply([record("b", member="dead"), record("a", lifecycle=ACTIVE)], None)
+        await regs.apply([record("c"), Tombstone("c", 4, 9.0, "removed")], None)
+        await regs.apply([record("d"), Tombstone("d", 1, 10.0, "removed"), TombstoneDropped("d")], None)
+        await regs.apply([Tombstone("e", 2, 11.0, "gone")], None)
+        records, tombs, _ = await RegistryStore(store).load()
+        assert [r.id for r in records] == ["a", "b"] and records[1].member == "dead"
+        assert [(t.id, t.incarnation) for t in tombs] == [("c", 4), ("e", 2)]
+        assert [r.id for r in regs.committed().records()] == ["a", "b"]
+
+    store_run(body)
 
 
-def test_tombstones_delete_the_node_and_a_new_registration_clears_them(tmp_path: Path) -> None:
-    with RegistryStore(tmp_path) as store:
-        store.apply([record("a", inc=3), record("b")])
-        store.apply([Tombstone("a", 3, 9.0, "removed by operator")])
-        assert store.load() == ([record("b")], [Tombstone("a", 3, 9.0, "removed by operator")])
-        store.apply([Tombstone("b", 1, 10.0, "x"), TombstoneDropped("a")])
-        assert store.load() == ([], [Tombstone("b", 1, 10.0, "x")])
-        store.apply([record("b", inc=2)])
-        assert store.load() == ([record("b", inc=2)], [])
+def test_a_write_from_a_stale_read_or_a_deposed_leader_changes_nothing(store_run: Any) -> None:
+    async def body(store: Store) -> None:
+        term = await store.txn([], [Put("leaders/manager", b"m1")])
+        fence = Fence("leaders/manager", term)
+        one, two = RegistryStore(store), RegistryStore(store)
+        await one.apply([record("a")], fence)
+        await two.load()
+        await two.apply([record("a", lifecycle=ACTIVE)], fence)
+        with pytest.raises(CasFailed):  # `one` has not read what `two` wrote
+            await one.apply([record("a", lifecycle=DRAINING)], fence)
+        await store.put("leaders/manager", b"m2")
+        with pytest.raises(Fenced):
+            await two.apply([record("b")], fence)
+        records, _, _ = await RegistryStore(store).load()
+        assert [(r.id, r.lifecycle) for r in records] == [("a", ACTIVE)]
+
+    store_run(body)
 
 
-def test_tombstones_load_oldest_first(tmp_path: Path) -> None:
-    with RegistryStore(tmp_path) as store:
-        for node, at in (("z", 1.0), ("a", 2.0), ("m", 3.0)):
-            store.apply([record(node), Tombstone(node, 1, at, "x")])
-        assert [t.id for t in store.load()[1]] == ["z", "a", "m"]
+def test_an_unreadable_record_is_a_store_error(store_run: Any) -> None:
+    async def body(store: Store) -> None:
+        await store.put(NODES + "zombie", b"\xc1")
+        with pytest.raises(StoreError, match="zombie"):
+            await RegistryStore(store).load()
+
+    store_run(body)
 
 
-def test_a_batch_is_all_or_nothing(tmp_path: Path) -> None:
-    with RegistryStore(tmp_path) as store:
-        store.apply([record("a")])
-        with pytest.raises(TypeError):
-            store.apply([record("b"), Tombstone("a", 1, 2.0, "x"), "not a change"])  # type: ignore[list-item]
-        assert store.load() == ([record("a")], [])
+def test_the_core_resumes_from_the_store_with_the_same_registry(store_run: Any) -> None:
+    async def body(store: Store) -> None:
+        regs = RegistryStore(store)
+        core = ManagerCore(ManagerConfig(rereplication_delay=60.0))
+        for n in ("a", "b", "c"):
+            for d in (
+                core.on_event({"kind": "node.discovered", "node": n, "address": f"10.0.0.1:{7000 + ord(n)}",
+                               "zone": "z", "weight": 1.0, "incarnation": 2, "source": "beacon"}, 1.0),
+                core.on_event({"kind": "member.alive", "node": n, "incarnation": 2}, 2.0),
+            ):
+                await regs.apply(d.changes, None)
+        await regs.apply(core.drain("b", now=3.0).changes, None)
+        await regs.apply(core.remove("c", [], now=4.0).changes, None)
+        await regs.apply(core.on_event({"kind": "member.dead", "node": "a", "incarnation": 2}, 5.0).changes, None)
+        records, tombs, _ = await RegistryStore(store).load()
+        again = ManagerCore(ManagerConfig(rereplication_delay=60.0), Registry.restore(records, tombs))
+        assert again.nodes() == core.nodes()
+        assert [r.lifecycle for r in again.nodes()] == [ACTIVE, DRAINING]
+        assert again.registry.tombstone("c") is not None
+        assert ("sharding", "node_dead") in [(a.service, a.op) for a in again.reconcile(6.0) if a.node == "a"]
 
-
-def test_a_newer_schema_or_a_corrupt_file_is_refused_with_the_path(tmp_path: Path) -> None:
-    RegistryStore(tmp_path).close()
-    db = sqlite3.connect(tmp_path / FILENAME)
-    db.execute("UPDATE meta SET value = 99 WHERE key = 'schema'")
-    db.commit()
-    db.close()
-    with pytest.raises(StoreError, match="schema 99"):
-        RegistryStore(tmp_path)
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / FILENAME).write_bytes(b"this is not a database" * 100)
-    with pytest.raises(StoreError, match=str(bad)):
-        RegistryStore(bad)
-
-
-def test_an_unreadable_row_is_a_store_error(tmp_path: Path) -> None:
-    with RegistryStore(tmp_path) as store:
-        store.apply([record("a")])
-    db = sqlite3.connect(tmp_path / FILENAME)
-    db.execute("UPDATE nodes SET lifecycle = 'zombie'")
-    db.commit()
-    db.close()
-    with RegistryStore(tmp_path) as store, pytest.raises(StoreError, match="zombie"):
-        store.load()
-
-
-def test_the_core_restarts_from_the_store_with_the_same_registry(tmp_path: Path) -> None:
-    cfg = ManagerConfig(rereplication_delay=60.0)
-    store = RegistryStore(tmp_path)
-    core = ManagerCore(cfg, store.registry(), persist=store.apply)
-    for n in ("a", "b", "c"):
-        core.on_event({"kind": "node.discovered", "node": n, "address": f"10.0.0.1:{7000 + ord(n)}", "zone": "z",
-                       "weight": 1.0, "incarnation": 2, "source": "beacon"}, 1.0)
-        core.on_event({"kind": "member.alive", "node": n, "incarnation": 2}, 2.0)
-    core.drain("b", now=3.0)
-    core.remove("c", [], now=4.0)
-    core.on_event({"kind": "member.dead", "node": "a", "incarnation": 2}, 5.0)
-    expected = core.nodes()
-    store.close()  # a clean stop; the kill test below covers the unclean one
-
-    store = RegistryStore(tmp_path)
-    again = ManagerCore(cfg, store.registry(), persist=store.apply)
-    assert again.nodes() == expected
-    assert [r.lifecycle for r in again.nodes()] == [ACTIVE, DRAINING]
-    assert again.registry.tombstone("c") is not None
-    assert ("sharding", "drain_node") in [(a.service, a.op) for a in again.reconcile(6.0) if a.node == "b"]
-    assert [e.kind for e in again.tick(65.0).events] == ["cluster.node_failed"]
-    store.close()
-    with RegistryStore(tmp_path) as store:
-        assert store.registry().get("a").lifecycle == "failed"
-
-
-def test_store_registry_bounds_tombstones(tmp_path: Path) -> None:
-    with RegistryStore(tmp_path) as store:
-        for i in range(5):
-            store.apply([record(f"n{i}"), Tombstone(f"n{i}", 1, float(i), "x")])
-        reg = store.registry(max_tombstones=2)
-    assert [t.id for t in reg.tombstones()] == ["n3", "n4"]
-    assert isinstance(reg, Registry)
-
-
-_WRITER = textwrap.dedent(
-    """
-    import sys
-    from services.manager.registry import NodeRecord, Tombstone
-    from services.manager.store import RegistryStore
-
-    store = RegistryStore(sys.argv[1])
-    gen = 0
-    while True:
-        gen += 1
-        batch = [NodeRecord(f"n{i}", "127.0.0.1:7001", "z1", 1.0, gen, "active", "alive", 1.0, 0.0,
-                            float(gen), "gen", True, "beacon") for i in range(20)]
-        # Odd generations remove n19 in the same transaction, even ones bring it back.
-        if gen % 2:
-            batch.append(Tombstone("n19", gen, float(gen), "gen"))
-        store.apply(batch)
-        print(gen, flush=True)
-    """
-)
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("kill_after", [3, 17, 40])
-def test_sigkill_mid_write_leaves_the_last_committed_state(tmp_path: Path, kill_after: int) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE, env=env,
-                            text=True)
-    try:
-        assert proc.stdout is not None
-        last = 0
-        for line in proc.stdout:
-            last = int(line)
-            if last >= kill_after:
-                break
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-    assert last >= kill_after, "the writer died before it wrote anything"
-    with RegistryStore(tmp_path) as store:
-        records, tombs = store.load()
-    gens = {r.incarnation for r in records}
-    assert len(gens) == 1, f"a torn transaction: generations {gens}"
-    gen = gens.pop()
-    # Every generation reported as written is on disk (committed before the print).
-    assert gen >= last
-    if gen % 2:
-        assert len(records) == 19 and [t.id for t in tombs] == ["n19"]
-    else:
-        assert len(records) == 20 and tombs == []
+    store_run(body)

@@ -1,150 +1,149 @@
-"""Durability of the shard map: SQLite in WAL mode, a real directory, a writer killed mid-way."""
+"""The shard map in the store: one fenced CAS txn per epoch, never backwards, resumable timers."""
 
 from __future__ import annotations
 
-import os
-import signal
-import sqlite3
-import subprocess
-import sys
-import textwrap
-import time
+import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
+import msgpack
 import pytest
 
 from phantom_bus.errors import Conflict
-from phantom_bus.shardmap import ShardMap
+from phantom_bus.store import CasFailed, Fence, Fenced, Put, Store, StoreError
+from phantom_bus.store.memory import MemoryStore
+from phantom_bus.store.sqlite import SqliteStore
 from services.sharding.config import ShardingConfig
 from services.sharding.core import ShardingCore
-from services.sharding.store import FILENAME, MapStore, StoreError
-
-ROOT = Path(__file__).resolve().parent.parent
+from services.sharding.service import resume
+from services.sharding.store import EPOCH_KEY, STATE_KEY, MapStore
 
 
 def busy_core() -> ShardingCore:
-    core = ShardingCore(ShardingConfig(default_shards=8))
+    core = ShardingCore(ShardingConfig(default_shards=8, dead_delay=60.0))
     for i in range(3):
         core.add_node(f"n{i}", "abc"[i], 1.0, now=float(i))
     core.add_node("n3", "a", 1.0, now=5.0)  # copies in flight
     return core
 
 
-def test_empty_store_loads_nothing_and_uses_wal(tmp_path: Path) -> None:
-    with MapStore(tmp_path) as store:
-        assert store.load() is None
-    db = sqlite3.connect(tmp_path / FILENAME)
-    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    db.close()
+@pytest.fixture(params=["memory", "sqlite"])
+def store_run(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[Callable[[Store], Awaitable[Any]]], Any]:
+    def run(body: Callable[[Store], Awaitable[Any]]) -> Any:
+        async def main() -> Any:
+            store: Store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "s.sqlite3")
+            try:
+                return await asyncio.wait_for(body(store), 30)
+            finally:
+                await store.close()
+
+        return asyncio.run(main())
+
+    return run
 
 
-def test_save_then_load_returns_the_last_epoch_and_its_moves(tmp_path: Path) -> None:
+def test_commit_then_load_returns_the_epoch_its_moves_and_the_cached_encoding(store_run: Any) -> None:
     core = busy_core()
-    with MapStore(tmp_path) as store:
-        first = core.snapshot(10.0)
-        store.save(*first)
+
+    async def body(store: Store) -> None:
+        maps = MapStore(store)
+        assert await maps.load() is None
+        first = await maps.commit(MapStore.prepare(*core.snapshot(10.0), previous=None, term=7, wall=100.0), None)
         core.tick(11.0)
-        core.confirm(next(p["shard"] for p in core.pending_moves() if p["state"] == "copying"), "n3", 12.0)
         shard_map, state = core.snapshot(12.0)
-        store.save(shard_map, state)
-    with MapStore(tmp_path) as store:
-        loaded = store.load()
-    assert loaded is not None
-    assert loaded[0] == shard_map and loaded[0].epoch > first[0].epoch
-    assert loaded[1] == state
-    restored = ShardingCore.restore(loaded[0], loaded[1], now=100.0, config=core.config)
-    assert restored.pending_moves(100.0) and restored.map().value == shard_map
+        second = await maps.commit(MapStore.prepare(shard_map, state, previous=first, term=7, wall=102.0), None)
+        loaded = await maps.load()
+        assert loaded is not None and loaded.map == shard_map and loaded.epoch >= first.epoch
+        assert loaded.blob == shard_map.pack() and loaded.term == 7 and loaded.wall == 102.0
+        assert loaded.epoch_revision == second.epoch_revision
+        restored = ShardingCore.restore(loaded.map, loaded.state, now=100.0, config=core.config)
+        assert restored.pending_moves(100.0) and restored.map().value == shard_map
+
+    store_run(body)
 
 
-def test_saving_an_older_epoch_is_refused_and_the_same_epoch_replaces(tmp_path: Path) -> None:
+def test_a_second_writer_from_the_same_read_is_refused(store_run: Any) -> None:
     core = busy_core()
-    m, state = core.snapshot(0.0)
-    with MapStore(tmp_path) as store:
-        store.save(m, state)
-        store.save(m, {**state, "note": 1})
-        assert store.load()[1]["note"] == 1  # type: ignore[index]
-        with pytest.raises(Conflict):
-            store.save(ShardMap(m.epoch - 1, m.keyspaces), state)
-        assert store.load()[0].epoch == m.epoch  # type: ignore[index]
+
+    async def body(store: Store) -> None:
+        maps = MapStore(store)
+        base = await maps.commit(MapStore.prepare(*core.snapshot(1.0), previous=None, term=1, wall=1.0), None)
+        core.add_node("n9", "c", 1.0, now=2.0)
+        newer = core.snapshot(2.0)
+        await maps.commit(MapStore.prepare(*newer, previous=base, term=1, wall=2.0), None)
+        with pytest.raises(CasFailed):  # same starting point: it would create the same epoch twice
+            await maps.commit(MapStore.prepare(*newer, previous=base, term=1, wall=2.0), None)
+        with pytest.raises(CasFailed):  # and nobody may create the first epoch again
+            await maps.commit(MapStore.prepare(*newer, previous=None, term=1, wall=2.0), None)
+
+    store_run(body)
 
 
-def test_only_the_last_epochs_are_kept(tmp_path: Path) -> None:
-    core = ShardingCore(ShardingConfig(default_shards=2))
-    with MapStore(tmp_path, keep=3) as store:
-        for i in range(6):
-            core.add_node(f"n{i}", "", 1.0, now=float(i))
-            store.save(*core.snapshot(float(i)))
-        epochs = store.epochs()
-    assert len(epochs) == 3 and epochs[-1] == core.epoch
+def test_an_older_epoch_is_refused_before_it_reaches_the_store(store_run: Any) -> None:
+    core = busy_core()
+    old = core.snapshot(1.0)
+    core.add_node("n9", "c", 1.0, now=2.0)
+
+    async def body(store: Store) -> None:
+        maps = MapStore(store)
+        base = await maps.commit(MapStore.prepare(*core.snapshot(2.0), previous=None, term=1, wall=2.0), None)
+        with pytest.raises(Conflict, match="refusing to go back"):
+            MapStore.prepare(*old, previous=base, term=1, wall=3.0)
+
+    store_run(body)
 
 
-def test_corrupt_row_is_reported_not_silently_ignored(tmp_path: Path) -> None:
-    with MapStore(tmp_path) as store:
-        store.save(*busy_core().snapshot(0.0))
-    db = sqlite3.connect(tmp_path / FILENAME)
-    db.execute("UPDATE epochs SET map = x'c1'")
-    db.commit()
-    db.close()
-    with MapStore(tmp_path) as store, pytest.raises(StoreError):
-        store.load()
+def test_a_deposed_leaders_commit_is_fenced_and_writes_nothing(store_run: Any) -> None:
+    core = busy_core()
+
+    async def body(store: Store) -> None:
+        maps = MapStore(store)
+        term = await store.txn([], [Put("leaders/sharding", b"a")])
+        fence = Fence("leaders/sharding", term)
+        base = await maps.commit(MapStore.prepare(*core.snapshot(1.0), previous=None, term=term, wall=1.0), fence)
+        await store.put("leaders/sharding", b"b")  # another leader's record
+        core.add_node("n9", "c", 1.0, now=2.0)
+        with pytest.raises(Fenced):
+            await maps.commit(MapStore.prepare(*core.snapshot(2.0), previous=base, term=term, wall=2.0), fence)
+        loaded = await maps.load()
+        assert loaded is not None and loaded.epoch == base.epoch
+
+    store_run(body)
 
 
-WRITER = textwrap.dedent(
-    """
-    import sys
-    from services.sharding.config import ShardingConfig
-    from services.sharding.core import ShardingCore
-    from services.sharding.store import MapStore
+def test_an_inconsistent_stored_epoch_is_a_store_error(store_run: Any) -> None:
+    core = busy_core()
 
-    core = ShardingCore(ShardingConfig(default_shards=256))
-    store = MapStore(sys.argv[1])
-    now = 0.0
-    i = 0
-    while True:
-        now += 1.0
-        i += 1
-        core.add_node(f"n{i % 7}", "abc"[i % 3], 1.0 + i % 3, now=now)
-        for p in core.pending_moves(now)[:3]:
-            if p["state"] == "copying":
-                core.confirm(p["shard"], p["node"], now)
-        core.tick(now)
-        shard_map, state = core.snapshot(now)
-        store.save(shard_map, state)
-        print(shard_map.epoch, flush=True)
-    """
-)
+    async def body(store: Store) -> None:
+        maps = MapStore(store)
+        await maps.commit(MapStore.prepare(*core.snapshot(1.0), previous=None, term=1, wall=1.0), None)
+        await store.put(EPOCH_KEY, msgpack.packb({"epoch": 999, "term": 1, "wall": 1.0}))
+        with pytest.raises(StoreError, match="999"):
+            await maps.load()
+        await store.delete(STATE_KEY)
+        with pytest.raises(StoreError, match="incomplete"):
+            await maps.load()
+
+    store_run(body)
 
 
-def test_writer_killed_mid_way_leaves_the_last_committed_epoch(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(tmp_path)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    committed: list[int] = []
-    try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 60
-        while len(committed) < 15 and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            committed.append(int(line))
-        proc.send_signal(signal.SIGKILL)  # most likely inside a transaction: it saves in a loop
-    finally:
-        proc.kill()
-        proc.wait(10)
-    assert len(committed) >= 15, "the writer did not get going"
-    with MapStore(tmp_path) as store:
-        loaded = store.load()
-        assert loaded is not None
-        shard_map, state = loaded
-        # Everything it reported is on disk; at most the save it was in when killed is more.
-        assert shard_map.epoch >= committed[-1]
-        assert state["epoch"] == shard_map.epoch
-        restored = ShardingCore.restore(shard_map, state, now=0.0, config=ShardingConfig(default_shards=256))
-        assert restored.epoch == shard_map.epoch
-        restored.tick(1.0)
-        store.save(*restored.snapshot(1.0))  # the store still takes writes after the crash
+def test_a_dead_delay_timer_survives_a_takeover_by_the_wall_clock() -> None:
+    core = ShardingCore(ShardingConfig(default_shards=8, dead_delay=60.0))
+    for i in range(4):
+        core.add_node(f"n{i}", "abcd"[i], 1.0, now=0.0)
+    core.node_dead("n0", now=100.0)
+
+    async def body() -> None:
+        maps = MapStore(MemoryStore())
+        saved = await maps.commit(MapStore.prepare(*core.snapshot(130.0), previous=None, term=1, wall=5000.0), None)
+        # Another process, 20 s (wall clock) later, on its own monotonic clock (7.0):
+        other = resume(saved, core.config, now=7.0, wall=5020.0)
+        (view,) = [n for n in other.nodes() if n["node"] == "n0"]
+        assert view["dead_since"] == pytest.approx(7.0 - 50.0)  # dead for 30 + 20 s: 10 s left
+        other.tick(7.0 + 9.0)
+        assert not next(n for n in other.nodes() if n["node"] == "n0")["expired"]
+        other.tick(7.0 + 10.5)
+        assert next(n for n in other.nodes() if n["node"] == "n0")["expired"]
+
+    asyncio.run(body())

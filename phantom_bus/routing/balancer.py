@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
+from phantom_bus import ids
 from phantom_bus.errors import BadRequest, NoLiveReplica, NotFound
 from phantom_bus.events import Event
 from phantom_bus.routing.config import BalancerConfig
@@ -197,8 +198,11 @@ class Balancer:
         verdict of the owner). A load sampled before the one held is ignored
         too. Returns False when something was ignored as stale.
         """
-        if not isinstance(node, str) or not node:
-            raise self._bad(f"node id must be a non-empty string, got {node!r}")
+        if not ids.is_node_id(node):
+            try:
+                ids.check_node_id(node)
+            except BadRequest as exc:
+                raise self._bad(exc.message) from None
         if state is not None and state not in STATES:
             raise self._bad(f"node {node}: state {state!r} is not one of {', '.join(STATES)}")
         if lifecycle is not None and lifecycle not in LIFECYCLES:

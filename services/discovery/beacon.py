@@ -38,6 +38,7 @@ from typing import Any
 
 import msgpack
 
+from phantom_bus import ids
 from phantom_bus.errors import BadRequest, TooLarge, UnsupportedVersion
 from phantom_bus.protocol import wire_type
 
@@ -185,8 +186,11 @@ def parse_beacon(obj: Any) -> Beacon:
 
 
 def check_node_id(value: Any, name: str = "node") -> str:
-    """A node id: 1..128 chars of ``[A-Za-z0-9._:-]``; :class:`BadRequest` otherwise."""
-    return _check_token(value, name, MAX_ID_CHARS)
+    """A node id by the one rule (:mod:`phantom_bus.ids`); :class:`BadRequest` otherwise."""
+    try:
+        return ids.check_node_id(value, name)
+    except BadRequest as exc:
+        raise BadRequest(exc.message, field=name) from None
 
 
 def check_zone(value: Any, name: str = "zone") -> str:

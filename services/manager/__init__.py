@@ -3,7 +3,7 @@
 Sans-I/O parts: :mod:`.registry` (records and the lifecycle state machine),
 :mod:`.core` (events and commands in, actions and ``cluster.*`` events out),
 :mod:`.health` (health and the status document). :mod:`.store` keeps the
-registry in SQLite. The asyncio shell lives in ``service.py`` / ``__main__.py``.
+registry in the control plane's store. The asyncio shell lives in ``service.py`` / ``__main__.py``.
 """
 
 from services.manager.config import ManagerConfig
@@ -31,7 +31,7 @@ from services.manager.registry import (
     Tombstone,
     TombstoneDropped,
 )
-from services.manager.store import RegistryStore, StoreError
+from services.manager.store import RegistryStore
 
 __all__ = [
     "ACTIVE",
@@ -52,7 +52,6 @@ __all__ = [
     "Registry",
     "RegistryStore",
     "ShardInfo",
-    "StoreError",
     "Tombstone",
     "TombstoneDropped",
     "assess",

@@ -444,22 +444,23 @@ class ManagerCore:
             decision = self._finish(out)
         return self._fire(decision)
 
-    def tick(self, now: float) -> Decision:
-        """Advance timers: a node dead for the re-replication delay becomes ``failed``,
-        one that left gracefully ``left``."""
+    def tick(self, now: float, expired: Iterable[str] = ()) -> Decision:
+        """Sharding says the nodes in ``expired`` have been dead (or left) for its
+        re-replication delay: those still ``active`` and down become ``failed``,
+        or ``left`` when they left gracefully (same handling, honest label).
+
+        The delay has one timer, sharding's (durable in the store, so a leader
+        change does not restart it); the manager only labels the lifecycle from
+        it (``expired`` in sharding's ``nodes`` reply).
+        """
         t = _time(now)
+        gone_for = set(expired)
         delay = self.config.rereplication_delay
         with self._lock:
             out = _Out()
             for record in self.registry.records():
-                if (
-                    record.lifecycle == ACTIVE
-                    and record.member in _DOWN
-                    and record.member_since is not None
-                    and t - record.member_since >= delay
-                ):
-                    gone = t - record.member_since
-                    # A graceful leave is not a failure: same handling, honest label.
+                if record.id in gone_for and record.lifecycle == ACTIVE and record.member in _DOWN:
+                    gone = t - record.member_since if record.member_since is not None else delay
                     _, event = self.registry.transition(
                         record.id,
                         LEFT if record.member == "left" else FAILED,
@@ -471,6 +472,39 @@ class ManagerCore:
                     out.events.append(event)
             decision = self._finish(out)
         return self._fire(decision)
+
+    def drift(self, down: Iterable[str]) -> list[Action]:
+        """Actions that bring sharding's ``down`` set (from its map) in line with the
+        member verdicts recorded here: ``node_dead`` for a placed node recorded down
+        that sharding still holds up, ``node_alive`` for one recorded up that sharding
+        holds down. Level-triggered repair of a lost or dropped action; idempotent."""
+        held_down = set(down)
+        with self._lock:
+            out = _Out()
+            for rec in self.registry.records():
+                if rec.lifecycle not in _PLACED or rec.member is None:
+                    continue
+                if rec.member in _DOWN and rec.id not in held_down:
+                    out.act(SHARDING, "node_dead", f"membership says {rec.member}; sharding's map does not",
+                            node=rec.id)
+                elif rec.member in ("alive", "suspect") and rec.id in held_down:
+                    out.act(SHARDING, "node_alive", f"membership says {rec.member}; sharding's map holds it down",
+                            node=rec.id)
+            return out.actions
+
+    def reset_registry(self, registry: Registry) -> None:
+        """Replace the registry (the shell rolls back to the committed one after a failed
+        commit, and follows the store's while it does not lead)."""
+        with self._lock:
+            self.registry = registry
+
+    def is_down(self, node: str) -> bool | None:
+        """Whether the recorded verdict for ``node`` is dead or left (None: unknown node or no verdict)."""
+        with self._lock:
+            rec = self.registry.find(node)
+            if rec is None or rec.member is None:
+                return None
+            return rec.member in _DOWN
 
     # -- anti-entropy ----------------------------------------------------------
 

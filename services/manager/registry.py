@@ -36,13 +36,13 @@ Every change is recorded in the order it happened and handed out once by
 from __future__ import annotations
 
 import math
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from typing import Any, Final
 
+from phantom_bus import ids
 from phantom_bus.errors import BadRequest, Conflict, NotFound
 from phantom_bus.events import Event
 
@@ -89,7 +89,6 @@ EVENT_FOR: Final[dict[str, str]] = {
 
 # Same rule as the sharding core's node ids, so a node registered here is
 # always acceptable to sharding.
-_NODE_ID = re.compile(r"^[^\s/]{1,128}$")
 _MAX_ZONE = 64
 _MAX_ADDRESS = 256
 _MAX_WEIGHT = 1e6
@@ -100,10 +99,8 @@ WATCHED: Final = ("address", "zone", "weight")
 
 
 def check_node_id(node: Any) -> str:
-    """``node`` if it is a valid node id, else :class:`BadRequest`."""
-    if not isinstance(node, str) or not _NODE_ID.match(node):
-        raise BadRequest(f"node id must be 1-128 characters without spaces or '/', got {node!r}")
-    return node
+    """``node`` if it follows the node-id rule (:mod:`phantom_bus.ids`), else :class:`BadRequest`."""
+    return ids.check_node_id(node)
 
 
 def check_address(address: Any) -> str:

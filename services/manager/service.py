@@ -1,16 +1,36 @@
 """The manager process: turns the other services' events into cluster decisions.
 
 Inputs: ``node.*`` (discovery), ``member.*`` (membership), ``shardmap.changed``
-(sharding) and operator commands. The core decides; this shell persists
-(through the store the core calls before it answers), publishes the
-``cluster.*`` events, and carries out the actions.
+(sharding) and operator commands. The core decides; this shell commits the
+decision's registry changes to the store (one fenced compare-and-swap
+transaction), then publishes the ``cluster.*`` events and carries out the
+actions. A commit that fails rolls the core back to the committed registry
+and the caller gets the retryable ``store_unavailable`` error.
 
-Actions run in one ordered queue per target service, each retried with
-back-off until it succeeds: order is kept where it matters (for one node, the
+Several instances may run; one leads (a lease in the store). Only the leader
+decides, acts and follows the other services; followers keep the registry
+from the store warm (a watch is a hint to re-read it), answer ``nodes`` and
+``node`` from it, and answer everything else with the retryable
+``not_leader`` error naming the leader, which a client's retry carries to
+the leader through the broker.
+
+Actions run in one ordered, bounded queue per target service (a full queue
+is a clear ``overloaded`` error, and the level-triggered loops below redo
+what was not queued): order is kept where it matters (for one node, the
 balancer hears "suspect" before anything else is done about it), while one
-service being down never holds up the others (a dead primary fails over in
-sharding even if the balancer is restarting). Every action is idempotent, and
-after a restart :meth:`ManagerCore.reconcile` re-derives what was unfinished.
+service being down never holds up the others. Each action is retried with
+back-off; a failover (``sharding.node_dead``, and ``node_alive`` for a node
+that came back) is retried for as long as the verdict behind it stands,
+whatever the error, so a failing sharding store delays a failover but never
+drops it. Other actions end at a definitive answer (bad request, refused,
+not found, conflict) and otherwise give up after a bounded number of
+attempts, ``internal`` included (logged); reconciliation re-issues them.
+
+Level-triggered: every second the leader re-reads membership's verdicts
+(from membership's leader, newest term only) and compares sharding's ``down``
+set with them, so a lost ``member.dead`` costs about a second, not a resync
+period. The re-replication delay has one timer, sharding's; the manager
+labels a node ``failed`` when sharding reports it ``expired``.
 """
 
 from __future__ import annotations
@@ -19,31 +39,50 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from loguru import logger
 
 from phantom_bus.client import AsyncClient
 from phantom_bus.config import Config
-from phantom_bus.errors import Conflict, NotFound, PhantomError, Refused
+from phantom_bus.errors import BadRequest, Conflict, NotFound, Overloaded, PhantomError, Refused
 from phantom_bus.follower import REGRESSED, AsyncMapFollower, Regression
+from phantom_bus.leader import read_leader
 from phantom_bus.service import Service
 from phantom_bus.shardmap import ShardMap
+from phantom_bus.store import CasFailed, Compacted, Fenced, Store, StoreError
+from services.leadership import Leadership
 from services.manager.config import ManagerConfig
 from services.manager.control import ControlWatch, apply_reasons
 from services.manager.core import Action, Decision, ManagerCore
 from services.manager.health import Health, shards_from_map
-from services.manager.registry import LIFECYCLES, NodeRecord
-from services.manager.store import RegistryStore
+from services.manager.registry import LIFECYCLES, NodeRecord, Registry
+from services.manager.store import LEGACY_FILE, PREFIX, RegistryStore
+from services.shared_store import StoreHealth, changes, open_shared_store
 
-SETTINGS = ("broker", "timeout", "retries", "auto_join", "dead_delay")
+SETTINGS = ("broker", "timeout", "retries", "auto_join", "dead_delay", "store", "store_prefix", "leader_ttl",
+            "instance")
 
 SERVICES = ("broker", "discovery", "membership", "sharding", "balancer", "manager")
+LEADING = ("sharding", "manager", "membership")  # the services with one decision maker
 _TICK = 1.0
 _MAP_POLL = 2.0
+# Seconds between the leader's reads of membership's verdicts and sharding's node
+# table: about one heartbeat, so a lost event costs about that much.
+_LEVEL = 1.0
+_DISCOVERY_SYNC = 5.0
 _RECONCILE = 30.0
 _BACKOFF_MAX = 5.0
+# Actions waiting per target service (count). A burst of a whole cluster's events
+# (a few per node) fits many times over; beyond it the queue is stuck, and new
+# work is refused loudly rather than piling up without bound.
+QUEUE_LIMIT = 4096
+# Attempts of an action that is not a failover before it is given up (count);
+# with the back-off that is about half a minute, the reconcile period.
+MAX_ATTEMPTS = 10
+# Sharding operations retried for as long as the verdict behind them stands.
+_FAILOVER = ("node_dead", "node_alive")
 _CONTROL_POLL = 2.0
 _METRICS_POLL = 5.0
 
@@ -52,39 +91,81 @@ def _already_done(action: Action, err: PhantomError) -> bool:
     """Replies that mean an idempotent action had already taken effect."""
     if isinstance(err, NotFound) and action.op in ("forget", "remove", "remove_node", "forget_node"):
         return True
+    if isinstance(err, NotFound) and action.service == "sharding" and action.op in _FAILOVER:
+        return True  # sharding does not hold the node: nothing to fail over or back
     return isinstance(err, Conflict) and action.service == "discovery" and action.op == "register"
 
 
-class ManagerService:
-    """The manager's shell around one :class:`ManagerCore`."""
+def _key(action: Action) -> tuple[str, str, str | None]:
+    return action.service, action.op, action.node
 
-    def __init__(self, cfg: Config) -> None:
+
+class ManagerService:
+    """The manager's shell around one :class:`ManagerCore`: leader or follower."""
+
+    def __init__(self, cfg: Config, store: Store | None = None) -> None:
         self.cfg = cfg
-        self.store = RegistryStore(cfg.data)
-        self.core = ManagerCore(
-            ManagerConfig(auto_join=cfg.auto_join, rereplication_delay=cfg.dead_delay),
-            self.store.registry(),
-            persist=self.store.apply,
-        )
+        self.store = store if store is not None else open_shared_store(cfg, LEGACY_FILE)
+        self.registry_store = RegistryStore(self.store)
+        self.leadership = Leadership(self.store, "manager", cfg)
+        self.store_health = StoreHealth()
+        self.core = ManagerCore(ManagerConfig(auto_join=cfg.auto_join, rereplication_delay=cfg.dead_delay))
         self.service = Service("manager", cfg)
         self.client = AsyncClient(cfg.broker, timeout=cfg.timeout, retries=1)
+        self._decide = asyncio.Lock()
         self._queues: dict[str, asyncio.Queue[Action]] = {}
+        self._pending: set[tuple[str, str, str | None]] = set()
         self._workers: list[asyncio.Task[None]] = []
+        self._loaded_revision = 0
+        self._member_term = 0
         self._map: ShardMap | None = None
         self._map_stale = asyncio.Event()
+        self.counters = {"overloaded": 0, "dropped": 0, "stale_verdicts": 0}
         # The control plane's own health: restarts, sharding's store, our queues' ages.
         self.control = ControlWatch()
         # Replaced whole by metrics_loop, read by the metrics thread.
         self._select_seconds: Any = None
         self._moves: int | None = None
         svc = self.service
-        for name in ("status", "nodes", "node", "register", "approve", "drain", "remove"):
+        for name in ("status", "nodes", "node", "register", "approve", "drain", "remove", "health"):
             svc.add_operation(name, getattr(self, f"op_{name}"))
         svc.subscribe("node.", self.on_event)
         svc.subscribe("member.", self.on_event)
         svc.subscribe("shardmap.changed", self.on_map_changed)
 
-    # --- carrying out decisions -----------------------------------------------------
+    # --- deciding: commit first, then act -------------------------------------------
+
+    def _leading(self) -> None:
+        if not self.leadership.is_leader:
+            raise self.leadership.not_leader()
+
+    async def _decide_and_apply(self, decide: Callable[[], Decision]) -> Any:
+        """Run one core call, commit its registry changes, then publish and act on it.
+
+        Leader only (``not_leader`` otherwise). A failed commit rolls the core's
+        registry back to the committed one and raises ``store_unavailable``.
+        """
+        self._leading()
+        async with self._decide:
+            self._leading()
+            fence = self.leadership.fence
+            decision = decide()
+            if decision.changes:
+                try:
+                    await self.registry_store.apply(decision.changes, fence)
+                except Fenced:
+                    self.core.reset_registry(self.registry_store.committed())
+                    raise self.leadership.not_leader() from None
+                except (StoreError, CasFailed) as exc:
+                    self.core.reset_registry(self.registry_store.committed())
+                    if self.store_health.failed(exc, time.monotonic()):
+                        logger.error("store: registry commit failed: {}", exc)
+                    raise StoreError(f"the registry change was not committed and was rolled back; retry: {exc}") \
+                        from None
+                if not self.store_health.ok:
+                    logger.info("store: registry commits work again")
+                self.store_health.succeeded()
+        return await self._apply(decision)
 
     async def _apply(self, decision: Decision) -> Any:
         for event in decision.events:
@@ -95,46 +176,93 @@ class ManagerService:
         return decision.value
 
     def _enqueue(self, action: Action) -> None:
+        """Queue ``action`` behind the others for its service; the same action already
+        waiting is not queued twice. :class:`Overloaded` when the queue is full."""
+        key = _key(action)
+        if key in self._pending and action.service == "sharding" and action.op in _FAILOVER:
+            return
         queue = self._queues.get(action.service)
         if queue is None:
-            queue = self._queues[action.service] = asyncio.Queue()
+            queue = self._queues[action.service] = asyncio.Queue(QUEUE_LIMIT)
             self._workers.append(asyncio.ensure_future(self._run_queue(action.service, queue)))
-        queue.put_nowait(action)
+        try:
+            queue.put_nowait(action)
+        except asyncio.QueueFull:
+            self.counters["overloaded"] += 1
+            logger.error("{} actions for {} are waiting; refusing {}.{} {} (it is re-derived later)",
+                         QUEUE_LIMIT, action.service, action.service, action.op, dict(action.args))
+            raise Overloaded(
+                f"the manager's queue for {action.service} is full ({QUEUE_LIMIT} actions): "
+                f"{action.service} is not keeping up; retry later",
+                service=action.service,
+            ) from None
+        self._pending.add(key)
         self.control.queued(action.service, f"{action.service}.{action.op}", time.monotonic())
+
+    def _superseded(self, action: Action) -> bool:
+        """A failover action whose verdict no longer stands (the node came back, or died again)."""
+        down = self.core.is_down(action.node or "")
+        if action.op == "node_dead":
+            return down is False
+        return down is True
 
     async def _run_queue(self, service: str, queue: asyncio.Queue[Action]) -> None:
         while True:
             action = await queue.get()
-            delay = 0.1
-            while True:
-                try:
-                    await self.client.request(action.service, action.op, **dict(action.args))
-                    logger.debug("{}.{} {} done", action.service, action.op, dict(action.args))
-                    break
-                except PhantomError as err:
-                    if _already_done(action, err):
-                        break
-                    if not err.retry:
-                        logger.warning(
-                            "{}.{} {} refused: {} ({})",
-                            action.service,
-                            action.op,
-                            dict(action.args),
-                            err,
-                            action.reason,
-                        )
-                        break
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, _BACKOFF_MAX)
-            self.control.finished(service)
+            try:
+                await self._carry_out(action)
+            finally:
+                self._pending.discard(_key(action))
+                self.control.finished(service)
             if action.service == "sharding" and action.op == "drain_node":
                 # A drain is only judged on maps fetched after it was accepted.
                 self._map_stale.set()
+
+    async def _carry_out(self, action: Action) -> None:
+        """Send ``action`` until it is done; see the module docstring for when it gives up."""
+        failover = action.service == "sharding" and action.op in _FAILOVER
+        delay = 0.1
+        attempt = 0
+        while self.leadership.is_leader:
+            if failover and self._superseded(action):
+                logger.info("{}.{} {} superseded by a newer verdict", action.service, action.op, dict(action.args))
+                return
+            try:
+                await self.client.request(action.service, action.op, **dict(action.args))
+                logger.debug("{}.{} {} done", action.service, action.op, dict(action.args))
+                return
+            except PhantomError as err:
+                if _already_done(action, err):
+                    return
+                attempt += 1
+                what = f"{action.service}.{action.op} {dict(action.args)}"
+                # A definitive answer ends a non-failover action at once; anything else
+                # (store_unavailable, timeout, internal: a service's own failure) is retried.
+                definitive = isinstance(err, BadRequest | Refused | NotFound | Conflict)
+                if not failover and (definitive or attempt >= MAX_ATTEMPTS):
+                    self.counters["dropped"] += 1
+                    logger.warning("{} given up after {} attempt(s): {} ({}) ({})", what, attempt, err, err.code,
+                                   action.reason)
+                    return
+                (logger.warning if attempt == 1 or attempt % 10 == 0 else logger.debug)(
+                    "{} failed (attempt {}): {} ({}); retrying in {:.1f} s", what, attempt, err, err.code, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_MAX)
+
+    def _stop_acting(self) -> None:
+        """Deposed: drop the queued actions (the next leader re-derives them)."""
+        for task in self._workers:
+            task.cancel()
+        self._workers.clear()
+        self._queues.clear()
+        self._pending.clear()
 
     # --- operations -------------------------------------------------------------------
 
     async def op_status(self) -> dict[str, Any]:
         """The DESIGN.md status document, with down services marked instead of failing."""
+        self._leading()
         try:
             registered = await self.client.request("broker", "services")
         except PhantomError:
@@ -160,7 +288,31 @@ class ManagerService:
         if registered:
             self.control.observe_services(registered, now)
         apply_reasons(doc, self.control.reasons(now), self.control.queue_ages(now))
+        doc["control"] = await self._control()
         return doc
+
+    async def _control(self) -> dict[str, Any]:
+        """``{"store", "leaders": {service: {"instance", "term"} | None}}`` from the leader records."""
+        leaders: dict[str, Any] = {}
+        for name in LEADING:
+            try:
+                holder = await read_leader(self.store, name)
+            except PhantomError:
+                leaders[name] = None
+                continue
+            leaders[name] = None if holder is None else {"instance": holder.instance, "term": holder.term}
+        return {"store": self.store.name, "leaders": leaders}
+
+    def op_health(self) -> dict[str, Any]:
+        """The manager itself: leader, store, queues."""
+        return {
+            "leader": self.leadership.describe(),
+            "store": self.store_health.to_wire(time.monotonic()),
+            "queues": {name: q.qsize() for name, q in self._queues.items()},
+            "queue_limit": QUEUE_LIMIT,
+            "membership_term": self._member_term,
+            **self.counters,
+        }
 
     def op_nodes(self) -> list[dict[str, Any]]:
         """The registry: every node with its lifecycle."""
@@ -172,24 +324,24 @@ class ManagerService:
 
     async def op_register(self, node: str, address: str, zone: str = "default", weight: float = 1.0) -> Any:
         """Register (or approve) a node by hand: `phantom register`."""
-        return await self._apply(self.core.register(node, address, zone, weight, now=time.time()))
+        return await self._decide_and_apply(lambda: self.core.register(node, address, zone, weight, now=time.time()))
 
     async def op_approve(self, node: str) -> Any:
         """Let a discovered node join when auto-join is off."""
-        return await self._apply(self.core.approve(node, now=time.time()))
+        return await self._decide_and_apply(lambda: self.core.approve(node, now=time.time()))
 
     async def op_drain(self, node: str) -> Any:
         """Move the node's replicas away, then decommission it: `phantom drain`."""
-        return await self._apply(self.core.drain(node, now=time.time()))
+        return await self._decide_and_apply(lambda: self.core.drain(node, now=time.time()))
 
     async def op_remove(self, node: str) -> Any:
         """Forget a node; refused while it holds the only live replica of a shard."""
+        self._leading()
         # Sharding learns of deaths through our queued node_dead actions, so its view can
         # lag membership's: take membership's current verdicts too, and refuse on either
         # view (the union is the safe side).
         with contextlib.suppress(PhantomError):
-            members = await self.client.request("membership", "members")
-            await self._apply(self.core.sync_members(members, time.time()))
+            await self._read_verdicts()
         by_sharding = await self.client.request("sharding", "sole_replicas", node=node)
         sole = sorted({*by_sharding, *self.core.sole_shards(node)})
         self.core.check_remove(node, sole)
@@ -199,15 +351,34 @@ class ManagerService:
             pass  # sharding never placed anything on it
         except Refused as err:
             raise Refused(f"sharding refuses to remove {node}: {err.message}", node=node) from None
-        return await self._apply(self.core.remove(node, sole, now=time.time()))
+        return await self._decide_and_apply(lambda: self.core.remove(node, sole, now=time.time()))
 
-    # --- events and loops ---------------------------------------------------------------
+    # --- events and loops (leader) -------------------------------------------------------
+
+    def _fresh_term(self, term: Any) -> bool:
+        """False for a verdict of an older membership term than one already seen."""
+        if isinstance(term, bool) or not isinstance(term, int):
+            return True  # a membership that predates leaders; counted as the current term
+        if term < self._member_term:
+            self.counters["stale_verdicts"] += 1
+            return False
+        self._member_term = term
+        return True
 
     async def on_event(self, event: dict[str, Any]) -> None:
-        """Discovery and membership events become decisions."""
-        if event.get("kind") == "member.load":
+        """Discovery and membership events become decisions (leader only)."""
+        kind = event.get("kind")
+        if kind == "member.load" or not self.leadership.is_leader:
             return
-        await self._apply(self.core.on_event(event, time.time()))
+        if isinstance(kind, str) and kind.startswith("member.") and not self._fresh_term(event.get("term")):
+            logger.info("ignored {} for {} from membership term {} (term {} leads)", kind, event.get("node"),
+                        event.get("term"), self._member_term)
+            return
+        try:
+            await self._decide_and_apply(lambda: self.core.on_event(event, time.time()))
+        except PhantomError as exc:
+            # Nothing is lost: the level-triggered loop re-reads the verdicts within a second.
+            logger.warning("{} for {} not decided now: {}", kind, event.get("node"), exc)
 
     def on_map_changed(self, event: dict[str, Any]) -> None:
         """Fetch the new map in the map loop."""
@@ -240,8 +411,10 @@ class ManagerService:
                 if self._map is not None:
                     m = self._map
                     try:
-                        await self._apply(
-                            self.core.observe_shards(shards_from_map(m), now=time.time(), down=m.down, epoch=m.epoch)
+                        await self._decide_and_apply(
+                            lambda m=m: self.core.observe_shards(  # type: ignore[misc]
+                                shards_from_map(m), now=time.time(), down=m.down, epoch=m.epoch
+                            )
                         )
                     except PhantomError as exc:
                         logger.debug("shard map not judged: {}", exc)
@@ -252,34 +425,106 @@ class ManagerService:
     async def _map_regressed(self, regression: Regression) -> None:
         await self.service.publish(REGRESSED, {**regression.to_wire(), "consumer": "manager"})
 
-    async def tick_loop(self) -> None:
-        """Timers of the core (the failed label), and anti-entropy now and then."""
-        next_reconcile = time.monotonic() + _RECONCILE
+    async def _read_verdicts(self) -> None:
+        """Membership's leader's verdicts, decided on if they are of the newest term."""
+        doc = await self.client.request("membership", "verdicts")
+        if not isinstance(doc, dict) or not isinstance(doc.get("members"), list):
+            return
+        if self._fresh_term(doc.get("term")):
+            await self._decide_and_apply(lambda: self.core.sync_members(doc["members"], time.time()))
+
+    async def level_loop(self) -> None:
+        """Every second: membership's verdicts, sharding's dead-delay timers and its
+        ``down`` set, each compared with the registry (a lost event costs a second)."""
+        next_discovery = 0.0
         while True:
-            await asyncio.sleep(_TICK)
-            await self._apply(self.core.tick(time.time()))
-            if time.monotonic() >= next_reconcile:
-                next_reconcile = time.monotonic() + _RECONCILE
-                await self._resync(removals=False)
+            try:
+                await self._read_verdicts()
+            except PhantomError as exc:
+                logger.debug("membership verdicts not read: {}", exc)
+            try:
+                nodes = await self.client.request("sharding", "nodes")
+                expired = [n["node"] for n in nodes if isinstance(n, dict) and n.get("expired")]
+                await self._decide_and_apply(lambda e=expired: self.core.tick(time.time(), e))  # type: ignore[misc]
+            except PhantomError as exc:
+                logger.debug("sharding's node table not read: {}", exc)
+            m = self._map
+            if m is not None:
+                for action in self.core.drift(m.down):
+                    with contextlib.suppress(Overloaded):
+                        self._enqueue(action)
+            if time.monotonic() >= next_discovery:
+                next_discovery = time.monotonic() + _DISCOVERY_SYNC
+                try:
+                    docs = await self.client.request("discovery", "nodes")
+                    await self._decide_and_apply(lambda d=docs: self.core.sync_discovery(d, time.time()))  # type: ignore[misc]
+                except PhantomError as exc:
+                    logger.debug("discovery sync skipped: {}", exc)
+            await asyncio.sleep(_LEVEL)
 
-    async def _resync(self, *, removals: bool) -> None:
-        """Catch up with discovery and membership, then re-issue unfinished work."""
-        now = time.time()
-        try:
-            await self._apply(self.core.sync_discovery(await self.client.request("discovery", "nodes"), now))
-        except PhantomError as exc:
-            logger.debug("discovery sync skipped: {}", exc)
-        try:
-            await self._apply(self.core.sync_members(await self.client.request("membership", "members"), now))
-        except PhantomError as exc:
-            logger.debug("membership sync skipped: {}", exc)
-        for action in self.core.reconcile(now, removals=removals):
-            self._enqueue(action)
-
-    async def startup(self) -> None:
-        """After a restart: the registry is loaded; finish what was in flight."""
+    async def reconcile_loop(self) -> None:
+        """Right after taking over: re-issue everything the registry implies (removals
+        too); then every so often without removals, as anti-entropy."""
         await asyncio.sleep(0.5)  # let the broker see us and the subscriptions settle
-        await self._resync(removals=True)
+        removals = True
+        while True:
+            try:
+                for action in self.core.reconcile(time.time(), removals=removals):
+                    self._enqueue(action)
+            except Overloaded:
+                pass  # logged by _enqueue; the next round tries again
+            removals = False
+            await asyncio.sleep(_RECONCILE)
+
+    async def _lead(self) -> None:
+        """Elected: load the committed registry, then decide and act until deposed."""
+        delay = 0.1
+        while True:
+            try:
+                await self._reload()
+                break
+            except StoreError as exc:
+                if self.store_health.failed(exc, time.monotonic()):
+                    logger.error("store: cannot read the registry to take over: {}", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_MAX)
+        self._member_term = 0
+        loops = (self.reconcile_loop(), self.map_loop(), self.level_loop(), self.control_loop())
+        tasks = [asyncio.ensure_future(c) for c in loops]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            self._stop_acting()
+
+    async def _reload(self) -> None:
+        """Read the registry from the store into the core."""
+        async with self._decide:
+            records, tombstones, revision = await self.registry_store.load()
+            self.core.reset_registry(Registry.restore(records, tombstones, self.core.config.max_tombstones))
+            self._loaded_revision = revision
+        self.store_health.succeeded()
+
+    async def follow_loop(self) -> None:
+        """Not leading: keep the registry as committed in the store (warm for a takeover)."""
+        delay = 0.1
+        while True:
+            if self.leadership.is_leader:
+                await self.leadership.wait_following()
+                continue
+            try:
+                await self._reload()
+                async for _change in changes(self.store, PREFIX, self._loaded_revision + 1):
+                    break  # a hint: re-read (level-triggered)
+                delay = 0.1
+            except Compacted:
+                continue
+            except StoreError as exc:
+                if self.store_health.failed(exc, time.monotonic()):
+                    logger.warning("store: cannot follow the registry: {}", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_MAX)
 
     async def control_loop(self) -> None:
         """Watch the control plane itself: worker restarts at the broker, sharding's store."""
@@ -313,7 +558,7 @@ class ManagerService:
 
     def loops(self) -> list[Any]:
         """The coroutines to run next to the service's own."""
-        loops = [self.startup(), self.map_loop(), self.tick_loop(), self.control_loop()]
+        loops = [self.leadership.run(), self.leadership.while_leading("manager", self._lead), self.follow_loop()]
         if self.cfg.get("metrics"):
             loops.append(self.metrics_loop())
         return loops

@@ -1,135 +1,141 @@
-"""Durable node registry: SQLite in WAL mode under ``PHANTOM_DATA``, one row per node.
+"""The node registry in the control plane's store: one key per node and per tombstone.
 
-Use: build the core with ``ManagerCore(config, store.registry(), persist=store.apply)``.
-The core calls :meth:`RegistryStore.apply` with the changes of each decision
-before it returns the decision, so by the time the shell publishes an event or
-sends an action, the state behind it is committed (``synchronous=FULL``: it
-survives power loss too). A writer killed mid-transaction leaves the previous
-state intact: SQLite rolls the unfinished transaction back on the next open.
+Keys (relative to the store prefix)::
 
-One :meth:`RegistryStore.apply` is one transaction, so a decision that
-touches several rows (a removal deletes a node and writes its tombstone) is
-all or nothing.
+    registry/nodes/<id>        msgpack NodeRecord.to_dict()
+    registry/tombstones/<id>   msgpack {"incarnation", "removed_at", "reason"}
+
+Tombstones are ordered oldest first by their key's create revision.
+
+The manager's leader builds its core with ``persist=None`` and commits each
+decision's :attr:`~services.manager.core.Decision.changes` with
+:meth:`RegistryStore.apply` before it publishes an event or sends an action.
+One ``apply`` is one transaction carrying the leader's fence and a
+compare-and-swap on every key it touches (the ``mod_revision`` this process
+last read or wrote), so a deposed leader, or one that missed a write, changes
+nothing. :meth:`RegistryStore.committed` is the registry as last committed,
+to roll the core back to when a commit fails.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterable
-from pathlib import Path
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
+
+import msgpack
 
 from phantom_bus.errors import BadRequest
-from services.sqlite_store import StoreError, open_store
+from phantom_bus.store import Compare, Delete, Entry, Fence, Put, Store, StoreError
 
 from .registry import Change, NodeRecord, Registry, Tombstone, TombstoneDropped
 
-FILENAME = "manager.sqlite3"
-SCHEMA_VERSION = 1
+PREFIX = "registry/"
+NODES = PREFIX + "nodes/"
+TOMBSTONES = PREFIX + "tombstones/"
+#: The file the manager used before the shared store; never read now.
+LEGACY_FILE = "manager.sqlite3"
 
-_COLUMNS = (
-    "id",
-    "address",
-    "zone",
-    "weight",
-    "incarnation",
-    "lifecycle",
-    "member",
-    "member_since",
-    "first_seen",
-    "last_change",
-    "reason",
-    "approved",
-    "source",
-)
+
+def _pack(doc: dict[str, Any]) -> bytes:
+    return cast(bytes, msgpack.packb(doc, use_bin_type=True))
+
+
+def _unpack(entry: Entry) -> dict[str, Any]:
+    try:
+        doc = msgpack.unpackb(entry.value, raw=False, strict_map_key=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise StoreError(f"registry key {entry.key} is not valid msgpack: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise StoreError(f"registry key {entry.key} does not hold a map")
+    return doc
 
 
 class RegistryStore:
-    """The manager's durable registry under ``directory`` (created if missing). Thread-safe."""
+    """Fenced compare-and-swap writes and reads of the node registry in ``store``."""
 
-    def __init__(self, directory: str | Path, filename: str = FILENAME) -> None:
-        self.path = Path(directory) / filename
-        self._lock = threading.Lock()
-        self._db = open_store(
-            self.path,
-            SCHEMA_VERSION,
-            (
-                # Explicit columns rather than a blob: an operator can read the registry
-                # with the sqlite3 shell during an incident.
-                "CREATE TABLE IF NOT EXISTS nodes ("
-                "id TEXT PRIMARY KEY, address TEXT NOT NULL, zone TEXT NOT NULL, weight REAL NOT NULL, "
-                "incarnation INTEGER NOT NULL, lifecycle TEXT NOT NULL, member TEXT, member_since REAL, "
-                "first_seen REAL NOT NULL, last_change REAL NOT NULL, reason TEXT NOT NULL, "
-                "approved INTEGER NOT NULL, source TEXT NOT NULL)",
-                # seq orders tombstones oldest first, whatever the clock did.
-                "CREATE TABLE IF NOT EXISTS tombstones ("
-                "seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, "
-                "incarnation INTEGER NOT NULL, removed_at REAL NOT NULL, reason TEXT NOT NULL)",
-            ),
-        )
+    def __init__(self, store: Store, max_tombstones: int = 1024) -> None:
+        self.store = store
+        self.max_tombstones = max_tombstones
+        self._revisions: dict[str, int] = {}  # key -> mod_revision last read or written
+        self._records: dict[str, NodeRecord] = {}
+        self._tombstones: dict[str, tuple[int, Tombstone]] = {}  # id -> (order, tombstone)
 
-    def apply(self, changes: Iterable[Change]) -> None:
-        """Commit ``changes`` (from :meth:`Registry.take_changes`) in one transaction, in order."""
-        batch = list(changes)
-        if not batch:
-            return
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for change in batch:
-                    if isinstance(change, NodeRecord):
-                        db.execute(
-                            f"INSERT OR REPLACE INTO nodes ({', '.join(_COLUMNS)}) "
-                            f"VALUES ({', '.join('?' * len(_COLUMNS))})",
-                            tuple(getattr(change, c) for c in _COLUMNS),
-                        )
-                        # A registered node is no longer a removed one.
-                        db.execute("DELETE FROM tombstones WHERE id = ?", (change.id,))
-                    elif isinstance(change, Tombstone):
-                        db.execute("DELETE FROM nodes WHERE id = ?", (change.id,))
-                        db.execute("DELETE FROM tombstones WHERE id = ?", (change.id,))
-                        db.execute(
-                            "INSERT INTO tombstones (id, incarnation, removed_at, reason) VALUES (?, ?, ?, ?)",
-                            (change.id, change.incarnation, change.removed_at, change.reason),
-                        )
-                    elif isinstance(change, TombstoneDropped):
-                        db.execute("DELETE FROM tombstones WHERE id = ?", (change.id,))
-                    else:
-                        raise TypeError(f"not a registry change: {change!r}")
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+    async def load(self) -> tuple[list[NodeRecord], list[Tombstone], int]:
+        """Every committed node (by id) and tombstone (oldest first), and the store revision."""
+        entries, revision = await self.store.range(PREFIX)
+        records: dict[str, NodeRecord] = {}
+        tombs: dict[str, tuple[int, Tombstone]] = {}
+        revisions: dict[str, int] = {}
+        for entry in entries:
+            revisions[entry.key] = entry.mod_revision
+            doc = _unpack(entry)
+            if entry.key.startswith(NODES):
+                try:
+                    record = NodeRecord.from_dict(doc)
+                except BadRequest as exc:
+                    raise StoreError(f"registry key {entry.key} cannot be read: {exc.message}") from exc
+                records[record.id] = record
+            elif entry.key.startswith(TOMBSTONES):
+                node = entry.key[len(TOMBSTONES):]
+                try:
+                    tomb = Tombstone(node, int(doc["incarnation"]), float(doc["removed_at"]), str(doc["reason"]))
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise StoreError(f"registry key {entry.key} cannot be read: {exc!r}") from exc
+                tombs[node] = (entry.create_revision, tomb)
+        self._revisions, self._records, self._tombstones = revisions, records, tombs
+        return self.records(), self.tombstones(), revision
 
-    def load(self) -> tuple[list[NodeRecord], list[Tombstone]]:
-        """Every committed node (sorted by id) and tombstone (oldest first)."""
-        with self._lock:
-            rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM nodes ORDER BY id").fetchall()
-            tombs = self._db.execute(
-                "SELECT id, incarnation, removed_at, reason FROM tombstones ORDER BY seq"
-            ).fetchall()
-        records = []
-        for row in rows:
-            doc = dict(zip(_COLUMNS, row, strict=True))
-            doc["approved"] = bool(doc["approved"])
-            try:
-                records.append(NodeRecord.from_dict(doc))
-            except BadRequest as exc:
-                raise StoreError(f"{self.path}: node row {doc.get('id')!r} cannot be read: {exc.message}") from exc
-        return records, [Tombstone(str(i), int(inc), float(at), str(why)) for i, inc, at, why in tombs]
+    def records(self) -> list[NodeRecord]:
+        """The committed nodes, sorted by id."""
+        return [self._records[k] for k in sorted(self._records)]
 
-    def registry(self, max_tombstones: int = 1024) -> Registry:
-        """A :class:`Registry` holding what is on disk."""
-        records, tombstones = self.load()
-        return Registry.restore(records, tombstones, max_tombstones)
+    def tombstones(self) -> list[Tombstone]:
+        """The committed tombstones, oldest first."""
+        return [t for _, t in sorted(self._tombstones.values(), key=lambda pair: pair[0])]
 
-    def close(self) -> None:
-        """Close the database (a checkpoint folds the WAL into the main file)."""
-        with self._lock:
-            self._db.close()
+    def committed(self) -> Registry:
+        """A registry holding what was last committed (or loaded): no I/O."""
+        return Registry.restore(self.records(), self.tombstones(), self.max_tombstones)
 
-    def __enter__(self) -> RegistryStore:
-        return self
+    async def apply(self, changes: Sequence[Change], fence: Fence | None) -> int:
+        """Commit ``changes`` (in order) in one fenced transaction; the new revision (0: nothing to do).
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        Raises :class:`~phantom_bus.store.Fenced`, :class:`~phantom_bus.store.CasFailed`
+        or :class:`StoreError` and writes nothing when the store refuses.
+        """
+        ops: dict[str, Put | Delete] = {}  # last write of each key wins, in the order written
+        for change in changes:
+            if isinstance(change, NodeRecord):
+                ops[NODES + change.id] = Put(NODES + change.id, _pack(change.to_dict()))
+                ops[TOMBSTONES + change.id] = Delete(TOMBSTONES + change.id)
+            elif isinstance(change, Tombstone):
+                ops[NODES + change.id] = Delete(NODES + change.id)
+                ops.pop(TOMBSTONES + change.id, None)  # re-inserted last: it is the newest tombstone
+                doc = {"incarnation": change.incarnation, "removed_at": change.removed_at, "reason": change.reason}
+                ops[TOMBSTONES + change.id] = Put(TOMBSTONES + change.id, _pack(doc))
+            elif isinstance(change, TombstoneDropped):
+                ops[TOMBSTONES + change.id] = Delete(TOMBSTONES + change.id)
+            else:
+                raise TypeError(f"not a registry change: {change!r}")
+        if not ops:
+            return 0
+        compares = [Compare(key, self._revisions.get(key, 0)) for key in ops]
+        revision = await self.store.txn(compares, list(ops.values()), fence=fence)
+        self._committed(changes, ops, revision)
+        return revision
+
+    def _committed(self, changes: Iterable[Change], ops: dict[str, Put | Delete], revision: int) -> None:
+        for key, op in ops.items():
+            if isinstance(op, Put):
+                self._revisions[key] = revision
+            else:
+                self._revisions.pop(key, None)
+        for change in changes:
+            if isinstance(change, NodeRecord):
+                self._records[change.id] = change
+                self._tombstones.pop(change.id, None)
+            elif isinstance(change, Tombstone):
+                self._records.pop(change.id, None)
+                self._tombstones[change.id] = (revision, change)
+            else:
+                self._tombstones.pop(change.id, None)

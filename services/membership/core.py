@@ -48,6 +48,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from phantom_bus import ids
 from phantom_bus.errors import BadRequest, Conflict, NotFound, PhantomError
 from phantom_bus.events import Event, EventHooks
 from phantom_bus.protocol import wire_type
@@ -76,7 +77,6 @@ DECLARED_DEAD: Final = "declared_dead"
 HAS_LEFT: Final = "has_left"
 INCARNATION_AHEAD: Final = "incarnation_ahead"
 
-_MAX_NODE_ID = 256
 _MAX_INT = 2**63 - 1  # an int64 on the wire, so agents in other languages can hold it
 # Arrivals buffered per node between two ticks. A sane agent sends one or two;
 # beyond this the node is flooding and only its latest arrival is kept.
@@ -252,12 +252,7 @@ class _StallLedger:
 
 
 def _check_node(node: object) -> str:
-    if not isinstance(node, str) or not node or len(node) > _MAX_NODE_ID:
-        raise BadRequest(
-            f"node id must be a non-empty string of at most {_MAX_NODE_ID} characters, "
-            f"got {node!r}"
-        )
-    return node
+    return ids.check_node_id(node)
 
 
 def _check_count(name: str, value: object) -> int:

@@ -12,6 +12,14 @@ manager can also ``admit`` and ``forget`` directly.
 The shell measures its own loop lag on every tick (how late the timer fired)
 and hands it to the core, which discounts the stall so that nobody is
 convicted because membership itself was paused.
+
+Several instances may run, each with its own heartbeat endpoint; one leads
+(a lease in the control plane's store). Every instance runs its detector on
+the heartbeats it receives, so a follower is warm, but only the leader's
+verdicts count: only the leader publishes ``member.*`` events, each carrying
+its ``term``, and only the leader answers ``verdicts`` (``{"term",
+"instance", "members"}``, what the manager re-reads every second); a
+follower answers it with the retryable ``not_leader`` error.
 """
 
 from __future__ import annotations
@@ -30,9 +38,12 @@ from phantom_bus.config import Config
 from phantom_bus.errors import BadRequest, PhantomError, Refused
 from phantom_bus.events import Event
 from phantom_bus.service import Service
+from phantom_bus.store import Store
 from phantom_bus.wire import LoopSocket
+from services.leadership import Leadership
 from services.membership.config import MembershipConfig
 from services.membership.core import Membership
+from services.shared_store import open_shared_store
 
 SETTINGS = (
     "broker",
@@ -47,6 +58,10 @@ SETTINGS = (
     "incarnation_lead",
     "timeout",
     "retries",
+    "store",
+    "store_prefix",
+    "leader_ttl",
+    "instance",
 )
 
 # Seconds between full syncs of the admitted set with discovery's table.
@@ -93,11 +108,13 @@ def decode_heartbeat(body: bytes) -> dict[str, Any]:
 class MembershipService:
     """Membership's shell around one :class:`Membership` core."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, store: Store | None = None) -> None:
         self.cfg = cfg
         self.core = Membership(core_config(cfg))
         self.service = Service("membership", cfg)
-        self.counters = {"malformed": 0}
+        self.store = store if store is not None else open_shared_store(cfg)
+        self.leadership = Leadership(self.store, "membership", cfg)
+        self.counters = {"malformed": 0, "withheld": 0}
         # Security on: a heartbeat counts only from the agent key of the node it names.
         self._secure = self.service.security.enabled
         if self._secure:
@@ -105,6 +122,7 @@ class MembershipService:
         self._heartbeats: LoopSocket | None = None
         svc = self.service
         svc.add_operation("members", self.op_members)
+        svc.add_operation("verdicts", self.op_verdicts)
         svc.add_operation("member", self.op_member)
         svc.add_operation("admit", self.op_admit)
         svc.add_operation("forget", self.op_forget)
@@ -116,6 +134,13 @@ class MembershipService:
     def op_members(self) -> list[dict[str, Any]]:
         """Every member: state, incarnation, phi, heartbeat age, load."""
         return self.core.members(time.monotonic())
+
+    def op_verdicts(self) -> dict[str, Any]:
+        """The leader's verdicts: ``{"term", "instance", "members"}``; ``not_leader`` on a follower."""
+        if not self.leadership.is_leader:
+            raise self.leadership.not_leader()
+        term = self.leadership.term
+        return {"term": term, "instance": self.leadership.instance, "members": self.core.members(time.monotonic())}
 
     def op_member(self, node: str) -> dict[str, Any]:
         """One member; ``not_found`` if it never heartbeated."""
@@ -169,6 +194,13 @@ class MembershipService:
     # --- heartbeats ---------------------------------------------------------------------
 
     async def _publish(self, events: list[Event]) -> None:
+        if not events:
+            return
+        if not self.leadership.is_leader:
+            # A follower's detector stays warm, but only the leader's verdicts count.
+            self.counters["withheld"] += len(events)
+            return
+        term = self.leadership.term
         for event in events:
             if event.kind != "member.load":
                 logger.bind(node=event.data.get("node")).info(
@@ -177,7 +209,7 @@ class MembershipService:
                     event.data.get("incarnation"),
                     event.data.get("reason"),
                 )
-            await self.service.publish(event.kind, event.data)
+            await self.service.publish(event.kind, {**event.data, "term": term})
 
     def _answer(self, identity: bytes, frames: list[bytes], now: float, sender: str | None = None) -> list[Event]:
         if len(frames) != 2 or frames[0] != protocol.HEARTBEAT_HEADER:
@@ -279,5 +311,5 @@ class MembershipService:
 
     def loops(self) -> list[Any]:
         """The coroutines to run next to the service's own."""
-        return [self.heartbeat_loop(), self.tick_loop(), self.sync_loop()]
+        return [self.leadership.run(), self.heartbeat_loop(), self.tick_loop(), self.sync_loop()]
 

@@ -2,16 +2,17 @@
 
 The sans-I/O parts are :mod:`.placement` (the planner), :mod:`.migration`
 (the move state machine) and :mod:`.core` (the operations the shell calls);
-:mod:`.store` keeps the map in SQLite. The asyncio shell lives in
+:mod:`.store` keeps the map in the control plane's store. The asyncio shell lives in
 ``service.py`` / ``__main__.py``.
 """
 
 from services.sharding.config import ShardingConfig
 from services.sharding.core import MergeResult, Result, ShardingCore
 from services.sharding.placement import Move, NodeSpec, Plan, ShardSpec, Target, plan
-from services.sharding.store import MapStore, StoreError
+from services.sharding.store import Committed, MapStore
 
 __all__ = [
+    "Committed",
     "MapStore",
     "MergeResult",
     "Move",
@@ -21,7 +22,6 @@ __all__ = [
     "ShardSpec",
     "ShardingConfig",
     "ShardingCore",
-    "StoreError",
     "Target",
     "plan",
 ]

@@ -11,9 +11,10 @@ Time is a parameter. ``node_dead``, ``node_alive``, ``confirm``,
 seconds); the other operations accept an optional ``now`` and otherwise use
 the latest time the core was given. The core never reads a clock.
 
-Persistence: before publishing the events of a call, the shell saves
-:meth:`ShardingCore.snapshot` (see :mod:`services.sharding.store`); after a
-restart :meth:`ShardingCore.restore` resumes the in-flight moves.
+Persistence: before publishing the events of a call, the shell commits
+:meth:`ShardingCore.snapshot` to the store (see :mod:`services.sharding.store`);
+after a restart, a leader change or a failed commit,
+:meth:`ShardingCore.restore` resumes from the last committed snapshot.
 
 All public methods are safe to call from several threads. Planning a large
 cluster takes a noticeable fraction of a second (see bench/rebalance.py), so
@@ -30,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar, cast
 
+from phantom_bus import ids
 from phantom_bus.errors import BadRequest, Conflict, NoSuchKeyspace, NotFound, Refused
 from phantom_bus.events import Event
 from phantom_bus.shardmap import (
@@ -54,7 +56,6 @@ T = TypeVar("T")
 CHANGED = "shardmap.changed"
 STATE_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_NODE = re.compile(r"^[^\s/]{1,128}$")
 _MAX_RF = 16
 
 
@@ -115,9 +116,7 @@ def _number(value: Any, what: str) -> float:
 
 
 def _node_id(node: Any) -> str:
-    if not isinstance(node, str) or not _NODE.match(node):
-        raise BadRequest(f"node id must be 1-128 characters without spaces or '/', got {node!r}")
-    return node
+    return ids.check_node_id(node)
 
 
 class ShardingCore:
@@ -641,6 +640,10 @@ class ShardingCore:
             "state": rec.state,
             "alive": rec.alive,
             "dead_since": rec.dead_since,
+            # Dead (or left) for dead_delay: its replicas are being re-created elsewhere.
+            # The one re-replication timer of the cluster; the manager labels the node
+            # ``failed`` from this flag.
+            "expired": rec.expired,
         }
 
     # -- moves -----------------------------------------------------------------------

@@ -1,102 +1,175 @@
-"""Durable shard map: SQLite in WAL mode, one file, one row per saved epoch.
+"""The shard map in the control plane's store: three keys written by one fenced txn.
 
-The shell calls :meth:`MapStore.save` with the map and the core's resumable
-state after every call that changed something, and publishes the call's
-events only once ``save`` has returned: a map that anyone has seen is always
-on disk. :meth:`MapStore.load` returns the last committed epoch; a writer
-killed mid-transaction leaves the previous epoch intact (SQLite rolls the
-unfinished transaction back on the next open).
+Keys (relative to the store prefix):
+
+``shardmap/epoch``
+    ``{"epoch", "term", "wall"}``: the epoch record. Every commit compares its
+    ``mod_revision`` with the one the writer last read (compare-and-swap), so
+    two writers can never both create an epoch, and refuses an epoch older
+    than the one stored, so an epoch never goes back.
+``shardmap/map``
+    The packed :class:`~phantom_bus.shardmap.ShardMap` (what readers are served).
+``shardmap/state``
+    The core's resumable state (nodes and their dead-delay timers, pending
+    moves, merges, avoided pairs): what a new leader needs to carry on.
+
+All three are written in one transaction carrying the leader's
+:class:`~phantom_bus.store.Fence`, so a deposed or paused leader's commit is
+refused (:class:`~phantom_bus.store.Fenced`) and nothing is half-written.
+
+Timers in the state are ages relative to the moment of the save, plus the
+wall-clock time of the save (``wall``): a process that resumes them later, on
+this host or another, adds the wall-clock time that has passed since (never
+less than zero), so a leader change or a restart does not restart a
+dead-delay timer.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import msgpack
 
 from phantom_bus.errors import BadRequest, Conflict
 from phantom_bus.shardmap import ShardMap
-from services.sqlite_store import StoreError, open_store
+from phantom_bus.store import Compare, Entry, Fence, Put, Store, StoreError
 
-FILENAME = "shardmap.sqlite3"
-SCHEMA_VERSION = 1
+PREFIX = "shardmap/"
+EPOCH_KEY = PREFIX + "epoch"
+MAP_KEY = PREFIX + "map"
+STATE_KEY = PREFIX + "state"
+#: The file the sharding service used before the shared store; never read now.
+LEGACY_FILE = "shardmap.sqlite3"
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """One committed epoch as read from (or written to) the store."""
+
+    map: ShardMap
+    blob: bytes  # the map as msgpack: the cached reply of the ``map`` operation for this epoch
+    state: dict[str, Any]
+    term: int
+    wall: float  # wall-clock seconds of the save
+    epoch_revision: int  # mod_revision of the epoch record: the CAS token of the next commit
+    revision: int  # the store revision this was read at (or written with)
+
+    @property
+    def epoch(self) -> int:
+        """The map's epoch."""
+        return self.map.epoch
+
+
+def _pack(doc: Mapping[str, Any]) -> bytes:
+    return cast(bytes, msgpack.packb(dict(doc), use_bin_type=True))
+
+
+def _unpack(blob: bytes, what: str) -> Any:
+    try:
+        return msgpack.unpackb(blob, raw=False, strict_map_key=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise StoreError(f"stored {what} is not valid msgpack: {exc}") from exc
+
+
+def decode(entries: Sequence[Entry], revision: int) -> Committed | None:
+    """The committed epoch held by ``entries`` (a range over :data:`PREFIX`); None if empty.
+
+    :class:`StoreError` when the keys do not form one consistent epoch.
+    """
+    by_key = {e.key: e for e in entries}
+    rec, blob_map, blob_state = by_key.get(EPOCH_KEY), by_key.get(MAP_KEY), by_key.get(STATE_KEY)
+    if rec is None and blob_map is None and blob_state is None:
+        return None
+    if rec is None or blob_map is None or blob_state is None:
+        raise StoreError(f"the stored shard map is incomplete: keys {sorted(by_key)} under {PREFIX}")
+    doc = _unpack(rec.value, "epoch record")
+    state = _unpack(blob_state.value, "sharding state")
+    try:
+        shard_map = ShardMap.unpack(blob_map.value)
+    except BadRequest as exc:
+        raise StoreError(f"the stored shard map cannot be read: {exc.message}") from exc
+    if not isinstance(doc, dict) or not isinstance(state, dict):
+        raise StoreError("the stored epoch record or sharding state is not a map")
+    if doc.get("epoch") != shard_map.epoch or state.get("epoch") != shard_map.epoch:
+        raise StoreError(
+            f"the stored epoch record says {doc.get('epoch')!r}, the map {shard_map.epoch}, "
+            f"the state {state.get('epoch')!r}: written by something else than one commit"
+        )
+    return Committed(
+        shard_map,
+        blob_map.value,
+        state,
+        int(doc.get("term") or 0),
+        float(doc.get("wall") or 0.0),
+        rec.mod_revision,
+        revision,
+    )
 
 
 class MapStore:
-    """The sharding service's durable state under ``directory``.
+    """Reads and fenced compare-and-swap writes of the shard map in ``store``."""
 
-    ``keep`` is how many past epochs stay in the file (for post-mortems); only
-    the newest is ever loaded. Safe to share between threads.
-    """
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
-    def __init__(self, directory: str | Path, filename: str = FILENAME, keep: int = 16) -> None:
-        if keep < 1:
-            raise ValueError("keep must be at least 1")
-        self.path = Path(directory) / filename
-        self.keep = keep
-        self._lock = threading.Lock()
-        self._db = open_store(
-            self.path,
-            SCHEMA_VERSION,
-            ("CREATE TABLE IF NOT EXISTS epochs (epoch INTEGER PRIMARY KEY, map BLOB NOT NULL, state BLOB NOT NULL)",),
+    async def load(self) -> Committed | None:
+        """The committed epoch, or None if nothing was ever committed."""
+        entries, revision = await self.store.range(PREFIX)
+        return decode(entries, revision)
+
+    @staticmethod
+    def prepare(
+        shard_map: ShardMap, state: Mapping[str, Any], *, previous: Committed | None, term: int, wall: float
+    ) -> Prepared:
+        """Encode a commit of ``shard_map`` and ``state`` on top of ``previous`` (None: the
+        store must be empty). CPU-bound (the map is packed): run it off the event loop.
+
+        :class:`Conflict` for an epoch older than ``previous``.
+        """
+        if previous is not None and shard_map.epoch < previous.epoch:
+            raise Conflict(
+                f"epoch {shard_map.epoch} is older than the stored epoch {previous.epoch}; refusing to go back"
+            )
+        doc = {**state, "epoch": shard_map.epoch}
+        record = {"epoch": shard_map.epoch, "term": term, "wall": wall}
+        return Prepared(
+            shard_map,
+            shard_map.pack(),
+            doc,
+            term,
+            wall,
+            previous.epoch_revision if previous is not None else 0,
+            _pack(record),
+            _pack(doc),
         )
 
-    def save(self, shard_map: ShardMap, state: Mapping[str, Any]) -> None:
-        """Commit ``shard_map`` and ``state`` (the in-flight moves) durably.
+    async def commit(self, prepared: Prepared, fence: Fence | None) -> Committed:
+        """Write ``prepared`` in one transaction: compare the epoch record, check ``fence``.
 
-        Saving the same epoch again replaces it (state can change without a
-        new epoch); an epoch older than the newest saved raises :class:`Conflict`.
+        The store raises :class:`~phantom_bus.store.CasFailed` if another commit
+        came first, :class:`~phantom_bus.store.Fenced` if ``fence`` is no longer
+        current and :class:`StoreError` if it cannot commit; nothing is written then.
         """
-        blob_map = shard_map.pack()
-        blob_state = cast(bytes, msgpack.packb(dict(state), use_bin_type=True))
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                row = db.execute("SELECT MAX(epoch) FROM epochs").fetchone()
-                newest = row[0] if row and row[0] is not None else -1
-                if shard_map.epoch < newest:
-                    raise Conflict(
-                        f"epoch {shard_map.epoch} is older than the saved epoch {newest}; refusing to go back"
-                    )
-                db.execute("INSERT OR REPLACE INTO epochs VALUES (?, ?, ?)", (shard_map.epoch, blob_map, blob_state))
-                db.execute("DELETE FROM epochs WHERE epoch <= ?", (shard_map.epoch - self.keep,))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        p = prepared
+        revision = await self.store.txn(
+            [Compare(EPOCH_KEY, p.expect)],
+            [Put(EPOCH_KEY, p.record), Put(MAP_KEY, p.blob), Put(STATE_KEY, p.state_blob)],
+            fence=fence,
+        )
+        return Committed(p.map, p.blob, p.state, p.term, p.wall, revision, revision)
 
-    def load(self) -> tuple[ShardMap, dict[str, Any]] | None:
-        """The newest committed map and state, or None if nothing was ever saved."""
-        with self._lock:
-            row = self._db.execute("SELECT epoch, map, state FROM epochs ORDER BY epoch DESC LIMIT 1").fetchone()
-        if row is None:
-            return None
-        epoch, blob_map, blob_state = row
-        try:
-            shard_map = ShardMap.unpack(bytes(blob_map))
-            state = msgpack.unpackb(bytes(blob_state), raw=False, strict_map_key=False)
-        except (BadRequest, ValueError, msgpack.UnpackException) as exc:
-            raise StoreError(f"{self.path}: epoch {epoch} cannot be read: {exc}") from exc
-        if shard_map.epoch != epoch or not isinstance(state, dict):
-            raise StoreError(f"{self.path}: row for epoch {epoch} holds epoch {shard_map.epoch}")
-        return shard_map, state
 
-    def epochs(self) -> list[int]:
-        """Epochs kept in the file, oldest first."""
-        with self._lock:
-            return [r[0] for r in self._db.execute("SELECT epoch FROM epochs ORDER BY epoch")]
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A commit encoded and ready to write (see :meth:`MapStore.prepare`)."""
 
-    def close(self) -> None:
-        """Close the database (a checkpoint folds the WAL into the main file)."""
-        with self._lock:
-            self._db.close()
-
-    def __enter__(self) -> MapStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    map: ShardMap
+    blob: bytes
+    state: dict[str, Any]
+    term: int
+    wall: float
+    expect: int  # mod_revision the epoch record must still have (0: must not exist)
+    record: bytes
+    state_blob: bytes

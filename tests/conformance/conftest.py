@@ -35,6 +35,8 @@ HEARTBEAT = 0.1
 #: 5 liveness periods of 3 heartbeats (docs/protocol.md, *Unknown or unavailable service*).
 GRACE = 5 * 3 * HEARTBEAT
 TIMEOUT_MS = 5000
+#: An operation that only a service's leader answers: the service is ready when it does.
+READY = {"sharding": "map", "manager": "status", "membership": "verdicts"}
 
 
 def _free_port() -> int:
@@ -87,11 +89,13 @@ class Peer:
         return err
 
     def wait_for(self, service: str, timeout: float = 20.0) -> None:
-        """Until ``service`` answers ``ping``."""
+        """Until ``service`` answers ``ping`` and, for a service with a leader, serves
+        (a new instance answers the retryable ``not_leader`` until it leads)."""
         deadline = time.monotonic() + timeout
         last: Any = None
+        probe = READY.get(service, "ping")
         while time.monotonic() < deadline:
-            last = self.call(service, "ping")
+            last = self.call(service, probe)
             if last["ok"]:
                 return
             time.sleep(0.1)
