@@ -446,8 +446,8 @@ class ManagerCore:
 
     def tick(self, now: float, expired: Iterable[str] = ()) -> Decision:
         """Sharding says the nodes in ``expired`` have been dead (or left) for its
-        re-replication delay: those still ``active`` and down become ``failed`` (or
-        ``left`` for a graceful leave).
+        re-replication delay: those still ``active`` and down become ``failed``,
+        or ``left`` when they left gracefully (same handling, honest label).
 
         The delay has one timer, sharding's (durable in the store, so a leader
         change does not restart it); the manager only labels the lifecycle from
@@ -461,7 +461,6 @@ class ManagerCore:
             for record in self.registry.records():
                 if record.id in gone_for and record.lifecycle == ACTIVE and record.member in _DOWN:
                     gone = t - record.member_since if record.member_since is not None else delay
-                    # A graceful leave is not a failure: same handling, honest label.
                     _, event = self.registry.transition(
                         record.id,
                         LEFT if record.member == "left" else FAILED,
