@@ -177,8 +177,10 @@ class Cluster:
 
     # --- the bus -------------------------------------------------------------------
 
-    def client(self, timeout: float = 2.0, retries: int = 2) -> Client:
-        return Client(self.endpoint("broker"), timeout=timeout, retries=retries)
+    def client(self, timeout: float = 2.0, retries: int = 2, routing: str = "broker") -> Client:
+        # Brokered by default: most benches measure the balancer's own choices.
+        return Client(self.endpoint("broker"), timeout=timeout, retries=retries, routing=routing,
+                      events=self.endpoint("events_out"))
 
     def request(self, service: str, op: str, **args: Any) -> Any:
         with self.client() as c:

@@ -52,6 +52,12 @@ Goals (issue 6), printed next to the figures: ``performance`` p99 <= 1.3 x
 the oracle's and max/mean load <= 1.1 with fresh information; and with stale
 information ``performance`` p99 below ``least_connections`` p99.
 
+Per-client balancing (``--clients N``, default 10): the same fresh
+``performance`` run, but the arrivals are spread uniformly over N clients,
+each with its own core (its own random source, in-flight counts, EWMA and
+ejection, fed only by its own releases), as locally routing clients choose;
+loads reach every client. Goal: p99 within 1.1 x the single central core's.
+
 Run: ``python bench/balancer_sim.py [--quick]``; writes
 ``bench/results/balancer_sim.json``.
 """
@@ -74,7 +80,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench._procs import host_info, write_results  # noqa: E402
-from services.balancer import STRATEGY_NAMES, Balancer, BalancerConfig, Candidate  # noqa: E402
+from phantom_bus.routing import STRATEGY_NAMES, Balancer, BalancerConfig, Candidate  # noqa: E402
 
 NODES = 10
 SLOW = ("n8", "n9")
@@ -120,8 +126,10 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: bool = True) -> dict[str, Any]:
-    """One run; ``strategy`` is a core strategy name or ORACLE."""
+def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: bool = True,
+             clients: int = 1) -> dict[str, Any]:
+    """One run; ``strategy`` is a core strategy name or ORACLE; ``clients`` > 1
+    gives every client its own core (fresh information only)."""
     arrivals = random.Random(seed)  # inter-arrival times, shards, work: same for every strategy
     tie = random.Random(seed + 7919)  # oracle tie-break
     nodes = {n: Node(n, ms / 1000.0) for n, ms in MEAN_MS.items()}
@@ -129,11 +137,15 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
     shard_ids = list(shards)
     only = {n: [Candidate(n)] for n in nodes}
     oracle = strategy == ORACLE
-    bal = Balancer(BalancerConfig(default_strategy="performance" if oracle else strategy), random.Random(seed + 1))
+    cfg = BalancerConfig(default_strategy="performance" if oracle else strategy)
+    bals = [Balancer(cfg, random.Random(seed + 1 + 1000 * c)) for c in range(clients)]
+    bal = bals[0]
+    who = random.Random(seed + 31)  # which client sends each request (its own stream: CRN intact)
     for n, ms in MEAN_MS.items():
         weight = FAST_MS / ms if weighted else 1.0
         # now=-1000: any slow-start ramp is long over when the run starts at 0.
-        bal.node_update(n, state="alive", lifecycle="active", weight=weight, address=n, now=-1000.0)
+        for b in bals:
+            b.node_update(n, state="alive", lifecycle="active", weight=weight, address=n, now=-1000.0)
     period = stale_k * MEAN_SERVICE_S
     stale = period > 0
     pending_open: list[list[Any]] = []
@@ -156,11 +168,11 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
 
     expired = 0
 
-    def release(lease: str, latency_ms: float, now: float) -> None:
+    def release(lease: str, latency_ms: float, now: float, owner: Balancer | None = None) -> None:
         # A request that waited longer than lease_timeout_s (30 s) finds its lease
         # expired: only an overloaded node (round_robin on the slow ones) gets there.
         nonlocal expired
-        if bal.end_lease(lease, latency_ms, True, now=now)[0] == "expired":
+        if (owner or bal).end_lease(lease, latency_ms, True, now=now)[0] == "expired":
             expired += 1
 
     def start(node: Node, req: list[Any], now: float) -> None:
@@ -176,7 +188,7 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
         if kind == ARRIVE:
             sid = shard_ids[int(arrivals.random() * SHARDS)]
             work = arrivals.expovariate(1.0)
-            req: list[Any] = [now, work, None, None, sent]
+            req: list[Any] = [now, work, None, None, sent, None]
             sent += 1
             t_end = now
             if sent < requests:
@@ -195,9 +207,11 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
                 node = nodes[sel.node]
                 pending_open.append(req)
             else:
-                sel = bal.select(sid, shards[sid], now=now)
+                mine = bals[int(who.random() * clients)] if clients > 1 else bal
+                sel = mine.select(sid, shards[sid], now=now)
                 node = nodes[sel.node]
                 req[3] = sel.lease
+                req[5] = mine
             assert node is not None
             req[2] = node
             node.outstanding += 1
@@ -222,7 +236,7 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
             if stale:
                 pending_release.append((req, latency_ms))
             elif req[3] is not None:
-                release(req[3], latency_ms, now)
+                release(req[3], latency_ms, now, req[5])
             if node.queue:
                 start(node, node.queue.popleft(), now)
         elif kind == REPORT:
@@ -235,8 +249,10 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
                     node.busy_window = -(now - node.busy_from)  # the part already counted
                 else:
                     node.busy_window = 0.0
-                bal.node_update(node.name, load={"cpu": min(100.0, 100.0 * window), "mem": 50.0}, now=now)
-            bal.tick(now)
+                for b in bals:
+                    b.node_update(node.name, load={"cpu": min(100.0, 100.0 * window), "mem": 50.0}, now=now)
+            for b in bals:
+                b.tick(now)
             push(now + 1.0, REPORT, None)
         else:  # BATCH: the core learns about the last period's selections and completions
             for req in pending_open:
@@ -252,7 +268,7 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
     mean_busy = statistics.fmean(busy)
     latencies.sort()
     return {
-        "strategy": strategy, "seed": seed, "stale_k": stale_k, "weighted": weighted,
+        "strategy": strategy, "seed": seed, "stale_k": stale_k, "weighted": weighted, "clients": clients,
         "requests": sent, "measured": len(latencies), "expired_leases": expired, "virtual_s": t_end,
         "p50_ms": pct(latencies, 0.50), "p99_ms": pct(latencies, 0.99),
         "p999_ms": pct(latencies, 0.999), "mean_ms": statistics.fmean(latencies),
@@ -262,7 +278,7 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
     }
 
 
-def _job(args: tuple[str, int, float, int, bool]) -> dict[str, Any]:
+def _job(args: tuple[Any, ...]) -> dict[str, Any]:
     return simulate(*args)
 
 
@@ -281,13 +297,17 @@ def main() -> int:
                         help="staleness levels in mean service times (fresh is always run)")
     parser.add_argument("--no-unweighted", action="store_true", help="skip the weights-1 rows")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--clients", type=int, default=10,
+                        help="also run fresh performance with one core per client (0: skip)")
     args = parser.parse_args()
     requests = args.requests or (20_000 if args.quick else 200_000)
     seeds = list(range(args.seeds))
     levels = [0.0, *args.stale]
 
-    jobs: list[tuple[str, int, float, int, bool]] = []
+    jobs: list[tuple[Any, ...]] = []
     for seed in seeds:
+        if args.clients > 1:
+            jobs.append(("performance", seed, 0.0, requests, True, args.clients))
         jobs.append((ORACLE, seed, 0.0, requests, True))
         for s in STRATEGY_NAMES:
             jobs.append((s, seed, 0.0, requests, True))
@@ -303,7 +323,11 @@ def main() -> int:
         runs = pool.map(_job, jobs, chunksize=1)
     elapsed = time.perf_counter() - started
 
+    per_client = [r for r in runs if r["clients"] > 1]
+    runs = [r for r in runs if r["clients"] == 1]
     oracle_p99 = {r["seed"]: r["p99_ms"] for r in runs if r["strategy"] == ORACLE}
+    for r in per_client:
+        r["p99_over_oracle"] = r["p99_ms"] / oracle_p99[r["seed"]]
     for r in runs:
         r["p99_over_oracle"] = r["p99_ms"] / oracle_p99[r["seed"]]
     groups: dict[tuple[str, bool, float], list[dict[str, Any]]] = {}
@@ -386,12 +410,26 @@ def main() -> int:
                   f"fresh oracle, max/mean load {p['max_over_mean_load']:.3f}")
             goals[f"stale_{k:g}{tag}"] = {"perf_p99": p["p99_ms"], "lc_p99": lc["p99_ms"], "ok": better,
                                           "seeds_better": seeds_better}
-    print(f"\n({len(runs)} runs in {elapsed:.0f} s wall on {args.jobs} processes)")
+    if per_client:
+        central = {r["seed"]: r for r in runs if r["strategy"] == "performance" and r["weighted"]
+                   and r["stale_k"] == 0.0}
+        ratios = sorted(r["p99_ms"] / central[r["seed"]]["p99_ms"] for r in per_client)
+        ratio = statistics.median(ratios)
+        pc_p99 = statistics.median(r["p99_ms"] for r in per_client)
+        c_p99 = statistics.median(central[r["seed"]]["p99_ms"] for r in per_client)
+        pc_load = statistics.median(r["max_over_mean_load"] for r in per_client)
+        ok = ratio <= 1.1
+        print(f"  per-client performance ({args.clients} clients, each only its own feedback): p99 "
+              f"{pc_p99:.1f} ms vs central {c_p99:.1f} ms = {ratio:.3f}x ({ratios[0]:.3f}..{ratios[-1]:.3f}) "
+              f"(goal <= 1.1): {'met' if ok else 'NOT met'}; max/mean load {pc_load:.3f}")
+        goals["per_client"] = {"clients": args.clients, "p99_ms": pc_p99, "central_p99_ms": c_p99,
+                               "ratio": ratio, "ratios": ratios, "ok": ok, "max_mean": pc_load}
+    print(f"\n({len(runs) + len(per_client)} runs in {elapsed:.0f} s wall on {args.jobs} processes)")
     out = write_results("balancer_sim", {
         "params": {"nodes": MEAN_MS, "load": LOAD, "rate": RATE, "capacity": CAPACITY,
                    "mean_service_s": MEAN_SERVICE_S, "requests": requests, "seeds": seeds,
                    "stale_levels": levels, "shards": SHARDS, "warmup": WARMUP, "quick": args.quick},
-        "rows": rows, "goals": goals, "runs": runs, "host": host_info(), "elapsed_s": elapsed,
+        "rows": rows, "goals": goals, "runs": runs + per_client, "host": host_info(), "elapsed_s": elapsed,
     })
     print(f"wrote {out}")
     return 0

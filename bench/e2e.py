@@ -61,7 +61,7 @@ def background(endpoint: str, stop: Any, ready: Any, out: Any) -> None:
     ctx = zmq.Context()
     samples: list[tuple[float, float, bool, str]] = []
     try:
-        with Client(endpoint, timeout=1.0, retries=2, ctx=ctx) as c:
+        with Client(endpoint, timeout=1.0, retries=2, ctx=ctx, routing="broker") as c:
             ready.set()
             while not stop.is_set():
                 t0 = time.monotonic()

@@ -130,7 +130,7 @@ def client_proc(mode: str, endpoint: str, seconds: float, warmup: int, seed: int
                 reply = sock.recv()
                 assert msgpack.unpackb(reply, raw=False)["ok"]
         else:
-            client = Client(endpoint, timeout=2.0, retries=1, ctx=ctx)
+            client = Client(endpoint, timeout=2.0, retries=1, ctx=ctx, routing="broker")
 
             if mode == "lookup":
                 def op() -> None:

@@ -168,14 +168,20 @@ def cmd_shards(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_select(client: Client, args: argparse.Namespace) -> int:
-    """``phantom select KEY``: where a key lives (no lease is taken)."""
+    """``phantom select KEY``: where a key lives (no lease is taken); a broker
+    request unless ``--local`` (load the map and choose here)."""
     if not args.key:
         raise UsageError("select: KEY must not be empty (every key is at least one byte)")
+    if args.local:
+        client.routing = "local"
     sel = client.select(
         args.key, write=args.write, keyspace=args.keyspace, strategy=args.strategy, lease=False
     )
     doc = sel.to_dict()
     doc.pop("lease", None)
+    if not args.local:
+        doc.pop("source", None)
+        doc.pop("stale", None)
     if args.json:
         _print_json(doc)
     else:
@@ -562,6 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", action="store_true", help="the primary, for a write")
     p.add_argument("--keyspace", help="key space (default: the default key space)")
     p.add_argument("--strategy", help="round_robin, random, least_connections, weighted, performance")
+    p.add_argument("--local", action="store_true", help="route here from the shard map, not via the broker")
     p = command("register", cmd_register, "register a node that cannot beacon")
     p.add_argument("node")
     p.add_argument("--address", required=True, help="HOST:PORT of the node's database")
@@ -740,7 +747,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return _fail(args, EXIT_USAGE, "config", str(exc))
     args.events_out = cfg.events_out
     try:
-        with Client(cfg.broker, timeout=cfg.timeout, security=security) as client:
+        with Client(cfg.broker, timeout=cfg.timeout, security=security, routing="broker") as client:
             # A quick ping first: an absent broker is reported in about a second
             # instead of after every retry of the real request.
             if not client.ping(timeout=min(cfg.timeout, 1.0)):

@@ -12,11 +12,23 @@ retryable (no worker yet, worker lost, overloaded) are retried after a short
 back-off. When every attempt is spent the call raises a :class:`PhantomError`
 subclass; if the broker itself did not answer a ping either, it is
 :class:`BrokerUnreachable`.
+
+Routing. With ``routing="local"`` (the default) ``select`` and ``release``
+make no request at all: the client loads the shard map and the node health
+once, follows their changes pushed on the event bus, and chooses in memory
+with the balancer's own code (:mod:`phantom_bus.routing`); see
+:mod:`phantom_bus.local`. The blocking :class:`Client` does that I/O in one
+background thread with its own ZeroMQ context, started at the first select
+and stopped by :meth:`Client.close`; :class:`AsyncClient` runs it as tasks of
+the caller's loop. With the broker or the whole control plane down, selects
+keep answering from the last map (``sel.stale`` after ``map_stale_after``
+seconds). ``routing="broker"`` makes every select a request to the balancer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import time
@@ -33,17 +45,28 @@ from phantom_bus import status as statusmod
 from phantom_bus.errors import (
     BadRequest,
     BrokerUnreachable,
+    NoLiveReplica,
+    NotFound,
     PhantomError,
     Timeout,
     error_from_wire,
 )
+from phantom_bus.routing.local import LocalRouter
+
+ROUTINGS = ("local", "broker")
 
 _BACKOFF = (0.1, 0.25, 0.5, 1.0)
 
 
 @dataclass(frozen=True, slots=True)
 class Selection:
-    """Where a key lives and which node to use: the answer of :meth:`Client.select`."""
+    """Where a key lives and which node to use: the answer of :meth:`Client.select`.
+
+    ``epoch`` is the map epoch the choice was made under; ``source`` is
+    ``"local"`` (chosen in this process) or ``"broker"`` (by the balancer);
+    ``stale`` says a local choice rests on a map not refreshed for
+    ``map_stale_after`` seconds (the control plane is unreachable).
+    """
 
     key: str
     keyspace: str
@@ -53,6 +76,8 @@ class Selection:
     epoch: int
     role: str
     lease: str | None = None
+    source: str = "broker"
+    stale: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The selection as a plain dict (``phantom select --json`` prints this)."""
@@ -98,9 +123,24 @@ def _release_args(sel: Selection, latency_ms: float, ok: bool) -> dict[str, Any]
 
 class _Base:
     def __init__(
-        self, endpoint: str | None, timeout: float | None, retries: int | None, security: secmod.Security | None
+        self,
+        endpoint: str | None,
+        timeout: float | None,
+        retries: int | None,
+        security: secmod.Security | None,
+        routing: str = "local",
+        events: str | None = None,
     ) -> None:
-        cfg = cfgmod.load(names=("broker", "timeout", "retries", "max_message", "curve_dir", "curve_key"))
+        cfg = cfgmod.load(
+            names=("broker", "timeout", "retries", "max_message", "curve_dir", "curve_key", "events_out",
+                   "map_stale_after")
+        )
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
+        self.routing = routing
+        self.events = events or cfg.events_out
+        self.map_stale_after = float(cfg.map_stale_after)
+        self._router: LocalRouter | None = None
         # The process's identity (a service, an agent, the CLI), else this library
         # client's own key from PHANTOM_CURVE_DIR / PHANTOM_CURVE_KEY; off without them.
         self.security = security if security is not None else secmod.current(cfg)
@@ -133,6 +173,40 @@ class _Base:
             return diagnosis
         return BrokerUnreachable(f"the broker at {self.endpoint} does not answer")
 
+    @property
+    def map_epoch(self) -> int | None:
+        """The epoch of the map local selects route on (None: broker routing or no map yet)."""
+        return None if self._router is None else self._router.epoch
+
+    def _name(self) -> str:
+        return f"client-{os.getpid()}-{self._salt.hex()}"
+
+    def _local_select(
+        self, router: LocalRouter, key: Any, write: bool, keyspace: str | None, strategy: str | None,
+        lease: bool, stale: bool, now: float,
+    ) -> Selection:
+        if not isinstance(key, str | bytes):
+            raise BadRequest(f"a key is str or bytes, not {type(key).__name__}")
+        name, epoch, sel = router.select(key, write=write, keyspace=keyspace, strategy=strategy, lease=lease,
+                                         now=now)
+        return Selection(str(key), name, sel.shard, sel.node, sel.address or "", epoch, sel.role, sel.lease,
+                         "local", stale)
+
+    def _local_release(self, sel: Selection, latency_ms: float | None, ok: bool) -> None:
+        if sel.lease is None:
+            raise BadRequest("this selection was made with lease=False; there is nothing to release")
+        if self._router is None:
+            return
+        # Expired or released already: the lease is over either way.
+        with contextlib.suppress(NotFound):
+            self._router.release(sel.node, sel.lease, latency_ms, bool(ok), now=time.monotonic())
+
+    def _no_map(self) -> PhantomError:
+        return NoLiveReplica(
+            f"no shard map within {self.timeout:g} s: cannot route locally until sharding is "
+            f"reachable through {self.endpoint} (or use routing='broker')"
+        )
+
     @staticmethod
     def _error(payload: Any) -> PhantomError:
         err = error_from_wire(payload)
@@ -144,7 +218,11 @@ class _Base:
 class Client(_Base):
     """Blocking client. ``with Client() as c: c.select("user:42")``.
 
-    Not thread-safe: use one per thread (they are cheap).
+    Requests are not thread-safe: use one client per thread (they are cheap).
+    With ``routing="local"`` the first select starts one background thread
+    (its own asyncio loop and ZeroMQ context) that follows the map; every
+    wait there is bounded and :meth:`close` stops it. ``events`` is the
+    broker's event endpoint (``events_out``) to follow.
     """
 
     def __init__(
@@ -155,10 +233,30 @@ class Client(_Base):
         retries: int | None = None,
         ctx: zmq.Context[Any] | None = None,
         security: secmod.Security | None = None,
+        routing: str = "local",
+        events: str | None = None,
     ) -> None:
-        super().__init__(endpoint, timeout, retries, security)
+        super().__init__(endpoint, timeout, retries, security, routing, events)
         self.ctx = ctx or zmq.Context.instance()
         self._sock: zmq.Socket[Any] | None = None
+        self._feed: Any = None
+
+    def _local(self) -> Any:
+        if self._feed is None:
+            from phantom_bus.local import FeedThread
+
+            self._router = LocalRouter()
+            endpoint, security, timeout = self.endpoint, self.security, self.timeout
+
+            def make_client(ctx: zmq.asyncio.Context) -> AsyncClient:
+                return AsyncClient(endpoint, timeout=timeout, retries=1, ctx=ctx, security=security,
+                                   routing="broker")
+
+            self._feed = FeedThread(self._router, make_client, events=self.events, security=security,
+                                    name=self._name())
+        if not self._feed.ready.is_set():
+            self._feed.ready.wait(self.timeout)
+        return self._feed
 
     def _open(self) -> zmq.Socket[Any]:
         if self._sock is None:
@@ -177,8 +275,12 @@ class Client(_Base):
             self._sock = None
 
     def close(self) -> None:
-        """Close the socket; the client can be used again (it reopens lazily)."""
+        """Close the socket and stop local routing; the client can be used again
+        (it reopens lazily, and a later select loads the map afresh)."""
         self._reset()
+        if self._feed is not None:
+            self._feed.close()
+            self._feed = None
 
     def __enter__(self) -> Client:
         return self
@@ -259,13 +361,30 @@ class Client(_Base):
         strategy: str | None = None,
         lease: bool = True,
     ) -> Selection:
-        """Pick the node for ``key``: a healthy replica, or the primary with ``write=True``."""
+        """Pick the node for ``key``: a healthy replica, or the primary with ``write=True``.
+
+        Local routing answers from memory and never waits on the bus, except
+        for the very first select, which waits up to ``timeout`` for the map."""
+        if self.routing == "local":
+            if not isinstance(key, str | bytes):
+                raise BadRequest(f"a key is str or bytes, not {type(key).__name__}")
+            feed = self._local()
+            router = self._router
+            assert router is not None
+            if router.map is None:
+                raise self._no_map()
+            now = time.monotonic()
+            return self._local_select(router, key, write, keyspace, strategy, lease,
+                                      feed.stale(now, self.map_stale_after), now)
         return _selection(
             self.request("balancer", "select", **_select_args(key, write, keyspace, strategy, lease))
         )
 
     def release(self, sel: Selection, latency_ms: float, ok: bool = True) -> None:
         """End the lease of ``sel``, reporting how the request to its node went."""
+        if sel.source == "local":
+            self._local_release(sel, latency_ms, ok)
+            return
         self.request("balancer", "release", **_release_args(sel, latency_ms, ok))
 
     def services(self) -> dict[str, Any]:
@@ -290,12 +409,34 @@ class AsyncClient(_Base):
         retries: int | None = None,
         ctx: zmq.asyncio.Context | None = None,
         security: secmod.Security | None = None,
+        routing: str = "local",
+        events: str | None = None,
     ) -> None:
-        super().__init__(endpoint, timeout, retries, security)
+        super().__init__(endpoint, timeout, retries, security, routing, events)
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
         self._reader: asyncio.Task[None] | None = None
         self._waiting: dict[bytes, asyncio.Future[tuple[bool, Any]]] = {}
+        self._feed: Any = None
+        self._feed_task: asyncio.Task[None] | None = None
+        self._feed_client: AsyncClient | None = None
+
+    async def _local(self) -> Any:
+        if self._feed is None:
+            from phantom_bus.local import RoutingFeed
+
+            self._router = LocalRouter()
+            client = self._feed_client = AsyncClient(
+                self.endpoint, timeout=self.timeout, retries=1, ctx=self.ctx, security=self.security,
+                routing="broker",
+            )
+            self._feed = RoutingFeed(self._router, client, events=self.events, security=self.security,
+                                     ctx=self.ctx, name=self._name())
+            self._feed_task = asyncio.ensure_future(self._feed.run())
+        if not self._feed.ready.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._feed.ready.wait(), self.timeout)
+        return self._feed
 
     def _open(self) -> zmq.asyncio.Socket:
         if self._sock is None:
@@ -323,7 +464,14 @@ class AsyncClient(_Base):
                 fut.set_result((ok, payload))
 
     async def close(self) -> None:
-        """Close the socket and fail nothing: pending calls time out on their own."""
+        """Close the socket and stop local routing; pending calls time out on their own."""
+        if self._feed_task is not None:
+            self._feed_task.cancel()
+            await asyncio.gather(self._feed_task, return_exceptions=True)
+            self._feed_task = self._feed = None
+        if self._feed_client is not None:
+            await self._feed_client.close()
+            self._feed_client = None
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
@@ -404,11 +552,25 @@ class AsyncClient(_Base):
         lease: bool = True,
     ) -> Selection:
         """Awaitable :meth:`Client.select`."""
+        if self.routing == "local":
+            if not isinstance(key, str | bytes):
+                raise BadRequest(f"a key is str or bytes, not {type(key).__name__}")
+            feed = await self._local()
+            router = self._router
+            assert router is not None
+            if router.map is None:
+                raise self._no_map()
+            now = time.monotonic()
+            return self._local_select(router, key, write, keyspace, strategy, lease,
+                                      feed.stale(now, self.map_stale_after), now)
         args = _select_args(key, write, keyspace, strategy, lease)
         return _selection(await self.request("balancer", "select", **args))
 
     async def release(self, sel: Selection, latency_ms: float, ok: bool = True) -> None:
         """Awaitable :meth:`Client.release`."""
+        if sel.source == "local":
+            self._local_release(sel, latency_ms, ok)
+            return
         await self.request("balancer", "release", **_release_args(sel, latency_ms, ok))
 
     async def services(self) -> dict[str, Any]:

@@ -312,6 +312,15 @@ _SETTINGS: list[Setting] = [
         "broker restart (about 1 s) is survived by the next retry.",
     ),
     Setting(
+        "map_stale_after",
+        10.0,
+        _positive_float,
+        "s",
+        "A locally routing client marks its selections stale (sel.stale) after this long "
+        "without a successful map read. It keeps routing on the last map regardless (static "
+        "stability); ten one-second polls missed is a control-plane outage, not a hiccup.",
+    ),
+    Setting(
         "retries",
         3,
         _positive_int,

@@ -428,6 +428,9 @@ OPERATIONS: Mapping[str, Rule] = {
         ADMIN,
     ),
     "sharding.confirm": Rule(frozenset({"agent", "operator", "service"}), own="node"),
+    # A locally routing client loads the node table and reports its own traffic.
+    "balancer.routing": READ,
+    "balancer.report": USE,
 }  # fmt: skip
 
 

@@ -168,7 +168,22 @@ DECLARED: dict[str, dict[str, Op]] = {
             notes={"state": "alive, suspect, dead or left", "lifecycle": "joining, active, draining, decommissioned"},
         ),
         "forget_node": Op("map: `node` (str), `leases_dropped` (int)"),
-        "stats": Op("map: per node and per shard statistics (`nodes`, `shards`, `totals`, ...), `epoch`"),
+        "stats": Op("map: per node and per shard statistics (`nodes`, `shards`, `totals`, ...), `epoch`, `map` "
+                    "(how the shard map is followed)"),
+        "routing": Op(
+            "map: `epoch` (int or nil), `nodes` (map node id -> `state`, `version` ([incarnation, change] or nil), "
+            "`lifecycle`, `address`, `weight`, `load` ({`cpu`, `mem`, `age_s`} or nil)) - see *Routing locally*"
+        ),
+        "report": Op(
+            "map: `epoch`, `counted` (int: selects counted), `nodes` (the node table, as `routing`)",
+            idempotent=False,
+            notes={
+                "client": "the reporting client's name (for logs)",
+                "nodes": "map node id -> `picks`, `successes`, `failures` (counts since the last report), "
+                "`latencies` (array of ms, a sample)",
+                "shards": "map shard id -> `reads`, `writes` (counts since the last report)",
+            },
+        ),
     },
     "manager": {
         "ping": _PING,

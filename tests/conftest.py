@@ -115,6 +115,9 @@ class Bus:
 
     def client(self, **kw: Any) -> Client:
         kw.setdefault("timeout", 1.0)
+        # Most cluster tests pin the balancer's own behaviour: brokered unless asked.
+        kw.setdefault("routing", "broker")
+        kw.setdefault("events", self.env["PHANTOM_EVENTS_OUT"])
         return Client(self.endpoint, **kw)
 
     def workers(self, service: str) -> int:

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from phantom_bus.errors import BadRequest, NoLiveReplica, NotFound
+from phantom_bus.routing.config import describe
 from services.balancer import STRATEGY_NAMES, Balancer, BalancerConfig, Candidate
-from services.balancer.config import describe
 
 T0 = 1000.0
 
@@ -626,7 +626,7 @@ def test_slow_start_ramps_share_instead_of_starving_the_latest_node() -> None:
     import random
     from collections import Counter
 
-    from services.balancer.core import Balancer, Candidate
+    from phantom_bus.routing.balancer import Balancer, Candidate
 
     b = Balancer(rng=random.Random(7))
     for i, t in enumerate((100.0, 100.5, 101.0), start=1):
@@ -641,7 +641,7 @@ def test_least_connections_gives_a_ramping_node_a_growing_share() -> None:
     import random
     from collections import Counter
 
-    from services.balancer.core import Balancer, Candidate
+    from phantom_bus.routing.balancer import Balancer, Candidate
 
     b = Balancer(rng=random.Random(3))
     b.node_update("old-1", state="alive", lifecycle="active", now=0.0)
@@ -663,7 +663,7 @@ def test_a_never_measured_node_is_explored_even_when_its_load_looks_worse() -> N
     import random
     from collections import Counter
 
-    from services.balancer.core import Balancer, Candidate
+    from phantom_bus.routing.balancer import Balancer, Candidate
 
     b = Balancer(rng=random.Random(11))
     for node, cpu in (("a", 10.0), ("b", 10.0), ("c", 60.0)):

@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 
-from services.balancer import Balancer, BalancerConfig, Candidate
-from services.balancer.health import (
+from phantom_bus.routing.health import (
     DOUBTFUL,
     HEALTHY,
     NO_READS,
@@ -18,6 +17,7 @@ from services.balancer.health import (
     ejection_cap,
     ejection_duration,
 )
+from services.balancer import Balancer, BalancerConfig, Candidate
 
 T0 = 1000.0
 NAMES = [f"n{i:02d}" for i in range(20)]

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.balancer.stats import (
+from phantom_bus.routing.stats import (
     SKETCH_MAX_MS,
     SKETCH_MIN_MS,
     LatencySketch,

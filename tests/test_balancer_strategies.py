@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from phantom_bus.routing.health import NodeState
+from phantom_bus.routing.strategies import PowerOfTwoChoices, build_strategies
 from services.balancer import STRATEGY_NAMES, Balancer, BalancerConfig, Candidate
-from services.balancer.health import NodeState
-from services.balancer.strategies import PowerOfTwoChoices, build_strategies
 
 T0 = 1000.0  # every node below became alive at 0, so slow start is long over
 

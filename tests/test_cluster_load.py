@@ -15,8 +15,8 @@ import pytest
 
 from phantom_bus.client import Client
 from phantom_bus.errors import NotFound
+from phantom_bus.routing.config import BalancerConfig
 from phantom_bus.shardmap import ShardMap
-from services.balancer.config import BalancerConfig
 from services.sharding.store import MapStore
 from tests.conftest import Bus, wait_until
 from tests.test_cluster import cluster, node, phantom, settled, status, wait_green

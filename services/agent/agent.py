@@ -28,8 +28,8 @@ from phantom_bus import security as secmod
 from phantom_bus.client import AsyncClient
 from phantom_bus.config import Config
 from phantom_bus.errors import PhantomError
+from phantom_bus.follower import AsyncMapFollower
 from phantom_bus.service import run_until
-from phantom_bus.shardmap import ShardMap
 from services.agent.incarnation import next_incarnation, persist_incarnation, refutation
 from services.agent.load import LoadDocument, LoadSampler
 from services.agent.probe import PsutilProbe
@@ -262,41 +262,50 @@ class Agent:
 
         The agent stands in for the database: a replica it is asked to hold
         (role ``joining``) is "copied" for ``copy_time`` seconds and then
-        confirmed to sharding, which promotes it. The map is re-read on every
-        ``shardmap.changed`` and every few seconds in case an event was lost.
+        confirmed to sharding, which promotes it. The map is followed by the
+        shared follower: ``shardmap.changed`` is a hint, a poll about once a
+        second repairs a lost event, an older epoch is refused.
         """
-        changed = asyncio.Event()
         sub = self.ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"shardmap.changed")
         self.security.connect(sub, self.cfg.events_out)
         copying: dict[str, asyncio.Task[None]] = {}
 
-        async def listen() -> None:
-            while True:
-                await sub.recv_multipart()
-                changed.set()
+        async with AsyncClient(self.cfg.broker, timeout=self.cfg.timeout, retries=1, routing="broker") as client:
+            # Whole-map reads (to notice an epoch gone backwards) are rarer here than
+            # elsewhere: one per agent adds up across a large cluster.
+            follower = AsyncMapFollower(client, name=f"agent {self.node}", verify_s=60.0)
 
-        async def copy(shard: str) -> None:
-            await asyncio.sleep(float(self.cfg.copy_time))
-            while True:
-                try:
-                    await client.request("sharding", "confirm", shard=shard, node=self.node)
-                    logger.info("replica of {} is ready", shard)
-                    changed.set()
-                    return
-                except PhantomError as exc:
-                    if not exc.retry:
-                        logger.info("confirm of {} not taken: {}", shard, exc)
-                        return
-                    await asyncio.sleep(1.0)
+            async def listen() -> None:
+                while True:
+                    if not await sub.poll(1000):
+                        self.security.retry_refused(sub)
+                        continue
+                    try:
+                        follower.hint(protocol.decode_event(await sub.recv_multipart()))
+                    except PhantomError:
+                        follower.poke()
 
-        listener = asyncio.ensure_future(listen())
-        async with AsyncClient(self.cfg.broker, timeout=self.cfg.timeout, retries=1) as client:
-            try:
+            async def copy(shard: str) -> None:
+                await asyncio.sleep(float(self.cfg.copy_time))
                 while True:
                     try:
-                        shard_map = ShardMap.from_wire(await client.request("sharding", "map"))
+                        await client.request("sharding", "confirm", shard=shard, node=self.node)
+                        logger.info("replica of {} is ready", shard)
+                        follower.poke()
+                        return
+                    except PhantomError as exc:
+                        if not exc.retry:
+                            logger.info("confirm of {} not taken: {}", shard, exc)
+                            return
+                        await asyncio.sleep(1.0)
+
+            tasks = [asyncio.ensure_future(listen()), asyncio.ensure_future(follower.run())]
+            try:
+                while True:
+                    shard_map = follower.map
+                    if shard_map is not None:
                         self.assignments = {
                             shard.id: role
                             for _, shard in shard_map.shards()
@@ -307,16 +316,11 @@ class Agent:
                             copying[shard] = asyncio.ensure_future(copy(shard))
                         for shard in [s for s, t in copying.items() if t.done() and s not in joining]:
                             del copying[shard]
-                    except PhantomError as exc:
-                        logger.debug("shard map not read: {}", exc)
-                    changed.clear()
-                    self.security.retry_refused(sub)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(changed.wait(), 5.0)
+                    await follower.wait_changed(5.0)
             finally:
-                listener.cancel()
-                for task in copying.values():
+                for task in [*tasks, *copying.values()]:
                     task.cancel()
+                await asyncio.gather(*tasks, *copying.values(), return_exceptions=True)
                 sub.close(0)
 
     async def run(self, *extra: Any) -> None:

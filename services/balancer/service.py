@@ -1,17 +1,23 @@
 """The balancer process: ``select`` a node for a key in one hop, ``release`` leases.
 
-The balancer keeps its own copy of the shard map (fetched from sharding,
-refreshed on every ``shardmap.changed`` and every few seconds in case an
-event was missed), so a select needs no other service. What it knows about
-nodes comes from events: membership states (``member.*``) and loads
-(``member.load``), addresses from discovery (``node.*``), lifecycles from the
-manager (``cluster.*``), plus a snapshot of each at start.
+The balancer keeps its own copy of the shard map, followed by the shared
+:class:`~phantom_bus.follower.AsyncMapFollower` (an event is a hint, a poll
+about once a second repairs a lost one, an older epoch is refused and
+published as ``shardmap.regressed``), so a select needs no other service.
+What it knows about nodes comes from events: membership states
+(``member.*``, versioned by incarnation and change so a late one never
+overwrites a newer one) and loads (``member.load``), addresses from
+discovery (``node.*``), lifecycles from the manager (``cluster.*``), plus a
+snapshot of membership and discovery every couple of seconds.
+
+Clients that route locally load the node table (``routing``) and report
+their traffic every few seconds (``report``, answered with the table), so
+``stats`` and ``phantom-top`` still see every select.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from typing import Any
@@ -22,26 +28,21 @@ from phantom_bus.client import AsyncClient
 from phantom_bus.config import Config
 from phantom_bus.errors import NoLiveReplica, PhantomError
 from phantom_bus.events import Event
+from phantom_bus.follower import REGRESSED, AsyncMapFollower, Regression
 from phantom_bus.metrics import SelectTimer
+from phantom_bus.routing import inputs
+from phantom_bus.routing.balancer import Balancer, Candidate
+from phantom_bus.routing.config import BalancerConfig
 from phantom_bus.service import Service
 from phantom_bus.shardmap import ShardMap
-from services.balancer.config import BalancerConfig
-from services.balancer.core import Balancer, Candidate
 
 SETTINGS = ("broker", "timeout", "retries", "lease_timeout")
 
 DEFAULT_KEYSPACE = "default"
-# Seconds between map refreshes without an event, snapshot syncs, and rate reports.
-_MAP_REFRESH = 5.0
+# Seconds between node snapshots (repairing lost member/node events), ticks, and rate reports.
+_SNAPSHOT = 2.0
 _TICK = 0.5
 _REPORT = 10.0
-
-_LIFECYCLE_EVENTS = {
-    "cluster.node_registered": "joining",
-    "cluster.node_active": "active",
-    "cluster.node_draining": "draining",
-    "cluster.node_decommissioned": "decommissioned",
-}
 
 
 class BalancerService:
@@ -53,13 +54,17 @@ class BalancerService:
         self.map: ShardMap | None = None
         self.service = Service("balancer", cfg)
         self.select_timer = SelectTimer()
-        self._map_stale = asyncio.Event()
+        self.client = AsyncClient(cfg.broker, timeout=cfg.timeout, retries=1, routing="broker")
+        self.follower = AsyncMapFollower(self.client, name="balancer", on_change=self._new_map,
+                                         on_regress=self._regressed)
         svc = self.service
         svc.add_operation("select", self.op_select)
         svc.add_operation("release", self.op_release)
         svc.add_operation("stats", self.op_stats)
         svc.add_operation("node_update", self.op_node_update)
         svc.add_operation("forget_node", self.op_forget_node)
+        svc.add_operation("routing", self.op_routing)
+        svc.add_operation("report", self.op_report)
         svc.subscribe("shardmap.changed", self.on_map_changed)
         svc.subscribe("member.", self.on_member)
         svc.subscribe("node.", self.on_node)
@@ -136,15 +141,33 @@ class BalancerService:
         return {"node": node, "leases_dropped": self.core.forget_node(node, now=time.monotonic())}
 
     def op_stats(self) -> dict[str, Any]:
-        """Per node and per shard statistics, and the map epoch in use."""
-        stats = self.core.stats(time.monotonic())
+        """Per node and per shard statistics, the map epoch in use and how it is followed."""
+        now = time.monotonic()
+        stats = self.core.stats(now)
         stats["epoch"] = None if self.map is None else self.map.epoch
+        stats["map"] = self.follower.core.status(now)
         stats["select_seconds"] = self.select_timer.snapshot()
         return stats
 
     def metrics(self) -> list[Any]:
         """This balancer's own ``phantom_select_seconds`` (read from the metrics thread)."""
         return self.select_timer.families()
+
+    def op_routing(self) -> dict[str, Any]:
+        """The node table a locally routing client loads: health inputs per node."""
+        return {"epoch": None if self.map is None else self.map.epoch,
+                "nodes": self.core.routing_table(time.monotonic())}
+
+    def op_report(
+        self, client: str = "", nodes: dict[str, Any] | None = None, shards: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """A locally routing client's traffic since its last report; answered with
+        the node table, so each report also refreshes the client's node health."""
+        now = time.monotonic()
+        counted = self.core.absorb(nodes if nodes is not None else {}, shards if shards is not None else {},
+                                   now=now)
+        return {"epoch": None if self.map is None else self.map.epoch, "counted": counted,
+                "nodes": self.core.routing_table(now)}
 
     # --- events -----------------------------------------------------------------------
 
@@ -154,84 +177,59 @@ class BalancerService:
             await self.service.publish(event.kind, event.data)
 
     def on_map_changed(self, event: dict[str, Any]) -> None:
-        """A newer epoch exists: fetch it (in the refresh loop, not in the event path)."""
-        epoch = event.get("epoch")
-        if self.map is None or not isinstance(epoch, int) or epoch > self.map.epoch:
-            self._map_stale.set()
+        """A hint that a newer epoch exists: the follower reads it."""
+        self.follower.hint(event)
 
-    def _update(self, node: Any, **fields: Any) -> None:
-        if not isinstance(node, str):
-            return
-        try:
-            self.core.node_update(node, now=time.monotonic(), **{k: v for k, v in fields.items() if v is not None})
-        except PhantomError as exc:
-            logger.warning("ignored an update for {}: {}", node, exc)
+    def _new_map(self, shard_map: ShardMap) -> None:
+        self.map = shard_map
+
+    async def _regressed(self, regression: Regression) -> None:
+        await self.service.publish(REGRESSED, {**regression.to_wire(), "consumer": "balancer"})
+
+    def _apply(self, updates: list[inputs.Update]) -> None:
+        now = time.monotonic()
+        for node, fields in updates:
+            try:
+                self.core.node_update(node, now=now, **fields)
+            except PhantomError as exc:
+                logger.warning("ignored an update for {}: {}", node, exc)
 
     def on_member(self, event: dict[str, Any]) -> None:
-        """Membership verdicts and load digests."""
-        kind = event.get("kind", "")
-        if kind == "member.load":
-            loads = event.get("loads")
-            for node, load in (loads if isinstance(loads, dict) else {}).items():
-                self._update(node, load=_load(load))
-        elif kind.startswith("member."):
-            self._update(event.get("node"), state=kind.split(".", 1)[1])
+        """Membership verdicts (versioned) and load digests."""
+        self._apply(inputs.from_event(event))
 
     def on_node(self, event: dict[str, Any]) -> None:
         """Discovery tells addresses and weights."""
-        if event.get("kind") in ("node.discovered", "node.updated"):
-            weight = event.get("weight")
-            self._update(
-                event.get("node"),
-                address=event.get("address"),
-                weight=weight if isinstance(weight, int | float) and weight > 0 else None,
-            )
+        self._apply(inputs.from_event(event))
 
     def on_lifecycle(self, event: dict[str, Any]) -> None:
         """The manager's lifecycle decisions (draining nodes get no new reads)."""
-        lifecycle = _LIFECYCLE_EVENTS.get(str(event.get("kind")))
-        if lifecycle is not None:
-            self._update(event.get("node"), lifecycle=lifecycle)
+        self._apply(inputs.from_event(event))
 
     # --- loops ------------------------------------------------------------------------
-
-    async def _refresh_map(self, client: AsyncClient) -> None:
-        since = None if self.map is None else self.map.epoch
-        doc = await client.request("sharding", "map", since_epoch=since)
-        if doc is None:
-            return
-        fresh = ShardMap.from_wire(doc)
-        if self.map is None or fresh.epoch > self.map.epoch:
-            self.map = fresh
-            logger.info("shard map epoch {}", fresh.epoch)
 
     async def _snapshot(self, client: AsyncClient) -> None:
         """Catch up with the current node states (events only tell changes)."""
         try:
-            for doc in await client.request("discovery", "nodes"):
-                self._update(doc.get("id"), address=doc.get("address"))
+            self._apply(inputs.from_discovery(await client.request("discovery", "nodes")))
         except PhantomError as exc:
             logger.debug("discovery snapshot skipped: {}", exc)
         try:
-            for m in await client.request("membership", "members"):
-                self._update(m.get("id"), state=m.get("state"), load=_load(m.get("load")))
+            self._apply(inputs.from_members(await client.request("membership", "members")))
         except PhantomError as exc:
             logger.debug("membership snapshot skipped: {}", exc)
 
     async def sync_loop(self) -> None:
-        """Keep the map and the node snapshot current."""
-        async with AsyncClient(self.cfg.broker, timeout=self.cfg.timeout, retries=1) as client:
+        """Follow the map; keep the node snapshot current."""
+        follower = asyncio.ensure_future(self.follower.run())
+        try:
             while True:
-                await self._snapshot(client)
-                try:
-                    await self._refresh_map(client)
-                except PhantomError as exc:
-                    logger.debug("shard map refresh failed: {}", exc)
-                self._map_stale.clear()
-                # Until the first map arrives every select fails: ask again soon.
-                wait = _MAP_REFRESH if self.map is not None else 0.2
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._map_stale.wait(), wait)
+                await self._snapshot(self.client)
+                await asyncio.sleep(_SNAPSHOT)
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+            await self.client.close()
 
     async def tick_loop(self) -> None:
         """Expire leases, restore ejected nodes, report select rates to sharding."""
@@ -254,12 +252,3 @@ class BalancerService:
         """The coroutines to run next to the service's own."""
         return [self.sync_loop(), self.tick_loop()]
 
-
-def _load(doc: Any) -> dict[str, Any] | None:
-    """The part of an agent's load document the balancer uses, stamped on our clock."""
-    if not isinstance(doc, dict):
-        return None
-    cpu, mem = doc.get("cpu"), doc.get("mem")
-    if not isinstance(cpu, int | float) or not isinstance(mem, int | float):
-        return None
-    return {"cpu": float(cpu), "mem": float(mem)}

@@ -27,6 +27,7 @@ from loguru import logger
 from phantom_bus.client import AsyncClient
 from phantom_bus.config import Config
 from phantom_bus.errors import Conflict, NotFound, PhantomError, Refused
+from phantom_bus.follower import REGRESSED, AsyncMapFollower, Regression
 from phantom_bus.service import Service
 from phantom_bus.shardmap import ShardMap
 from services.manager.config import ManagerConfig
@@ -213,23 +214,43 @@ class ManagerService:
         self._map_stale.set()
 
     async def map_loop(self) -> None:
-        """Follow the shard map: finish drains, judge health."""
-        while True:
-            try:
-                since = None if self._map is None else self._map.epoch
-                doc = await self.client.request("sharding", "map", since_epoch=since)
-                if doc is not None:
-                    self._map = ShardMap.from_wire(doc)
+        """Follow the shard map (the shared follower): finish drains, judge health.
+
+        Health is judged on every new map and at least every few seconds on the
+        current one (a shard's health also depends on time); ``_map_stale``
+        (an event, a drain accepted) asks the follower to read at once."""
+        follower = AsyncMapFollower(self.client, name="manager", on_regress=self._map_regressed)
+        runner = asyncio.ensure_future(follower.run())
+        try:
+            while True:
+                if self._map_stale.is_set():
+                    # A drain is only judged on maps read after it was accepted.
+                    self._map_stale.clear()
+                    await follower.refresh()
+                else:
+                    waiter = asyncio.ensure_future(self._map_stale.wait())
+                    changed = asyncio.ensure_future(follower.wait_changed(_MAP_POLL))
+                    await asyncio.wait({waiter, changed}, return_when=asyncio.FIRST_COMPLETED)
+                    for task in (waiter, changed):
+                        task.cancel()
+                    await asyncio.gather(waiter, changed, return_exceptions=True)
+                    if self._map_stale.is_set():
+                        continue
+                self._map = follower.map
                 if self._map is not None:
                     m = self._map
-                    await self._apply(
-                        self.core.observe_shards(shards_from_map(m), now=time.time(), down=m.down, epoch=m.epoch)
-                    )
-            except PhantomError as exc:
-                logger.debug("shard map not fetched: {}", exc)
-            self._map_stale.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._map_stale.wait(), _MAP_POLL)
+                    try:
+                        await self._apply(
+                            self.core.observe_shards(shards_from_map(m), now=time.time(), down=m.down, epoch=m.epoch)
+                        )
+                    except PhantomError as exc:
+                        logger.debug("shard map not judged: {}", exc)
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+
+    async def _map_regressed(self, regression: Regression) -> None:
+        await self.service.publish(REGRESSED, {**regression.to_wire(), "consumer": "manager"})
 
     async def tick_loop(self) -> None:
         """Timers of the core (the failed label), and anti-entropy now and then."""

@@ -170,6 +170,9 @@ class _Member:
     load: dict[str, Any] | None = None
     load_at: float | None = None
     heartbeats: int = 0
+    # State changes so far: with the incarnation, the version of the member's state
+    # that consumers compare so that a late event never overwrites a newer one.
+    changes: int = 0
 
 
 class _StallLedger:
@@ -570,6 +573,7 @@ class Membership:
                     )
                 rec = _Member(node, incarnation, self._detector(node), since=now)
                 rec.state = LEFT
+                rec.changes = 1
                 self._members[node] = rec
                 events.append(self._event(EVENT_LEFT, rec, "leave", 0.0, None))
             elif incarnation < rec.incarnation:
@@ -706,7 +710,7 @@ class Membership:
             return [self._describe(self._members[n], now) for n in sorted(self._members)]
 
     def member(self, node: str, now: float) -> dict[str, Any]:
-        """One member: ``id, state, incarnation, phi, last_heartbeat_age, seq, load,
+        """One member: ``id, state, incarnation, change, phi, last_heartbeat_age, seq, load,
         load_age, load_stale, since, state_age, heartbeats``.
 
         Ages are seconds; ``since`` is the time of the last state change on the
@@ -841,6 +845,7 @@ class Membership:
         previous = rec.state
         rec.state = state
         rec.since = now
+        rec.changes += 1
         kind = {
             ALIVE: EVENT_ALIVE,
             SUSPECT: EVENT_SUSPECT,
@@ -859,6 +864,7 @@ class Membership:
             {
                 "node": rec.node,
                 "incarnation": rec.incarnation,
+                "change": rec.changes,
                 "phi": round(phi, 3),
                 "reason": reason,
                 "previous": previous,
@@ -876,6 +882,7 @@ class Membership:
             "id": rec.node,
             "state": rec.state,
             "incarnation": rec.incarnation,
+            "change": rec.changes,
             "phi": round(phi, 3),
             "last_heartbeat_age": now - rec.last_arrival,
             "seq": rec.seq,

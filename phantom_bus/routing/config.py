@@ -29,7 +29,7 @@ def _doc(default: Any, unit: str, why: str) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class BalancerConfig:
-    """Tunables of :class:`services.balancer.core.Balancer`; call :meth:`validate` once."""
+    """Tunables of :class:`phantom_bus.routing.balancer.Balancer`; call :meth:`validate` once."""
 
     default_strategy: str = _doc(
         "performance", "name",

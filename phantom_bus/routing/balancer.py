@@ -33,8 +33,8 @@ from typing import Any, TypeGuard
 
 from phantom_bus.errors import BadRequest, NoLiveReplica, NotFound
 from phantom_bus.events import Event
-from services.balancer.config import BalancerConfig
-from services.balancer.health import (
+from phantom_bus.routing.config import BalancerConfig
+from phantom_bus.routing.health import (
     DOUBTFUL,
     HEALTHY,
     LIFECYCLES,
@@ -48,15 +48,17 @@ from services.balancer.health import (
     ejection_duration,
     load_penalty,
 )
-from services.balancer.leases import Lease, LeaseTable
-from services.balancer.stats import RateMeter
-from services.balancer.strategies import Strategy, build_strategies
+from phantom_bus.routing.leases import Lease, LeaseTable
+from phantom_bus.routing.stats import RateMeter
+from phantom_bus.routing.strategies import Strategy, build_strategies
 
 EJECTED = "balancer.ejected"
 RESTORED = "balancer.restored"
 LEASES_EXPIRED = "balancer.leases_expired"
 
 _MAX_WEIGHT = 1e6
+# Rows a client report may carry: a generous bound on a cluster's nodes and shards.
+_MAX_REPORT = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +162,7 @@ class Balancer:
         self._totals = {
             "reads": 0, "writes": 0, "lookups": 0, "panics": 0, "leases": 0,
             "successes": 0, "failures": 0, "expired": 0, "dropped": 0,
-            "ejections": 0, "ejections_refused": 0, "restores": 0,
+            "ejections": 0, "ejections_refused": 0, "restores": 0, "stale_updates": 0, "reported": 0,
         }
 
     # --- inputs ---------------------------------------------------------------------
@@ -174,8 +176,9 @@ class Balancer:
         weight: float | None = None,
         load: Mapping[str, Any] | None = None,
         address: str | None = None,
+        version: Sequence[int] | None = None,
         now: float,
-    ) -> None:
+    ) -> bool:
         """Record what membership, the manager or an agent says about ``node``.
 
         Only the fields given change. ``state``: alive, suspect, dead, left.
@@ -186,6 +189,13 @@ class Balancer:
         without either it counts as sampled at ``now``. A node that becomes
         able to serve (alive and not joining, draining or decommissioned)
         starts a slow-start ramp. Raises BadRequest on a malformed value.
+
+        ``version`` orders liveness verdicts: membership's ``(incarnation,
+        change)``, compared as a pair. A ``state`` older than the one held is
+        ignored, and so is an unversioned ``state`` that contradicts a
+        versioned one (a relay or an old snapshot cannot undo a fresher
+        verdict of the owner). A load sampled before the one held is ignored
+        too. Returns False when something was ignored as stale.
         """
         if not isinstance(node, str) or not node:
             raise self._bad(f"node id must be a non-empty string, got {node!r}")
@@ -201,14 +211,24 @@ class Balancer:
         if address is not None and not isinstance(address, str):
             raise self._bad(f"node {node}: address must be a string, got {address!r}")
         sample = self._parse_load(node, load, now) if load is not None else None
+        stamp = self._version(node, version) if version is not None else None
+        fresh = True
         with self._lock:
             self._ops["node_update"] += 1
             ns = self._nodes.get(node)
             if ns is None:
                 ns = self._nodes[node] = NodeState(node, self.config, now)
             was_healthy = ns.klass == HEALTHY
+            held = ns.version
+            if state is not None and held is not None and (
+                    (stamp is None and state != ns.state) or (stamp is not None and stamp < held)):
+                self._totals["stale_updates"] += 1
+                state = None
+                fresh = False
             if state is not None:
                 ns.state = state
+                if stamp is not None:
+                    ns.version = stamp
             if lifecycle is not None:
                 ns.lifecycle = lifecycle
             ns.klass = base_class(ns.state, ns.lifecycle)
@@ -218,9 +238,22 @@ class Balancer:
                 ns.weight = float(weight)
             if address is not None:
                 ns.address = address
-            if sample is not None:
+            if sample is not None and sample[2] < ns.load_at:
+                self._totals["stale_updates"] += 1
+                fresh = False
+            elif sample is not None:
                 ns.cpu, ns.mem, ns.load_at = sample
                 ns.penalty = load_penalty(ns.cpu, ns.mem, self.config)
+            return fresh
+
+    def _version(self, node: str, version: Any) -> tuple[int, int]:
+        if (not isinstance(version, Sequence) or isinstance(version, str | bytes)
+                or len(version) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                           for v in version)):
+            raise self._bad(f"node {node}: version must be two integers >= 0 "
+                            f"(incarnation, change), got {version!r}")
+        return int(version[0]), int(version[1])
 
     def _parse_load(self, node: str, load: Any, now: float) -> tuple[float, float, float]:
         if not isinstance(load, Mapping):
@@ -581,6 +614,88 @@ class Balancer:
         self._totals["expired"] += len(expired)
         return Event(LEASES_EXPIRED, {"count": len(expired), "nodes": per_node})
 
+    # --- locally routing clients ------------------------------------------------------
+
+    def routing_table(self, now: float) -> dict[str, dict[str, Any]]:
+        """Every node's health inputs (state and its version, lifecycle, address,
+        weight, load with its age): what a client that routes locally loads."""
+        with self._lock:
+            return {
+                nid: {
+                    "state": ns.state,
+                    "version": None if ns.version is None else list(ns.version),
+                    "lifecycle": ns.lifecycle,
+                    "address": ns.address,
+                    "weight": ns.weight,
+                    "load": None if ns.cpu is None else {
+                        "cpu": ns.cpu, "mem": ns.mem, "age_s": max(0.0, now - ns.load_at)},
+                }
+                for nid, ns in self._nodes.items()
+            }
+
+    def absorb(self, nodes: Mapping[str, Any], shards: Mapping[str, Any], *, now: float) -> int:
+        """Count the traffic a locally routing client reports, so that stats and
+        shard rates still see it. ``nodes``: per node ``picks``, ``successes``,
+        ``failures`` (counts since the last report) and ``latencies`` (a sample,
+        in ms). ``shards``: per shard ``reads`` and ``writes``. Feeds statistics
+        only, never this balancer's own strategy state (in-flight, EWMA,
+        ejection): those describe its own clients. Returns the selects counted;
+        BadRequest (nothing counted) on a malformed report."""
+        if not isinstance(nodes, Mapping) or not isinstance(shards, Mapping):
+            raise self._bad("a report has 'nodes' and 'shards' maps")
+        if len(nodes) > _MAX_REPORT or len(shards) > _MAX_REPORT:
+            raise self._bad(f"a report covers at most {_MAX_REPORT} nodes and shards")
+        parsed_nodes = []
+        for node, row in nodes.items():
+            if not isinstance(node, str) or not node or not isinstance(row, Mapping):
+                raise self._bad(f"report row for node {node!r} must be a map")
+            counts = [row.get(k, 0) for k in ("picks", "successes", "failures")]
+            lat = row.get("latencies", [])
+            if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+                raise self._bad(f"report for node {node}: picks, successes and failures are "
+                                f"counts >= 0, got {counts!r}")
+            if (not isinstance(lat, list | tuple) or len(lat) > _MAX_REPORT
+                    or not all(_number(v) and v >= 0 for v in lat)):
+                raise self._bad(f"report for node {node}: latencies is a list of at most "
+                                f"{_MAX_REPORT} numbers >= 0")
+            parsed_nodes.append((node, counts, lat))
+        parsed_shards = []
+        for shard, row in shards.items():
+            if not isinstance(shard, str) or not isinstance(row, Mapping):
+                raise self._bad(f"report row for shard {shard!r} must be a map")
+            reads, writes = row.get("reads", 0), row.get("writes", 0)
+            if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
+                       for c in (reads, writes)):
+                raise self._bad(f"report for shard {shard}: reads and writes are counts >= 0")
+            parsed_shards.append((shard, reads, writes))
+        with self._lock:
+            self._ops["report"] = self._ops.get("report", 0) + 1
+            totals = self._totals
+            selects = 0
+            for node, (picks, ok, failed), lat in parsed_nodes:
+                ns = self._node(node, now)
+                ns.picks += picks
+                ns.successes += ok
+                ns.failures += failed
+                totals["successes"] += ok
+                totals["failures"] += failed
+                for ms in lat:
+                    ns.latency.add(float(ms), now)
+            for shard, reads, writes in parsed_shards:
+                sh = self._shards.get(shard)
+                if sh is None:
+                    sh = self._shards[shard] = ShardState(shard, self.config.shard_rate_window_s, now)
+                if reads + writes:
+                    sh.meter.add(now, reads + writes)
+                    sh.last_select = now
+                sh.reads += reads
+                sh.writes += writes
+                totals["reads"] += reads
+                totals["writes"] += writes
+                selects += reads + writes
+            totals["reported"] += selects
+            return selects
+
     # --- reports --------------------------------------------------------------------
 
     def shard_rates(self, now: float) -> dict[str, float]:
@@ -599,6 +714,7 @@ class Balancer:
                 load_fresh = now - ns.load_at <= cfg.load_stale_s
                 nodes[nid] = {
                     "state": ns.state,
+                    "version": None if ns.version is None else list(ns.version),
                     "lifecycle": ns.lifecycle,
                     "address": ns.address,
                     "weight": ns.weight,

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from services.balancer.health import NodeState
+from phantom_bus.routing.health import NodeState
 
 #: How :meth:`LeaseTable.close` found a lease that was not open.
 ALREADY_RELEASED = "already_released"

@@ -19,8 +19,8 @@ import random
 from collections.abc import Sequence
 from typing import ClassVar, Protocol
 
-from services.balancer.config import BalancerConfig
-from services.balancer.health import NodeState
+from phantom_bus.routing.config import BalancerConfig
+from phantom_bus.routing.health import NodeState
 
 # A node that once answered in 0 ms would otherwise cost 0 whatever its
 # in-flight count; the floor keeps in-flight meaningful. 1 us, far below any

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 
-from services.balancer.config import BalancerConfig
-from services.balancer.stats import PeakEwma, WindowedLatency
+from phantom_bus.routing.config import BalancerConfig
+from phantom_bus.routing.stats import PeakEwma, WindowedLatency
 
 STATES = ("alive", "suspect", "dead", "left")
 LIFECYCLES = ("joining", "active", "draining", "decommissioned")
@@ -62,12 +62,14 @@ class NodeState:
         "address", "consecutive_failures", "cpu", "eject_level", "ejected_until",
         "ejections", "ewma", "expired", "failures", "in_flight", "klass", "latency",
         "leases", "lifecycle", "load_at", "mem", "node", "penalty", "picks", "ramp_end",
-        "ramp_start", "state", "successes", "weight",
+        "ramp_start", "state", "successes", "version", "weight",
     )
 
     def __init__(self, node: str, config: BalancerConfig, now: float) -> None:
         self.node = node
         self.state: str | None = None
+        # (incarnation, change) of ``state`` when its source gave one.
+        self.version: tuple[int, int] | None = None
         self.lifecycle: str | None = None
         self.klass = base_class(None, None)
         self.weight = 1.0

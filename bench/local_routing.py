@@ -1,0 +1,327 @@
+"""Local routing: select speed, map-change propagation, memory (one run, same machine).
+
+* **select+release / s** in one thread with ``Client(routing="local")`` (the
+  real API, its follower thread running) against a live cluster, versus raw
+  pyzmq REQ -> ROUTER echo round trips per second in one thread on the same
+  machine (the floor of anything that asks the network). Goal: >= 100 x.
+* **propagation**: ``--clients`` (100) local clients (``RoutingFeed`` +
+  ``LocalRouter``, exactly what ``AsyncClient`` runs) in ``--procs`` load
+  processes; ``--changes`` map changes (``sharding.create_keyspace``); delay
+  from the ``shardmap.changed`` publication (its ``ts``) to each client's
+  router holding the new epoch. Goal: p99 <= 100 ms.
+* **memory**: one client's router holding a 4,096-shard map (100 nodes, rf 3)
+  after selecting keys of every shard (tracemalloc, Python heap).
+
+Run: ``python bench/local_routing.py [--quick]``; writes
+``bench/results/local_routing.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import random
+import sys
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import msgpack  # noqa: E402
+import zmq  # noqa: E402
+import zmq.asyncio  # noqa: E402
+from loguru import logger  # noqa: E402
+
+from bench._procs import Cluster, free_port, host_info, log, summary, table, write_results  # noqa: E402
+from phantom_bus import protocol  # noqa: E402
+from phantom_bus import security as secmod  # noqa: E402
+from phantom_bus.client import AsyncClient, Client  # noqa: E402
+from phantom_bus.local import RoutingFeed  # noqa: E402
+from phantom_bus.routing.local import LocalRouter  # noqa: E402
+from phantom_bus.shardmap import Keyspace, Replica, Shard, ShardMap  # noqa: E402
+
+SERVICES = ("discovery", "membership", "sharding", "balancer", "manager")
+KEYS = [f"user:{i}" for i in range(10_000)]
+
+
+def _raw_server(endpoint: str) -> None:
+    from bench.broker_roundtrip import raw_echo_server
+
+    raw_echo_server(endpoint)
+
+
+def raw_rate(endpoint: str, seconds: float) -> float:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    body = msgpack.packb({"op": "select", "args": {"key": "user:42", "write": False}}, use_bin_type=True)
+    try:
+        for _ in range(200):
+            sock.send(body)
+            sock.recv()
+        n = 0
+        start = time.perf_counter()
+        end = start + seconds
+        while True:
+            for _ in range(100):
+                sock.send(body)
+                msgpack.unpackb(sock.recv(), raw=False)
+            n += 100
+            now = time.perf_counter()
+            if now >= end:
+                return n / (now - start)
+    finally:
+        ctx.destroy(0)
+
+
+def local_rate(client: Client, seconds: float) -> float:
+    rng = random.Random(1)
+    keys = KEYS
+    size = len(keys)
+    n = 0
+    start = time.perf_counter()
+    end = start + seconds
+    while True:
+        for _ in range(1000):
+            sel = client.select(keys[int(rng.random() * size)])
+            client.release(sel, latency_ms=0.5, ok=True)
+        n += 1000
+        now = time.perf_counter()
+        if now >= end:
+            return n / (now - start)
+
+
+# --- propagation ------------------------------------------------------------------------
+
+
+class TimedRouter(LocalRouter):
+    """A router that notes when it received each epoch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.when: dict[int, float] = {}
+
+    def set_map(self, shard_map: ShardMap) -> None:
+        super().set_map(shard_map)
+        self.when[shard_map.epoch] = time.time()
+
+
+def feeds_proc(endpoint: str, events: str, count: int, stop: Any, out: Any) -> None:
+    """``count`` local clients in one loop until ``stop`` is set; report when each saw each epoch."""
+    quiet()
+
+    async def main() -> list[dict[int, float]]:
+        ctx = zmq.asyncio.Context()
+        sec = secmod.current()
+        routers = [TimedRouter() for _ in range(count)]
+        clients = [AsyncClient(endpoint, timeout=2.5, retries=1, ctx=ctx, routing="broker") for _ in routers]
+        feeds = [RoutingFeed(r, c, events=events, security=sec, ctx=ctx, name=f"bench-{i}")
+                 for i, (r, c) in enumerate(zip(routers, clients, strict=True))]
+        tasks = [asyncio.ensure_future(f.run()) for f in feeds]
+        while not stop.is_set():
+            await asyncio.sleep(0.1)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in clients:
+            await c.close()
+        ctx.destroy(0)
+        return [r.when for r in routers]
+
+    try:
+        out.put(asyncio.run(main()))
+    except Exception as exc:  # report, never hang the parent
+        out.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def publications(events: str, stop: threading.Event, seen: dict[int, float]) -> None:
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"shardmap.changed")
+    sub.connect(events)
+    try:
+        while not stop.is_set():
+            if sub.poll(200):
+                ev = protocol.decode_event(sub.recv_multipart())
+                if isinstance(ev.get("epoch"), int):
+                    seen.setdefault(ev["epoch"], float(ev["ts"]))
+    finally:
+        ctx.destroy(0)
+
+
+def propagation(cluster: Cluster, clients: int, procs: int, changes: int) -> dict[str, Any]:
+    events = cluster.endpoint("events_out")
+    seen: dict[int, float] = {}
+    stop = threading.Event()
+    listener = threading.Thread(target=publications, args=(events, stop, seen), daemon=True)
+    listener.start()
+    q: Any = mp.Queue()
+    done = mp.Event()
+    workers = [mp.Process(target=feeds_proc, args=(cluster.endpoint("broker"), events, clients // procs, done, q))
+               for _ in range(procs)]
+    for w in workers:
+        w.start()
+    time.sleep(5.0)  # every client has loaded the map
+    made: list[int] = []
+    with cluster.client(timeout=5.0) as c:
+        for i in range(changes):
+            c.request("sharding", "create_keyspace", name=f"bench{i}_{random.getrandbits(20)}", shards=4)
+            made.append(c.request("sharding", "health")["epoch"])
+            time.sleep(1.5)
+    time.sleep(5.0)  # the last change reaches everyone (or counts as missing)
+    done.set()
+    results = [q.get(timeout=60) for _ in workers]
+    for w in workers:
+        w.join(10)
+    stop.set()
+    listener.join(2)
+    delays: list[float] = []
+    missing = 0
+    for res in results:
+        if isinstance(res, dict):
+            raise RuntimeError(res["error"])
+        for when in res:
+            for epoch in made:
+                if epoch in seen:
+                    # A client may jump straight to a later epoch: it held this one from then.
+                    got = [t for e, t in when.items() if e >= epoch]
+                    if got:
+                        delays.append(max(0.0, min(got) - seen[epoch]))
+                    else:
+                        missing += 1
+    delays.sort()
+    return {"clients": clients, "procs": procs, "changes": len(made), "samples": len(delays), "missing": missing,
+            "p50_ms": 1000 * delays[len(delays) // 2], "p99_ms": 1000 * delays[min(len(delays) - 1,
+                                                                                     int(0.99 * len(delays)))],
+            "max_ms": 1000 * delays[-1]}
+
+
+# --- memory -----------------------------------------------------------------------------
+
+
+def big_map(shards: int = 4096, nodes: int = 100, rf: int = 3) -> dict[str, Any]:
+    slots = shards
+    rows = []
+    for i in range(shards):
+        picks = [f"node-{(i + k * 37) % nodes}" for k in range(rf)]
+        rows.append(Shard(f"default/{i}", tuple(Replica(n, "primary" if k == 0 else "replica")
+                                                for k, n in enumerate(picks)), slots=((i, i + 1),)))
+    return ShardMap(1, (Keyspace("default", "hash", rf, tuple(rows), slots),)).to_wire()
+
+
+def memory(shards: int = 4096) -> dict[str, Any]:
+    doc = big_map(shards)
+    wire = len(msgpack.packb(doc, use_bin_type=True))
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    router = LocalRouter()
+    shard_map = ShardMap.from_wire(doc)
+    router.set_map(shard_map)
+    after_map = tracemalloc.get_traced_memory()[0]
+    for n in range(100):
+        router.core.node_update(f"node-{n}", state="alive", lifecycle="active", address=f"h{n}:1", now=0.0)
+    for i in range(shards * 8):
+        _, _, sel = router.select(f"k{i}", now=1.0)
+        assert sel.lease is not None
+        router.release(sel.node, sel.lease, 1.0, True, now=1.0)
+    used = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return {"shards": shards, "wire_bytes": wire, "map_bytes": after_map - base, "client_bytes": used - base}
+
+
+def quiet() -> None:
+    """Warnings only: a hundred clients logging every epoch would measure stderr."""
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+
+
+def main() -> int:
+    quiet()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--procs", type=int, default=2)
+    parser.add_argument("--changes", type=int, default=None)
+    args = parser.parse_args()
+    seconds = args.seconds or (2.0 if args.quick else 5.0)
+    changes = args.changes or (5 if args.quick else 10)
+    out: dict[str, Any] = {"host": host_info(), "load_average": list(os.getloadavg())}
+
+    log("memory with 4,096 shards")
+    out["memory"] = mem = memory()
+
+    with Cluster("local") as cluster:
+        cluster.env["PHANTOM_COPY_TIME"] = "0.1"
+        cluster.start("phantom_bus.broker")
+        for name in SERVICES:
+            cluster.start(f"services.{name}")
+        for n in (1, 2, 3):
+            cluster.agent(f"node-{n}", n)
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with cluster.client(timeout=2.0, retries=1) as c:
+                    if c.status().get("health") == "green":
+                        break
+            except Exception:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("cluster never went green")
+            time.sleep(0.5)
+
+        echo = f"tcp://127.0.0.1:{free_port()}"
+        server = mp.Process(target=_raw_server, args=(echo,), daemon=True)
+        server.start()
+        time.sleep(0.5)
+        raw, local = [], []
+        with Client(cluster.endpoint("broker"), timeout=5.0, routing="local",
+                    events=cluster.endpoint("events_out")) as client:
+            client.select("warm")
+            for r in range(args.rounds):
+                log(f"round {r + 1}: raw echo, then local select+release, {seconds:g} s each")
+                raw.append(raw_rate(echo, seconds))
+                local.append(local_rate(client, seconds))
+            reported = None
+            time.sleep(3.0)
+            reported = cluster.request("balancer", "stats")["totals"]["reported"]
+        server.terminate()
+        ratios = [lo / ra for lo, ra in zip(local, raw, strict=True)]
+        out["throughput"] = {"raw_per_s": summary(raw), "local_per_s": summary(local),
+                             "ratio": summary(ratios), "seconds": seconds, "balancer_counted": reported}
+
+        log(f"propagation to {args.clients} local clients, {changes} map changes")
+        out["propagation"] = prop = propagation(cluster, args.clients, args.procs, changes)
+
+    tp = out["throughput"]
+    table("local routing", ["measure", "value", "goal"], [
+        ["raw pyzmq echo round trips / s (1 thread)", f"{tp['raw_per_s']['median']:,.0f}", ""],
+        ["local select+release / s (1 thread)", f"{tp['local_per_s']['median']:,.0f}", ""],
+        ["ratio local / raw (median, min..max)",
+         f"{tp['ratio']['median']:.1f}x ({tp['ratio']['min']:.1f}..{tp['ratio']['max']:.1f})", ">= 100x"],
+        [f"map change -> {prop['clients']} clients p50 / p99 / max",
+         f"{prop['p50_ms']:.1f} / {prop['p99_ms']:.1f} / {prop['max_ms']:.1f} ms "
+         f"({prop['samples']} samples, {prop['missing']} missing)", "p99 <= 100 ms"],
+        ["memory per client, 4,096 shards (map / whole router)",
+         f"{mem['map_bytes'] / 1e6:.1f} / {mem['client_bytes'] / 1e6:.1f} MB (wire {mem['wire_bytes'] / 1e3:.0f} kB)",
+         ""],
+    ])
+    print(f"selects the balancer counted from this client's reports: {tp['balancer_counted']}")
+    print(f"load average at start: {out['load_average']} (on {os.cpu_count()} cores)")
+    path = write_results("local_routing", out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
