@@ -68,6 +68,10 @@ _NOT_RECENT = (b"member.load",)
 
 #: The operations of the broker's own ``broker`` service (none takes arguments).
 OPERATIONS = ("ping", "services", "events", "stats")
+
+
+def events_args(limit: int = 100) -> None:
+    """The wire arguments of ``broker.events`` (the other broker operations take none)."""
 #: After this many worker-liveness periods of broker uptime, a service name that
 #: no worker ever registered under is answered ``unknown_service`` (not
 #: retryable) instead of ``service_unavailable``: by then every running service

@@ -55,6 +55,12 @@ DECLARED: dict[str, dict[str, Op]] = {
             "map service name -> map: `workers`, `inflight`, `queued`, `requests`, `rejected` (int), "
             "`instances` (array of map: `pid`, `host`, `inflight`, `served`, `up`)"
         ),
+        "events": Op(
+            "array of event bodies (maps with `kind`, `ts`, `service`, ...), oldest first: the last `limit` "
+            "events the broker relayed (it keeps 1000; `member.load` is not kept)",
+            ("bad_request",),
+            notes={"limit": "1..1000"},
+        ),
         "stats": Op(
             "map: `requests`, `replies`, `bad_client`, `bad_worker`, `events` (int), `uptime` (float, s), "
             "`pid` (int), `services` (as `services`), `security` (map)"
@@ -229,8 +235,13 @@ def actual_operations() -> dict[str, dict[str, OpSpec]]:
     from loguru import logger
 
     from phantom_bus import config as cfgmod
+    from phantom_bus.opspec import params_of
 
-    out: dict[str, dict[str, OpSpec]] = {"broker": {op: OpSpec(()) for op in brokermod.OPERATIONS}}
+    out: dict[str, dict[str, OpSpec]] = {
+        "broker": {
+            op: params_of(brokermod.events_args) if op == "events" else OpSpec(()) for op in brokermod.OPERATIONS
+        }
+    }
     logger.disable("services")
     try:
         with tempfile.TemporaryDirectory() as data:

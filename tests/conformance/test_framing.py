@@ -123,7 +123,7 @@ def test_broker_has_ping_services_and_stats(peer: Peer) -> None:
 
 def test_an_unknown_broker_operation_lists_the_known_ones(peer: Peer) -> None:
     err = peer.error("broker", "pong")
-    assert err["code"] == "unknown_operation" and err["details"]["ops"] == ["ping", "services", "stats"]
+    assert err["code"] == "unknown_operation" and err["details"]["ops"] == ["ping", "services", "events", "stats"]
     assert "retry" not in err
 
 
