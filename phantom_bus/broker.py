@@ -255,7 +255,7 @@ class Broker:
         out = []
         for frames in list(self.recent)[-limit:]:
             with contextlib.suppress(PhantomError):
-                out.append(protocol.decode_event(frames, max_size=self.max_body))
+                out.append(protocol.event_summary(protocol.decode_event(frames, max_size=self.max_body)))
         return out
 
     # --- backend --------------------------------------------------------------

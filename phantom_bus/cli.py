@@ -455,6 +455,7 @@ def _event_id(event: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def _print_event(event: dict[str, Any], as_json: bool) -> None:
+    event = protocol.event_summary(event)
     if as_json:
         sys.stdout.write(json.dumps(event, default=_jsonable, sort_keys=False) + "\n")
     else:

@@ -3,9 +3,13 @@
 The balancer, the manager, agents and local-routing clients all hold a copy
 of the shard map. They follow it the same way, level-triggered:
 
-* a ``shardmap.changed`` event is only a *hint* to read (``map`` with
-  ``since_epoch``), never the map itself, so a lost event costs at most one
-  poll interval (``poll_s``, about a heartbeat), never correctness;
+* a ``shardmap.changed`` event is a *hint* to read (``map`` with
+  ``since_epoch``), so a lost event costs at most one poll interval
+  (``poll_s``, about a heartbeat), never correctness. When the map is small,
+  sharding also pushes it in the event (``map``: the same bytes the ``map``
+  operation answers); a newer pushed map of the current term is taken at once,
+  with no read, which is what makes a change reach every reader within
+  milliseconds. Anything else about a push (older, malformed) makes it a hint;
 * an event of an older leader ``term`` than one already seen is dropped;
 * an epoch never goes backwards: a map older than the one held (a restored
   backup, a lost database, a stale leader) is refused, the newer map is kept,
@@ -33,6 +37,7 @@ from typing import Any, Protocol
 
 from loguru import logger
 
+from phantom_bus import protocol
 from phantom_bus.errors import PhantomError
 from phantom_bus.shardmap import ShardMap
 
@@ -111,7 +116,7 @@ class MapFollower:
         self._refused: int | None = None
         self.counters = {
             "reads": 0, "full_reads": 0, "changes": 0, "errors": 0, "hints": 0,
-            "old_term_dropped": 0, "regressions": 0,
+            "old_term_dropped": 0, "regressions": 0, "pushed": 0,
         }
         self.last_regression: Regression | None = None
 
@@ -139,6 +144,28 @@ class MapFollower:
         self._due = True
         self._hints += 1
         return True
+
+    def on_pushed(self, doc: Any, term: int | None, now: float) -> Outcome:
+        """A map pushed inside a ``shardmap.changed`` event (its wire document).
+
+        Taken only if it is newer than the map held and not of an older term;
+        otherwise nothing changes and the caller passes the event to
+        :meth:`hint` (an older epoch then gets the whole read that reports a
+        regression). Raises BadRequest for a malformed map."""
+        if term is not None and self.term is not None and term < self.term:
+            return Outcome()
+        fresh = ShardMap.from_wire(doc)
+        held = self.map
+        if held is not None and fresh.epoch <= held.epoch:
+            return Outcome()
+        if term is not None:
+            self.term = term
+        self.map = fresh
+        self._refused = None
+        self.refreshed_at = now
+        self.counters["changes"] += 1
+        self.counters["pushed"] += 1
+        return Outcome(changed=fresh)
 
     def poke(self) -> None:
         """Read at the next chance (the owner has a reason of its own)."""
@@ -264,6 +291,7 @@ class AsyncMapFollower:
         self.on_regress = on_regress
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
+        self._pushed: list[ShardMap] = []  # taken from events, callbacks not run yet
 
     @property
     def map(self) -> ShardMap | None:
@@ -271,9 +299,32 @@ class AsyncMapFollower:
         return self.core.map
 
     def hint(self, event: Mapping[str, Any]) -> None:
-        """Pass a ``shardmap.changed`` event (a reason to read soon)."""
+        """Pass a ``shardmap.changed`` event: a map pushed in it is taken at once
+        (its callbacks run in :meth:`run`'s task), anything else is a reason to read soon."""
+        pushed = event.get("map")
+        if isinstance(pushed, bytes) and self._take_pushed(event, pushed):
+            return
         if self.core.hint(event):
             self._wake.set()
+
+    def _take_pushed(self, event: Mapping[str, Any], blob: bytes) -> bool:
+        try:
+            outcome = self.core.on_pushed(protocol.unpack(blob, max_size=len(blob) + 1), _int(event.get("term")),
+                                          time.monotonic())
+        except PhantomError as exc:
+            logger.debug("{}: a pushed shard map was not usable ({}); reading it instead", self.name, exc)
+            return False
+        if outcome.changed is None:
+            return False
+        self._pushed.append(outcome.changed)
+        self._changed.set()
+        self._wake.set()
+        return True
+
+    async def _announce(self, fresh: ShardMap) -> None:
+        logger.bind(epoch=fresh.epoch).log(self.change_level, "{}: shard map epoch {}", self.name, fresh.epoch)
+        self._changed.set()
+        await _call(self.on_change, fresh)
 
     def poke(self) -> None:
         """Read now, whatever the events say."""
@@ -308,10 +359,7 @@ class AsyncMapFollower:
             logger.debug("{}: shard map not read: {}", self.name, exc)
             return
         if outcome.changed is not None:
-            logger.bind(epoch=outcome.changed.epoch).log(self.change_level, "{}: shard map epoch {}",
-                                                         self.name, outcome.changed.epoch)
-            self._changed.set()
-            await _call(self.on_change, outcome.changed)
+            await self._announce(outcome.changed)
         if outcome.regressed is not None:
             r = outcome.regressed
             logger.bind(epoch=r.held).error("{}: REFUSED shard map epoch {} older than held epoch {}: "
@@ -322,6 +370,10 @@ class AsyncMapFollower:
     async def run(self) -> None:
         """Follow the map until cancelled (every wait bounded by the poll interval)."""
         while True:
+            while self._pushed:
+                fresh = self._pushed.pop(0)
+                if self.core.map is fresh:  # not already overtaken by a newer one
+                    await self._announce(fresh)
             await self.read_once()
             now = time.monotonic()
             wait = max(0.0, min(self.core.wake_at(now) - now, self.core.poll_s))

@@ -287,6 +287,15 @@ def encode_event(kind: str, data: dict[str, Any], *, source: str, ts: float | No
     return [kind.encode(), EVENT, pack(body)]
 
 
+def event_summary(event: dict[str, Any]) -> dict[str, Any]:
+    """An event for people and logs: a pushed shard map (``map``, bytes) is
+    replaced by its size, so listings stay short and JSON-printable."""
+    blob = event.get("map")
+    if isinstance(blob, bytes):
+        return {**{k: v for k, v in event.items() if k != "map"}, "map_bytes": len(blob)}
+    return event
+
+
 def decode_event(frames: list[bytes], *, max_size: int = DEFAULT_MAX_BODY) -> dict[str, Any]:
     """Decode event frames into the body map (which carries ``kind``)."""
     if len(frames) != 3:

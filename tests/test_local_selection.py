@@ -234,3 +234,62 @@ def test_a_hint_arriving_during_a_read_is_not_lost() -> None:
     assert f.hint({"epoch": 4}) is True             # ...epoch 4 is published meanwhile...
     f.on_reply(None, 1.01, full=False)              # ...and the poll saw nothing newer yet
     assert f.next_read(1.02) == {"since_epoch": 3}  # read again now, not a poll later
+
+
+def test_a_pushed_newer_map_is_taken_without_a_read() -> None:
+    f = MapFollower(poll_s=1.0)
+    f.on_reply(wire(3), 0.0, full=True)
+    out = f.on_pushed(wire(4), 2, 0.2)
+    assert out.changed is not None and f.epoch == 4 and f.term == 2
+    assert f.counters["pushed"] == 1 and f.refreshed_at == 0.2
+    assert f.next_read(0.3) is None                  # nothing left to read: the push was the map
+
+
+def test_a_pushed_map_that_is_not_newer_or_of_an_old_term_changes_nothing() -> None:
+    f = MapFollower()
+    f.on_reply(wire(5), 0.0, full=True)
+    f.on_pushed(wire(6), 3, 0.1)
+    assert f.on_pushed(wire(6), 3, 0.2).changed is None      # the same epoch again
+    assert f.on_pushed(wire(4), 3, 0.2).changed is None      # older: left to hint() and a whole read
+    assert f.on_pushed(wire(9), 2, 0.2).changed is None      # an older leader's push
+    assert f.epoch == 6 and f.counters["pushed"] == 1
+
+
+def test_a_malformed_pushed_map_is_a_bad_request_and_keeps_the_held_map() -> None:
+    f = MapFollower()
+    f.on_reply(wire(5), 0.0, full=True)
+    with pytest.raises(BadRequest):
+        f.on_pushed({"epoch": "x"}, None, 0.1)
+    assert f.epoch == 5
+
+
+@pytest.mark.asyncio
+async def test_the_async_follower_takes_a_pushed_map_and_calls_back() -> None:
+    import asyncio
+
+    from phantom_bus import protocol
+    from phantom_bus.follower import AsyncMapFollower
+
+    class Sharding:
+        calls = 0
+
+        async def request(self, service: str, op: str, /, **args: Any) -> Any:
+            Sharding.calls += 1
+            return wire(3) if "since_epoch" not in args else None
+
+    seen: list[int] = []
+    follower = AsyncMapFollower(Sharding(), name="test", on_change=lambda m: seen.append(m.epoch))
+    task = asyncio.ensure_future(follower.run())
+    try:
+        while follower.map is None:
+            await asyncio.sleep(0.01)
+        follower.hint({"kind": "shardmap.changed", "epoch": 4, "term": 1, "map": protocol.pack(wire(4))})
+        assert follower.map is not None and follower.map.epoch == 4   # taken at once
+        for _ in range(100):
+            if seen[-1:] == [4]:
+                break
+            await asyncio.sleep(0.01)
+        assert seen == [3, 4] and follower.core.counters["pushed"] == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

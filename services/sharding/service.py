@@ -50,6 +50,10 @@ from services.shared_store import StoreHealth, changes, open_shared_store
 SETTINGS = ("dead_delay", "store", "store_prefix", "leader_ttl", "instance")
 
 T = TypeVar("T")
+#: Largest encoded map pushed inside ``shardmap.changed`` (bytes). 64 KiB holds the
+#: map of several hundred shards; every subscriber receives it, and the broker
+#: keeps its recent events, so a larger map is announced only (readers ask for it).
+INLINE_MAP_MAX = 64 * 1024
 _TICK = 0.5
 _BACKOFF_MAX = 2.0
 
@@ -181,7 +185,9 @@ class ShardingService:
         self._adopt(committed)
         self.core = core
         # Readers re-read on this hint: the first map, or the same one under a new term.
-        await self.service.publish(CHANGED, {"epoch": committed.epoch, "term": term, "reason": "leader.elected"})
+        await self.service.publish(
+            CHANGED, _with_map({"epoch": committed.epoch, "term": term, "reason": "leader.elected"}, committed.blob)
+        )
 
     async def _commit(self, call: Callable[[ShardingCore], Result[T]]) -> T:
         """Run a mutation off the loop, commit the new epoch (fenced CAS), then publish it.
@@ -220,6 +226,8 @@ class ShardingService:
             self._adopt(committed)
             for event in result.events:
                 data = {**event.data, "term": term}
+                if event.kind == CHANGED:
+                    data = _with_map(data, committed.blob)
                 logger.bind(epoch=data.get("epoch")).info("{} ({}, term {})", event.kind, data.get("reason"), term)
                 await self.service.publish(event.kind, data)
             return result.value
@@ -464,3 +472,10 @@ class ShardingService:
     async def op_report_keys(self, keys: list[str | bytes], keyspace: str = "default") -> int:
         """Keys seen elsewhere, for split-point sampling."""
         return await self._commit(lambda c: c.report_keys(keyspace, keys))
+
+
+def _with_map(data: dict[str, Any], blob: bytes) -> dict[str, Any]:
+    """A ``shardmap.changed`` body with the committed map pushed in it when it is
+    small enough (``map``: the bytes the ``map`` operation answers): readers then
+    take it from the event instead of all asking for it at once."""
+    return {**data, "map": blob} if len(blob) <= INLINE_MAP_MAX else data

@@ -232,7 +232,7 @@ class BusFeed:
             except zmq.Again:
                 break
             with contextlib.suppress(PhantomError):
-                batch.append(protocol.decode_event(frames))
+                batch.append(protocol.event_summary(protocol.decode_event(frames)))
         return batch
 
 
