@@ -8,8 +8,9 @@ instead of being taken for the answer to the next one.
 Every call has a per-attempt timeout and a bounded number of attempts (Lazy
 Pirate): after a timeout the socket is closed and opened again, which drops
 whatever was queued for a dead connection. Errors the server marks as
-retryable (no worker yet, worker lost, overloaded) are retried after a short
-back-off. When every attempt is spent the call raises a :class:`PhantomError`
+retryable (no worker yet, worker lost, not the leader, overloaded) are
+retried after a short back-off, for as long as the call's budget of
+``timeout x retries`` seconds lasts. When the budget is spent the call raises a :class:`PhantomError`
 subclass; if the broker itself did not answer a ping either, it is
 :class:`BrokerUnreachable`.
 
@@ -56,6 +57,36 @@ from phantom_bus.routing.local import LocalRouter
 ROUTINGS = ("local", "broker")
 
 _BACKOFF = (0.1, 0.25, 0.5, 1.0)
+
+
+class _Budget:
+    """How long one call may keep trying: ``retries`` attempts that time out, and
+    within ``timeout x retries`` seconds as many back-offs as retryable answers
+    (no worker yet, not the leader, overloaded) need. A leader takeover or a
+    service restart takes a few seconds and is ridden out, a typo is not retried,
+    and no call outlives its budget by more than one back-off."""
+
+    __slots__ = ("backoffs", "deadline", "timeouts_left")
+
+    def __init__(self, timeout: float, retries: int, now: float) -> None:
+        # One attempt means one: callers that retry by themselves (the manager's
+        # queues) get every answer at once.
+        self.deadline = now + timeout * retries if retries > 1 else now
+        self.timeouts_left = retries
+        self.backoffs = 0
+
+    def after_timeout(self, now: float) -> bool:
+        """An attempt went unanswered: True if another one may be made."""
+        self.timeouts_left -= 1
+        return self.timeouts_left > 0 and now < self.deadline
+
+    def pause_after(self, err: PhantomError, now: float) -> float | None:
+        """Seconds to wait before trying again after the error answer ``err``, or None."""
+        if not err.retry or now >= self.deadline:
+            return None
+        pause = _BACKOFF[min(self.backoffs, len(_BACKOFF) - 1)]
+        self.backoffs += 1
+        return min(pause, max(0.0, self.deadline - now))
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,21 +345,23 @@ class Client(_Base):
         return self._call(service, op, args, self.timeout, self.retries)
 
     def _call(self, service: str, op: str, args: dict[str, Any], timeout: float, retries: int) -> Any:
-        last: PhantomError | None = None
-        for attempt in range(retries):
+        budget = _Budget(timeout, retries, time.monotonic())
+        while True:
             answer = self._attempt(service, op, args, timeout)
             if answer is None:
                 self._reset()  # Lazy Pirate: a fresh socket drops a dead connection's queue
-                last = Timeout(f"{service}.{op}: no reply within {timeout:g} s", service=service)
-                continue
+                last: PhantomError = Timeout(f"{service}.{op}: no reply within {timeout:g} s", service=service)
+                if budget.after_timeout(time.monotonic()):
+                    continue
+                break
             ok, payload = answer
             if ok:
                 return payload
             last = self._error(payload)
-            if not last.retry or attempt + 1 == retries:
+            pause = budget.pause_after(last, time.monotonic())
+            if pause is None:
                 raise last
-            time.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
-        assert last is not None
+            time.sleep(pause)
         if isinstance(last, Timeout) and (service == protocol.BROKER_SERVICE or not self._broker_alive()):
             raise self.unreachable() from None
         raise last
@@ -510,20 +543,22 @@ class AsyncClient(_Base):
         return await self._call(service, op, args, self.timeout, self.retries)
 
     async def _call(self, service: str, op: str, args: dict[str, Any], timeout: float, retries: int) -> Any:
-        last: PhantomError | None = None
-        for attempt in range(retries):
+        budget = _Budget(timeout, retries, time.monotonic())
+        while True:
             answer = await self._attempt(service, op, args, timeout)
             if answer is None:
-                last = Timeout(f"{service}.{op}: no reply within {timeout:g} s", service=service)
-                continue
+                last: PhantomError = Timeout(f"{service}.{op}: no reply within {timeout:g} s", service=service)
+                if budget.after_timeout(time.monotonic()):
+                    continue
+                break
             ok, payload = answer
             if ok:
                 return payload
             last = self._error(payload)
-            if not last.retry or attempt + 1 == retries:
+            pause = budget.pause_after(last, time.monotonic())
+            if pause is None:
                 raise last
-            await asyncio.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
-        assert last is not None
+            await asyncio.sleep(pause)
         if isinstance(last, Timeout) and (
             service == protocol.BROKER_SERVICE or not await self._broker_alive()
         ):

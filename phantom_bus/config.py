@@ -325,7 +325,9 @@ _SETTINGS: list[Setting] = [
         3,
         _positive_int,
         "attempts",
-        "Attempts per client request (Lazy Pirate); with the timeout the worst case is 7.5 s.",
+        "Attempts per client request (Lazy Pirate); with the timeout the worst case is 7.5 s. Within "
+        "that budget, retryable answers (no worker yet, not the leader, overloaded) are retried with "
+        "back-off, so a leader takeover (about leader_ttl) is ridden out.",
     ),
     # --- broker and workers -------------------------------------------------------
     Setting(

@@ -54,7 +54,8 @@ def test_missing_service_is_retried_then_reported(bus: Bus) -> None:
         start = time.monotonic()
         with pytest.raises(ServiceUnavailable):
             c.request("sharding", "map")
-        assert time.monotonic() - start < 3.0
+        # Retried with back-off for the call's budget (timeout x retries = 3 s), then reported.
+        assert time.monotonic() - start < 3.0 + 1.0
 
 
 def test_service_arriving_during_retries_is_used(bus: Bus) -> None:
@@ -114,3 +115,21 @@ def test_async_client_reports_unreachable_broker() -> None:
 
     with pytest.raises(BrokerUnreachable):
         asyncio.run(main())
+
+
+def test_a_retry_budget_rides_out_retryable_answers_and_one_attempt_means_one() -> None:
+    from phantom_bus.client import _Budget
+    from phantom_bus.errors import BadRequest
+
+    budget = _Budget(timeout=1.0, retries=3, now=0.0)
+    retryable = ServiceUnavailable("no worker yet")
+    pauses = []
+    now = 0.0
+    while (pause := budget.pause_after(retryable, now)) is not None:
+        pauses.append(pause)
+        now += pause + 0.01
+    assert 2.9 <= now <= 3.1 and len(pauses) > 3      # more back-offs than attempts, within 3 s
+    assert _Budget(1.0, 3, 0.0).pause_after(BadRequest("typo"), 0.0) is None
+    assert _Budget(2.5, 1, 0.0).pause_after(retryable, 0.0) is None
+    timeouts = _Budget(1.0, 3, 0.0)
+    assert timeouts.after_timeout(1.0) and timeouts.after_timeout(2.0) and not timeouts.after_timeout(3.0)
