@@ -32,9 +32,14 @@ def enable(*names: str) -> None:
     _on[:] = list(names)
 
 
+def on(name: str) -> bool:
+    """Whether the simulator switched ``name`` on (a fault point in a simulated shell)."""
+    return name in _on
+
+
 @contextlib.contextmanager
 def active() -> Iterator[None]:
-    undo = [VARIANTS[name][1]() for name in _on]
+    undo = [VARIANTS[name][1]() for name in _on if name in VARIANTS]
     try:
         yield
     finally:

@@ -189,9 +189,10 @@ class Invariants:
     # -- membership --------------------------------------------------------------------
 
     def member_event(self, kind: str, data: dict[str, Any]) -> None:
+        if self.observer_only:
+            self.checks["no_false_dead_on_observer_pause"] += 1
         if kind == "member.dead":
             self.dead_verdicts.append(str(data.get("node")))
             if self.observer_only:
-                self.checks["no_false_dead_on_observer_pause"] += 1
                 self.fail("no_false_dead_on_observer_pause",
                           f"{data.get('node')} declared dead ({data.get('reason')}) while only membership paused")

@@ -23,8 +23,10 @@ from services.manager.health import shards_from_map
 from services.membership.config import MembershipConfig
 from services.membership.core import Membership
 from services.sharding.config import ShardingConfig
-from services.sharding.core import Result, ShardingCore
+from phantom_bus.events import Event
+from services.sharding.core import CHANGED, Result, ShardingCore
 
+from . import buggify
 from .disk import SimMapStore, SimRegistryStore
 from .world import Call, Proc, Sleep, Wait, World
 
@@ -127,6 +129,7 @@ class MembershipProc(Proc):
     def _publish(self, events: list[Any]) -> None:
         for event in events:
             if event.kind.startswith("member.") and event.kind != "member.load":
+                self.world.log(self, f"{event.kind} {event.data.get('node')} ({event.data.get('reason')})")
                 self.world.checker.member_event(event.kind, event.data)  # type: ignore[attr-defined]
             self.publish(event.kind, event.data)
 
@@ -234,13 +237,17 @@ class ShardingProc(Proc):
 
     def _commit(self, call: Callable[[], Result[Any]]) -> Any:
         result = call()
-        if result.events:
+        events = list(result.events)
+        if not events and self.core.epoch != self.published.epoch and not buggify.on("no_resave"):
+            events = [Event(CHANGED, {"epoch": self.core.epoch, "reason": "saved after a failed save"})]
+        if events:
             shard_map, state = self.core.snapshot(self.monotonic())
             self.store.save(shard_map, state)
             self.published = shard_map
-            reason = str(result.events[-1].data.get("reason"))
+            reason = str(events[-1].data.get("reason"))
+            self.world.log(self, f"commit epoch {shard_map.epoch} ({reason}) down={sorted(shard_map.down)}")
             self.world.checker.committed(self, shard_map, reason)  # type: ignore[attr-defined]
-            for event in result.events:
+            for event in events:
                 self.publish(event.kind, event.data)
         return result.value
 
@@ -392,6 +399,8 @@ class ManagerProc(Proc):
         self.spawn(self.tick_loop(), "manager.tick")
 
     def _apply(self, decision: Decision) -> Any:
+        for a in decision.actions:
+            self.world.log(self, f"action {a.service}.{a.op} {dict(a.args)}")
         for event in decision.events:
             self.publish(event.kind, event.data)
         for action in decision.actions:
@@ -479,6 +488,7 @@ class ManagerProc(Proc):
             self._apply(self.core.sync_members(members, self.wall()))
         except PhantomError:
             pass
+        self.world.log(self, "reconcile")
         for action in self.core.reconcile(self.wall(), removals=removals):
             self._enqueue(action)
 

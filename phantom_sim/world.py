@@ -66,13 +66,13 @@ class Flag:
     def __init__(self, proc: Proc) -> None:
         self.proc = proc
         self.is_set = False
-        self.waiters: list[Task] = []
+        self.waiters: list[tuple[Task, int]] = []
 
     def set(self) -> None:
         self.is_set = True
         waiters, self.waiters = self.waiters, []
-        for task in waiters:
-            self.proc.world.soon(self.proc, task.wake, task.token)
+        for task, token in waiters:
+            self.proc.world.soon(self.proc, task.wake, token, True)
 
     def clear(self) -> None:
         self.is_set = False
@@ -98,6 +98,8 @@ class Task:
             return
         self.token += 1
         world = self.proc.world
+        if world.debug is not None and exc is not None:
+            world.log(self.proc, f"{self.name}: {type(exc).__name__}: {exc}")
         try:
             cmd = self.body.throw(exc) if exc is not None else self.body.send(value)
         except StopIteration:
@@ -115,7 +117,7 @@ class Task:
             if cmd.flag.is_set:
                 world.soon(self.proc, self.wake, token, True)
             else:
-                cmd.flag.waiters.append(self)
+                cmd.flag.waiters.append((self, token))
                 world.after(self.proc, cmd.timeout, self.wake, token, False)
         else:
             raise TypeError(f"task {self.name} yielded {cmd!r}")
@@ -158,6 +160,7 @@ class Proc:
     def crash(self, restart: bool, delay: float | None = None) -> None:
         if not self.up:
             return
+        self.world.log(self, "crashes" + (", restarts" if restart else " for good"))
         self.up = False
         self.gen += 1
         self.paused_until = 0.0
@@ -167,6 +170,7 @@ class Proc:
             w.at(w.now + d, None, self._restart)
 
     def _restart(self) -> None:
+        self.world.log(self, "restarts")
         if not self.up:
             self.start()
 
@@ -240,6 +244,11 @@ class World:
         self.pubsub_loss = 0.0
         self.delay_scale = 1.0
         self.on_step: Callable[[], None] | None = None
+        self.debug: list[str] | None = None  # a log of what the shells did, when asked for
+
+    def log(self, proc: Proc, msg: str) -> None:
+        if self.debug is not None:
+            self.debug.append(f"{self.now:9.3f} {proc.name:<10} {msg}")
 
     # -- scheduling --------------------------------------------------------------
 
