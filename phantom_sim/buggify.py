@@ -16,8 +16,11 @@ VARIANTS: dict[str, tuple[str, Callable[[], Callable[[], None]]]] = {}
 _on: list[str] = []
 
 
-def variant(name: str, description: str) -> Callable[[Callable[[], Callable[[], None]]], Callable[[], Callable[[], None]]]:
-    def register(install: Callable[[], Callable[[], None]]) -> Callable[[], Callable[[], None]]:
+Install = Callable[[], Callable[[], None]]
+
+
+def variant(name: str, description: str) -> Callable[[Install], Install]:
+    def register(install: Install) -> Install:
         VARIANTS[name] = (description, install)
         return install
 
@@ -51,3 +54,57 @@ def _patch(obj: Any, attr: str, new: Any) -> Callable[[], None]:
     old = getattr(obj, attr)
     setattr(obj, attr, new)
     return lambda: setattr(obj, attr, old)
+
+
+# --- the variants ---------------------------------------------------------------------
+
+
+@variant("promote_unconfirmed", "the migration engine lets a new replica serve before its copy is confirmed")
+def _promote_unconfirmed() -> Callable[[], None]:
+    from services.sharding.migration import Migrations
+
+    original = Migrations._add_replicas
+
+    def add_replicas(self: Any, sid: str, st: Any, ctx: Any) -> None:
+        st.seeded = False  # "nothing to copy": places the new replica as a serving one at once
+        original(self, sid, st, ctx)
+
+    return _patch(Migrations, "_add_replicas", add_replicas)
+
+
+@variant("no_resave", "the sharding shell does not retry a map save that failed (the old shell)")
+def _no_resave() -> Callable[[], None]:
+    return lambda: None  # a fault point in phantom_sim.shells.ShardingProc._commit
+
+
+@variant("no_silent_verdict", "membership never judges an admitted node that has not heartbeated (the old core)")
+def _no_silent_verdict() -> Callable[[], None]:
+    from services.membership.core import Membership
+
+    return _patch(Membership, "_expire_silent", lambda self, now, events: None)
+
+
+@variant("step_down_late", "a planned primary hand-off promotes the new primary before the old one steps down")
+def _step_down_late() -> Callable[[], None]:
+    from services.sharding.migration import Migrations
+
+    original = Migrations._elect
+
+    def elect(self: Any, sid: str, st: Any, changes: list[Any]) -> None:
+        tp = st.target_primary
+        if tp is not None and st.roles.get(tp) == "replica" and tp not in self._down:
+            self._set(sid, st, tp, "primary", changes)  # promoted while the old primary still is one
+            return
+        original(self, sid, st, changes)
+
+    return _patch(Migrations, "_elect", elect)
+
+
+@variant("serve_unsaved", "the sharding shell serves the core's map before it is saved (a crash loses it)")
+def _serve_unsaved() -> Callable[[], None]:
+    return lambda: None  # a fault point in phantom_sim.shells.ShardingProc.op_map
+
+
+@variant("confirm_any_round", "sharding takes a confirmation without the epoch of its assignment (the old core)")
+def _confirm_any_round() -> Callable[[], None]:
+    return lambda: None  # a fault point in phantom_sim.shells.ShardingProc (confirm)

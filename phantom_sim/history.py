@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,7 +90,7 @@ class History:
                    "balancer": BalancerProc, "manager": ManagerProc}[name]
             w.add(cls(w, name, f"h-{name}"))
         self.agents: list[AgentProc] = []
-        for i in range(4):
+        for _i in range(4):
             self._agent()
         self.spare = [self._agent(start=False) for _ in range(2)]
         w.add(ClientProc(w, "client", "h-client"))
@@ -126,21 +127,20 @@ class History:
         self.gap_end = t + r.uniform(0.3, 4.0)
         return out
 
-    def _pick(self, u: float, procs: list[Proc]) -> Proc:
+    def _pick(self, u: float, procs: Sequence[Proc]) -> Proc:
         return procs[min(int(u * len(procs)), len(procs) - 1)]
 
     def inject(self, kind: str, arg: Any) -> None:
         w = self.world
         svc = [w.procs[n] for n in SERVICES]
-        agents = [a for a in self.agents if a.up or a.name not in self.lost]
-        agents = [a for a in agents if a not in self.spare]
+        agents: list[Proc] = [a for a in self.agents if (a.up or a.name not in self.lost) and a not in self.spare]
         if kind == "observer_pause":
             m = w.procs["membership"]
             if m.up:
                 m.paused_until = max(m.paused_until, w.now + arg)
             self._log(kind, f"membership for {arg:.2f} s")
             return
-        u, v, x = arg
+        u, v, _x = arg
         if kind == "crash":
             p = self._pick(u, svc + agents)
             if p.up:
@@ -164,7 +164,8 @@ class History:
             w.wall_offset[p.host] = w.wall_offset.get(p.host, 0.0) + jump
             self._log(kind, f"wall clock of {p.host} {jump:+.0f} s")
         elif kind == "disk_fail":
-            withdisk = [w.procs["sharding"], w.procs["manager"], *agents]
+            # The durable services most of the time: their saves are what a disk fault tests.
+            withdisk = [w.procs["sharding"], w.procs["manager"]] * 2 + agents
             p = self._pick(u, withdisk)
             d = 0.5 + v * 4.5
             p.disk_fail_until = max(p.disk_fail_until, w.now + d)

@@ -143,7 +143,8 @@ class Invariants:
                 after = len(_live(m, sh.replicas))
                 if after < min(before, rf):
                     self.fail("planned_move_keeps_replicas",
-                              f"epoch {prev.epoch}->{m.epoch} ({reason}) shard {sh.id}: live replicas {before} -> {after}")
+                              f"epoch {prev.epoch}->{m.epoch} ({reason}) shard {sh.id}: "
+                              f"live replicas {before} -> {after}")
 
     def restored(self, proc: Proc, m: ShardMap) -> None:
         self.checks["committed_map_survives"] += 1
@@ -165,7 +166,8 @@ class Invariants:
         if fp is None:
             self.fail("one_map_per_epoch", f"{consumer} accepted epoch {m.epoch}, which was never committed")
         elif fp != _fingerprint(m):
-            self.fail("one_map_per_epoch", f"{consumer} accepted a map at epoch {m.epoch} that is not the committed one")
+            self.fail("one_map_per_epoch",
+                      f"{consumer} accepted a map at epoch {m.epoch} that is not the committed one")
 
     def selected(self, sel: dict[str, Any]) -> None:
         self.checks["writes_go_to_the_primary"] += 1

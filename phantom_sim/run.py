@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TextIO
 
 from . import buggify
 from .history import Outcome, run_history
@@ -105,7 +106,7 @@ def minimal_replay(o: Outcome, variants: Sequence[str] = ()) -> tuple[int, Outco
     return o.steps, o
 
 
-def report(summary: Summary, steps: int, variants: Sequence[str] = (), out=sys.stdout) -> None:  # type: ignore[no-untyped-def]
+def report(summary: Summary, steps: int, variants: Sequence[str] = (), out: TextIO = sys.stdout) -> None:
     w = out.write
     rate = summary.seeds / summary.wall if summary.wall else 0.0
     w(f"{summary.seeds} histories of {steps} steps in {summary.wall:.1f} s ({rate:.1f} seeds/s); "

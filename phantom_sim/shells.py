@@ -7,11 +7,13 @@ Where a real shell and this copy differ, ``docs/simulation.md`` says so.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable, Generator
 from typing import Any
 
 from phantom_bus.errors import Conflict, NotFound, PhantomError
+from phantom_bus.events import Event
 from phantom_bus.shardmap import ShardMap
 from services.balancer.config import BalancerConfig
 from services.balancer.core import Balancer, Candidate
@@ -23,7 +25,6 @@ from services.manager.health import shards_from_map
 from services.membership.config import MembershipConfig
 from services.membership.core import Membership
 from services.sharding.config import ShardingConfig
-from phantom_bus.events import Event
 from services.sharding.core import CHANGED, Result, ShardingCore
 
 from . import buggify
@@ -39,7 +40,7 @@ class Params:
     timeout = 2.5  # setting ``timeout``
     beacon_interval = 1.0
     beacon_expiry = 5.0
-    heartbeat_interval = 0.25
+    heartbeat_interval = 0.5  # real default 0.25 s: halves the simulated traffic; thresholds scale with it
     copy_time = 0.5
     dead_delay = 5.0  # real default 60 s: shortened so a history sees re-replication
     shards = 8
@@ -145,10 +146,8 @@ class MembershipProc(Proc):
         interval = hints.get("interval") if isinstance(hints, dict) else None
         if not isinstance(interval, int | float) or isinstance(interval, bool):
             interval = None
-        try:
+        with contextlib.suppress(PhantomError, KeyError):
             self.core.admit(str(doc["id"] if "id" in doc else doc["node"]), self.monotonic(), interval)
-        except (PhantomError, KeyError):
-            pass
 
     def on_node_event(self, event: dict[str, Any]) -> None:
         kind = event.get("kind")
@@ -231,7 +230,8 @@ class ShardingProc(Proc):
             "remove_node": lambda node: self._commit(lambda: core.remove_node(node, self.monotonic())),
             "node_dead": lambda node: self._commit(lambda: core.node_dead(node, self.monotonic())),
             "node_alive": lambda node: self._commit(lambda: core.node_alive(node, self.monotonic())),
-            "confirm": lambda shard, node: self._commit(lambda: core.confirm(shard, node, self.monotonic())),
+            "confirm": lambda shard, node, epoch=None: self._commit(lambda: core.confirm(
+                shard, node, self.monotonic(), None if buggify.on("confirm_any_round") else epoch)),
         }
         self.spawn(self.tick_loop(), "sharding.tick")
 
@@ -253,6 +253,8 @@ class ShardingProc(Proc):
 
     def op_map(self, since_epoch: int | None = None) -> Any:
         shard_map = self.published
+        if buggify.on("serve_unsaved"):
+            shard_map = self.core.map().value or shard_map
         return None if since_epoch is not None and shard_map.epoch <= since_epoch else shard_map.to_wire()
 
     def tick_loop(self) -> Loop:
@@ -311,10 +313,8 @@ class BalancerProc(Proc):
     def _update(self, node: Any, **fields: Any) -> None:
         if not isinstance(node, str):
             return
-        try:
+        with contextlib.suppress(PhantomError):
             self.core.node_update(node, now=self.monotonic(), **{k: v for k, v in fields.items() if v is not None})
-        except PhantomError:
-            pass
 
     def on_member(self, event: dict[str, Any]) -> None:
         kind = event.get("kind", "")
@@ -577,14 +577,14 @@ class AgentProc(Proc):
                     self.world.send(self, m, "hb", m.heartbeat, self, msg)  # type: ignore[attr-defined]
             yield Sleep(p.heartbeat_interval)
 
-    def _copy(self, shard: str, done: list[bool]) -> Loop:
+    def _copy(self, shard: str, epoch: int, done: list[bool]) -> Loop:
         p: Params = self.world.params  # type: ignore[attr-defined]
         try:
             yield Sleep(p.copy_time)
             self.world.checker.copied(shard, self.node)  # type: ignore[attr-defined]
             while True:
                 try:
-                    yield Call("sharding", "confirm", {"shard": shard, "node": self.node}, p.timeout)
+                    yield Call("sharding", "confirm", {"shard": shard, "node": self.node, "epoch": epoch}, p.timeout)
                     self._changed.set()
                     return
                 except PhantomError as exc:
@@ -603,12 +603,12 @@ class AgentProc(Proc):
                 self.assignments = {shard.id: role for _, shard in shard_map.shards()
                                     if (role := shard.role_of(self.node)) is not None}
                 joining = {s for s, role in self.assignments.items() if role == "joining"}
+                for shard in [s for s, done in self.copying.items() if done[0]]:
+                    del self.copying[shard]
                 for shard in sorted(joining - self.copying.keys()):
                     done = [False]
                     self.copying[shard] = done
-                    self.spawn(self._copy(shard, done), f"agent.copy.{shard}")
-                for shard in [s for s, done in self.copying.items() if done[0] and s not in joining]:
-                    del self.copying[shard]
+                    self.spawn(self._copy(shard, shard_map.epoch, done), f"agent.copy.{shard}")
             except PhantomError:
                 pass
             self._changed.clear()

@@ -323,7 +323,8 @@ class World:
             return self.connected(a, self.broker_host) and self.connected(self.broker_host, b)
         return self.connected(a, b)
 
-    def _arrive(self, src_host: str, dst: Proc, via_broker: bool, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    def _arrive(self, src_host: str, dst: Proc, via_broker: bool, fn: Callable[..., Any],
+                args: tuple[Any, ...]) -> None:
         if not self._reachable(src_host, dst.host, via_broker):
             self.stats.lost += 1
             return
