@@ -108,3 +108,17 @@ def _serve_unsaved() -> Callable[[], None]:
 @variant("confirm_any_round", "sharding takes a confirmation without the epoch of its assignment (the old core)")
 def _confirm_any_round() -> Callable[[], None]:
     return lambda: None  # a fault point in phantom_sim.shells.ShardingProc (confirm)
+
+
+@variant("skip_fencing", "the store takes a write without checking its writer's fence (term)")
+def _skip_fencing() -> Callable[[], None]:
+    try:
+        from phantom_bus.store.memory import MemoryStore
+    except ImportError:  # no store in this tree: nothing to break
+        return lambda: None
+    original = MemoryStore.txn
+
+    async def txn(self: Any, compares: Any, ops: Any, fence: Any = None) -> int:
+        return await original(self, compares, ops, None)
+
+    return _patch(MemoryStore, "txn", txn)

@@ -22,6 +22,7 @@ from typing import Any
 
 from . import buggify
 from .invariants import Invariants, Violation
+from .leaders import add_leaders
 from .shells import (
     AgentProc,
     BalancerProc,
@@ -59,6 +60,7 @@ class Outcome:
     virtual_time: float
     digest: str
     fault_log: list[str] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
     crashes: list[str] = field(default_factory=list)
 
     @property
@@ -94,6 +96,7 @@ class History:
             self._agent()
         self.spare = [self._agent(start=False) for _ in range(2)]
         w.add(ClientProc(w, "client", "h-client"))
+        self.leaders = add_leaders(w)
         w.on_step = self._step
 
     def _agent(self, start: bool = True) -> AgentProc:
@@ -132,7 +135,7 @@ class History:
 
     def inject(self, kind: str, arg: Any) -> None:
         w = self.world
-        svc = [w.procs[n] for n in SERVICES]
+        svc = [w.procs[n] for n in SERVICES] + [p for p in self.leaders if p.name != "store"]
         agents: list[Proc] = [a for a in self.agents if (a.up or a.name not in self.lost) and a not in self.spare]
         if kind == "observer_pause":
             m = w.procs["membership"]
@@ -152,7 +155,7 @@ class History:
             p.paused_until = max(p.paused_until, w.now + d)
             self._log(kind, f"{p.name} for {d:.2f} s")
         elif kind == "partition":
-            hosts = [p.host for p in svc + agents] + [w.broker_host]
+            hosts = [p.host for p in svc + agents] + [w.broker_host] + [p.host for p in self.leaders[:1]]
             host = hosts[min(int(u * len(hosts)), len(hosts) - 1)]
             d = 0.5 + v * 7.5
             w.isolated.add(host)
@@ -231,7 +234,10 @@ class History:
             for p in [w.procs[n] for n in SERVICES] + [a for a in self.agents if a not in self.spare]:
                 p.start()
             w.procs["client"].start()
-            for t, kind, arg in self.plan():
+            for p in self.leaders:
+                p.start()
+            plan = self.plan()
+            for t, kind, arg in plan:
                 w.at(t, None, self.inject, kind, arg)
             w.run_until(self.gap_end)
             self._heal()
@@ -249,7 +255,7 @@ class History:
             seed=self.seed, steps=self.steps, profile=self.profile, violations=self.inv.violations,
             faults=dict(w.stats.faults), checks=dict(self.inv.checks), events=w.stats.steps,
             virtual_time=w.now, digest=self._hash.hexdigest() if self._trace else "",
-            fault_log=self.fault_log, crashes=w.stats.crashes,
+            fault_log=self.fault_log, step_times=[t for t, _, _ in plan], crashes=w.stats.crashes,
         )
 
     def _heal(self) -> None:

@@ -86,8 +86,7 @@ def replay_steps(o: Outcome) -> int:
     first = min(o.violations, key=lambda v: v.time)
     if first.invariant in ("dead_node_loses_replicas", "live_nodes_healthy_again"):
         return o.steps  # judged at the end of the history: needs all of it
-    times = [float(line.split()[0][2:]) for line in o.fault_log]
-    n = sum(1 for t in times if t <= first.time)
+    n = sum(1 for t in o.step_times if t <= first.time)
     return max(1, min(o.steps, n))
 
 

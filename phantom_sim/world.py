@@ -48,6 +48,7 @@ class Call:
     op: str
     args: dict[str, Any]
     timeout: float
+    direct: bool = False  # straight to the service's process (a store), not through the broker
 
 
 @dataclass(slots=True)
@@ -112,7 +113,7 @@ class Task:
         if isinstance(cmd, Sleep):
             world.after(self.proc, max(0.0, cmd.dt), self.wake, token)
         elif isinstance(cmd, Call):
-            world.request(self.proc, cmd.service, cmd.op, cmd.args, cmd.timeout, self, token)
+            world.request(self.proc, cmd.service, cmd.op, cmd.args, cmd.timeout, self, token, cmd.direct)
         elif isinstance(cmd, Wait):
             if cmd.flag.is_set:
                 world.soon(self.proc, self.wake, token, True)
@@ -348,7 +349,7 @@ class World:
             self.stats.crashes.append(f"{self.now:.3f} {proc.name}: event callback {event['kind']}: {err!r}")
 
     def request(self, client: Proc, service: str, op: str, args: dict[str, Any], timeout: float,
-                task: Task, token: int) -> None:
+                task: Task, token: int, direct: bool = False) -> None:
         """One attempt of AsyncClient.request (retries=1): reply, error, or Timeout."""
         state = {"done": False}
 
@@ -367,18 +368,20 @@ class World:
         workers = [p for p in self.services.get(service, ()) if p.up]
         if not workers:
             # The broker knows no worker for that name: it says so at once.
-            self.send(client, client, "broker", reply, None,
-                      ServiceUnavailable(f"no {service} worker", service=service), via_broker=True)
+            if not direct:  # the broker says so at once; a direct connection just times out
+                self.send(client, client, "broker", reply, None,
+                          ServiceUnavailable(f"no {service} worker", service=service), via_broker=True)
             return
         target = workers[0] if len(workers) == 1 else workers[self.rng.randrange(len(workers))]
-        self.send(client, target, "req", self._serve, client, target, op, dict(args), reply, via_broker=True)
+        self.send(client, target, "req", self._serve, client, target, op, dict(args), reply, direct,
+                  via_broker=not direct)
 
     def _serve(self, client: Proc, target: Proc, op: str, args: dict[str, Any],
-               reply: Callable[[Any, PhantomError | None], None]) -> None:
+               reply: Callable[[Any, PhantomError | None], None], direct: bool = False) -> None:
         try:
             value, err = target.handle(op, args), None
         except PhantomError as exc:
             value, err = None, exc
         except Exception as exc:  # the dispatcher answers anything else as internal
             value, err = None, InternalError(f"{target.service}.{op} failed: {type(exc).__name__}: {exc}")
-        self.send(target, client, "rep", reply, value, err, via_broker=True)
+        self.send(target, client, "rep", reply, value, err, via_broker=not direct)

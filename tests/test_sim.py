@@ -20,7 +20,7 @@ from phantom_sim.history import run_history
 from phantom_sim.run import report, run_many
 
 SHORT_SEEDS = 200
-SHORT_STEPS = 4
+SHORT_STEPS = 3
 
 
 def _explain(summary, steps: int, variants=()) -> str:  # type: ignore[no-untyped-def]
