@@ -22,7 +22,7 @@ from typing import Any
 
 from . import buggify
 from .invariants import Invariants, Violation
-from .leaders import add_leaders
+from .leaders import add_leaders, plan_leader_faults
 from .shells import (
     AgentProc,
     BalancerProc,
@@ -135,7 +135,7 @@ class History:
 
     def inject(self, kind: str, arg: Any) -> None:
         w = self.world
-        svc = [w.procs[n] for n in SERVICES] + [p for p in self.leaders if p.name != "store"]
+        svc = [w.procs[n] for n in SERVICES]
         agents: list[Proc] = [a for a in self.agents if (a.up or a.name not in self.lost) and a not in self.spare]
         if kind == "observer_pause":
             m = w.procs["membership"]
@@ -155,7 +155,7 @@ class History:
             p.paused_until = max(p.paused_until, w.now + d)
             self._log(kind, f"{p.name} for {d:.2f} s")
         elif kind == "partition":
-            hosts = [p.host for p in svc + agents] + [w.broker_host] + [p.host for p in self.leaders[:1]]
+            hosts = [p.host for p in svc + agents] + [w.broker_host]
             host = hosts[min(int(u * len(hosts)), len(hosts) - 1)]
             d = 0.5 + v * 7.5
             w.isolated.add(host)
@@ -203,6 +203,27 @@ class History:
                 self.lost[p.name] = w.now
                 self._log(kind, p.name)
 
+    def inject_leader(self, kind: str, u: float, v: float) -> None:
+        """A fault of the store's clients: a writer paused or crashed, a writer or the store cut off."""
+        w = self.world
+        writers = [p for p in self.leaders if p.name != "store"]
+        if kind == "pause":
+            p = self._pick(u, writers)
+            d = 0.05 + v * 4.0
+            p.paused_until = max(p.paused_until, w.now + d)
+            self._log("leader_" + kind, f"{p.name} for {d:.2f} s")
+        elif kind == "crash":
+            p = self._pick(u, writers)
+            if p.up:
+                p.crash(restart=True, delay=0.5 + v * 2.5)
+                self._log("leader_" + kind, p.name)
+        else:
+            p = self._pick(u, self.leaders)
+            d = 0.5 + v * 4.0
+            w.isolated.add(p.host)
+            w.after(None, d, w.isolated.discard, p.host)
+            self._log("leader_" + kind, f"{p.host} for {d:.2f} s")
+
     def _operator(self, op: str, node: str) -> None:
         """An operator's command to the manager (``phantom drain``), retried until answered."""
         w = self.world
@@ -239,6 +260,9 @@ class History:
             plan = self.plan()
             for t, kind, arg in plan:
                 w.at(t, None, self.inject, kind, arg)
+            if self.leaders and self.profile == "chaos":
+                for t, kind, u, v in plan_leader_faults(self.seed, 3.0, self.gap_end):
+                    w.at(t, None, self.inject_leader, kind, u, v)
             w.run_until(self.gap_end)
             self._heal()
             # Liveness: healthy again within QUIET seconds of the last fault (stop as soon as it is).

@@ -19,6 +19,7 @@ like every other process.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Generator
 from typing import Any
 
@@ -27,9 +28,8 @@ from phantom_bus.errors import PhantomError
 from .world import Call, Proc, Sleep, World
 
 try:  # the store and the leader core land in phantom_bus separately from the simulator
-    from phantom_bus.errors import CasFailed, Fenced, LeaseExpired
     from phantom_bus.leader import Campaign, Check, LeaderCore, Release, decode_holder, encode_record, leader_key
-    from phantom_bus.store import Compare, Fence, Put
+    from phantom_bus.store import CasFailed, Compare, Fence, Fenced, LeaseExpired, Put
     from phantom_bus.store.memory import MemoryStore
 except ImportError:  # pragma: no cover - depends on what is merged
     AVAILABLE = False
@@ -165,10 +165,29 @@ class WriterProc(Proc):
 
 
 def add_leaders(world: World) -> list[Proc]:
-    """The store and two writer instances, if the project has a store and leaders; else nothing."""
+    """The store and two writer instances, if the project has a store and leaders; else nothing.
+
+    They draw their link delays from their own stream (``leaders-<seed>``), so
+    the rest of a history is the same whether they run or not.
+    """
     if not AVAILABLE:
         return []
+    stream = random.Random(f"leaders-{world.seed}")
     procs: list[Proc] = [world.add(StoreProc(world, "store", "h-store"))]
     for name in ("writer-a", "writer-b"):
         procs.append(world.add(WriterProc(world, name, f"h-{name}")))
+    for p in procs:
+        p.stream = stream
     return procs
+
+
+def plan_leader_faults(seed: int, start: float, end: float) -> list[tuple[float, str, float, float]]:
+    """Faults of the writers and the store, from their own stream: (time, kind, u, v)."""
+    r = random.Random(f"leader-faults-{seed}")
+    out = []
+    t = start
+    while True:
+        t += r.uniform(0.3, 2.0)
+        if t >= end:
+            return out
+        out.append((t, r.choice(("pause", "pause", "crash", "partition")), r.random(), r.random()))

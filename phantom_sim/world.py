@@ -140,7 +140,10 @@ class Proc:
         self.disk_fail_until = -1.0
         self.ops: dict[str, Callable[..., Any]] = {}
         self.subs: list[tuple[str, Callable[[dict[str, Any]], Any]]] = []
-        self.stalled = False  # set while a pause is being served (for the observer-pause invariant)
+        # The random stream of this process's traffic (None: the world's). Processes
+        # that only talk among themselves get their own, so adding them to a tree
+        # leaves every other history exactly as it was.
+        self.stream: random.Random | None = None
 
     # -- life ------------------------------------------------------------------
 
@@ -299,22 +302,23 @@ class World:
 
     # -- network -------------------------------------------------------------------
 
-    def _delay(self) -> float:
-        r = self.rng.random()
-        d = 0.0002 + self.rng.random() * 0.002
+    def _delay(self, rng: random.Random) -> float:
+        r = rng.random()
+        d = 0.0002 + rng.random() * 0.002
         if r < 0.02:
-            d += self.rng.random() * 0.2  # a slow packet (retransmission)
+            d += rng.random() * 0.2  # a slow packet (retransmission)
         return d * self.delay_scale
 
     def send(self, src: Proc, dst: Proc, kind: str, fn: Callable[..., Any], *args: Any,
              lossy: bool = False, via_broker: bool = False) -> bool:
         """Deliver ``fn(*args)`` in ``dst`` after a link delay, FIFO per (src, kind, dst)."""
         self.stats.sent += 1
-        if not self._reachable(src.host, dst.host, via_broker) or (lossy and self.rng.random() < self.pubsub_loss):
+        rng = src.stream or dst.stream or self.rng
+        if not self._reachable(src.host, dst.host, via_broker) or (lossy and rng.random() < self.pubsub_loss):
             self.stats.lost += 1
             return False
         key = (src.name, kind, dst.name)
-        t = max(self.conn_last.get(key, 0.0), self.now + self._delay())
+        t = max(self.conn_last.get(key, 0.0), self.now + self._delay(rng))
         self.conn_last[key] = t
         self.at(t, dst, self._arrive, src.host, dst, via_broker, fn, args)
         return True
