@@ -59,6 +59,31 @@ class Params:
                               retry_backoff=self.retry_backoff, hash_slots=self.slots)
 
 
+# The same map goes to every consumer many times: encode and decode each map object
+# once (with the real to_wire/from_wire) and hand out the result. Consumers never
+# mutate either, so this changes nothing but the cost.
+_WIRE: dict[int, tuple[ShardMap, dict[str, Any]]] = {}
+_DECODED: dict[int, tuple[dict[str, Any], ShardMap]] = {}
+
+
+def _wire(m: ShardMap) -> dict[str, Any]:
+    hit = _WIRE.get(id(m))
+    if hit is None or hit[0] is not m:
+        if len(_WIRE) > 256:
+            _WIRE.clear()
+        hit = _WIRE[id(m)] = (m, m.to_wire())
+    return hit[1]
+
+
+def _from_wire(doc: Any) -> ShardMap:
+    hit = _DECODED.get(id(doc))
+    if hit is None or hit[0] is not doc:
+        if len(_DECODED) > 256:
+            _DECODED.clear()
+        hit = _DECODED[id(doc)] = (doc, ShardMap.from_wire(doc))
+    return hit[1]
+
+
 class Checker:
     """What the shells report to the invariants (see :mod:`phantom_sim.invariants`)."""
 
@@ -255,7 +280,7 @@ class ShardingProc(Proc):
         shard_map = self.published
         if buggify.on("serve_unsaved"):
             shard_map = self.core.map().value or shard_map
-        return None if since_epoch is not None and shard_map.epoch <= since_epoch else shard_map.to_wire()
+        return None if since_epoch is not None and shard_map.epoch <= since_epoch else _wire(shard_map)
 
     def tick_loop(self) -> Loop:
         while True:
@@ -351,7 +376,7 @@ class BalancerProc(Proc):
                 since = None if self.map is None else self.map.epoch
                 doc = yield Call("sharding", "map", {"since_epoch": since}, p.timeout)
                 if doc is not None:
-                    fresh = ShardMap.from_wire(doc)
+                    fresh = _from_wire(doc)
                     if self.map is None or fresh.epoch > self.map.epoch:
                         self.map = fresh
                         self.world.checker.accepted(self.name, fresh)  # type: ignore[attr-defined]
@@ -455,7 +480,7 @@ class ManagerProc(Proc):
                 since = None if self._map is None else self._map.epoch
                 doc = yield Call("sharding", "map", {"since_epoch": since}, p.timeout)
                 if doc is not None:
-                    self._map = ShardMap.from_wire(doc)
+                    self._map = _from_wire(doc)
                     self.world.checker.accepted(self.name, self._map)  # type: ignore[attr-defined]
                 if self._map is not None:
                     m = self._map
@@ -598,7 +623,7 @@ class AgentProc(Proc):
         p: Params = self.world.params  # type: ignore[attr-defined]
         while True:
             try:
-                shard_map = ShardMap.from_wire((yield Call("sharding", "map", {}, p.timeout)))
+                shard_map = _from_wire((yield Call("sharding", "map", {}, p.timeout)))
                 self.world.checker.accepted(self.name, shard_map)  # type: ignore[attr-defined]
                 self.assignments = {shard.id: role for _, shard in shard_map.shards()
                                     if (role := shard.role_of(self.node)) is not None}

@@ -29,6 +29,7 @@ def _explain(summary, steps: int, variants=()) -> str:  # type: ignore[no-untype
     return out.getvalue()
 
 
+@pytest.mark.timeout(600)  # ~10 s on an idle 2-core machine; generous for a shared one
 def test_short_run_holds_every_invariant() -> None:
     summary = run_many(range(SHORT_SEEDS), SHORT_STEPS, workers=2)
     assert summary.seeds == SHORT_SEEDS
@@ -78,6 +79,7 @@ def test_a_failing_seed_replays_identically_from_the_command_line() -> None:
     pytest.param("skip_fencing", marks=pytest.mark.skipif(
         not leaders.AVAILABLE, reason="no phantom_bus.leader / phantom_bus.store in this tree: no leaders to fence")),
 ])
+@pytest.mark.timeout(600)
 def test_broken_variant_is_caught_within_the_short_run(variant: str) -> None:
     summary = run_many(range(SHORT_SEEDS), SHORT_STEPS, variants=[variant], stop_on_failure=True)
     assert summary.failed, f"{variant} survived {summary.seeds} histories"
