@@ -19,6 +19,7 @@ like every other process.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Generator
 from typing import Any
@@ -29,7 +30,7 @@ from .world import Call, Proc, Sleep, World
 
 try:  # the store and the leader core land in phantom_bus separately from the simulator
     from phantom_bus.leader import Campaign, Check, LeaderCore, Release, decode_holder, encode_record, leader_key
-    from phantom_bus.store import CasFailed, Compare, Fence, Fenced, LeaseExpired, Put
+    from phantom_bus.store import Compare, Fence, LeaseExpired, Put
     from phantom_bus.store.memory import MemoryStore
 except ImportError:  # pragma: no cover - depends on what is merged
     AVAILABLE = False
@@ -100,10 +101,8 @@ class WriterProc(Proc):
                 continue
             sent = self.monotonic()
             if isinstance(step, Release):
-                try:
+                with contextlib.suppress(PhantomError):
                     yield _store("revoke", lease=step.lease)
-                except PhantomError:
-                    pass
                 core.released()
             elif isinstance(step, Check):
                 try:
@@ -155,13 +154,10 @@ class WriterProc(Proc):
             fence = Fence(self.key, self.core.term)
             yield Sleep(0.05)  # the decision is computed (in a worker thread, in the real shells)
             n += 1
-            try:
+            # Fenced (a newer leader) or unreachable: the elector finds out and steps down.
+            with contextlib.suppress(PhantomError):
                 yield _store("txn", writer=self.name, compares=[],
                              ops=[Put(f"{SERVICE}/state", f"{self.name}:{n}".encode())], fence=fence)
-            except (Fenced, CasFailed):
-                pass
-            except PhantomError:
-                pass
 
 
 def add_leaders(world: World) -> list[Proc]:
