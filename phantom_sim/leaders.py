@@ -180,7 +180,7 @@ def add_leaders(world: World) -> list[Proc]:
 def plan_leader_faults(seed: int, start: float, end: float) -> list[tuple[float, str, float, float]]:
     """Faults of the writers and the store, from their own stream: (time, kind, u, v)."""
     r = random.Random(f"leader-faults-{seed}")
-    out = []
+    out: list[tuple[float, str, float, float]] = []
     t = start
     while True:
         t += r.uniform(0.3, 2.0)
