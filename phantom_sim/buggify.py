@@ -100,11 +100,6 @@ def _step_down_late() -> Callable[[], None]:
     return _patch(Migrations, "_elect", elect)
 
 
-@variant("serve_unsaved", "the sharding shell serves the core's map before it is saved (a crash loses it)")
-def _serve_unsaved() -> Callable[[], None]:
-    return lambda: None  # a fault point in phantom_sim.shells.ShardingProc.op_map
-
-
 @variant("confirm_any_round", "sharding takes a confirmation without the epoch of its assignment (the old core)")
 def _confirm_any_round() -> Callable[[], None]:
     return lambda: None  # a fault point in phantom_sim.shells.ShardingProc (confirm)
@@ -122,3 +117,8 @@ def _skip_fencing() -> Callable[[], None]:
         return await original(self, compares, ops, None)
 
     return _patch(MemoryStore, "txn", txn)
+
+
+@variant("ignore_observer_lag", "the membership shell does not hand its own loop lag to the core")
+def _ignore_observer_lag() -> Callable[[], None]:
+    return lambda: None  # a fault point in phantom_sim.shells.MembershipProc.tick_loop

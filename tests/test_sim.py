@@ -76,6 +76,7 @@ def test_a_failing_seed_replays_identically_from_the_command_line() -> None:
 @pytest.mark.parametrize("variant", [
     "promote_unconfirmed",
     "step_down_late",
+    "ignore_observer_lag",
     pytest.param("skip_fencing", marks=pytest.mark.skipif(
         not leaders.AVAILABLE, reason="no phantom_bus.leader / phantom_bus.store in this tree: no leaders to fence")),
 ])
