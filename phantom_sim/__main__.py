@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds < 1 or args.steps < 1:
         parser.error("--seeds and --steps must be at least 1")
     summary = run_many(range(args.seed, args.seed + args.seeds), args.steps,
-                       workers=min(args.workers, args.seeds), variants=args.buggify)
+                       workers=min(args.workers, args.seeds), variants=args.buggify, progress=sys.stderr)
     report(summary, args.steps, args.buggify)
     if args.verbose:
         for o in summary.failed[:5]:

@@ -57,7 +57,7 @@ def _one(job: tuple[int, int, tuple[str, ...]]) -> Outcome:
 
 
 def run_many(seeds: Iterable[int], steps: int, *, workers: int = 1, variants: Sequence[str] = (),
-             stop_on_failure: bool = False) -> Summary:
+             stop_on_failure: bool = False, progress: TextIO | None = None) -> Summary:
     """Run one history per seed and total them; ``workers`` > 1 uses a process pool."""
     jobs = [(s, steps, tuple(variants)) for s in seeds]
     summary = Summary()
@@ -74,6 +74,11 @@ def run_many(seeds: Iterable[int], steps: int, *, workers: int = 1, variants: Se
         with ctx.Pool(workers) as pool:
             for i, o in enumerate(pool.imap(_one, jobs, chunksize=8)):
                 summary.add(i, o)
+                if progress is not None and (i + 1) % 500 == 0:
+                    t = time.perf_counter() - t0
+                    first = f" (first: seed {summary.failed[0].seed})" if summary.failed else ""
+                    progress.write(f"  {i + 1} histories, {(i + 1) / t:.1f}/s, {len(summary.failed)} failing{first}\n")
+                    progress.flush()
                 if stop_on_failure and o.violations:
                     pool.terminate()
                     break
