@@ -163,8 +163,12 @@ class History:
             self._log(kind, f"{host} for {d:.2f} s")
         elif kind == "clock_jump":
             p = self._pick(u, svc + agents)
-            jump = (v - 0.5) * 2 * 3600.0
-            w.wall_offset[p.host] = w.wall_offset.get(p.host, 0.0) + jump
+            # Up to ±25 min from true time per host, so two hosts never differ by more than
+            # membership's incarnation_lead (1 h): beyond that refusing a node is by design.
+            old = w.wall_offset.get(p.host, 0.0)
+            new = max(-1500.0, min(1500.0, old + (v - 0.5) * 2 * 1500.0))
+            jump = new - old
+            w.wall_offset[p.host] = new
             self._log(kind, f"wall clock of {p.host} {jump:+.0f} s")
         elif kind == "disk_fail":
             # The durable services most of the time: their saves are what a disk fault tests.
