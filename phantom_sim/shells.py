@@ -15,6 +15,7 @@ from typing import Any
 from phantom_bus.errors import Conflict, NotFound, PhantomError
 from phantom_bus.events import Event
 from phantom_bus.shardmap import ShardMap
+from services.agent.incarnation import refutation
 from services.balancer.config import BalancerConfig
 from services.balancer.core import Balancer, Candidate
 from services.discovery.beacon import Beacon, encode_beacon
@@ -195,7 +196,8 @@ class MembershipProc(Proc):
     def heartbeat(self, agent: AgentProc, msg: dict[str, Any]) -> None:
         now = self.monotonic()
         try:
-            result = self.core.heartbeat(msg["node"], msg["incarnation"], msg["seq"], msg["load"], now)
+            result = self.core.heartbeat(msg["node"], msg["incarnation"], msg["seq"], msg["load"], now,
+                                         wall_ms=int(self.wall() * 1000))
         except PhantomError as err:
             ack: dict[str, Any] = {"ok": False, "error": err.to_wire()}
             self.world.send(self, agent, "hbrep", agent.on_ack, ack)
@@ -570,11 +572,9 @@ class AgentProc(Proc):
             yield Sleep(p.beacon_interval)
 
     def on_ack(self, ack: dict[str, Any]) -> None:
-        code = ack.get("code")
-        if ack.get("refute") or code == "declared_dead":
-            self._bump(self.incarnation + 1)
-        elif code == "stale_incarnation" and isinstance(ack.get("incarnation"), int):
-            self._bump(ack["incarnation"] + 1)
+        target = refutation(self.incarnation, ack)
+        if target is not None:
+            self._bump(target)
 
     def _bump(self, incarnation: int) -> None:
         if incarnation <= self.incarnation:

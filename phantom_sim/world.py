@@ -29,6 +29,11 @@ from typing import Any
 from phantom_bus.errors import InternalError, PhantomError, ServiceUnavailable, Timeout
 
 
+#: Wall-clock seconds at virtual time 0 (2025-11-24): agents number incarnations in
+#: wall-clock milliseconds, and membership bounds them against its own wall clock.
+WALL_EPOCH = 1_764_000_000.0
+
+
 class DiskFailed(OSError):
     """A write to a simulated disk failed (full, read-only); nothing was written."""
 
@@ -192,7 +197,7 @@ class Proc:
         return self.world.now
 
     def wall(self) -> float:
-        return self.world.now + self.world.wall_offset.get(self.host, 0.0)
+        return WALL_EPOCH + self.world.now + self.world.wall_offset.get(self.host, 0.0)
 
     # -- disk --------------------------------------------------------------------
 
