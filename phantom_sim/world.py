@@ -28,7 +28,6 @@ from typing import Any
 
 from phantom_bus.errors import InternalError, PhantomError, ServiceUnavailable, Timeout
 
-
 #: Wall-clock seconds at virtual time 0 (2025-11-24): agents number incarnations in
 #: wall-clock milliseconds, and membership bounds them against its own wall clock.
 WALL_EPOCH = 1_764_000_000.0
