@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,7 @@ class Outcome:
     digest: str
     fault_log: list[str] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
+    cpu: float = 0.0  # CPU seconds this history took
     crashes: list[str] = field(default_factory=list)
 
     @property
@@ -353,6 +355,9 @@ class History:
 
 def run_history(seed: int, steps: int, *, trace: bool = False, debug: list[str] | None = None) -> Outcome:
     """Run one history (the unit of work of :mod:`phantom_sim.run`); ``debug`` collects a log."""
+    t0 = time.process_time()
     h = History(seed, steps, trace=trace)
     h.world.debug = debug
-    return h.run()
+    outcome = h.run()
+    outcome.cpu = time.process_time() - t0
+    return outcome

@@ -29,6 +29,7 @@ class Summary:
     longest: tuple[int, int, float] = (0, -1, 0.0)  # events, seed, virtual seconds
     virtual: float = 0.0
     wall: float = 0.0
+    cpu: float = 0.0
     first_failure_index: int | None = None
 
     def add(self, index: int, o: Outcome) -> None:
@@ -40,6 +41,7 @@ class Summary:
         self.profiles[o.profile] = self.profiles.get(o.profile, 0) + 1
         self.events += o.events
         self.virtual += o.virtual_time
+        self.cpu += o.cpu
         if o.events > self.longest[0]:
             self.longest = (o.events, o.seed, o.virtual_time)
         if o.violations:
@@ -116,6 +118,9 @@ def report(summary: Summary, steps: int, variants: Sequence[str] = (), out: Text
     w(f"{summary.seeds} histories of {steps} steps in {summary.wall:.1f} s ({rate:.1f} seeds/s); "
       f"profiles {summary.profiles}\n")
     ev, seed, vt = summary.longest
+    per = summary.cpu / max(1, summary.seeds)
+    w(f"CPU {summary.cpu:.1f} s ({per * 1000:.0f} ms per history, {1 / per if per else 0:.1f} seeds per CPU-second): "
+      f"on an idle machine {summary.seeds} histories take about {summary.cpu / default_workers():.0f} s\n")
     w(f"events {summary.events} ({summary.events / max(1, summary.seeds):.0f} per history), longest history: "
       f"seed {seed}, {ev} events, {vt:.0f} virtual s\n")
     nfaults = sum(summary.faults.values())
