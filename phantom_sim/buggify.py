@@ -77,6 +77,13 @@ def _no_resave() -> Callable[[], None]:
     return lambda: None  # a fault point in phantom_sim.shells.ShardingProc._commit
 
 
+@variant("no_silent_verdict", "membership never judges an admitted node that has not heartbeated (the old core)")
+def _no_silent_verdict() -> Callable[[], None]:
+    from services.membership.core import Membership
+
+    return _patch(Membership, "_expire_silent", lambda self, now, events: None)
+
+
 @variant("step_down_late", "a planned primary hand-off promotes the new primary before the old one steps down")
 def _step_down_late() -> Callable[[], None]:
     from services.sharding.migration import Migrations
