@@ -59,7 +59,7 @@ top: $(STAMP)
 
 # Deterministic simulation: 10,000 seeded fault histories of the whole control plane.
 SIM_SEEDS ?= 10000
-SIM_STEPS ?= 6
+SIM_STEPS ?= 5
 sim: $(STAMP)
 	$(PY) -m phantom_sim --seeds $(SIM_SEEDS) --steps $(SIM_STEPS)
 
