@@ -628,12 +628,12 @@ class AgentProc(Proc):
                 self.assignments = {shard.id: role for _, shard in shard_map.shards()
                                     if (role := shard.role_of(self.node)) is not None}
                 joining = {s for s, role in self.assignments.items() if role == "joining"}
-                for shard in [s for s, done in self.copying.items() if done[0]]:
-                    del self.copying[shard]
                 for shard in sorted(joining - self.copying.keys()):
                     done = [False]
                     self.copying[shard] = done
                     self.spawn(self._copy(shard, shard_map.epoch, done), f"agent.copy.{shard}")
+                for shard in [s for s, done in self.copying.items() if done[0] and s not in joining]:
+                    del self.copying[shard]
             except PhantomError:
                 pass
             self._changed.clear()
