@@ -90,12 +90,12 @@ def _step_down_late() -> Callable[[], None]:
 
     original = Migrations._elect
 
-    def elect(self: Any, sid: str, st: Any, changes: list[Any]) -> None:
+    def elect(self: Any, sid: str, st: Any, ctx: Any) -> None:
         tp = st.target_primary
         if tp is not None and st.roles.get(tp) == "replica" and tp not in self._down:
-            self._set(sid, st, tp, "primary", changes)  # promoted while the old primary still is one
+            self._set(sid, st, tp, "primary", ctx.changes)  # promoted while the old primary still is one
             return
-        original(self, sid, st, changes)
+        original(self, sid, st, ctx)
 
     return _patch(Migrations, "_elect", elect)
 

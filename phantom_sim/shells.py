@@ -1,5 +1,6 @@
-"""Simulated shells: each is a line-by-line copy of what ``services/<name>/service.py`` does
-with its core's results, with the sockets replaced by the simulated bus and the
+"""Simulated shells: each is a copy of what ``services/<name>/service.py`` did with its
+core's results before the shells moved onto the shared store (one instance per
+service, local stores), with the sockets replaced by the simulated bus and the
 clocks by virtual ones. The cores are the real ones, unchanged.
 
 Where a real shell and this copy differ, ``docs/simulation.md`` says so.
@@ -14,10 +15,10 @@ from typing import Any
 
 from phantom_bus.errors import Conflict, NotFound, PhantomError
 from phantom_bus.events import Event
+from phantom_bus.routing.balancer import Balancer, Candidate
+from phantom_bus.routing.config import BalancerConfig
 from phantom_bus.shardmap import ShardMap
 from services.agent.incarnation import refutation
-from services.balancer.config import BalancerConfig
-from services.balancer.core import Balancer, Candidate
 from services.discovery.beacon import Beacon, encode_beacon
 from services.discovery.core import DiscoveryConfig, DiscoveryTable
 from services.manager.config import ManagerConfig
