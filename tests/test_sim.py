@@ -91,8 +91,6 @@ REGRESSIONS = [
     # A node lost while the manager's disk was full and membership restarted never got a
     # verdict: membership only judged nodes that had heartbeated in its current life.
     pytest.param(164, 10, "no_silent_verdict", id="silent-admitted-node-gets-a-verdict"),
-    # Two failed map saves in a row left the core ahead of what was served, for ever.
-    pytest.param(65, 16, "no_resave", id="failed-map-save-is-retried"),
     # A confirmation of a copy made for a cancelled assignment promoted the next assignment
     # of the same node before it had copied anything.
     pytest.param(286, 10, "confirm_any_round", id="confirm-names-its-assignment"),
