@@ -12,7 +12,7 @@ SUPERVISORCTL := $(VENV)/bin/supervisorctl -c supervisor.conf
 KEYS := $${PHANTOM_DATA:-var}/keys
 DEMO_AGENTS := node-1,node-2,node-3
 
-.PHONY: up down test top bench venv status lint keys
+.PHONY: up down test top bench venv status lint keys sim
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,9 +57,15 @@ test: $(STAMP)
 top: $(STAMP)
 	@$(PY) bin/phantom-top
 
+# Deterministic simulation: 10,000 seeded fault histories of the whole control plane.
+SIM_SEEDS ?= 10000
+SIM_STEPS ?= 5
+sim: $(STAMP)
+	$(PY) -m phantom_sim --seeds $(SIM_SEEDS) --steps $(SIM_STEPS)
+
 bench: $(STAMP)
 	@for b in bench/[!_]*.py; do echo "== $$b"; $(PY) $$b || exit 1; echo; done
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check phantom_bus services tests bench
-	$(VENV)/bin/mypy phantom_bus services
+	$(VENV)/bin/ruff check phantom_bus services tests bench phantom_sim
+	$(VENV)/bin/mypy phantom_bus services phantom_sim

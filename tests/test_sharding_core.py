@@ -385,3 +385,29 @@ def test_concurrent_lookups_and_operations_from_threads() -> None:
     assert not errors
     sim.settle()
     assert core.health()["moving"] == 0
+
+
+def test_confirm_of_a_cancelled_assignment_does_not_promote_the_next_one() -> None:
+    """A copy confirmed for an assignment that was cancelled (the node died meanwhile)
+    and then made again must not promote the new joining replica (phantom_sim seed 286)."""
+    core = ShardingCore(ShardingConfig(default_shards=2, default_rf=3, dead_delay=60.0))
+    for i, zone in enumerate("abc"):
+        core.add_node(f"n{i}", zone, 1.0, 0.0)
+    core.add_node("n3", "a", 1.0, 0.0)  # a fourth node: moves copy replicas to it
+    joining = [(sh.id, r.node) for _, sh in current(core).shards() for r in sh.replicas if r.role == "joining"]
+    assert joining, "the new node should be given a copy"
+    shard, node = joining[0]
+    first = core.epoch
+    core.node_dead(node, 1.0)  # cancels the copy
+    core.node_alive(node, 2.0)  # assigned again, from a later epoch
+    assert current(core).shard(shard).role_of(node) == "joining"
+    with pytest.raises(Conflict, match="copy again"):
+        core.confirm(shard, node, 3.0, first)
+    assert current(core).shard(shard).role_of(node) == "joining"
+    # Restored from a snapshot, the assignment keeps its epoch.
+    m, state = core.snapshot(3.0)
+    again = ShardingCore.restore(m, state, 3.0, core.config)
+    with pytest.raises(Conflict):
+        again.confirm(shard, node, 3.0, first)
+    again.confirm(shard, node, 3.0, core.epoch)
+    assert current(again).shard(shard).role_of(node) in ("replica", "primary")

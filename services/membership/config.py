@@ -97,6 +97,16 @@ class MembershipConfig:
     Without a wall clock (``wall_ms`` not given) the bound is relative to the held
     incarnation only."""
 
+    first_heartbeat_timeout: float = 10.0
+    """Seconds an admitted node may stay silent before its *first* heartbeat (in
+    this membership process's life) before it is declared dead. Without it a
+    node that died while membership was restarting, or before its first
+    heartbeat reached it, never gets a verdict at all: it stays "pending", and
+    nobody fails its primaries over (found by the simulator, phantom_sim). Forty
+    default intervals: an agent's DEALER reconnects within a fraction of a
+    second of membership coming back, so only a node that is really gone waits
+    this long; a stall of membership itself is discounted as for any silence."""
+
     tick_interval: float = 0.1
     """Seconds between the shell's calls to ``tick``. Detection granularity: 0.1 s
     is 5 % of the 2 s budget. Deadlines sit in a heap, so a tick costs what the
@@ -153,6 +163,7 @@ class MembershipConfig:
             "min_std_dev",
             "suspicion_timeout",
             "incarnation_lead",
+            "first_heartbeat_timeout",
             "tick_interval",
             "load_digest_interval",
             "max_load_age",

@@ -10,6 +10,11 @@ How the pieces fit:
 * **Gating.** Only nodes admitted with :meth:`Membership.admit` (discovery saw
   their beacon, or an operator registered them) may heartbeat. Anything else is
   counted and answered ``unknown_node``; it never creates a member.
+* **Silent admissions.** An admitted node that sends no heartbeat within
+  ``first_heartbeat_timeout`` (on the effective clock, see below) is declared
+  ``dead`` at incarnation 0, reason ``silent``: a node that died while
+  membership was down must still get a verdict. Its first heartbeat (any
+  incarnation above 0) brings it back as ``rejoined``.
 * **Incarnations.** Each member has an incarnation chosen by its agent. A lower
   one is stale and refused. ``dead`` and ``left`` are final for their
   incarnation: only a strictly higher one brings the node back. A heartbeat at
@@ -288,6 +293,9 @@ class Membership:
         self._admitted: set[str] = set()
         self._intervals: dict[str, float] = {}  # heartbeat interval announced per node
         self._members: dict[str, _Member] = {}
+        # Admitted nodes not heard from yet in this life -> effective admission time
+        # (insertion order is deadline order: the effective clock never goes back).
+        self._silent: dict[str, float] = {}
         self._dirty: dict[str, None] = {}  # insertion-ordered set
         self._heap: list[tuple[float, int, str]] = []
         self._tokens = 0
@@ -339,6 +347,8 @@ class Membership:
             if node in self._admitted:
                 return False
             self._admitted.add(node)
+            if node not in self._members:
+                self._silent[node] = self._stalls.effective(self._now)
             return True
 
     def forget(self, node: str, now: float) -> list[Event]:
@@ -352,6 +362,7 @@ class Membership:
         with self._lock:
             now = self._clock(now)
             self._admitted.discard(node)
+            self._silent.pop(node, None)
             self._intervals.pop(node, None)
             rec = self._members.pop(node, None)
             self._dirty.pop(node, None)
@@ -447,6 +458,7 @@ class Membership:
                 )
             rec = _Member(node, incarnation, self._detector(node), since=now)
             self._members[node] = rec
+            self._silent.pop(node, None)
             self._revive(rec, incarnation, seq, now)
             event = self._event(EVENT_ALIVE, rec, "joined", 0.0, None)
             self._record_load(rec, load, now)
@@ -570,6 +582,7 @@ class Membership:
                 rec.state = LEFT
                 rec.changes = 1
                 self._members[node] = rec
+                self._silent.pop(node, None)
                 events.append(self._event(EVENT_LEFT, rec, "leave", 0.0, None))
             elif incarnation < rec.incarnation:
                 raise Conflict(
@@ -623,6 +636,7 @@ class Membership:
             self._fold_arrivals()
             if now >= self._amnesty_until:
                 self._expire(now, events)
+                self._expire_silent(now, events)
             if len(self._heap) > 2 * len(self._members) + 1024:
                 self._compact_heap()
             self._outbox.extend(events)
@@ -695,6 +709,24 @@ class Membership:
                     events.append(self._transition(rec, DEAD, reason, phi, now))
                     continue
             self._arm(rec, self._due(rec))
+
+    def _expire_silent(self, now: float, events: list[Event]) -> None:
+        silent = self._silent
+        if not silent:
+            return
+        limit = self._stalls.effective(now) - self.config.first_heartbeat_timeout
+        while silent:
+            node, since = next(iter(silent.items()))
+            if since > limit:
+                return
+            del silent[node]
+            if node in self._members or node not in self._admitted:
+                continue
+            rec = _Member(node, 0, self._detector(node), state=DEAD, since=now, last_arrival=now)
+            self._members[node] = rec
+            events.append(
+                self._event(EVENT_DEAD, rec, "silent", 0.0, None)
+            )
 
     # -- reading --------------------------------------------------------------
 

@@ -134,6 +134,10 @@ class ShardingCore:
         self._hot: dict[str, float] = {}  # shard -> since when its load is above split_rate
         self._merges: dict[str, str] = {}  # absorbed shard -> the shard it merges into
         self._avoid: dict[tuple[str, str], float] = {}  # (shard, node) -> avoided until
+        # (shard, node) -> the epoch whose map first showed this joining replica: a
+        # confirmation names the epoch its copy was asked for, so one from an earlier
+        # assignment (cancelled, then assigned again) cannot promote the new one.
+        self._joined: dict[tuple[str, str], int] = {}
         self._now = 0.0
         self._plan: Plan | None = None
         if default_keyspace:
@@ -198,7 +202,19 @@ class ShardingCore:
         new = self._build_map(self._map.epoch + 1)
         if new.keyspaces != self._map.keyspaces or new.down != self._map.down:
             self._map = new
+            self._note_joining(new)
             events.append(Event(CHANGED, {"epoch": new.epoch, "reason": reason}))
+
+    def _note_joining(self, shard_map: ShardMap) -> None:
+        joined = self._joined
+        now_joining = set()
+        for _, sh in shard_map.shards():
+            for r in sh.replicas:
+                if r.role == "joining":
+                    now_joining.add((sh.id, r.node))
+                    joined.setdefault((sh.id, r.node), shard_map.epoch)
+        for pair in [p for p in joined if p not in now_joining]:
+            del joined[pair]
 
     def _replan(self) -> None:
         eng = self._engine
@@ -648,12 +664,28 @@ class ShardingCore:
 
     # -- moves -----------------------------------------------------------------------
 
-    def confirm(self, shard: str, node: str, now: float) -> Result[dict[str, Any]]:
-        """``node``'s agent reports its copy of ``shard`` complete."""
+    def confirm(self, shard: str, node: str, now: float, epoch: int | None = None) -> Result[dict[str, Any]]:
+        """``node``'s agent reports its copy of ``shard`` complete.
+
+        ``epoch`` is the epoch of the map in which the agent saw the replica
+        ``joining`` (its copy was made for that assignment). :class:`Conflict` if
+        the current assignment began later: that copy was for one that has been
+        cancelled since, and the agent must copy again.
+        """
         with self._lock:
             t = self._time(_number(now, "now"))
             self._shard_space(shard)
             self._node(node)
+            if epoch is not None:
+                if type(epoch) is not int or epoch < 0:
+                    raise BadRequest(f"epoch must be a non-negative integer, got {epoch!r}")
+                since = self._joined.get((shard, node))
+                if since is not None and epoch < since:
+                    raise Conflict(
+                        f"the copy of {shard} on {node} was asked for at epoch {epoch}; that assignment was "
+                        f"cancelled and the current one began at epoch {since}: copy again",
+                        shard=shard, node=node, since=since,
+                    )
             events: list[Event] = []
             self._engine.confirm(shard, node, t)
             self._advance(t)
@@ -838,6 +870,7 @@ class ShardingCore:
                 "next_seq": {name: sp.next_seq for name, sp in self._spaces.items()},
                 "merges": [[h, low] for h, low in self._merges.items()],
                 "avoid": [[s, n, until - t] for (s, n), until in self._avoid.items()],
+                "joined": [[s, n, e] for (s, n), e in self._joined.items()],
                 "engine": self._engine.to_state(t),
             }
             return self._map, state
@@ -883,6 +916,11 @@ class ShardingCore:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BadRequest(f"stored sharding state is malformed: {exc!r}") from exc
         core._map = shard_map
+        # A state saved before joining epochs were kept: date them to the restored epoch.
+        core._note_joining(shard_map)
+        core._joined.update(
+            {(str(sh), str(n)): int(e) for sh, n, e in state.get("joined", ()) if (str(sh), str(n)) in core._joined}
+        )
         # The stored targets are kept as they were: replanning here could
         # retarget copies that are half done. The next membership change replans.
         return core

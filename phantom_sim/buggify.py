@@ -1,0 +1,124 @@
+"""Deliberately broken variants of the real code, switched on only by the simulator's tests.
+
+Each variant is a patch applied for the length of one run (:func:`active`), to
+show the invariants have teeth: with it on, the short run must fail. Nothing
+here is imported by the services.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+#: name -> (description, install() -> undo())
+VARIANTS: dict[str, tuple[str, Callable[[], Callable[[], None]]]] = {}
+_on: list[str] = []
+
+
+Install = Callable[[], Callable[[], None]]
+
+
+def variant(name: str, description: str) -> Callable[[Install], Install]:
+    def register(install: Install) -> Install:
+        VARIANTS[name] = (description, install)
+        return install
+
+    return register
+
+
+def enable(*names: str) -> None:
+    """Switch variants on for the runs that follow (in this process)."""
+    for name in names:
+        if name not in VARIANTS:
+            raise KeyError(f"no broken variant {name!r}; known: {', '.join(sorted(VARIANTS))}")
+    _on[:] = list(names)
+
+
+def on(name: str) -> bool:
+    """Whether the simulator switched ``name`` on (a fault point in a simulated shell)."""
+    return name in _on
+
+
+@contextlib.contextmanager
+def active() -> Iterator[None]:
+    undo = [VARIANTS[name][1]() for name in _on if name in VARIANTS]
+    try:
+        yield
+    finally:
+        for u in reversed(undo):
+            u()
+
+
+def _patch(obj: Any, attr: str, new: Any) -> Callable[[], None]:
+    old = getattr(obj, attr)
+    setattr(obj, attr, new)
+    return lambda: setattr(obj, attr, old)
+
+
+# --- the variants ---------------------------------------------------------------------
+
+
+@variant("promote_unconfirmed", "the migration engine lets a new replica serve before its copy is confirmed")
+def _promote_unconfirmed() -> Callable[[], None]:
+    from services.sharding.migration import Migrations
+
+    original = Migrations._add_replicas
+
+    def add_replicas(self: Any, sid: str, st: Any, ctx: Any) -> None:
+        st.seeded = False  # "nothing to copy": places the new replica as a serving one at once
+        original(self, sid, st, ctx)
+
+    return _patch(Migrations, "_add_replicas", add_replicas)
+
+
+@variant("no_resave", "the sharding shell does not retry a map save that failed (the old shell)")
+def _no_resave() -> Callable[[], None]:
+    return lambda: None  # a fault point in phantom_sim.shells.ShardingProc._commit
+
+
+@variant("no_silent_verdict", "membership never judges an admitted node that has not heartbeated (the old core)")
+def _no_silent_verdict() -> Callable[[], None]:
+    from services.membership.core import Membership
+
+    return _patch(Membership, "_expire_silent", lambda self, now, events: None)
+
+
+@variant("step_down_late", "a planned primary hand-off promotes the new primary before the old one steps down")
+def _step_down_late() -> Callable[[], None]:
+    from services.sharding.migration import Migrations
+
+    original = Migrations._elect
+
+    def elect(self: Any, sid: str, st: Any, ctx: Any) -> None:
+        tp = st.target_primary
+        if tp is not None and st.roles.get(tp) == "replica" and tp not in self._down:
+            self._set(sid, st, tp, "primary", ctx.changes)  # promoted while the old primary still is one
+            return
+        original(self, sid, st, ctx)
+
+    return _patch(Migrations, "_elect", elect)
+
+
+@variant("confirm_any_round", "sharding takes a confirmation without the epoch of its assignment (the old core)")
+def _confirm_any_round() -> Callable[[], None]:
+    return lambda: None  # a fault point in phantom_sim.shells.ShardingProc (confirm)
+
+
+@variant("skip_fencing", "the store takes a write without checking its writer's fence (term)")
+def _skip_fencing() -> Callable[[], None]:
+    try:
+        from phantom_bus.store.memory import MemoryStore
+    except ImportError:  # no store in this tree: nothing to break
+        return lambda: None
+    original = MemoryStore.txn
+
+    async def txn(self: Any, compares: Any, ops: Any, fence: Any = None) -> int:
+        return await original(self, compares, ops, None)
+
+    return _patch(MemoryStore, "txn", txn)
+
+
+@variant("ignore_observer_lag", "the membership shell does not hand its own loop lag to the core")
+def _ignore_observer_lag() -> Callable[[], None]:
+    return lambda: None  # a fault point in phantom_sim.shells.MembershipProc.tick_loop

@@ -1,0 +1,363 @@
+"""One seeded history: a cluster, a schedule of faults, a quiet tail, the verdict.
+
+The fault schedule is drawn from its own random stream (``faults-<seed>``)
+before the history runs, one fault per step, so the history of ``--steps K``
+is a prefix of the history of ``--steps K+1`` up to the moment the K-th
+step's gap ends: a safety violation seen before that moment replays with the
+shorter schedule. Everything else (link delays, losses, which worker the broker
+picks) comes from the world's stream.
+
+Profiles: ``chaos`` draws every kind of fault; ``observer`` (one seed in five)
+only pauses membership, each pause at most :data:`OBSERVER_GUARD` seconds, and
+then no node may be declared dead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import buggify
+from .invariants import Invariants, Violation
+from .leaders import add_leaders, plan_leader_faults
+from .shells import (
+    AgentProc,
+    BalancerProc,
+    ClientProc,
+    DiscoveryProc,
+    ManagerProc,
+    MembershipProc,
+    Params,
+    ShardingProc,
+)
+from .world import Proc, World
+
+#: Longest membership pause (seconds) the observer profile injects: the stalls the
+#: detector is documented to absorb (services/membership/config.py: 3 s SIGSTOPs).
+OBSERVER_GUARD = 3.0
+#: Virtual seconds after the last fault: long enough for the re-replication delay,
+#: the manager's anti-entropy period (30 s) and the moves that follow.
+QUIET = 45.0
+SERVICES = ("discovery", "membership", "sharding", "balancer", "manager")
+FAULT_KINDS = ("crash", "pause", "partition", "clock_jump", "disk_fail", "pubsub_loss", "slow_net",
+               "drain", "join", "lose_node", "observer_pause")
+
+
+@dataclass
+class Outcome:
+    """The verdict of one history."""
+
+    seed: int
+    steps: int
+    profile: str
+    violations: list[Violation]
+    faults: dict[str, int]
+    checks: dict[str, int]
+    events: int
+    virtual_time: float
+    digest: str
+    fault_log: list[str] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    cpu: float = 0.0  # CPU seconds this history took
+    crashes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+class History:
+    """Builds the cluster for ``seed`` and runs ``steps`` faults then the quiet tail."""
+
+    def __init__(self, seed: int, steps: int, params: Params | None = None, *, trace: bool = False) -> None:
+        self.seed = seed
+        self.steps = steps
+        self.params = params or Params()
+        self.world = w = World(seed)
+        w.params = self.params  # type: ignore[attr-defined]
+        self.inv = Invariants(w)
+        w.checker = self.inv  # type: ignore[attr-defined]
+        self.plan_rng = random.Random(f"faults-{seed}")
+        self.profile = "observer" if self.plan_rng.random() < 0.2 else "chaos"
+        self.inv.observer_only = self.profile == "observer"
+        self.fault_log: list[str] = []
+        self.lost: dict[str, float] = {}  # node -> when it was lost for good
+        self.drained: set[str] = set()
+        self._hash = hashlib.blake2b(digest_size=12)
+        self._trace = trace
+        for name in SERVICES:
+            cls = {"discovery": DiscoveryProc, "membership": MembershipProc, "sharding": ShardingProc,
+                   "balancer": BalancerProc, "manager": ManagerProc}[name]
+            w.add(cls(w, name, f"h-{name}"))
+        self.agents: list[AgentProc] = []
+        for _i in range(4):
+            self._agent()
+        self.spare = [self._agent(start=False) for _ in range(2)]
+        w.add(ClientProc(w, "client", "h-client"))
+        self.leaders = add_leaders(w)
+        w.on_step = self._step
+
+    def _agent(self, start: bool = True) -> AgentProc:
+        i = len(self.agents) + 1
+        agent = AgentProc(self.world, f"node-{i}", f"h-node-{i}", f"z{(i - 1) % 3 + 1}")
+        self.agents.append(agent)
+        self.world.add(agent)
+        return agent
+
+    def _step(self) -> None:
+        if self._trace:
+            self._hash.update(f"{self.world.now:.9f}".encode())
+
+    # -- the schedule --------------------------------------------------------------
+
+    def plan(self) -> list[tuple[float, str, Any]]:
+        """``steps`` faults: (time, kind, parameters), drawn from the plan's own stream."""
+        r = self.plan_rng
+        out: list[tuple[float, str, Any]] = []
+        t = 3.0  # let the cluster form first
+        kinds = FAULT_KINDS[:-1]
+        weights = (5, 4, 4, 2, 3, 2, 2, 1, 1, 1)
+        for _ in range(self.steps):
+            t += r.uniform(0.3, 4.0)
+            if self.profile == "observer":
+                out.append((t, "observer_pause", r.uniform(0.05, OBSERVER_GUARD)))
+                t += OBSERVER_GUARD
+                continue
+            kind = r.choices(kinds, weights)[0]
+            out.append((t, kind, (r.random(), r.random(), r.random())))
+        self.gap_end = t + r.uniform(0.3, 4.0)
+        return out
+
+    def _pick(self, u: float, procs: Sequence[Proc]) -> Proc:
+        return procs[min(int(u * len(procs)), len(procs) - 1)]
+
+    def inject(self, kind: str, arg: Any) -> None:
+        w = self.world
+        svc = [w.procs[n] for n in SERVICES]
+        agents: list[Proc] = [a for a in self.agents if (a.up or a.name not in self.lost) and a not in self.spare]
+        if kind == "observer_pause":
+            m = w.procs["membership"]
+            if m.up:
+                m.paused_until = max(m.paused_until, w.now + arg)
+            self._log(kind, f"membership for {arg:.2f} s")
+            return
+        u, v, _x = arg
+        if kind == "crash":
+            p = self._pick(u, svc + agents)
+            if p.up:
+                p.crash(restart=True, delay=0.5 + v * 2.5)
+                self._log(kind, f"{p.name}, back in {0.5 + v * 2.5:.2f} s")
+        elif kind == "pause":
+            p = self._pick(u, svc + agents)
+            d = 0.05 + v * 4.0
+            p.paused_until = max(p.paused_until, w.now + d)
+            self._log(kind, f"{p.name} for {d:.2f} s")
+        elif kind == "partition":
+            hosts = [p.host for p in svc + agents] + [w.broker_host]
+            host = hosts[min(int(u * len(hosts)), len(hosts) - 1)]
+            d = 0.5 + v * 7.5
+            w.isolated.add(host)
+            w.after(None, d, w.isolated.discard, host)
+            self._log(kind, f"{host} for {d:.2f} s")
+        elif kind == "clock_jump":
+            p = self._pick(u, svc + agents)
+            # Up to ±25 min from true time per host, so two hosts never differ by more than
+            # membership's incarnation_lead (1 h): beyond that refusing a node is by design.
+            old = w.wall_offset.get(p.host, 0.0)
+            new = max(-1500.0, min(1500.0, old + (v - 0.5) * 2 * 1500.0))
+            jump = new - old
+            w.wall_offset[p.host] = new
+            self._log(kind, f"wall clock of {p.host} {jump:+.0f} s")
+        elif kind == "disk_fail":
+            # The durable services most of the time: their saves are what a disk fault tests.
+            withdisk = [w.procs["sharding"], w.procs["manager"]] * 2 + agents
+            p = self._pick(u, withdisk)
+            d = 0.5 + v * 4.5
+            p.disk_fail_until = max(p.disk_fail_until, w.now + d)
+            self._log(kind, f"{p.name} for {d:.2f} s")
+        elif kind == "pubsub_loss":
+            d = 1.0 + v * 9.0
+            w.pubsub_loss = 0.5
+            w.after(None, d, setattr, w, "pubsub_loss", 0.0)
+            self._log(kind, f"half of all events for {d:.2f} s")
+        elif kind == "slow_net":
+            d = 1.0 + v * 4.0
+            w.delay_scale = 30.0
+            w.after(None, d, setattr, w, "delay_scale", 1.0)
+            self._log(kind, f"30x link delays for {d:.2f} s")
+        elif kind == "drain":
+            live = [a for a in agents if a.name not in self.drained]
+            if len(live) > self.params.rf:
+                node = self._pick(u, live).name
+                self.drained.add(node)
+                self._operator("drain", node)
+                self._log(kind, node)
+        elif kind == "join":
+            if self.spare:
+                agent = self.spare.pop(0)
+                agent.start()
+                self._log(kind, agent.name)
+        elif kind == "lose_node":
+            live = [a for a in agents if a.up and a.name not in self.drained]
+            if not self.lost and len(live) > self.params.rf:
+                p = self._pick(u, live)
+                p.crash(restart=False)
+                self.lost[p.name] = w.now
+                self._log(kind, p.name)
+
+    def inject_leader(self, kind: str, u: float, v: float) -> None:
+        """A fault of the store's clients: a writer paused or crashed, a writer or the store cut off."""
+        w = self.world
+        writers = [p for p in self.leaders if p.name != "store"]
+        if kind == "pause":
+            p = self._pick(u, writers)
+            d = 0.05 + v * 4.0
+            p.paused_until = max(p.paused_until, w.now + d)
+            self._log("leader_" + kind, f"{p.name} for {d:.2f} s")
+        elif kind == "crash":
+            p = self._pick(u, writers)
+            if p.up:
+                p.crash(restart=True, delay=0.5 + v * 2.5)
+                self._log("leader_" + kind, p.name)
+        else:
+            p = self._pick(u, self.leaders)
+            d = 0.5 + v * 4.0
+            w.isolated.add(p.host)
+            w.after(None, d, w.isolated.discard, p.host)
+            self._log("leader_" + kind, f"{p.host} for {d:.2f} s")
+
+    def _operator(self, op: str, node: str) -> None:
+        """An operator's command to the manager (``phantom drain``), retried until answered."""
+        w = self.world
+        m = w.procs["manager"]
+
+        def attempt(n: int) -> None:
+            if m.up and m.paused_until <= w.now and w.connected(w.broker_host, m.host):
+                try:
+                    m.handle(op, {"node": node})
+                    return
+                except Exception:
+                    pass
+            if n < 20:
+                w.after(None, 1.0, attempt, n + 1)
+
+        attempt(0)
+
+    def _log(self, kind: str, what: str) -> None:
+        if self.world.debug is not None:
+            self.world.debug.append(f"{self.world.now:9.3f} FAULT      {kind}: {what}")
+        self.world.stats.fault(kind)
+        self.fault_log.append(f"t={self.world.now:8.3f} {kind}: {what}")
+
+    # -- running ---------------------------------------------------------------------------
+
+    def run(self) -> Outcome:
+        w = self.world
+        with buggify.active():
+            for p in [w.procs[n] for n in SERVICES] + [a for a in self.agents if a not in self.spare]:
+                p.start()
+            w.procs["client"].start()
+            for p in self.leaders:
+                p.start()
+            plan = self.plan()
+            for t, kind, arg in plan:
+                w.at(t, None, self.inject, kind, arg)
+            if self.leaders and self.profile == "chaos":
+                for t, kind, u, v in plan_leader_faults(self.seed, 3.0, self.gap_end):
+                    w.at(t, None, self.inject_leader, kind, u, v)
+            w.run_until(self.gap_end)
+            self._heal()
+            # Liveness: healthy again within QUIET seconds of the last fault (stop as soon as it is).
+            end = w.now + QUIET
+            problems = self._liveness()
+            while problems and w.now < end:
+                w.run_until(min(end, w.now + 1.0))
+                problems = self._liveness()
+            for name, detail in problems:
+                self.inv.fail(name, detail)
+            for name in ("dead_node_loses_replicas", "live_nodes_healthy_again"):
+                self.inv.checks[name] += 1
+        return Outcome(
+            seed=self.seed, steps=self.steps, profile=self.profile, violations=self.inv.violations,
+            faults=dict(w.stats.faults), checks=dict(self.inv.checks), events=w.stats.steps,
+            virtual_time=w.now, digest=self._hash.hexdigest() if self._trace else "",
+            fault_log=self.fault_log, step_times=[t for t, _, _ in plan], crashes=w.stats.crashes,
+        )
+
+    def _heal(self) -> None:
+        """Faults stop: links heal, clocks stay where they jumped, crashed processes come back."""
+        w = self.world
+        w.isolated.clear()
+        w.pubsub_loss = 0.0
+        w.delay_scale = 1.0
+        self.heal_time = w.now
+        for p in w.procs.values():
+            p.disk_fail_until = -1.0
+            if not p.up and p.name not in self.lost and p not in self.spare:
+                p.start()
+
+    def _liveness(self) -> list[tuple[str, str]]:
+        """What still keeps the cluster from being healthy, as (invariant, detail) pairs."""
+        w = self.world
+        out: list[tuple[str, str]] = []
+        sharding = w.procs["sharding"]
+        manager = w.procs["manager"]
+        balancer = w.procs["balancer"]
+        membership = w.procs["membership"]
+        m = sharding.published  # type: ignore[attr-defined]
+        holding = {r.node for _, sh in m.shards() for r in sh.replicas}
+        for node, since in self.lost.items():
+            if node in holding:
+                out.append(("dead_node_loses_replicas",
+                            f"{node} lost at t={since:.1f} still holds replicas at epoch {m.epoch}"))
+        members = {d["id"]: d["state"] for d in membership.core.members(w.now)}  # type: ignore[attr-defined]
+        bstats = balancer.core.stats(w.now)["nodes"]  # type: ignore[attr-defined]
+        for agent in self.agents:
+            if not agent.up or agent.name in self.lost:
+                continue
+            node = agent.name
+            problems = []
+            if members.get(node) != "alive":
+                problems.append(f"membership says {members.get(node)}")
+            try:
+                rec = manager.core.node(node)  # type: ignore[attr-defined]
+                if rec.member != "alive":
+                    problems.append(f"manager holds member={rec.member}")
+                want = ("draining", "decommissioned") if node in self.drained else ("active",)
+                if rec.lifecycle not in want:
+                    problems.append(f"manager lifecycle {rec.lifecycle}")
+            except Exception as exc:
+                problems.append(f"manager: {exc}")
+            b = bstats.get(node)
+            if node not in self.drained and (b is None or b["state"] != "alive" or b["lifecycle"] != "active"):
+                problems.append(f"balancer sees {None if b is None else (b['state'], b['lifecycle'])}")
+            if node in m.down and node not in self.drained:
+                # (A node decommissioned while it was dead stays in the map's down set: the
+                # manager only tells sharding node_alive for nodes that may hold replicas.)
+                problems.append(f"sharding holds it down at epoch {m.epoch}")
+            if problems:
+                out.append(("live_nodes_healthy_again", f"{node}: " + "; ".join(problems)))
+        for ks in m.keyspaces:
+            for sh in ks.shards:
+                live = [r for r in sh.replicas if r.role in ("primary", "replica") and r.node not in m.down]
+                if sh.primary is None or sh.primary in m.down or len(live) < ks.rf:
+                    out.append(("live_nodes_healthy_again",
+                                f"shard {sh.id} at epoch {m.epoch}: primary {sh.primary}, "
+                             f"{len(live)} of {ks.rf} live replicas: {[(r.node, r.role) for r in sh.replicas]}"))
+                elif sh.state != "active":
+                    out.append(("live_nodes_healthy_again", f"shard {sh.id} still moving at epoch {m.epoch}"))
+        return out
+
+
+def run_history(seed: int, steps: int, *, trace: bool = False, debug: list[str] | None = None) -> Outcome:
+    """Run one history (the unit of work of :mod:`phantom_sim.run`); ``debug`` collects a log."""
+    t0 = time.process_time()
+    h = History(seed, steps, trace=trace)
+    h.world.debug = debug
+    outcome = h.run()
+    outcome.cpu = time.process_time() - t0
+    return outcome
