@@ -232,6 +232,22 @@ class _Base:
         with contextlib.suppress(NotFound):
             self._router.release(sel.node, sel.lease, latency_ms, bool(ok), now=time.monotonic())
 
+    @staticmethod
+    def _transient(err: NoLiveReplica, write: bool, stale: bool, budget: _Budget, now: float) -> float | None:
+        """How long to wait for a newer map before choosing again, or None to raise now.
+
+        A write to a shard without a primary for a moment (a planned hand-off
+        steps the old primary down one epoch before the new one is promoted; a
+        failover follows a death within seconds) succeeds as soon as the next map
+        arrives, which is pushed within milliseconds: wait for it, within the
+        call's budget, as a brokered select would retry. Reads never wait (a read
+        with no live replica has nowhere to go), and on a stale map (the control
+        plane is unreachable) no newer map is coming: raise at once, never block."""
+        if stale or not write:
+            return None
+        pause = budget.pause_after(err, now)
+        return None if pause is None else min(pause, 0.1)
+
     def _no_map(self) -> PhantomError:
         return NoLiveReplica(
             f"no shard map within {self.timeout:g} s: cannot route locally until sharding is "
@@ -406,9 +422,17 @@ class Client(_Base):
             assert router is not None
             if router.map is None:
                 raise self._no_map()
-            now = time.monotonic()
-            return self._local_select(router, key, write, keyspace, strategy, lease,
-                                      feed.stale(now, self.map_stale_after), now)
+            budget = _Budget(self.timeout, self.retries, time.monotonic())
+            while True:
+                now = time.monotonic()
+                stale = feed.stale(now, self.map_stale_after)
+                try:
+                    return self._local_select(router, key, write, keyspace, strategy, lease, stale, now)
+                except NoLiveReplica as err:
+                    pause = self._transient(err, write, stale, budget, now)
+                    if pause is None:
+                        raise
+                time.sleep(pause)
         return _selection(
             self.request("balancer", "select", **_select_args(key, write, keyspace, strategy, lease))
         )
@@ -595,9 +619,17 @@ class AsyncClient(_Base):
             assert router is not None
             if router.map is None:
                 raise self._no_map()
-            now = time.monotonic()
-            return self._local_select(router, key, write, keyspace, strategy, lease,
-                                      feed.stale(now, self.map_stale_after), now)
+            budget = _Budget(self.timeout, self.retries, time.monotonic())
+            while True:
+                now = time.monotonic()
+                stale = feed.stale(now, self.map_stale_after)
+                try:
+                    return self._local_select(router, key, write, keyspace, strategy, lease, stale, now)
+                except NoLiveReplica as err:
+                    pause = self._transient(err, write, stale, budget, now)
+                    if pause is None:
+                        raise
+                await asyncio.sleep(pause)
         args = _select_args(key, write, keyspace, strategy, lease)
         return _selection(await self.request("balancer", "select", **args))
 

@@ -133,3 +133,15 @@ def test_a_retry_budget_rides_out_retryable_answers_and_one_attempt_means_one() 
     assert _Budget(2.5, 1, 0.0).pause_after(retryable, 0.0) is None
     timeouts = _Budget(1.0, 3, 0.0)
     assert timeouts.after_timeout(1.0) and timeouts.after_timeout(2.0) and not timeouts.after_timeout(3.0)
+
+
+def test_a_local_write_waits_for_the_next_map_only_when_it_can_come() -> None:
+    from phantom_bus.client import Client, _Budget
+    from phantom_bus.errors import NoLiveReplica
+
+    err = NoLiveReplica("shard default/3 has no primary")
+    fresh = _Budget(1.0, 3, 0.0)
+    assert Client._transient(err, True, False, fresh, 0.0) == 0.1      # a hand-off: wait for the pushed map
+    assert Client._transient(err, False, False, fresh, 0.0) is None    # a read never waits
+    assert Client._transient(err, True, True, fresh, 0.0) is None      # stale map: no newer one is coming
+    assert Client._transient(err, True, False, _Budget(1.0, 3, 0.0), 3.0) is None  # budget spent
