@@ -281,7 +281,7 @@ def _with_joining(doc: Any) -> Any:
 
 
 def test_sigkill_of_sharding_mid_rebalance_keeps_the_map_and_finishes_the_moves(bus: Bus) -> None:
-    procs = cluster(bus, agents=3, PHANTOM_COPY_TIME="0.5")
+    procs = cluster(bus, agents=3, PHANTOM_COPY_TIME="0.3")
     procs["node-4"] = start_agent(bus, 4, "z4")
     with bus.client(timeout=2.0, retries=3) as c:
         # A move is in flight once a copy is being made (a joining replica is in the map).
