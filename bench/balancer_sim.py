@@ -1,4 +1,4 @@
-"""Selection strategies under heterogeneous nodes and stale load information (issue 6).
+"""Selection strategies under heterogeneous nodes and stale load information.
 
 A discrete-event simulation in virtual time (seconds) that drives the real
 balancer core (:class:`services.balancer.Balancer` with its default
@@ -48,7 +48,7 @@ table shows ``max/mean`` of that over the 10 nodes (1.0 = perfectly even
 relative to time; the mean is about 0.8). Latency = queueing + service, in
 ms of virtual time; the first 2% of requests are warm-up and not counted.
 
-Goals (issue 6), printed next to the figures: ``performance`` p99 <= 1.3 x
+Goals, printed next to the figures: ``performance`` p99 <= 1.3 x
 the oracle's and max/mean load <= 1.1 with fresh information; and with stale
 information ``performance`` p99 below ``least_connections`` p99.
 
@@ -381,7 +381,7 @@ def main() -> int:
         return next((r for r in rows if r["strategy"] == s and r["stale_k"] == k and r["weighted"] == w), None)
 
     goals: dict[str, Any] = {}
-    print("\nGoals (issue 6):")
+    print("\nGoals:")
     for w in (True, False):
         if args.no_unweighted and not w:
             continue

@@ -1,6 +1,6 @@
 """Discovery with real processes: how soon is a new agent seen, and how many nodes can one discovery follow?
 
-Two questions (issue 3), on free ports of 127.0.0.1:
+Two questions, on free ports of 127.0.0.1:
 
 1. **Start to discovered.** Time from spawning ``python -m services.agent`` to
    the ``node.discovered`` event arriving on the bus, at the default 1 s

@@ -1,4 +1,4 @@
-"""End to end: how long do joins and failures take to reach clients (issue 7)?
+"""End to end: how long do joins and failures take to reach clients?
 
 A whole cluster on free ports of 127.0.0.1 (broker, discovery, membership,
 sharding, balancer, manager, 4 agents; ``PHANTOM_DEAD_DELAY=5``,

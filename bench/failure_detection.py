@@ -1,6 +1,6 @@
 """Failure detection with real processes: detection time, false positives under load, scale.
 
-Three questions (issue 4), on free ports of 127.0.0.1, membership at its
+Three questions, on free ports of 127.0.0.1, membership at its
 default settings unless said otherwise:
 
 A. **Detection after SIGKILL.** broker + discovery + membership + 3 real

@@ -1,4 +1,4 @@
-"""How fast is ``Client.select`` through the broker, against a raw pyzmq echo (issue 6)?
+"""How fast is ``Client.select`` through the broker, against a raw pyzmq echo?
 
 In one run, on free ports of 127.0.0.1:
 

@@ -1,4 +1,4 @@
-"""The `phantom` command: output and exit codes per DESIGN.md."""
+"""The `phantom` command: output and exit codes as the operator's guide documents them."""
 
 from __future__ import annotations
 

@@ -106,7 +106,7 @@ class SelectLoad(threading.Thread):
         assert not self.is_alive(), "the load thread did not stop"
 
 
-# --- issue 7: join, drain, SIGKILL under load -----------------------------------------------
+# --- join, drain, SIGKILL under load -----------------------------------------------
 
 
 def test_fourth_agent_joins_a_green_cluster_and_takes_exactly_its_share(bus: Bus) -> None:
@@ -194,7 +194,7 @@ def test_sigkill_of_each_stateful_service_under_select_load(bus: Bus) -> None:
         assert c.select("user:7", write=True).epoch >= epoch
 
 
-# --- issue 6: selection end to end ---------------------------------------------------------
+# --- selection end to end ---------------------------------------------------------
 
 
 def test_slow_node_gets_clearly_fewer_reads_under_the_default_strategy(bus: Bus) -> None:
@@ -203,7 +203,7 @@ def test_slow_node_gets_clearly_fewer_reads_under_the_default_strategy(bus: Bus)
     slow = "node-2"
     # Every node the balancer sees become servable ramps up over slow_start_s (30 s),
     # and while ramps differ the performance strategy starves the youngest node
-    # entirely (see the report on issue 6): measure once every ramp is over.
+    # entirely: measure once every ramp is over.
     time.sleep(max(0.0, started + SLOW_START + 1 - time.monotonic()))
     picked: Counter[str] = Counter()
     with bus.client(timeout=2.0, retries=3) as c:
@@ -263,7 +263,7 @@ def assert_writes_hit_current_primary(c: Client, keys: list[str]) -> None:
         assert sel.shard == route["shard"], (key, sel, route)
 
 
-# --- issue 5: the shard map survives a SIGKILL mid-rebalance ---------------------------------
+# --- the shard map survives a SIGKILL mid-rebalance ---------------------------------
 
 
 async def stored_map(bus: Bus) -> Committed | None:

@@ -310,7 +310,7 @@ def status_document(
     down: Iterable[str] = (),
     health: Health | None = None,
 ) -> dict[str, Any]:
-    """The ``phantom status --json`` document (DESIGN.md contract, plus extra keys).
+    """The ``phantom status --json`` document (the documented contract, plus extra keys).
 
     ``records`` is the registry; ``members`` membership's ``members`` reply
     (``None`` when membership did not answer: each node's ``state``, load and

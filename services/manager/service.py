@@ -261,7 +261,7 @@ class ManagerService:
     # --- operations -------------------------------------------------------------------
 
     async def op_status(self) -> dict[str, Any]:
-        """The DESIGN.md status document, with down services marked instead of failing."""
+        """The status document (`phantom status --json`), with down services marked instead of failing."""
         self._leading()
         try:
             registered = await self.client.request("broker", "services")
