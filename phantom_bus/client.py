@@ -232,6 +232,22 @@ class _Base:
         with contextlib.suppress(NotFound):
             self._router.release(sel.node, sel.lease, latency_ms, bool(ok), now=time.monotonic())
 
+    def _local_attempt(
+        self, feed: Any, router: LocalRouter, key: Any, write: bool, keyspace: str | None,
+        strategy: str | None, lease: bool, budget: _Budget,
+    ) -> Selection | float:
+        """One local choice: the selection, or how long to wait for a newer map
+        before the next attempt (raises when waiting cannot help)."""
+        now = time.monotonic()
+        stale = feed.stale(now, self.map_stale_after)
+        try:
+            return self._local_select(router, key, write, keyspace, strategy, lease, stale, now)
+        except NoLiveReplica as err:
+            pause = self._transient(err, write, stale, budget, now)
+            if pause is None:
+                raise
+            return pause
+
     @staticmethod
     def _transient(err: NoLiveReplica, write: bool, stale: bool, budget: _Budget, now: float) -> float | None:
         """How long to wait for a newer map before choosing again, or None to raise now.
@@ -423,16 +439,10 @@ class Client(_Base):
             if router.map is None:
                 raise self._no_map()
             budget = _Budget(self.timeout, self.retries, time.monotonic())
-            while True:
-                now = time.monotonic()
-                stale = feed.stale(now, self.map_stale_after)
-                try:
-                    return self._local_select(router, key, write, keyspace, strategy, lease, stale, now)
-                except NoLiveReplica as err:
-                    pause = self._transient(err, write, stale, budget, now)
-                    if pause is None:
-                        raise
-                time.sleep(pause)
+            while isinstance(got := self._local_attempt(feed, router, key, write, keyspace, strategy, lease, budget),
+                             float):
+                time.sleep(got)
+            return got
         return _selection(
             self.request("balancer", "select", **_select_args(key, write, keyspace, strategy, lease))
         )
@@ -620,16 +630,10 @@ class AsyncClient(_Base):
             if router.map is None:
                 raise self._no_map()
             budget = _Budget(self.timeout, self.retries, time.monotonic())
-            while True:
-                now = time.monotonic()
-                stale = feed.stale(now, self.map_stale_after)
-                try:
-                    return self._local_select(router, key, write, keyspace, strategy, lease, stale, now)
-                except NoLiveReplica as err:
-                    pause = self._transient(err, write, stale, budget, now)
-                    if pause is None:
-                        raise
-                await asyncio.sleep(pause)
+            while isinstance(got := self._local_attempt(feed, router, key, write, keyspace, strategy, lease, budget),
+                             float):
+                await asyncio.sleep(got)
+            return got
         args = _select_args(key, write, keyspace, strategy, lease)
         return _selection(await self.request("balancer", "select", **args))
 
