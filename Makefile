@@ -6,13 +6,16 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 SUPERVISORCTL := $(VENV)/bin/supervisorctl -c supervisor.conf
+# `make up-ha`: three control-plane "hosts" and a three-member etcd on this machine.
+HA_CONF := supervisor-ha.conf
+SUPERVISORCTL_HA := $(VENV)/bin/supervisorctl -c $(HA_CONF)
 
 # The cluster's CURVE keys, made on the first `make up` (security is on by default;
 # PHANTOM_SECURITY=off turns it off). Every process and tool of this checkout finds them.
 KEYS := $${PHANTOM_DATA:-var}/keys
 DEMO_AGENTS := node-1,node-2,node-3
 
-.PHONY: up down test top bench venv status lint keys sim
+.PHONY: up up-ha down test top bench venv status lint keys sim
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,15 +41,36 @@ up: $(STAMP) keys
 	fi
 	@$(PY) bin/phantom-wait
 
-down:
-	@if [ -x $(VENV)/bin/supervisorctl ] && $(SUPERVISORCTL) pid >/dev/null 2>&1; then \
-		pid=$$($(SUPERVISORCTL) pid); \
-		$(SUPERVISORCTL) shutdown >/dev/null; \
-		for i in $$(seq 1 100); do kill -0 $$pid 2>/dev/null || break; sleep 0.1; done; \
-		echo "phantom stopped"; \
-	else \
-		echo "phantom is not running"; \
+# The HA set starts only when no single-host set runs (both use node-1..3); etcd first, then the
+# hosts and agents (supervisord's priorities), and every service must register three times over.
+up-ha: $(STAMP) keys
+	@$(PY) deploy/etcd-member --find >/dev/null || { echo "make up-ha needs an etcd binary (see above)"; exit 1; }
+	@if $(SUPERVISORCTL) pid >/dev/null 2>&1; then \
+		echo "the single-host set (make up) is running: make down first"; exit 1; \
 	fi
+	@mkdir -p var/ha/log
+	@if $(SUPERVISORCTL_HA) pid >/dev/null 2>&1; then \
+		echo "supervisord (HA) already running; starting any stopped programs"; \
+		$(SUPERVISORCTL_HA) start all >/dev/null; \
+	else \
+		$(VENV)/bin/supervisord -c $(HA_CONF); \
+	fi
+	@. deploy/ha.env && $(PY) bin/phantom-wait --conf $(HA_CONF) --timeout 150
+
+# Stops whichever of the two sets runs (supervisord takes its programs down with it).
+down:
+	@stopped=""; \
+	for conf in supervisor.conf $(HA_CONF); do \
+		ctl="$(VENV)/bin/supervisorctl -c $$conf"; \
+		if [ -x $(VENV)/bin/supervisorctl ] && $$ctl pid >/dev/null 2>&1; then \
+			pid=$$($$ctl pid); \
+			$$ctl shutdown >/dev/null; \
+			for i in $$(seq 1 150); do kill -0 $$pid 2>/dev/null || break; sleep 0.1; done; \
+			if [ $$conf = supervisor.conf ]; then echo "phantom stopped"; else echo "phantom (HA, $$conf) stopped"; fi; \
+			stopped=yes; \
+		fi; \
+	done; \
+	[ -n "$$stopped" ] || echo "phantom is not running"
 
 status: $(STAMP)
 	@$(VENV)/bin/phantom status

@@ -20,6 +20,19 @@ verdict on the cluster:
 ``"manager": "answering"`` and a ``"reasons"`` list of what makes the control
 plane itself unwell (see the operator's guide, "Health"), empty when nothing.
 
+Both carry ``"control"``: the control plane's own shape,
+
+    {"store": "sqlite|etcd",
+     "leaders": {"sharding": {"instance": "h2", "term": 7}, "manager": {...}, "membership": {...}},
+     "instances": {"broker": ["h1", "h2", "h3"], "discovery": [...], ...}}
+
+``leaders`` has one entry per service with a single decision maker, ``None``
+while nobody leads (or nobody could say); ``instances`` lists the instance
+names (the ``instance`` setting, else HOST:PID) of every service's workers as
+the brokers report them, and of the brokers that answered. Without the
+manager, ``store`` is ``None``, and the sharding and membership leaders are
+what those services say themselves.
+
 The functions take any object with the client's ``services()`` and
 ``request()`` methods, so the blocking and the asyncio client share them.
 """
@@ -27,12 +40,14 @@ The functions take any object with the client's ``services()`` and
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from typing import Any, Protocol
 
 from phantom_bus.errors import BadRequest, BrokerUnreachable, PhantomError, Refused
 
 SERVICES = ("broker", "discovery", "membership", "sharding", "balancer", "manager")
+#: The services with one decision maker, elected through a lease in the store.
+LEADING = ("sharding", "manager", "membership")
 
 #: ``health`` of a document assembled without the manager.
 UNKNOWN = "unknown"
@@ -80,15 +95,74 @@ def node_row(discovered: dict[str, Any] | None, member: dict[str, Any] | None) -
     }
 
 
+def instance_name(worker: Any) -> str | None:
+    """The instance name of one worker of the broker's ``services`` table: its
+    ``instance``, else ``HOST:PID`` (a worker from before instance names), else None."""
+    if not isinstance(worker, dict):
+        return None
+    name = worker.get("instance")
+    if isinstance(name, str) and name:
+        return name
+    host, pid = worker.get("host"), worker.get("pid")
+    if host is None and pid is None:
+        return None
+    return f"{host or '?'}:{pid if pid is not None else '?'}"
+
+
+def instances(tables: Iterable[Any], brokers: Iterable[str] = ()) -> dict[str, list[str]]:
+    """``control.instances`` from the ``services`` tables of one or more brokers (a
+    service registered with several brokers is listed once per instance) and the
+    names of the brokers that answered. Every service of :data:`SERVICES` is a key;
+    names are sorted."""
+    seen: dict[str, set[str]] = {name: set() for name in SERVICES}
+    seen["broker"].update(b for b in brokers if isinstance(b, str) and b)
+    for table in tables:
+        if not isinstance(table, dict):
+            continue
+        for service, entry in table.items():
+            if not isinstance(service, str) or not isinstance(entry, dict):
+                continue
+            workers = entry.get("instances")
+            for worker in workers if isinstance(workers, list) else ():
+                name = instance_name(worker)
+                if name is not None:
+                    seen.setdefault(service, set()).add(name)
+    return {service: sorted(names) for service, names in seen.items()}
+
+
+def leader_entry(seen: Any) -> dict[str, Any] | None:
+    """``{"instance", "term"}`` from a leader description (a ``health`` reply's
+    ``leader``, a ``verdicts`` reply); None when it names nobody."""
+    if not isinstance(seen, dict):
+        return None
+    instance, term = seen.get("instance"), seen.get("term")
+    if not isinstance(instance, str) or not instance:
+        return None
+    return {"instance": instance, "term": term if isinstance(term, int) and not isinstance(term, bool) else None}
+
+
+def control_block(
+    store: str | None, leaders: dict[str, Any], tables: Iterable[Any], brokers: Iterable[str] = ()
+) -> dict[str, Any]:
+    """The document's ``control`` part (see the module docstring)."""
+    return {
+        "store": store,
+        "leaders": {name: leader_entry(leaders.get(name)) for name in LEADING},
+        "instances": instances(tables, brokers),
+    }
+
+
 def fallback_status(
     services: dict[str, Any],
     reason: str,
     discovered: list[dict[str, Any]] | None = None,
     members: list[dict[str, Any]] | None = None,
+    control: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A status document assembled without the manager, from the broker's service
     table and, when they answer, discovery's node table and membership's list.
-    Health is ``unknown``: with no manager nobody vouches for the shards."""
+    Health is ``unknown``: with no manager nobody vouches for the shards.
+    ``control``: the ``control`` part, else one from the service table alone."""
     by_id_d = {str(n.get("id")): n for n in discovered or [] if isinstance(n, dict)}
     by_id_m = {str(m.get("id")): m for m in members or [] if isinstance(m, dict)}
     nodes = [node_row(by_id_d.get(i), by_id_m.get(i)) for i in sorted({*by_id_d, *by_id_m})]
@@ -106,6 +180,7 @@ def fallback_status(
         "nodes": nodes,
         "shards": {"total": None, "under_replicated": None, "unavailable": None},
         "services": table,
+        "control": control if control is not None else control_block(None, {}, [services]),
     }
 
 
@@ -126,6 +201,13 @@ def not_answering(doc: dict[str, Any]) -> bool:
 def _up(services: dict[str, Any], name: str) -> bool:
     entry = services.get(name)
     return isinstance(entry, dict) and bool(entry.get("workers"))
+
+
+def _of(reply: Any, key: str | None = None) -> Any:
+    """``reply[key]`` (or ``reply``) if the reply is a map; else None."""
+    if not isinstance(reply, dict):
+        return None
+    return reply.get(key) if key is not None else reply
 
 
 def _why(err: PhantomError) -> str:
@@ -149,13 +231,19 @@ def collect(client: _SyncClient) -> dict[str, Any]:
     else:
         reason = "it is not registered with the broker (stopped, restarting, or cut off)"
     nodes = members = None
+    leaders: dict[str, Any] = {}
     if _up(services, "discovery"):
         with contextlib.suppress(PhantomError):
             nodes = client.request("discovery", "nodes")
     if _up(services, "membership"):
         with contextlib.suppress(PhantomError):
             members = client.request("membership", "members")
-    return fallback_status(services, reason, nodes, members)
+        with contextlib.suppress(PhantomError):
+            leaders["membership"] = _of(client.request("membership", "verdicts"))
+    if _up(services, "sharding"):
+        with contextlib.suppress(PhantomError):
+            leaders["sharding"] = _of(client.request("sharding", "health"), "leader")
+    return fallback_status(services, reason, nodes, members, control_block(None, leaders, [services]))
 
 
 async def collect_async(client: _AsyncClient) -> dict[str, Any]:
@@ -171,24 +259,35 @@ async def collect_async(client: _AsyncClient) -> dict[str, Any]:
     else:
         reason = "it is not registered with the broker (stopped, restarting, or cut off)"
     nodes = members = None
+    leaders: dict[str, Any] = {}
     if _up(services, "discovery"):
         with contextlib.suppress(PhantomError):
             nodes = await client.request("discovery", "nodes")
     if _up(services, "membership"):
         with contextlib.suppress(PhantomError):
             members = await client.request("membership", "members")
-    return fallback_status(services, reason, nodes, members)
+        with contextlib.suppress(PhantomError):
+            leaders["membership"] = _of(await client.request("membership", "verdicts"))
+    if _up(services, "sharding"):
+        with contextlib.suppress(PhantomError):
+            leaders["sharding"] = _of(await client.request("sharding", "health"), "leader")
+    return fallback_status(services, reason, nodes, members, control_block(None, leaders, [services]))
 
 
 __all__ = [
     "ANSWERING",
+    "LEADING",
     "MANAGER_NOT_ANSWERING",
     "NOT_ANSWERING",
     "UNKNOWN",
     "collect",
     "collect_async",
+    "control_block",
     "fallback_status",
     "from_manager",
+    "instance_name",
+    "instances",
+    "leader_entry",
     "node_row",
     "not_answering",
 ]

@@ -14,7 +14,8 @@ UP = {"workers": 1, "instances": [{"pid": 1}]}
 
 
 class FakeClient:
-    """services() and request() from canned answers; an exception instance is raised."""
+    """services() and request() from canned answers; an exception instance is raised, and
+    an operation without an answer is a service that cannot serve it."""
 
     def __init__(self, services: dict[str, Any], answers: dict[tuple[str, str], Any]) -> None:
         self._services = services
@@ -26,7 +27,7 @@ class FakeClient:
 
     def request(self, service: str, op: str, /, **args: Any) -> Any:
         self.asked.append((service, op))
-        answer = self.answers[service, op]
+        answer = self.answers.get((service, op), ServiceUnavailable(f"no answer for {service}.{op}"))
         if isinstance(answer, BaseException):
             raise answer
         return answer
@@ -96,3 +97,44 @@ def test_the_async_path_builds_the_same_document() -> None:
     doc = asyncio.run(status.collect_async(FakeAsyncClient(EVERYTHING, answers)))
     assert doc == status.collect(FakeClient(EVERYTHING, answers))
     assert doc["nodes"][0]["state"] == "alive"  # from discovery when membership does not answer
+
+
+def worker(instance: str | None, pid: int = 1, host: str = "box") -> dict[str, Any]:
+    return {"pid": pid, "host": host, **({"instance": instance} if instance else {})}
+
+
+def test_control_instances_merge_the_tables_of_several_brokers_and_name_the_brokers() -> None:
+    h1 = {"sharding": {"workers": 2, "instances": [worker("h1"), worker("h2")]},
+          "echo": {"workers": 1, "instances": [worker(None, pid=42)]}}  # fmt: skip
+    h3 = {"sharding": {"workers": 2, "instances": [worker("h3"), worker("h2")]}, "manager": {"instances": "junk"}}
+    got = status.instances([h1, h3, "not a table"], brokers=["h3", "h1", ""])
+    assert got["sharding"] == ["h1", "h2", "h3"]
+    assert got["broker"] == ["h1", "h3"]
+    assert got["echo"] == ["box:42"]  # a worker without an instance name: HOST:PID
+    assert got["manager"] == [] and set(status.SERVICES) <= set(got)
+
+
+def test_control_block_has_every_leading_service_and_drops_what_names_nobody() -> None:
+    block = status.control_block(
+        "etcd", {"sharding": {"instance": "h2", "term": 7, "leader": True}, "manager": {"instance": None}}, []
+    )
+    assert block["store"] == "etcd"
+    assert block["leaders"] == {"sharding": {"instance": "h2", "term": 7}, "manager": None, "membership": None}
+    assert block["instances"]["broker"] == []
+
+
+def test_without_the_manager_control_says_who_leads_sharding_and_membership_by_their_own_word() -> None:
+    services = {name: {"workers": 1, "instances": [worker("h1")]} for name in EVERYTHING}
+    answers = {
+        ("manager", "status"): Timeout("slow"),
+        ("sharding", "health"): {"total": 64, "leader": {"instance": "h2", "term": 9, "leader": False, "self": "h1"}},
+        ("membership", "verdicts"): {"term": 4, "instance": "h3", "members": []},
+    }
+    doc = status.collect(FakeClient(services, answers))
+    control = doc["control"]
+    assert control["store"] is None  # only the manager reads the store
+    assert control["leaders"] == {
+        "sharding": {"instance": "h2", "term": 9}, "membership": {"instance": "h3", "term": 4}, "manager": None,
+    }  # fmt: skip
+    assert control["instances"]["sharding"] == ["h1"]
+    assert asyncio.run(status.collect_async(FakeAsyncClient(services, answers))) == doc

@@ -51,6 +51,7 @@ from phantom_bus.follower import REGRESSED, AsyncMapFollower, Regression
 from phantom_bus.leader import read_leader
 from phantom_bus.service import Service
 from phantom_bus.shardmap import ShardMap
+from phantom_bus.status import LEADING, control_block
 from phantom_bus.store import CasFailed, Compacted, Fenced, Store, StoreError
 from services.leadership import Leadership
 from services.manager.config import ManagerConfig
@@ -65,7 +66,6 @@ SETTINGS = ("broker", "timeout", "retries", "auto_join", "dead_delay", "store", 
             "instance")
 
 SERVICES = ("broker", "discovery", "membership", "sharding", "balancer", "manager")
-LEADING = ("sharding", "manager", "membership")  # the services with one decision maker
 _TICK = 1.0
 _MAP_POLL = 2.0
 # Seconds between the leader's reads of membership's verdicts and sharding's node
@@ -288,11 +288,12 @@ class ManagerService:
         if registered:
             self.control.observe_services(registered, now)
         apply_reasons(doc, self.control.reasons(now), self.control.queue_ages(now))
-        doc["control"] = await self._control()
+        doc["control"] = await self._control(registered)
         return doc
 
-    async def _control(self) -> dict[str, Any]:
-        """``{"store", "leaders": {service: {"instance", "term"} | None}}`` from the leader records."""
+    async def _control(self, registered: dict[str, Any]) -> dict[str, Any]:
+        """The ``control`` part: the store, the leaders from their records in it, and the
+        instances of every service as the broker's table lists them."""
         leaders: dict[str, Any] = {}
         for name in LEADING:
             try:
@@ -301,7 +302,7 @@ class ManagerService:
                 leaders[name] = None
                 continue
             leaders[name] = None if holder is None else {"instance": holder.instance, "term": holder.term}
-        return {"store": self.store.name, "leaders": leaders}
+        return control_block(self.store.name, leaders, [registered])
 
     def op_health(self) -> dict[str, Any]:
         """The manager itself: leader, store, queues."""
