@@ -604,3 +604,15 @@ def test_unreachable_broker_exits_69_with_one_line(capsys):
 def test_bad_settings_exit_2(capsys):
     assert topapp.main(["--once", "--broker", "nonsense"]) == 2
     assert "broker" in capsys.readouterr().err
+
+
+@pytest.mark.asyncio
+async def test_header_shows_the_leaders_and_instances_of_the_control_plane():
+    control = {"store": "etcd", "leaders": {"sharding": {"instance": "h2", "term": 7}},
+               "instances": {"broker": ["h1", "h2", "h3"], "sharding": ["h1", "h3"]}}  # fmt: skip
+    app, _ = make_app({**SAMPLE, "control": control})
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        header = static_text(app, "#header")
+        assert "control etcd" in header and "sharding h2 t7" in header and "sharding 2 (no h2)" in header
+        assert "nodes 5: 2 alive" in header  # the other lines are still there

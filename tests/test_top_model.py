@@ -378,6 +378,7 @@ odd_status = st.fixed_dictionaries(
         "shards": st.dictionaries(st.sampled_from(["total", "under_replicated", "unavailable"]), json_values)
         | json_values,
         "services": st.dictionaries(st.text(max_size=8), json_values, max_size=4) | json_values,
+        "control": st.dictionaries(st.sampled_from(["store", "leaders", "instances"]), json_values) | json_values,
         "moves_in_flight": json_values,
         "selects_per_s": json_values,
     },
@@ -435,3 +436,35 @@ def test_any_event_body_is_shown_or_skipped_without_raising(doc):
     log.add([doc])
     for row in log.latest(5):
         assert "\n" not in row.line(UTC)
+
+
+CONTROL = {
+    "store": "etcd",
+    "leaders": {"sharding": {"instance": "h2", "term": 7}, "manager": {"instance": "h1", "term": 9},
+                "membership": None},
+    "instances": {"broker": ["h3", "h1", "h2"], "sharding": ["h1", "h3"], "manager": ["h1", "h2", "h3"],
+                  "echo": ["box:42"]},
+}  # fmt: skip
+
+
+def test_control_line_shows_store_leaders_with_terms_and_a_host_short_of_an_instance():
+    header = parse_status({**SAMPLE, "control": CONTROL}).header
+    lines = model.header_segments(header)
+    assert len(lines) == 4
+    text = "".join(t for t, _ in lines[3])
+    assert text.startswith("control etcd")
+    assert "sharding h2 t7" in text and "manager h1 t9" in text and "membership none" in text
+    assert "broker 3" in text and "sharding 2 (no h2)" in text and "echo 1  " in text  # HOST:PID names: no verdict
+    styles = dict((t, style) for t, style in lines[3])
+    assert styles["none  "] == "bold red" and styles[" (no h2)"] == "yellow"
+    # Stale: the control line stays, marked as last seen.
+    stale = model.header_segments(header, stale="broker not answering")
+    assert "".join(t for t, _ in stale[3]).startswith("control: last seen etcd")
+    # A document without a control part keeps the three lines.
+    assert len(model.header_segments(parse_status(SAMPLE).header)) == 3
+
+
+def test_snapshot_lists_leaders_and_instances_when_the_document_has_them():
+    out = render_snapshot({**SAMPLE, "control": CONTROL})
+    assert "control: store etcd; leaders sharding h2 (term 7), manager h1 (term 9), membership none" in out
+    assert "instances: broker h1 h2 h3; sharding h1 h3; manager h1 h2 h3; echo box:42" in out

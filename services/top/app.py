@@ -292,7 +292,7 @@ class PhantomTop(App[None]):
     CSS = """
     #banner { display: none; height: auto; background: $error; color: $text; padding: 0 1; }
     #banner.shown { display: block; }
-    #header { height: 3; padding: 0 1; text-wrap: nowrap; text-overflow: ellipsis; }
+    #header { height: auto; padding: 0 1; text-wrap: nowrap; text-overflow: ellipsis; }
     #main { height: 1fr; }
     #main DataTable { height: 1fr; }
     #shards-message { display: none; height: auto; padding: 0 1; color: $warning; }
@@ -452,7 +452,9 @@ class PhantomTop(App[None]):
         extra.append((f"  │ {self.view} by {key} {'▼' if self.reverse[self.view] else '▲'}", "dim"))
         if self.filter_text:
             extra.append((f"  filter: {self.filter_text}", "bold cyan"))
-        text = Text.assemble(*lines[0], "\n", *lines[1], "\n", *lines[2], *extra)
+        # The control plane's line, when the document has one.
+        control: list[str | tuple[str, str]] = ["\n", *lines[3]] if len(lines) > 3 else []
+        text = Text.assemble(*lines[0], "\n", *lines[1], "\n", *lines[2], *extra, *control)
         self.query_one("#header", Static).update(text)
 
     def node_columns(self) -> tuple[Column, ...]:

@@ -225,6 +225,94 @@ def node_rows(nodes: Any) -> tuple[NodeRow, ...]:
 
 
 @dataclass(frozen=True, slots=True)
+class Control:
+    """The control plane's shape: the store, who leads what, which instances run."""
+
+    store: str | None = None
+    #: (service, leader instance or None, term or None), in the document's order.
+    leaders: tuple[tuple[str, str | None, str | None], ...] = ()
+    #: (service, instance names), in the document's order.
+    instances: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+def parse_control(value: Any) -> Control | None:
+    """The document's ``control`` part; ``None`` when it has none."""
+    if not isinstance(value, Mapping):
+        return None
+    leaders: list[tuple[str, str | None, str | None]] = []
+    for service, seen in _mapping(value.get("leaders")).items():
+        name = text(service, 24)
+        if name is None:
+            continue
+        entry = _mapping(seen)
+        leaders.append((name, text(entry.get("instance"), 24), text(entry.get("term"), 12)))
+    instances: list[tuple[str, tuple[str, ...]]] = []
+    for service, names in _mapping(value.get("instances")).items():
+        name = text(service, 24)
+        if name is None:
+            continue
+        kept = (text(n, 24) for n in _sequence(names))
+        instances.append((name, tuple(sorted((n for n in kept if n is not None), key=natural_key))))
+    return Control(text(value.get("store"), 16), tuple(leaders), tuple(instances))
+
+
+def missing_instances(c: Control) -> dict[str, tuple[str, ...]]:
+    """Per service, the hosts it has no instance on. Services that share an instance
+    name with another service are named by host (``h1``, ``h2``, ...); the hosts are
+    every name those services use. A service named otherwise (the HOST:PID default,
+    unique per process) says nothing about hosts and gets no such list."""
+    named = [set(names) for _, names in c.instances]
+    by_host = [any(names & other for j, other in enumerate(named) if j != i) for i, names in enumerate(named)]
+    hosts = set().union(*(names for names, h in zip(named, by_host, strict=True) if h))
+    out: dict[str, tuple[str, ...]] = {}
+    for (service, names), h in zip(c.instances, by_host, strict=True):
+        gone = tuple(sorted(hosts - set(names), key=natural_key)) if h else ()
+        if gone:
+            out[service] = gone
+    return out
+
+
+def control_segments(c: Control) -> list[tuple[str, str]]:
+    """The header's control line: store, leaders (instance and term), instances per
+    service, a service short of an instance that runs the others in yellow."""
+    line: list[tuple[str, str]] = [("control ", "dim"), (c.store or MISSING, "bold")]
+    line.append(("  │ leaders ", "dim"))
+    for service, instance, term in c.leaders:
+        line.append((f"{service} ", ""))
+        if instance is None:
+            line.append(("none  ", "bold red"))
+        else:
+            line.append((instance, "bold"))
+            line.append((f" t{term or MISSING}  ", "dim"))
+    if not c.leaders:
+        line.append((MISSING, ""))
+    line.append(("│ instances ", "dim"))
+    gone = missing_instances(c)
+    for service, names in c.instances:
+        line.append((f"{service} ", ""))
+        line.append((str(len(names)), "bold red" if not names else "yellow" if service in gone else ""))
+        if service in gone:
+            line.append((f" (no {','.join(gone[service])})", "yellow"))
+        line.append(("  ", ""))
+    if not c.instances:
+        line.append((MISSING, ""))
+    return line
+
+
+def control_lines(c: Control) -> list[str]:
+    """The control part as plain lines, for the snapshot."""
+    leaders = ", ".join(
+        f"{service} {instance} (term {term or MISSING})" if instance else f"{service} none"
+        for service, instance, term in c.leaders
+    )
+    instances = "; ".join(f"{service} {' '.join(names) or 'none'}" for service, names in c.instances)
+    return [
+        f"control: store {c.store or MISSING}; leaders {leaders or MISSING}",
+        f"instances: {instances or MISSING}",
+    ]
+
+
+@dataclass(frozen=True, slots=True)
 class Header:
     """The cluster summary shown above the tables."""
 
@@ -242,6 +330,7 @@ class Header:
     moves_in_flight: float | None = None
     selects_per_s: float | None = None
     services: tuple[tuple[str, str | None], ...] = ()
+    control: Control | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +377,7 @@ def parse_status(doc: Any) -> Status:
         moves_in_flight=_count(d.get("moves_in_flight")),
         selects_per_s=sps,
         services=services,
+        control=parse_control(d.get("control")),
     )
     return Status(header, nodes)
 
@@ -297,7 +387,8 @@ STALE_STYLE = "bold white on grey35"
 
 def header_segments(h: Header, stale: str | None = None) -> list[list[tuple[str, str]]]:
     """The header as three lines of ``(text, style)`` segments: health and nodes,
-    shards and traffic, services.
+    shards and traffic, services; and a fourth, the control plane (store, leaders,
+    instances), when the document has a ``control`` part.
 
     ``stale`` (why the data is old, e.g. the broker does not answer): the
     colour is replaced by ``STALE``, the last known health is shown as such,
@@ -311,6 +402,8 @@ def header_segments(h: Header, stale: str | None = None) -> list[list[tuple[str,
         line2: list[tuple[str, str]] = [("shards ", "dim"), (f"{fmt_number(h.shards_total, 0)} total when last seen",
                                                             "dim")]
         line3: list[tuple[str, str]] = [("services unknown: ", "bold"), (stale, "")]
+        if h.control is not None:
+            return [line1, line2, line3, [("control: last seen ", "dim"), *control_segments(h.control)[1:]]]
         return [line1, line2, line3]
     line1 = [(f" {health.upper()} ", HEALTH_STYLES.get(health, "reverse"))]
     line1.append((f"  epoch {h.epoch or MISSING}", "bold"))
@@ -333,6 +426,8 @@ def header_segments(h: Header, stale: str | None = None) -> list[list[tuple[str,
         line3.append((f"{state or MISSING}  ", SERVICE_STYLES.get(state or "", "yellow")))
     if not h.services:
         line3.append((MISSING, ""))
+    if h.control is not None:
+        return [line1, line2, line3, control_segments(h.control)]
     return [line1, line2, line3]
 
 
@@ -802,6 +897,7 @@ def render_snapshot(doc: Any, endpoint: str | None = None) -> str:
         f"{fmt_number(h.unavailable, 0)} unavailable",
         f"moves in flight: {fmt_number(h.moves_in_flight, 0)}   selects/s: {fmt_number(h.selects_per_s, 1)}",
         "services: " + ("  ".join(f"{n} {s or MISSING}" for n, s in h.services) or MISSING),
+        *(control_lines(h.control) if h.control is not None else ()),
         "",
     ]
     nodes = sort_rows(st.nodes, "id")
