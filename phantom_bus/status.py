@@ -30,8 +30,9 @@ Both carry ``"control"``: the control plane's own shape,
 while nobody leads (or nobody could say); ``instances`` lists the instance
 names (the ``instance`` setting, else HOST:PID) of every service's workers as
 the brokers report them, and of the brokers that answered. Without the
-manager, ``store`` is ``None``, and the sharding and membership leaders are
-what those services say themselves.
+manager, ``store`` is ``None``, the sharding and membership leaders are what
+those services say themselves, and the one broker named is the one that
+answered.
 
 The functions take any object with the client's ``services()`` and
 ``request()`` methods, so the blocking and the asyncio client share them.
@@ -243,7 +244,10 @@ def collect(client: _SyncClient) -> dict[str, Any]:
     if _up(services, "sharding"):
         with contextlib.suppress(PhantomError):
             leaders["sharding"] = _of(client.request("sharding", "health"), "leader")
-    return fallback_status(services, reason, nodes, members, control_block(None, leaders, [services]))
+    brokers: list[str] = []
+    with contextlib.suppress(PhantomError):
+        brokers = [str(_of(client.request("broker", "ping"), "instance") or "")]
+    return fallback_status(services, reason, nodes, members, control_block(None, leaders, [services], brokers))
 
 
 async def collect_async(client: _AsyncClient) -> dict[str, Any]:
@@ -271,7 +275,10 @@ async def collect_async(client: _AsyncClient) -> dict[str, Any]:
     if _up(services, "sharding"):
         with contextlib.suppress(PhantomError):
             leaders["sharding"] = _of(await client.request("sharding", "health"), "leader")
-    return fallback_status(services, reason, nodes, members, control_block(None, leaders, [services]))
+    brokers: list[str] = []
+    with contextlib.suppress(PhantomError):
+        brokers = [str(_of(await client.request("broker", "ping"), "instance") or "")]
+    return fallback_status(services, reason, nodes, members, control_block(None, leaders, [services], brokers))
 
 
 __all__ = [

@@ -71,7 +71,7 @@ def test_a_manager_not_registered_is_not_answering_too_and_down_services_are_not
         "broker": "up", "discovery": "up", "membership": "down", "sharding": "down", "balancer": "down",
         "manager": "down",
     }  # fmt: skip
-    assert client.asked == [("discovery", "nodes")]
+    assert client.asked == [("discovery", "nodes"), ("broker", "ping")]
 
 
 def test_the_managers_answer_is_passed_on_marked_as_such() -> None:
@@ -129,9 +129,11 @@ def test_without_the_manager_control_says_who_leads_sharding_and_membership_by_t
         ("manager", "status"): Timeout("slow"),
         ("sharding", "health"): {"total": 64, "leader": {"instance": "h2", "term": 9, "leader": False, "self": "h1"}},
         ("membership", "verdicts"): {"term": 4, "instance": "h3", "members": []},
+        ("broker", "ping"): {"pong": True, "instance": "h1"},
     }
     doc = status.collect(FakeClient(services, answers))
     control = doc["control"]
+    assert control["instances"]["broker"] == ["h1"]  # the broker that answered
     assert control["store"] is None  # only the manager reads the store
     assert control["leaders"] == {
         "sharding": {"instance": "h2", "term": 9}, "membership": {"instance": "h3", "term": 4}, "manager": None,

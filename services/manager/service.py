@@ -112,6 +112,14 @@ class ManagerService:
         self.core = ManagerCore(ManagerConfig(auto_join=cfg.auto_join, rereplication_delay=cfg.dead_delay))
         self.service = Service("manager", cfg)
         self.client = AsyncClient(cfg.broker, timeout=cfg.timeout, retries=1)
+        # With several brokers, status asks each one for its name and table (one client per broker:
+        # self.client fails over, so it only ever talks to one).
+        brokers = [e.strip() for e in str(cfg.broker).split(",") if e.strip()]
+        self._brokers = (
+            [AsyncClient(e, timeout=min(1.0, float(cfg.timeout)), retries=1, routing="broker") for e in brokers]
+            if len(brokers) > 1
+            else []
+        )
         self._decide = asyncio.Lock()
         self._queues: dict[str, asyncio.Queue[Action]] = {}
         self._pending: set[tuple[str, str, str | None]] = set()
@@ -302,7 +310,28 @@ class ManagerService:
                 leaders[name] = None
                 continue
             leaders[name] = None if holder is None else {"instance": holder.instance, "term": holder.term}
-        return control_block(self.store.name, leaders, [registered])
+        tables, names = await self._broker_tables(registered)
+        return control_block(self.store.name, leaders, tables, names)
+
+    async def _broker_tables(self, registered: dict[str, Any]) -> tuple[list[Any], list[str]]:
+        """The ``services`` tables and instance names of the brokers that answer (all at once;
+        a dead broker costs one short timeout, not one per broker)."""
+        if not self._brokers:
+            try:
+                ping = await self.client.request("broker", "ping")
+            except PhantomError:
+                return [registered], []
+            name = ping.get("instance") if isinstance(ping, dict) else None
+            return [registered], [name] if isinstance(name, str) else []
+        replies = await asyncio.gather(*(c.request("broker", "stats") for c in self._brokers), return_exceptions=True)
+        tables: list[Any] = [registered]
+        names: list[str] = []
+        for reply in replies:
+            if isinstance(reply, dict):
+                tables.append(reply.get("services"))
+                if isinstance(reply.get("instance"), str):
+                    names.append(reply["instance"])
+        return tables, names
 
     def op_health(self) -> dict[str, Any]:
         """The manager itself: leader, store, queues."""
