@@ -55,7 +55,7 @@ up-ha: $(STAMP) keys
 	else \
 		$(VENV)/bin/supervisord -c $(HA_CONF); \
 	fi
-	@. deploy/ha.env && $(PY) bin/phantom-wait --conf $(HA_CONF) --timeout 150
+	@. deploy/ha.env && $(PY) bin/phantom-wait --conf $(HA_CONF) --timeout 180
 
 # Stops whichever of the two sets runs (supervisord takes its programs down with it).
 down:

@@ -120,3 +120,32 @@ def test_bad_thresholds_are_refused_by_name() -> None:
         ControlWatch(ControlConfig(restart_count=0))
     with pytest.raises(ValueError, match="queue_stuck_after"):
         ControlWatch(ControlConfig(queue_stuck_after=float("nan")))
+
+
+def named(**workers: list[tuple[str | None, int]]) -> dict[str, Any]:
+    """A services table whose workers have instance names (None: the HOST:PID default)."""
+    return {
+        name: {"workers": len(w), "instances": [{"pid": pid, "host": "box", "instance": inst or f"box:{pid}"}
+                                                for inst, pid in w]}
+        for name, w in workers.items()
+    }  # fmt: skip
+
+
+def test_more_instances_registering_is_no_restart_but_one_instance_with_new_pids_is() -> None:
+    watch = ControlWatch(ControlConfig(restart_window=300.0, restart_count=2))
+    watch.observe_services(named(manager=[("h1", 10)]), 0.0)
+    watch.observe_services(named(manager=[("h1", 10), ("h2", 20)]), 1.0)  # a second host came up
+    watch.observe_services(named(manager=[("h1", 10), ("h2", 20), ("h3", 30)]), 2.0)
+    assert codes(watch, 2.0) == []
+    watch.observe_services(named(manager=[("h1", 10), ("h2", 21), ("h3", 30)]), 3.0)
+    watch.observe_services(named(manager=[("h1", 10), ("h2", 22), ("h3", 30)]), 4.0)
+    reason = watch.reasons(4.0)[0]
+    assert reason["code"] == SERVICE_RESTARTING and reason["service"] == "manager" and reason["restarts"] == 2
+
+
+def test_default_instance_names_change_with_the_pid_so_the_host_tells_a_restart() -> None:
+    watch = ControlWatch(ControlConfig(restart_window=300.0, restart_count=2))
+    watch.observe_services(named(sharding=[(None, 100)]), 0.0)
+    watch.observe_services(named(sharding=[(None, 101)]), 1.0)
+    watch.observe_services(named(sharding=[(None, 102)]), 2.0)
+    assert codes(watch, 2.0) == [SERVICE_RESTARTING]

@@ -93,7 +93,8 @@ class ControlWatch:
         self.config = config if config is not None else ControlConfig()
         self.config.validate()
         self._lock = threading.Lock()
-        self._pids: dict[str, set[Any]] = {}  # worker pids seen registered, per service
+        # Worker pids seen registered, per service and instance (see observe_services).
+        self._pids: dict[str, dict[Any, set[Any]]] = {}
         self._restarts: dict[str, deque[float]] = {}  # when a new pid appeared, per service
         self._queued: dict[str, deque[tuple[float, str]]] = {}  # unfinished actions: (since, what)
         self._store: dict[str, Any] | None = None
@@ -101,8 +102,13 @@ class ControlWatch:
     # -- observations ---------------------------------------------------------
 
     def observe_services(self, services: Mapping[str, Any], now: float) -> None:
-        """The broker's ``services`` table: a worker pid not seen before, for a
-        service that already had workers, is a restart of that service."""
+        """The broker's ``services`` table: a worker pid not seen before, for an instance
+        of a service that already had a worker, is a restart of that service.
+
+        An instance is known by its ``instance`` name, or by its host when the name is
+        the HOST:PID default (which changes with every process): so another instance
+        registering (a second host, a new control-plane host) is no restart, and a
+        process restarted on one host with default names still is."""
         with self._lock:
             for name in WATCHED:
                 entry = services.get(name)
@@ -111,16 +117,23 @@ class ControlWatch:
                 instances = entry.get("instances")
                 if not isinstance(instances, list):
                     continue
-                pids = {i.get("pid") for i in instances if isinstance(i, Mapping) and i.get("pid") is not None}
-                known = self._pids.get(name)
-                if known is None:
-                    self._pids[name] = set(pids)  # the first look: whatever runs now is not a restart
-                    continue
-                for _ in pids - known:
-                    self._restarts.setdefault(name, deque()).append(now)
-                known |= pids
-                if len(known) > 64:  # bounded: only new pids matter
-                    self._pids[name] = set(pids)
+                now_running: dict[Any, set[Any]] = {}
+                for worker in instances:
+                    if isinstance(worker, Mapping) and worker.get("pid") is not None:
+                        now_running.setdefault(_instance_key(worker), set()).add(worker.get("pid"))
+                known = self._pids.setdefault(name, {})
+                for key, pids in now_running.items():
+                    seen = known.get(key)
+                    if seen is None:  # the first look, or an instance not seen before
+                        known[key] = set(pids)
+                        continue
+                    for _ in pids - seen:
+                        self._restarts.setdefault(name, deque()).append(now)
+                    seen |= pids
+                    if len(seen) > 64:  # bounded: only new pids matter
+                        known[key] = set(pids)
+                if len(known) > 256:  # bounded too: instances that come and go
+                    self._pids[name] = {k: v for k, v in known.items() if k in now_running}
             self._forget_old(now)
 
     def observe_store(self, health: Any) -> None:
@@ -216,6 +229,15 @@ class ControlWatch:
                 times.popleft()
             if not times:
                 del self._restarts[name]
+
+
+def _instance_key(worker: Mapping[str, Any]) -> Any:
+    """What identifies one instance across its restarts: its configured ``instance``
+    name, else (no name, or the HOST:PID default) its host."""
+    name, host, pid = worker.get("instance"), worker.get("host"), worker.get("pid")
+    if isinstance(name, str) and name and name != f"{host}:{pid}":
+        return ("instance", name)
+    return ("host", host)
 
 
 def worst(colours: Iterable[str]) -> str:
