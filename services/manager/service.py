@@ -120,6 +120,10 @@ class ManagerService:
             if len(brokers) > 1
             else []
         )
+        # One round of asking them at a time (a client is not shared by concurrent calls), and
+        # its answer reused for a second, so phantom-top's polling costs the brokers little.
+        self._brokers_lock = asyncio.Lock()
+        self._brokers_seen: tuple[float, list[Any], list[str]] | None = None
         self._decide = asyncio.Lock()
         self._queues: dict[str, asyncio.Queue[Action]] = {}
         self._pending: set[tuple[str, str, str | None]] = set()
@@ -323,15 +327,20 @@ class ManagerService:
                 return [registered], []
             name = ping.get("instance") if isinstance(ping, dict) else None
             return [registered], [name] if isinstance(name, str) else []
-        replies = await asyncio.gather(*(c.request("broker", "stats") for c in self._brokers), return_exceptions=True)
-        tables: list[Any] = [registered]
-        names: list[str] = []
-        for reply in replies:
-            if isinstance(reply, dict):
-                tables.append(reply.get("services"))
-                if isinstance(reply.get("instance"), str):
-                    names.append(reply["instance"])
-        return tables, names
+        async with self._brokers_lock:
+            seen = self._brokers_seen
+            if seen is None or time.monotonic() - seen[0] > 1.0:
+                replies = await asyncio.gather(*(c.request("broker", "stats") for c in self._brokers),
+                                               return_exceptions=True)  # fmt: skip
+                tables: list[Any] = []
+                names: list[str] = []
+                for reply in replies:
+                    if isinstance(reply, dict):
+                        tables.append(reply.get("services"))
+                        if isinstance(reply.get("instance"), str):
+                            names.append(reply["instance"])
+                seen = self._brokers_seen = (time.monotonic(), tables, names)
+        return [registered, *seen[1]], list(seen[2])
 
     def op_health(self) -> dict[str, Any]:
         """The manager itself: leader, store, queues."""
