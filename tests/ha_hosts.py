@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -300,7 +301,7 @@ class Traffic(threading.Thread):
         """The longest time between two successful selects within [start, end] (its ends count)."""
         times = self.times[bisect.bisect_left(self.times, start): bisect.bisect_right(self.times, end)]
         points = [start, *times, end]
-        return max(b - a for a, b in zip(points, points[1:], strict=False)) if len(points) > 1 else 0.0
+        return max(b - a for a, b in itertools.pairwise(points))
 
     def wait_ops(self, more: int, timeout: float) -> None:
         """Until ``more`` further selects succeeded (or one failed)."""
