@@ -205,7 +205,9 @@ class Hosts:
         return wait_for(settled, timeout, interval=0.3, what="green and settled")  # type: ignore[no-any-return]
 
     def leader(self, service: str, c: Client | None = None) -> tuple[str, int] | None:
-        """(instance, term) of ``service``'s leader as its instances say; None if none says."""
+        """(instance, term) of ``service``'s leader by its own word (its ``health`` reply
+        says it leads; membership's ``verdicts`` only its leader answers); None if no
+        leader answered a few tries."""
         own = c is None
         c = c or self.client(timeout=0.5, retries=1)
         try:
@@ -218,7 +220,7 @@ class Hosts:
                         seen = c.request(service, "health")["leader"]
                 except (PhantomError, KeyError, TypeError, AttributeError):
                     continue
-                if seen.get("instance") and isinstance(seen.get("term"), int):
+                if seen.get("leader") is True and seen.get("instance") and isinstance(seen.get("term"), int):
                     return str(seen["instance"]), int(seen["term"])
             return None
         finally:
