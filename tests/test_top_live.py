@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -75,3 +76,28 @@ def test_dead_broker_exits_69_with_one_stderr_line(bus: Bus, mode: str) -> None:
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("phantom-top:"), result.stderr
+
+
+def test_the_event_listener_delivers_an_event_relayed_by_several_brokers_once() -> None:
+    import zmq
+
+    from phantom_bus import protocol
+    from phantom_bus.events import Deduplicator
+    from services.top.feed import BusFeed
+
+    ctx = zmq.Context.instance()
+    rx, tx = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        rx.bind("inproc://top-dedupe")
+        tx.connect("inproc://top-dedupe")
+        first = protocol.encode_event("member.dead", {"node": "node-2"}, source="membership", origin="m@h1#a", seq=1)
+        second = protocol.encode_event("member.alive", {"node": "node-2"}, source="membership", origin="m@h1#a", seq=2)
+        for frames in (first, first, second, first, second, second):  # three brokers, interleaved
+            tx.send_multipart(frames)
+        wait_until(lambda: rx.poll(10, zmq.POLLIN), timeout=5)
+        time.sleep(0.1)
+        kinds = [e["kind"] for e in BusFeed.read_events(rx, Deduplicator())]
+        assert kinds == ["member.dead", "member.alive"]
+    finally:
+        rx.close(0)
+        tx.close(0)

@@ -6,6 +6,11 @@ bus events on a SUB socket in another. Results go to a :class:`Sink`, which
 the app turns into messages on its own queue, so no blocking call ever runs
 in the UI's event loop.
 
+With several brokers (a comma-separated ``events_out``), the SUB socket
+listens to all of them and each event arrives once per broker; the listener
+delivers it once (:class:`phantom_bus.events.Deduplicator`, by origin and
+sequence).
+
 Reconnection needs no special code: the client closes and reopens its socket
 after a timeout (Lazy Pirate) and the next poll simply tries again; a SUB
 socket reconnects and re-sends its subscriptions by itself when the broker
@@ -26,6 +31,7 @@ from phantom_bus import protocol
 from phantom_bus import security as secmod
 from phantom_bus.client import Client
 from phantom_bus.errors import BrokerUnreachable, PhantomError
+from phantom_bus.events import Deduplicator
 from services.top.model import EVENT_PREFIXES
 
 #: Most events handed to the sink at once; a burst is delivered in several batches.
@@ -102,6 +108,7 @@ class BusFeed:
         self._wake = threading.Event()
         self._want_shards = False
         self._threads: list[threading.Thread] = []
+        self._dedupe = Deduplicator()
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -207,7 +214,7 @@ class BusFeed:
                     if not sock.poll(_EVENT_POLL_MS, zmq.POLLIN):
                         self._security.retry_refused(sock)
                         continue
-                    batch = self.read_events(sock)
+                    batch = self.read_events(sock, self._dedupe)
                 except zmq.ZMQError:
                     # Not a broker restart (the socket handles that); something odd
                     # with the socket itself: start over with a new one.
@@ -223,8 +230,9 @@ class BusFeed:
                 sock.close(0)
 
     @staticmethod
-    def read_events(sock: zmq.Socket[Any]) -> list[dict[str, Any]]:
-        """Every event waiting on ``sock`` (at most :data:`MAX_BATCH`); malformed ones are dropped."""
+    def read_events(sock: zmq.Socket[Any], dedupe: Deduplicator | None = None) -> list[dict[str, Any]]:
+        """Every event waiting on ``sock`` (at most :data:`MAX_BATCH`); malformed ones are
+        dropped, and so are copies ``dedupe`` has delivered already (another broker's)."""
         batch: list[dict[str, Any]] = []
         while len(batch) < MAX_BATCH:
             try:
@@ -232,7 +240,9 @@ class BusFeed:
             except zmq.Again:
                 break
             with contextlib.suppress(PhantomError):
-                batch.append(protocol.event_summary(protocol.decode_event(frames)))
+                event = protocol.decode_event(frames)
+                if dedupe is None or dedupe.accept(event):
+                    batch.append(protocol.event_summary(event))
         return batch
 
 
