@@ -129,6 +129,8 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
                 print(f"reason: {reason.get('severity')}: {reason.get('message')}")
         services = doc.get("services") or {}
         print("services: " + "  ".join(f"{name} {state}" for name, state in services.items()))
+        for text in statusmod.control_text(doc):
+            print(text)
         nodes = doc.get("nodes") or []
         print()
         print(_table(nodes, NODE_COLUMNS) if nodes else "no nodes")

@@ -153,6 +153,30 @@ def control_block(
     }
 
 
+def control_text(doc: Any) -> list[str]:
+    """``phantom status``'s lines for the ``control`` part (none if the document has
+    none): the store and each leader with its term, then the instances, once for all
+    services when they all run on the same ones."""
+    control = doc.get("control") if isinstance(doc, dict) else None
+    if not isinstance(control, dict):
+        return []
+    leaders = _of(control.get("leaders")) or {}
+    said = ", ".join(
+        f"{name} {seen['instance']} (term {seen.get('term')})" if isinstance(seen, dict) and seen.get("instance")
+        else f"{name} none"
+        for name, seen in leaders.items()
+    )  # fmt: skip
+    lines = [f"control: store {control.get('store') or '-'}; leaders {said or '-'}"]
+    instances = _of(control.get("instances")) or {}
+    lists = {name: [str(n) for n in names] for name, names in instances.items() if isinstance(names, list)}
+    distinct = {tuple(names) for names in lists.values()}
+    if len(lists) > 1 and len(distinct) == 1:
+        lines.append(f"instances: {' '.join(next(iter(distinct))) or 'none'} (every service)")
+    elif lists:
+        lines.append("instances: " + "; ".join(f"{name} {' '.join(names) or 'none'}" for name, names in lists.items()))
+    return lines
+
+
 def fallback_status(
     services: dict[str, Any],
     reason: str,
@@ -290,6 +314,7 @@ __all__ = [
     "collect",
     "collect_async",
     "control_block",
+    "control_text",
     "fallback_status",
     "from_manager",
     "instance_name",

@@ -140,3 +140,15 @@ def test_without_the_manager_control_says_who_leads_sharding_and_membership_by_t
     }  # fmt: skip
     assert control["instances"]["sharding"] == ["h1"]
     assert asyncio.run(status.collect_async(FakeAsyncClient(services, answers))) == doc
+
+
+def test_control_text_names_the_leaders_and_the_instances_once_when_every_service_has_the_same() -> None:
+    same = {"store": "etcd", "leaders": {"sharding": {"instance": "h2", "term": 7}, "manager": None},
+            "instances": {"broker": ["h1", "h2", "h3"], "sharding": ["h1", "h2", "h3"]}}  # fmt: skip
+    assert status.control_text({"control": same}) == [
+        "control: store etcd; leaders sharding h2 (term 7), manager none",
+        "instances: h1 h2 h3 (every service)",
+    ]
+    short = {**same, "instances": {"broker": ["h1", "h3"], "sharding": ["h1", "h2", "h3"]}}
+    assert status.control_text({"control": short})[1] == "instances: broker h1 h3; sharding h1 h2 h3"
+    assert status.control_text({"health": "green"}) == [] and status.control_text({"control": "junk"}) == []
