@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loguru import logger
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -115,6 +117,8 @@ def main() -> int:
     if not ways or any(w not in ("kill", "freeze") for w in ways):
         parser.error("--ways takes kill and/or freeze")
     interruptible()
+    logger.remove()  # the in-process clients' debug lines are not the figures
+    logger.add(sys.stderr, level="WARNING")
     binary, why = find_etcd()
     if binary is None:
         print(f"ha_failover: {why}", file=sys.stderr)
