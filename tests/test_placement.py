@@ -155,7 +155,8 @@ class Oracle:
         zone_sticky: Counter[str] = Counter()
         for z in self.zone_nodes:
             members = [n for n in x if self.nodes[n].zone == z]
-            zone_room[z] = round(sum(x[n] for n in members)) - sum(floors[n] for n in members)
+            # A zone may take the ceiling of its ideal (not a rounding: 0.5 may become 1).
+            zone_room[z] = math.ceil(sum(x[n] for n in members) - 1e-9) - sum(floors[n] for n in members)
             zone_sticky[z] = sum(1 for n in members if cur[n] > floors[n] and x[n] - floors[n] > 1e-9)
         spared = min(extra, sum(min(zone_sticky[z], zone_room[z] + 1) for z in self.zone_nodes))
         return fills, excess - spared
