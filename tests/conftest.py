@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def phantom(
+    bus: Bus | Mapping[str, str], *args: str, timeout: float = 120.0, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``phantom`` CLI with ``bus``'s environment (or the environment given) plus ``env``."""
+    base = bus.env if isinstance(bus, Bus) else bus
+    return subprocess.run(
+        [sys.executable, "-m", "phantom_bus.cli", *args],
+        cwd=ROOT,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, Bus, free_port, wait_until
+from tests.conftest import ROOT, Bus, free_port, phantom, wait_until
 from tests.test_cluster import settled
 
 pytestmark = pytest.mark.processes
@@ -48,16 +48,6 @@ def status(bus: Bus) -> dict[str, Any]:
     except Exception:
         return {}
 
-
-def phantom(bus: Bus, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "phantom_bus.cli", *args],
-        cwd=ROOT,
-        env={**bus.env, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def scrape(address: str) -> dict[str, float]:
