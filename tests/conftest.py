@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 
 from phantom_bus.client import Client
 from phantom_bus.errors import PhantomError
+from tests.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,12 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # test says otherwise, like the processes a Bus starts. Tests of security set it.
 os.environ["PHANTOM_SECURITY"] = "off"
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def phantom(
