@@ -7,6 +7,8 @@ The public client API::
 
 from typing import TYPE_CHECKING, Any
 
+from loguru import logger
+
 from phantom_bus.errors import (
     BadRequest,
     BrokerUnreachable,
@@ -17,6 +19,11 @@ from phantom_bus.errors import (
     Timeout,
     UnknownService,
 )
+
+# A library stays quiet in its host application: phantom_bus logs nothing until a
+# process sets up logging (every Phantom process does, through phantom_bus.log) or
+# the application opts in with ``logger.enable("phantom_bus")``.
+logger.disable("phantom_bus")
 
 if TYPE_CHECKING:
     from phantom_bus.client import AsyncClient, Client, Selection

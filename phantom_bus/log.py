@@ -76,6 +76,7 @@ def setup(process: str, *, json: bool = False, level: str = "INFO", **fields: An
     ``process`` and any ``fields`` (e.g. ``node="node-1"``) are bound to every line.
     """
     logger.remove()
+    logger.enable("phantom_bus")  # quiet as a library (see phantom_bus/__init__.py), not as a process
     logger.configure(extra={"process": process, **fields}, patcher=_fields)
     if json:
         logger.add(_json_sink, level=level, format="{message}", backtrace=False, diagnose=False)

@@ -10,11 +10,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import pytest
 
 from phantom_bus.client import Client
 from phantom_bus.errors import PhantomError
+from tests.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,11 +31,20 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ["PHANTOM_SECURITY"] = "off"
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+
+def phantom(
+    bus: Bus | Mapping[str, str], *args: str, timeout: float = 120.0, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``phantom`` CLI with ``bus``'s environment (or the environment given) plus ``env``."""
+    base = bus.env if isinstance(bus, Bus) else bus
+    return subprocess.run(
+        [sys.executable, "-m", "phantom_bus.cli", *args],
+        cwd=ROOT,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:

@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT, Bus, free_port
+from tests.conftest import Bus, free_port, phantom
 
 pytestmark = pytest.mark.processes
-
-
-def phantom(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "phantom_bus.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_unreachable_broker_exits_69_with_one_line(bus: Bus) -> None:

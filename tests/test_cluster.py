@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 from typing import Any
 
 import pytest
 
 from phantom_bus.errors import Refused
-from tests.conftest import ROOT, Bus, wait_until
+from tests.conftest import Bus, phantom, wait_until
 
 pytestmark = pytest.mark.processes
 
@@ -51,16 +50,6 @@ def wait_green(bus: Bus, timeout: float = 30) -> dict[str, Any]:
 def node(doc: dict[str, Any], node_id: str) -> dict[str, Any]:
     return next(n for n in doc["nodes"] if n["id"] == node_id)
 
-
-def phantom(bus: Bus, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "phantom_bus.cli", *args],
-        cwd=ROOT,
-        env=bus.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_cluster_goes_green_and_routes_writes_to_primaries(bus: Bus) -> None:

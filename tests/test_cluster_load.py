@@ -21,8 +21,8 @@ from phantom_bus.routing.config import BalancerConfig
 from phantom_bus.shardmap import ShardMap
 from phantom_bus.store.sqlite import SqliteStore
 from services.sharding.store import Committed, MapStore
-from tests.conftest import Bus, wait_until
-from tests.test_cluster import cluster, node, phantom, settled, status, wait_green
+from tests.conftest import Bus, phantom, wait_until
+from tests.test_cluster import cluster, node, settled, status, wait_green
 
 pytestmark = pytest.mark.processes
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 
 import pytest
 import zmq
 
 from phantom_bus import protocol
 from phantom_bus.errors import NotFound
-from tests.conftest import ROOT, Bus, wait_until
+from tests.conftest import Bus, phantom, wait_until
 
 pytestmark = pytest.mark.processes
 
@@ -141,16 +140,6 @@ def test_events_are_published_on_the_bus(bus: Bus) -> None:
     finally:
         sub.close()
 
-
-def phantom(bus: Bus, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "phantom_bus.cli", *args],
-        cwd=ROOT,
-        env=bus.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_manual_registration_and_removal_through_the_cli(bus: Bus) -> None:

@@ -257,6 +257,36 @@ def test_node_killed_before_a_stall_is_still_detected_after_it() -> None:
         assert 0 < t <= 1.5 + 3.0 + 1.0, node
 
 
+def _silent_node_detection(stall: float) -> float:
+    """Seconds from n0 falling silent to its dead verdict, the observer stalling
+    ``stall`` seconds (0: no stall) just after; the others' backlog drains on resume."""
+    d = make(3)
+    d.run(T0 + 30)
+    silent_at = d.now
+    if stall:
+        start = silent_at + 0.05
+        d.run(start, silent={"n0"})
+        resume = start + stall
+        d.tick(resume, observer_lag=stall)
+        for n in ("n1", "n2"):
+            d.beat(n, at=resume)
+        d.next_hb = dict.fromkeys(d.nodes, resume + INTERVAL)
+        d.next_tick = resume + TICK
+        d.now = resume
+    d.run(silent_at + stall + 30, silent={"n0"})
+    return next(t for t, e in d.events if e.data["node"] == "n0" and e.kind == "member.dead") - silent_at
+
+
+def test_time_the_observer_was_stalled_is_not_counted_as_silence() -> None:
+    # n0 goes quiet 0.05 s before a 10 s stall. Judged on the time the observer was
+    # awake to hear it, it is dead about as long after the stall as it would have been
+    # without one; counted on the wall clock it would be dead the moment the backlog
+    # grace ends, on silence nobody was listening to.
+    normal = _silent_node_detection(0.0)
+    stalled = _silent_node_detection(10.0) - 10.0
+    assert normal - TICK <= stalled <= normal + 1.0 + TICK, (normal, stalled)
+
+
 def test_small_loop_lag_is_not_a_stall() -> None:
     d = make(2)
     d.run(T0 + 10)

@@ -4,6 +4,8 @@ endpoint; and the flat JSON log lines."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import urllib.request
 
 import pytest
@@ -90,6 +92,24 @@ def test_json_logs_are_flat_with_the_event_kind_as_a_field(capsys: pytest.Captur
     assert second["event"] is None and second["shard"] == "default/7" and second["msg"] == "plain words"
     assert not any(isinstance(v, dict) for v in (*first.values(), *second.values()))
     log.setup("test")
+
+
+def test_the_library_is_quiet_until_a_process_sets_up_logging() -> None:
+    # A fresh interpreter: loguru's default sink writes DEBUG to stderr, which an
+    # application embedding the client must not get unasked.
+    # Lines are attributed to the module of the calling frame: run them as phantom_bus code.
+    script = (
+        "from loguru import logger\n"
+        "from phantom_bus import log\n"
+        "as_library = {'__name__': 'phantom_bus.follower', 'logger': logger}\n"
+        "exec(\"logger.debug('library line before set-up')\", as_library)\n"
+        "log.setup('app', level='DEBUG')\n"
+        "exec(\"logger.debug('library line after set-up')\", as_library)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "before set-up" not in done.stderr
+    assert "after set-up" in done.stderr
 
 
 def test_grafana_dashboard_queries_only_series_that_exist() -> None:

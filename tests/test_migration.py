@@ -380,5 +380,5 @@ def test_dead_node_replicas_move_only_after_the_delay_and_a_quick_return_costs_n
     sim.run(25.0)
     sim.settle()
     assert roles_of(core, "n1") == set()
-    assert core.health() == {"total": 12, "under_replicated": 0, "unavailable": 0, "moving": 0}
+    assert core.health() == {"total": 12, "under_replicated": 0, "unavailable": 0, "moving": 0, "degraded": 0}
     check_epochs(sim)

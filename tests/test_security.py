@@ -25,7 +25,7 @@ from phantom_bus.client import Client
 from phantom_bus.errors import BrokerUnreachable, PhantomError, Refused
 from phantom_bus.security import Principal, Security
 from services.discovery.beacon import Beacon, encode_beacon, new_instance_id
-from tests.conftest import ROOT, Bus, free_port, wait_until
+from tests.conftest import ROOT, Bus, free_port, phantom, wait_until
 
 # --- keys and their layout (no sockets) -----------------------------------------------------
 
@@ -524,16 +524,6 @@ def secured_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     finally:
         bus.close()
 
-
-def phantom(bus: Bus, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "phantom_bus.cli", *args],
-        cwd=ROOT,
-        env={**bus.env, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 @pytest.mark.processes

@@ -174,7 +174,7 @@ def test_counts_and_health_of_a_settled_cluster() -> None:
     counts = core.node_counts()
     assert {c["replicas"] for c in counts.values()} == {64}
     assert sorted(c["primaries"] for c in counts.values()) == [21, 21, 22]
-    assert core.health() == {"total": 64, "under_replicated": 0, "unavailable": 0, "moving": 0}
+    assert core.health() == {"total": 64, "under_replicated": 0, "unavailable": 0, "moving": 0, "degraded": 0}
 
 
 def test_losing_every_holder_makes_shards_unavailable_not_silently_recreated() -> None:
@@ -305,7 +305,7 @@ def test_merge_of_shards_on_different_nodes_colocates_first() -> None:
     m = current(core)
     assert high.id not in m._by_shard
     assert m.shard(low.id).slots == ((low.slots[0][0], high.slots[0][1]),)
-    assert core.health() == {"total": 5, "under_replicated": 0, "unavailable": 0, "moving": 0}
+    assert core.health() == {"total": 5, "under_replicated": 0, "unavailable": 0, "moving": 0, "degraded": 0}
 
 
 # -- load-based splits --------------------------------------------------------------------

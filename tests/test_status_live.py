@@ -5,21 +5,19 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 
 import pytest
 
 from phantom_bus.errors import PhantomError
-from tests.conftest import ROOT, Bus, wait_until
+from tests.conftest import Bus, wait_until
+from tests.conftest import phantom as cli
 
 pytestmark = pytest.mark.processes
 
 
 def phantom(bus: Bus, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**bus.env, "PHANTOM_TIMEOUT": "0.5", "PHANTOM_RETRIES": "2"}
-    return subprocess.run(
-        [sys.executable, "-m", "phantom_bus.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
+    # Short attempts: a paused manager must be reported quickly, not waited for.
+    return cli(bus, *args, timeout=60, PHANTOM_TIMEOUT="0.5", PHANTOM_RETRIES="2")
 
 
 def test_a_paused_manager_is_not_answering_and_the_cluster_is_not_called_red(bus: Bus) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -305,6 +306,32 @@ def test_two_sqlite_handles_on_one_file_are_one_store(tmp_path: Path) -> None:
             await b.close()
 
     asyncio.run(main())
+
+
+def test_sqlite_change_log_stays_within_its_byte_bound(tmp_path: Path) -> None:
+    # A big value rewritten at every revision (as a shard map is at every epoch) must not
+    # grow the file without end: the log keeps about history_bytes of values.
+    async def body() -> None:
+        store = SqliteStore(tmp_path / "s.sqlite3", history_bytes=64 * 1024)
+        try:
+            first = await store.put("map", b"m" * 4096)
+            last = first
+            for _ in range(300):
+                last = await store.put("map", secrets.token_bytes(4096))
+            conn = sqlite3.connect(tmp_path / "s.sqlite3")
+            try:
+                logged = conn.execute("SELECT SUM(LENGTH(value)) FROM changes").fetchone()[0]
+            finally:
+                conn.close()
+            assert logged <= 64 * 1024 + 64 * 4096, logged
+            with pytest.raises(Compacted):
+                await collect(store.watch("map", first), 1)
+            change = (await collect(store.watch("map", last), 1))[0]
+            assert change.revision == last and change.value == (await store.get("map")).value  # type: ignore[union-attr]
+        finally:
+            await store.close()
+
+    asyncio.run(body())
 
 
 def test_sqlite_write_failure_raises_the_cause_writes_nothing_and_recovers(tmp_path: Path) -> None:

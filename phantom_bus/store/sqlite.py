@@ -6,8 +6,10 @@ with one revision counter, exactly as two etcd clients would. The file holds:
 
 - ``kv``: the keys, with create/mod revision, version and lease;
 - ``changes``: the change log that ``watch`` reads, kept for the last
-  ``history`` revisions (older ones are compacted, and a watch from there
-  raises :class:`Compacted`);
+  ``history`` revisions and at most about ``history_bytes`` of values (a
+  large shard map is written whole at every epoch: the byte bound keeps the
+  file from growing with it). Older revisions are compacted, and a watch from
+  there raises :class:`Compacted`, after which a watcher re-reads;
 - ``leases``: expiry times on CLOCK_MONOTONIC, which every process on a host
   shares. Whoever touches the store first after a lease's expiry deletes its
   keys (a read or a watcher's poll is enough). The host's boot id is kept too:
@@ -67,6 +69,8 @@ _TABLES = (
     "CREATE TABLE IF NOT EXISTS leases (id INTEGER PRIMARY KEY, ttl REAL NOT NULL, expires REAL NOT NULL)",
     "CREATE INDEX IF NOT EXISTS leases_expires ON leases(expires)",
 )
+# Revisions between two checks of the log's size against history_bytes.
+_SIZE_CHECK_EVERY = 64
 _WATCH_BATCH = 500  # revisions read per poll, so a far-behind watcher does not load the whole log at once
 
 
@@ -99,12 +103,14 @@ class SqliteStore:
         prefix: str = "/phantom/",
         timeout: float = 5.0,
         history: int = 10_000,
+        history_bytes: int = 64 * 2**20,
         poll: float = 0.05,
     ) -> None:
         self.path = Path(path)
         self.prefix = prefix
         self.timeout = timeout
         self.history = history
+        self.history_bytes = history_bytes
         self.poll = poll
         self._conn: sqlite3.Connection | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="phantom-store")
@@ -202,11 +208,33 @@ class SqliteStore:
             [(rev, seq, kind, key, value) for seq, (kind, key, value) in enumerate(changes)],
         )
         floor = rev - self.history
+        if rev % _SIZE_CHECK_EVERY == 0 or sum(len(v) for _, _, v in changes if v) > self.history_bytes // 8:
+            floor = max(floor, self._size_floor(conn))
         compacted = int(conn.execute("SELECT value FROM meta WHERE key='compacted'").fetchone()[0])
         if floor > compacted:
             conn.execute("DELETE FROM changes WHERE revision <= ?", (floor,))
             conn.execute("UPDATE meta SET value=? WHERE key='compacted'", (floor,))
         return rev
+
+    def _size_floor(self, conn: sqlite3.Connection) -> int:
+        """The revision up to which to compact so the log's values fit ``history_bytes``
+        (0: they fit). Over the bound, it keeps the newest revisions holding half of it,
+        and never less than the newest revision, so a check is rare and each one frees a lot."""
+        # length() of a blob reads the record header only, not the value's pages.
+        total = conn.execute("SELECT COALESCE(SUM(LENGTH(value)), 0) FROM changes").fetchone()[0]
+        if total <= self.history_bytes:
+            return 0
+        kept = 0
+        rows = conn.execute(
+            "SELECT revision, COALESCE(SUM(LENGTH(value)), 0) FROM changes GROUP BY revision ORDER BY revision DESC"
+        )
+        newest = True
+        for revision, size in rows:
+            if not newest and kept + size > self.history_bytes // 2:
+                return int(revision)
+            kept += size
+            newest = False
+        return 0
 
     def _end_lease(self, conn: sqlite3.Connection, lease_id: int) -> None:
         keys = [k for (k,) in conn.execute("SELECT key FROM kv WHERE lease=? ORDER BY key", (lease_id,))]

@@ -34,10 +34,10 @@ from typing import Any, Generic, Literal, TypeVar, cast
 from phantom_bus import ids
 from phantom_bus.errors import BadRequest, Conflict, NoSuchKeyspace, NotFound, Refused
 from phantom_bus.events import Event
+from phantom_bus.shardhealth import ShardInfo, assess, shards_from_map, sole_replicas
 from phantom_bus.shardmap import (
     KINDS,
     MAX_SLOTS,
-    SERVING,
     Keyspace,
     Kind,
     Replica,
@@ -763,49 +763,41 @@ class ShardingCore:
     # -- queries -------------------------------------------------------------------
 
     def sole_replicas(self, node: str) -> list[str]:
-        """Shards for which ``node`` holds the only live replica (removing it loses data)."""
+        """Shards for which ``node`` holds the only live replica (removing it loses data).
+
+        The same rule as the manager's, over sharding's own view of which nodes are down:
+        a down node holding the last copy of a shard whose other holders are down too is
+        listed as well, since that copy may come back.
+        """
         with self._lock:
-            eng = self._engine
-            if eng.is_down(node):
-                return []
-            out = []
-            for sid in self._space_of:
-                if eng.roles(sid).get(node) in SERVING and eng.live(sid) == 1:
-                    out.append(sid)
-            return out
+            shards, states, down = self._judged()
+        return sole_replicas(shards, node, states, down)
 
     def node_counts(self) -> dict[str, dict[str, int]]:
         """Per node: serving ``replicas`` (primary + replica), ``primaries``, ``joining``, ``leaving``."""
         with self._lock:
-            out = {n: {"replicas": 0, "primaries": 0, "joining": 0, "leaving": 0} for n in self._nodes}
-            for _, sh in self._map.shards():
-                for r in sh.replicas:
-                    c = out.setdefault(r.node, {"replicas": 0, "primaries": 0, "joining": 0, "leaving": 0})
-                    if r.role in SERVING:
-                        c["replicas"] += 1
-                    if r.role == "primary":
-                        c["primaries"] += 1
-                    elif r.role in ("joining", "leaving"):
-                        c[r.role] += 1
-            return out
+            shards, states, down = self._judged()
+            nodes = list(self._nodes)
+        per_node = assess(shards, states, down).per_node
+        out = {n: {"replicas": 0, "primaries": 0, "joining": 0, "leaving": 0} for n in nodes}
+        out.update({n: dict(c) for n, c in per_node.items()})
+        return out
 
     def health(self) -> dict[str, int]:
-        """Shard counts: ``total``, ``under_replicated`` (fewer live than rf), ``unavailable``
-        (no live primary, outside a planned hand-off), ``moving`` (not at target)."""
+        """Shard counts of the current map: ``total``, ``under_replicated``, ``unavailable``,
+        ``moving`` and ``degraded``, by the rules of :mod:`phantom_bus.shardhealth` (the
+        manager's cluster colour uses the same rules over membership's verdicts; here a
+        node is alive unless sharding has it down)."""
         with self._lock:
-            eng = self._engine
-            total = under = unavailable = moving = 0
-            for sid, name in self._space_of.items():
-                total += 1
-                rf = self._spaces[name].rf
-                if eng.live(sid) < rf:
-                    under += 1
-                p = eng.primary(sid)
-                if (p is None or eng.is_down(p)) and not eng.handing_off(sid):
-                    unavailable += 1
-                if eng.busy(sid) or sid in self._merges:
-                    moving += 1
-            return {"total": total, "under_replicated": under, "unavailable": unavailable, "moving": moving}
+            shards, states, down = self._judged()
+        return assess(shards, states, down).counts()
+
+    def _judged(self) -> tuple[list[ShardInfo], dict[str, str], frozenset[str]]:
+        """The current map as health sees it, with sharding's liveness view (lock held)."""
+        down = self._engine.down_nodes()
+        shards = shards_from_map(self._map)
+        states = {n: ("dead" if n in down else "alive") for sh in shards for n, _ in sh.replicas}
+        return shards, states, down
 
     def nodes(self) -> list[dict[str, Any]]:
         """Every registered node with its zone, weight, state and liveness."""

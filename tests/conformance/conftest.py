@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,8 @@ import msgpack
 import pytest
 import zmq
 
+from tests.net import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 HEARTBEAT = 0.1
 #: How long after the broker starts an unregistered name becomes unknown:
@@ -38,11 +39,6 @@ TIMEOUT_MS = 5000
 #: An operation that only a service's leader answers: the service is ready when it does.
 READY = {"sharding": "map", "manager": "status", "membership": "verdicts"}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Peer:
@@ -114,7 +110,7 @@ def peer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         p.ctx.destroy(0)
         return
     tmp = tmp_path_factory.mktemp("conformance")
-    ports = {name: _free_port() for name in ("broker", "backend", "events_in", "events_out", "beacon", "heartbeat")}
+    ports = {name: free_port() for name in ("broker", "backend", "events_in", "events_out", "beacon", "heartbeat")}
     env = {k: v for k, v in os.environ.items() if not k.startswith("PHANTOM_")}
     env.update({f"PHANTOM_{k.upper()}": f"tcp://127.0.0.1:{v}" for k, v in ports.items()})
     env.update(
