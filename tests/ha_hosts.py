@@ -25,7 +25,6 @@ import contextlib
 import itertools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +35,7 @@ from typing import Any
 
 from phantom_bus.client import Client
 from phantom_bus.errors import NotFound, PhantomError
+from tests.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTS = ("h1", "h2", "h3")
@@ -43,13 +43,6 @@ ENDPOINTS = ("broker", "backend", "events_in", "events_out", "beacon", "heartbea
 SERVICES = ("discovery", "membership", "sharding", "balancer", "manager")
 #: The services with one leader, and the operation whose reply names it.
 LEADING = ("sharding", "manager", "membership")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
