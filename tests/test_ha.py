@@ -21,7 +21,9 @@ import pytest
 
 from tests.ha_hosts import Hosts, Traffic, wait_for
 
-pytestmark = pytest.mark.processes
+# Three hosts of six processes each start slowly on a loaded 2-core machine (about a minute
+# to green when idle): the whole module needs more than the default per-test timeout.
+pytestmark = [pytest.mark.processes, pytest.mark.timeout(420)]
 
 TTL = 2.0
 #: "Another instance leads within the lease + 1 s", with room for a loaded 2-core machine.
