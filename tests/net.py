@@ -1,4 +1,4 @@
-"""Networking helpers shared by the test fixtures, the etcd fixture and the bench harnesses."""
+"""Ports for tests and benchmarks: nothing here imports Phantom, so any harness can use it."""
 
 from __future__ import annotations
 
