@@ -30,8 +30,10 @@ brokers, comma-separated. The client keeps one connection to each (sockets
 with ``IMMEDIATE``, so a request is only ever handed to a connection that is
 up) and sends each attempt to the broker that answered last, or the next one
 whose connection is up. An attempt whose broker connection drops while it
-waits is sent again at once to another broker within the same attempt; an
-attempt that times out (a frozen broker) or a broker-level retryable answer
+waits is sent again at once to another broker within the same attempt, and
+a broker that stops answering libzmq's connection pings (every 250 ms) for a
+second counts as dropped, so a frozen broker is left as quickly; an attempt
+that times out anyway or a broker-level retryable answer
 (no worker there yet, overloaded) moves the next attempt to the next broker.
 All of it stays within the call's budget of ``timeout x retries`` seconds. A
 dead entry in the list costs nothing once the others are connected.
@@ -71,6 +73,10 @@ _BACKOFF = (0.1, 0.25, 0.5, 1.0)
 # With several brokers, how often a waiting attempt checks that its broker's
 # connection is still up (a killed broker is then left within this, not a timeout).
 _LOST_CHECK_S = 0.05
+# With several brokers, libzmq pings each broker connection this often and drops
+# one that does not answer within the timeout: a frozen broker (SIGSTOP, a hung
+# host) is then left like a dead one, in about a second, not after a whole attempt.
+_PING_MS, _PING_TIMEOUT_MS = 250, 1000
 # Answers that say this broker cannot serve the request now, where another may.
 _BROKER_LEVEL = frozenset({"service_unavailable", "overloaded"})
 
@@ -80,6 +86,12 @@ class _Lost:
 
 
 LOST = _Lost()
+
+
+def _failover_options(sock: Any) -> None:
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, _PING_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _PING_TIMEOUT_MS)
 
 
 def _connected(sock: Any) -> bool:
@@ -384,7 +396,7 @@ class Client(_Base):
             sock.setsockopt(zmq.SNDHWM, 1000)
             sock.setsockopt(zmq.RCVHWM, 1000)
             if self.multi:
-                sock.setsockopt(zmq.IMMEDIATE, 1)
+                _failover_options(sock)
             self.security.client(sock)
             sock.connect(self.endpoints[index])
             self._socks[index] = sock
@@ -447,15 +459,15 @@ class Client(_Base):
             try:
                 sock.send_multipart(frames, zmq.NOBLOCK)
             except zmq.Again:
-                if not self.multi:
+                if not self.multi or time.monotonic() >= deadline:
                     return index, None
                 continue  # that connection just went down: another broker
             answer = self._wait_reply(sock, reqid, deadline)
-            if answer is LOST:
+            if isinstance(answer, _Lost):
                 self._reset(index)
                 self._passed_over(index)
                 continue
-            return index, answer  # type: ignore[return-value]
+            return index, answer
 
     def _wait_reply(self, sock: zmq.Socket[Any], reqid: bytes, deadline: float) -> tuple[bool, Any] | _Lost | None:
         while True:
@@ -632,7 +644,7 @@ class AsyncClient(_Base):
             sock.setsockopt(zmq.SNDHWM, 10000)
             sock.setsockopt(zmq.RCVHWM, 10000)
             if self.multi:
-                sock.setsockopt(zmq.IMMEDIATE, 1)
+                _failover_options(sock)
             self.security.connect(sock, self.endpoints[index])
             self._socks[index] = sock
             self._readers[index] = asyncio.ensure_future(self._read(sock))
@@ -653,23 +665,22 @@ class AsyncClient(_Base):
         """Awaitable :meth:`Client._choose`, with the socket chosen."""
         if not self.multi:
             return 0, self._open(0)
+        # No asyncio poller here: a socket that another task closes (Lazy Pirate) would
+        # cancel its future, and with it this task. Nothing connected happens only at
+        # the start and in an outage, so looking again after a short, growing pause is cheap.
+        pause = 0.001
         while True:
-            order = self._order()
-            socks = [self._open(i) for i in order]
-            for i, sock in zip(order, socks, strict=True):
+            for i in self._order():
+                sock = self._open(i)
                 if _connected(sock):
                     return i, sock
+                if self.security.enabled:  # a broker that refused our key: try it again
+                    self.security.retry_refused(sock)
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            poller = zmq.asyncio.Poller()
-            for sock in socks:
-                poller.register(sock, zmq.POLLOUT)
-            try:
-                # Bounded, so a socket another task replaced meanwhile is seen soon.
-                await poller.poll(int(min(left, _LOST_CHECK_S) * 1000) + 1)
-            except zmq.ZMQError:
-                continue  # one of them was closed by another task: look again
+            await asyncio.sleep(min(left, pause))
+            pause = min(pause * 2, _LOST_CHECK_S)
 
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
         while True:
@@ -725,11 +736,11 @@ class AsyncClient(_Base):
                 if chosen is None:
                     return index, None
                 index, sock = chosen
-                if self.security.enabled:
-                    # A connection refused at the handshake leaves the DEALER with no peer, and
-                    # a send would wait forever: connect again first if that happened.
-                    self.security.retry_refused(sock)
                 if not self.multi:
+                    if self.security.enabled:
+                        # A connection refused at the handshake leaves the DEALER with no peer, and
+                        # a send would wait forever: connect again first if that happened.
+                        self.security.retry_refused(sock)
                     try:
                         await sock.send_multipart(frames)
                         return index, await asyncio.wait_for(fut, timeout)
@@ -737,8 +748,14 @@ class AsyncClient(_Base):
                         return index, None
                 try:
                     await sock.send_multipart(frames, zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    continue  # that connection just went down (or another task closed it): another broker
+                except zmq.ZMQError as exc:
+                    # That connection just went down (or another task closed the socket):
+                    # another broker, while the attempt lasts.
+                    if not isinstance(exc, zmq.Again):
+                        self._drop(index, sock)
+                    if time.monotonic() >= deadline:
+                        return index, None
+                    continue
                 while not fut.done():
                     left = deadline - time.monotonic()
                     if left <= 0:
