@@ -13,7 +13,8 @@ library default). Then, host by host:
 For each, the **takeover** of every service whose leader ran there (time
 from the signal until another instance says it leads, in a newer term), and
 each client's **stall**: the longest gap between two successful selects in
-the ttl + 5 s after the signal (the normal gap is a few ms). Failed client
+the ttl + 5 s after the signal, beside the longest gap in the 3 s before it
+(the baseline of the same run: the client's own pace). Failed client
 operations (after the client's retries) and selections whose epoch went
 back are counted; both must be 0. After each round the host is restarted
 (kill) or thawed (freeze) and the cluster must be green again before the
@@ -91,6 +92,8 @@ def one_round(ha: Hosts, way: str, host: str, loads: dict[str, Traffic], ttl: fl
         ha.signal_host(host, signal.SIGCONT)
     time.sleep(max(0.0, window_end - time.monotonic()))
     stalls = {name: t.longest_gap(t0, window_end) for name, t in loads.items()}
+    # The baseline, same run: the longest gap in the 3 s before the signal (the client's own pace).
+    normal = {name: t.longest_gap(t0 - 3.0, t0) for name, t in loads.items()}
     if way == "kill":
         ha.start_host(host)
     ha.wait_green(timeout=240)
@@ -101,6 +104,7 @@ def one_round(ha: Hosts, way: str, host: str, loads: dict[str, Traffic], ttl: fl
         "led": sorted(took),
         "takeover_s": took,
         "stall_s": stalls,
+        "normal_gap_s": normal,
         "failed_ops": {name: len(t.errors) - errors_before[name] for name, t in loads.items()},
         "epoch_regressions": {name: len(t.regressions) - regressions_before[name] for name, t in loads.items()},
         "errors": {name: t.errors[errors_before[name]:][:3] for name, t in loads.items()},
@@ -164,10 +168,12 @@ def main() -> int:
             took = ", ".join(
                 f"{s} {v:.2f}" if v is not None else f"{s} none" for s, v in sorted(r["takeover_s"].items())
             )
-            rows.append([r["host"], took or "(led nothing)", r["stall_s"]["brokered"], r["stall_s"]["local"],
+            rows.append([r["host"], took or "(led nothing)", r["stall_s"]["brokered"], r["normal_gap_s"]["brokered"],
+                         r["stall_s"]["local"], r["normal_gap_s"]["local"],
                          sum(r["failed_ops"].values()), sum(r["epoch_regressions"].values())])  # fmt: skip
-        table(f"{way}: takeover per service (s), client stall (s), ttl {args.ttl:g} s",
-              ["host", "takeover", "stall brokered", "stall local", "failed ops", "epoch back"], rows)  # fmt: skip
+        table(f"{way}: takeover per service (s), client stall (s) against its normal longest gap, ttl {args.ttl:g} s",
+              ["host", "takeover", "stall brokered", "(normal)", "stall local", "(normal)", "failed ops",
+               "epoch back"], rows)  # fmt: skip
     per_service: dict[str, dict[str, Any]] = {}
     for way in ways:
         for service in LEADING:
