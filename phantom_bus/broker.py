@@ -55,6 +55,7 @@ SETTINGS = (
     "timeout",
     "curve_dir",
     "curve_key",
+    "instance",
 )
 
 # Messages handled per socket before looking at the others, so one busy socket
@@ -96,6 +97,8 @@ class Broker:
             unknown_after=time.monotonic() + UNKNOWN_SERVICE_GRACE * liveness,
         )
         self.started = time.time()
+        # Shown by ping and stats, so that a status can name the brokers it reached.
+        self.instance = str(cfg.get("instance") or "") or f"{socket.gethostname()}:{os.getpid()}"
         self.counters = {"requests": 0, "replies": 0, "bad_client": 0, "bad_worker": 0, "events": 0}
         self._running = False
         self.security = secmod.setup(cfg, "broker/broker")
@@ -212,7 +215,7 @@ class Broker:
                 takes = "only limit" if op == "events" else "no arguments"
                 raise BadRequest(f"broker.{op} takes {takes}, got {', '.join(extra)}", op=op, args=extra)
             if op == "ping":
-                result: Any = {"pong": True, "time": time.time()}
+                result: Any = {"pong": True, "time": time.time(), "instance": self.instance}
             elif op == "services":
                 result = self.dispatcher.services(now)
             elif op == "events":
@@ -222,6 +225,7 @@ class Broker:
                     **self.counters,
                     "uptime": round(time.time() - self.started, 3),
                     "pid": os.getpid(),
+                    "instance": self.instance,
                     "services": self.dispatcher.services(now),
                     "security": self.security.stats(),
                 }

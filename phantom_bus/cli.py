@@ -440,14 +440,19 @@ def _event_socket(events_out: str, pattern: str) -> Any:
 
 
 def _follow(sock: Any) -> Iterator[dict[str, Any]]:
+    from phantom_bus.events import Deduplicator
+
+    dedupe = Deduplicator()  # with several brokers, each event arrives once per broker
     while True:
         if not sock.poll(500):
             continue
         frames = sock.recv_multipart()
         try:
-            yield protocol.decode_event(frames)
+            event = protocol.decode_event(frames)
         except PhantomError:
             continue  # a malformed event is dropped, like every subscriber does
+        if dedupe.accept(event):
+            yield event
 
 
 def _event_id(event: dict[str, Any]) -> tuple[Any, ...]:
@@ -461,7 +466,7 @@ def _print_event(event: dict[str, Any], as_json: bool) -> None:
     else:
         ts = event.get("ts")
         when = time.strftime("%H:%M:%S", time.localtime(ts)) if isinstance(ts, int | float) else "--:--:--"
-        skip = {"kind", "ts", "service", "node", "reason"}
+        skip = {"kind", "ts", "service", "node", "reason", "origin", "seq"}
         rest = " ".join(f"{k}={v}" for k, v in event.items() if k not in skip and not isinstance(v, dict | list))
         node = f" {event['node']}" if event.get("node") else ""
         reason = f": {event['reason']}" if event.get("reason") else ""

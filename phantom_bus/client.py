@@ -24,6 +24,17 @@ and stopped by :meth:`Client.close`; :class:`AsyncClient` runs it as tasks of
 the caller's loop. With the broker or the whole control plane down, selects
 keep answering from the last map (``sel.stale`` after ``map_stale_after``
 seconds). ``routing="broker"`` makes every select a request to the balancer.
+
+Several brokers. ``endpoint`` (the ``broker`` setting) may list several
+brokers, comma-separated. The client keeps one connection to each (sockets
+with ``IMMEDIATE``, so a request is only ever handed to a connection that is
+up) and sends each attempt to the broker that answered last, or the next one
+whose connection is up. An attempt whose broker connection drops while it
+waits is sent again at once to another broker within the same attempt; an
+attempt that times out (a frozen broker) or a broker-level retryable answer
+(no worker there yet, overloaded) moves the next attempt to the next broker.
+All of it stays within the call's budget of ``timeout x retries`` seconds. A
+dead entry in the list costs nothing once the others are connected.
 """
 
 from __future__ import annotations
@@ -57,6 +68,23 @@ from phantom_bus.routing.local import LocalRouter
 ROUTINGS = ("local", "broker")
 
 _BACKOFF = (0.1, 0.25, 0.5, 1.0)
+# With several brokers, how often a waiting attempt checks that its broker's
+# connection is still up (a killed broker is then left within this, not a timeout).
+_LOST_CHECK_S = 0.05
+# Answers that say this broker cannot serve the request now, where another may.
+_BROKER_LEVEL = frozenset({"service_unavailable", "overloaded"})
+
+
+class _Lost:
+    """The attempt's broker connection went down while it waited for the reply."""
+
+
+LOST = _Lost()
+
+
+def _connected(sock: Any) -> bool:
+    # With IMMEDIATE, a DEALER is writable only while a connection to its peer is up.
+    return bool(int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLOUT)
 
 
 class _Budget:
@@ -176,6 +204,13 @@ class _Base:
         # client's own key from PHANTOM_CURVE_DIR / PHANTOM_CURVE_KEY; off without them.
         self.security = security if security is not None else secmod.current(cfg)
         self.endpoint = endpoint or cfg.broker
+        try:
+            #: The brokers, in the order given; requests go to ``endpoints[preferred]`` first.
+            self.endpoints = cfgmod.split_endpoints(cfgmod.parse_endpoints(self.endpoint))
+        except ValueError as exc:
+            raise ValueError(f"bad broker endpoint(s) {self.endpoint!r}: {exc}") from None
+        self.multi = len(self.endpoints) > 1
+        self.preferred = 0
         self.timeout = float(timeout if timeout is not None else cfg.timeout)
         self.retries = int(retries if retries is not None else cfg.retries)
         if self.timeout <= 0 or self.retries < 1:
@@ -202,7 +237,26 @@ class _Base:
     def _unreachable(self, diagnosis: PhantomError | None) -> PhantomError:
         if diagnosis is not None:
             return diagnosis
+        if self.multi:
+            return BrokerUnreachable(f"none of the brokers at {', '.join(self.endpoints)} answers")
         return BrokerUnreachable(f"the broker at {self.endpoint} does not answer")
+
+    def _order(self) -> list[int]:
+        """Broker indexes in the order to try them: the preferred one first."""
+        n = len(self.endpoints)
+        return [(self.preferred + k) % n for k in range(n)]
+
+    def _answered(self, index: int, ok: bool, payload: Any) -> None:
+        """Broker ``index`` answered: keep to it, unless it said it cannot serve now."""
+        if self.multi and not ok and isinstance(payload, dict) and payload.get("code") in _BROKER_LEVEL:
+            self.preferred = (index + 1) % len(self.endpoints)
+        else:
+            self.preferred = index
+
+    def _passed_over(self, index: int) -> None:
+        """Broker ``index`` did not answer: the next attempt starts at the next one."""
+        if self.preferred == index:
+            self.preferred = (index + 1) % len(self.endpoints)
 
     @property
     def map_epoch(self) -> int | None:
@@ -301,7 +355,7 @@ class Client(_Base):
     ) -> None:
         super().__init__(endpoint, timeout, retries, security, routing, events)
         self.ctx = ctx or zmq.Context.instance()
-        self._sock: zmq.Socket[Any] | None = None
+        self._socks: dict[int, zmq.Socket[Any]] = {}
         self._feed: Any = None
 
     def _local(self) -> Any:
@@ -321,24 +375,48 @@ class Client(_Base):
             self._feed.ready.wait(self.timeout)
         return self._feed
 
-    def _open(self) -> zmq.Socket[Any]:
-        if self._sock is None:
+    def _open(self, index: int = 0) -> zmq.Socket[Any]:
+        sock = self._socks.get(index)
+        if sock is None:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 1000)
             sock.setsockopt(zmq.RCVHWM, 1000)
+            if self.multi:
+                sock.setsockopt(zmq.IMMEDIATE, 1)
             self.security.client(sock)
-            sock.connect(self.endpoint)
-            self._sock = sock
-        return self._sock
+            sock.connect(self.endpoints[index])
+            self._socks[index] = sock
+        return sock
 
-    def _reset(self) -> None:
-        if self._sock is not None:
-            self._sock.close(0)
-            self._sock = None
+    def _reset(self, index: int | None = None) -> None:
+        for i in list(self._socks) if index is None else [index]:
+            sock = self._socks.pop(i, None)
+            if sock is not None:
+                sock.close(0)
+
+    def _choose(self, deadline: float) -> int | None:
+        """The broker for the next send: the preferred one if its connection is up,
+        else the next one that is, waiting until ``deadline`` for any (None: none)."""
+        if not self.multi:
+            self._open(0)
+            return 0
+        order = self._order()
+        socks = [self._open(i) for i in order]
+        for i, sock in zip(order, socks, strict=True):
+            if _connected(sock):
+                return i
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        poller = zmq.Poller()
+        for sock in socks:
+            poller.register(sock, zmq.POLLOUT)
+        ready = dict(poller.poll(int(left * 1000) + 1))
+        return next((i for i, sock in zip(order, socks, strict=True) if sock in ready), None)
 
     def close(self) -> None:
-        """Close the socket and stop local routing; the client can be used again
+        """Close the sockets and stop local routing; the client can be used again
         (it reopens lazily, and a later select loads the map afresh)."""
         self._reset()
         if self._feed is not None:
@@ -353,18 +431,41 @@ class Client(_Base):
 
     def _attempt(
         self, service: str, op: str, args: dict[str, Any], timeout: float
-    ) -> tuple[bool, Any] | None:
-        sock = self._open()
+    ) -> tuple[int, tuple[bool, Any] | None]:
+        """One attempt: (the broker it went to last, its answer or None on timeout)."""
         reqid = self._next_id()
-        try:
-            sock.send_multipart(self._frames(service, op, args, reqid), zmq.NOBLOCK)
-        except zmq.Again:
-            return None
+        frames = self._frames(service, op, args, reqid)
         deadline = time.monotonic() + timeout
+        index = self.preferred
+        while True:
+            chosen = self._choose(deadline)
+            if chosen is None:
+                return index, None
+            index = chosen
+            sock = self._socks[index]
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                if not self.multi:
+                    return index, None
+                continue  # that connection just went down: another broker
+            answer = self._wait_reply(sock, reqid, deadline)
+            if answer is LOST:
+                self._reset(index)
+                self._passed_over(index)
+                continue
+            return index, answer  # type: ignore[return-value]
+
+    def _wait_reply(self, sock: zmq.Socket[Any], reqid: bytes, deadline: float) -> tuple[bool, Any] | _Lost | None:
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+            if left <= 0:
                 return None
+            wait = min(left, _LOST_CHECK_S) if self.multi else left
+            if not sock.poll(int(wait * 1000) + 1, zmq.POLLIN):
+                if self.multi and not _connected(sock):
+                    return LOST
+                continue
             try:
                 got, ok, payload = self._parse(sock.recv_multipart())
             except PhantomError:
@@ -379,14 +480,16 @@ class Client(_Base):
     def _call(self, service: str, op: str, args: dict[str, Any], timeout: float, retries: int) -> Any:
         budget = _Budget(timeout, retries, time.monotonic())
         while True:
-            answer = self._attempt(service, op, args, timeout)
+            index, answer = self._attempt(service, op, args, timeout)
             if answer is None:
-                self._reset()  # Lazy Pirate: a fresh socket drops a dead connection's queue
+                self._reset(index)  # Lazy Pirate: a fresh socket drops a dead connection's queue
+                self._passed_over(index)
                 last: PhantomError = Timeout(f"{service}.{op}: no reply within {timeout:g} s", service=service)
                 if budget.after_timeout(time.monotonic()):
                     continue
                 break
             ok, payload = answer
+            self._answered(index, ok, payload)
             if ok:
                 return payload
             last = self._error(payload)
@@ -402,18 +505,33 @@ class Client(_Base):
         """The error to raise when the broker does not answer: :class:`Refused` if its
         handshake refuses our key, else :class:`BrokerUnreachable` (saying why when
         the handshake tells). Takes up to a second: for the failure path only."""
-        return self._unreachable(secmod.diagnose(self.endpoint, self.security, self.ctx))
+        return self._unreachable(secmod.diagnose(self.endpoints[self.preferred], self.security, self.ctx))
 
     def _broker_alive(self) -> bool:
         return self.ping(min(self.timeout, 1.0))
 
     def ping(self, timeout: float = 1.0, attempts: int = 2) -> bool:
-        """True if the broker answers a ping within ``attempts`` x ``timeout`` seconds."""
+        """True if a broker answers a ping within ``attempts`` x ``timeout`` seconds."""
         try:
             self._call(protocol.BROKER_SERVICE, "ping", {}, timeout, attempts)
             return True
         except PhantomError:
             return False
+
+    def brokers(self, timeout: float = 1.0) -> dict[str, dict[str, Any] | None]:
+        """Ping every broker listed, each on its own: endpoint -> its ``ping``
+        answer (which names its ``instance``), or None if it did not answer
+        within ``timeout`` seconds. For status displays: the pings run one after
+        another, so a dead entry costs ``timeout``."""
+        out: dict[str, dict[str, Any] | None] = {}
+        for endpoint in self.endpoints:
+            with Client(endpoint, timeout=timeout, retries=1, ctx=self.ctx, security=self.security,
+                        routing="broker") as one:
+                try:
+                    out[endpoint] = one.request(protocol.BROKER_SERVICE, "ping")
+                except PhantomError:
+                    out[endpoint] = None
+        return out
 
     # --- the application calls ------------------------------------------------------
 
@@ -481,8 +599,8 @@ class AsyncClient(_Base):
     ) -> None:
         super().__init__(endpoint, timeout, retries, security, routing, events)
         self.ctx = ctx or zmq.asyncio.Context.instance()
-        self._sock: zmq.asyncio.Socket | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._socks: dict[int, zmq.asyncio.Socket] = {}
+        self._readers: dict[int, asyncio.Task[None]] = {}
         self._waiting: dict[bytes, asyncio.Future[tuple[bool, Any]]] = {}
         self._feed: Any = None
         self._feed_task: asyncio.Task[None] | None = None
@@ -505,16 +623,49 @@ class AsyncClient(_Base):
                 await asyncio.wait_for(self._feed.ready.wait(), self.timeout)
         return self._feed
 
-    def _open(self) -> zmq.asyncio.Socket:
-        if self._sock is None:
+    def _open(self, index: int = 0) -> zmq.asyncio.Socket:
+        sock = self._socks.get(index)
+        if sock is None:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 10000)
             sock.setsockopt(zmq.RCVHWM, 10000)
-            self.security.connect(sock, self.endpoint)
-            self._sock = sock
-            self._reader = asyncio.ensure_future(self._read(sock))
-        return self._sock
+            if self.multi:
+                sock.setsockopt(zmq.IMMEDIATE, 1)
+            self.security.connect(sock, self.endpoints[index])
+            self._socks[index] = sock
+            self._readers[index] = asyncio.ensure_future(self._read(sock))
+        return sock
+
+    def _drop(self, index: int, sock: zmq.asyncio.Socket) -> None:
+        """Close broker ``index``'s socket if it is still ``sock`` (another task may
+        have replaced it already); its pending calls fail over or time out."""
+        if self._socks.get(index) is not sock:
+            return
+        del self._socks[index]
+        reader = self._readers.pop(index, None)
+        if reader is not None:
+            reader.cancel()
+        sock.close(0)
+
+    async def _choose(self, deadline: float) -> int | None:
+        """Awaitable :meth:`Client._choose`."""
+        if not self.multi:
+            self._open(0)
+            return 0
+        order = self._order()
+        socks = [self._open(i) for i in order]
+        for i, sock in zip(order, socks, strict=True):
+            if _connected(sock):
+                return i
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        poller = zmq.asyncio.Poller()
+        for sock in socks:
+            poller.register(sock, zmq.POLLOUT)
+        ready = dict(await poller.poll(int(left * 1000) + 1))
+        return next((i for i, sock in zip(order, socks, strict=True) if sock in ready), None)
 
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
         while True:
@@ -531,7 +682,7 @@ class AsyncClient(_Base):
                 fut.set_result((ok, payload))
 
     async def close(self) -> None:
-        """Close the socket and stop local routing; pending calls time out on their own."""
+        """Close the sockets and stop local routing; pending calls time out on their own."""
         if self._feed_task is not None:
             self._feed_task.cancel()
             await asyncio.gather(self._feed_task, return_exceptions=True)
@@ -539,13 +690,14 @@ class AsyncClient(_Base):
         if self._feed_client is not None:
             await self._feed_client.close()
             self._feed_client = None
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-            self._reader = None
-        if self._sock is not None:
-            self._sock.close(0)
-            self._sock = None
+        readers = list(self._readers.values())
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        self._readers.clear()
+        for sock in self._socks.values():
+            sock.close(0)
+        self._socks.clear()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -555,20 +707,46 @@ class AsyncClient(_Base):
 
     async def _attempt(
         self, service: str, op: str, args: dict[str, Any], timeout: float
-    ) -> tuple[bool, Any] | None:
-        sock = self._open()
-        if self.security.enabled:
-            # A connection refused at the handshake leaves the DEALER with no peer, and
-            # a send would wait forever: connect again first if that happened.
-            self.security.retry_refused(sock)
+    ) -> tuple[int, tuple[bool, Any] | None]:
+        """One attempt: (the broker it went to last, its answer or None on timeout)."""
         reqid = self._next_id()
+        frames = self._frames(service, op, args, reqid)
         fut: asyncio.Future[tuple[bool, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[reqid] = fut
+        deadline = time.monotonic() + timeout
+        index = self.preferred
         try:
-            await sock.send_multipart(self._frames(service, op, args, reqid))
-            return await asyncio.wait_for(fut, timeout)
-        except (TimeoutError, zmq.Again):
-            return None
+            while True:
+                chosen = await self._choose(deadline)
+                if chosen is None:
+                    return index, None
+                index = chosen
+                sock = self._socks[index]
+                if self.security.enabled:
+                    # A connection refused at the handshake leaves the DEALER with no peer, and
+                    # a send would wait forever: connect again first if that happened.
+                    self.security.retry_refused(sock)
+                if not self.multi:
+                    try:
+                        await sock.send_multipart(frames)
+                        return index, await asyncio.wait_for(fut, timeout)
+                    except (TimeoutError, zmq.Again):
+                        return index, None
+                try:
+                    await sock.send_multipart(frames, zmq.NOBLOCK)
+                except zmq.Again:
+                    continue  # that connection just went down: another broker
+                while not fut.done():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return index, None
+                    await asyncio.wait([fut], timeout=min(left, _LOST_CHECK_S))
+                    if not fut.done() and not _connected(sock):
+                        break
+                if fut.done():
+                    return index, fut.result()
+                self._drop(index, sock)
+                self._passed_over(index)
         finally:
             self._waiting.pop(reqid, None)
 
@@ -579,13 +757,19 @@ class AsyncClient(_Base):
     async def _call(self, service: str, op: str, args: dict[str, Any], timeout: float, retries: int) -> Any:
         budget = _Budget(timeout, retries, time.monotonic())
         while True:
-            answer = await self._attempt(service, op, args, timeout)
+            index, answer = await self._attempt(service, op, args, timeout)
             if answer is None:
+                if self.multi:  # a frozen broker's queue is dropped with its socket
+                    sock = self._socks.get(index)
+                    if sock is not None:
+                        self._drop(index, sock)
+                    self._passed_over(index)
                 last: PhantomError = Timeout(f"{service}.{op}: no reply within {timeout:g} s", service=service)
                 if budget.after_timeout(time.monotonic()):
                     continue
                 break
             ok, payload = answer
+            self._answered(index, ok, payload)
             if ok:
                 return payload
             last = self._error(payload)
@@ -601,7 +785,7 @@ class AsyncClient(_Base):
 
     async def unreachable(self) -> PhantomError:
         """Awaitable :meth:`Client.unreachable` (the handshake probe runs in a thread)."""
-        diagnosis = await asyncio.to_thread(secmod.diagnose, self.endpoint, self.security, self.ctx)
+        diagnosis = await asyncio.to_thread(secmod.diagnose, self.endpoints[self.preferred], self.security, self.ctx)
         return self._unreachable(diagnosis)
 
     async def _broker_alive(self) -> bool:

@@ -45,6 +45,32 @@ def _optional_endpoint(value: Any) -> str:
     return "" if value in ("", None) else _endpoint(value)
 
 
+def split_endpoints(value: str) -> list[str]:
+    """The endpoints of an endpoint-list setting's value, in order (``"a,b"`` -> ``["a", "b"]``)."""
+    return [part.strip() for part in str(value).split(",") if part.strip()]
+
+
+def parse_endpoints(value: Any) -> str:
+    """One endpoint or several, comma-separated (a TOML array also works); the
+    value stays a comma-joined string, so a single endpoint reads as before."""
+    parts = [str(p) for p in value] if isinstance(value, list | tuple) else str(value).split(",")
+    seen: list[str] = []
+    for n, part in enumerate(parts, 1):
+        text = part.strip()
+        if not text:
+            raise ValueError(f"entry {n} of the list is empty (expected tcp://HOST:PORT[,tcp://HOST:PORT...])")
+        try:
+            endpoint = _endpoint(text)
+        except ValueError as exc:
+            raise ValueError(f"entry {n} ({text!r}): {exc}") from None
+        if endpoint in seen:
+            raise ValueError(f"{endpoint} is listed twice")
+        seen.append(endpoint)
+    if not seen:
+        raise ValueError("expected at least one endpoint")
+    return ",".join(seen)
+
+
 def _positive_float(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a number")
@@ -167,44 +193,51 @@ _SETTINGS: list[Setting] = [
     Setting(
         "broker",
         "tcp://127.0.0.1:5555",
-        _endpoint,
-        "endpoint",
-        "Broker frontend that clients, the CLI and phantom-top connect to.",
+        parse_endpoints,
+        "endpoints",
+        "Broker frontend(s) that clients, the CLI and phantom-top connect to. A comma-separated list "
+        "names several brokers: a client fails over between them and keeps to the one that answered last. "
+        "A broker binds only its own one.",
     ),
     Setting(
         "backend",
         "tcp://127.0.0.1:5556",
-        _endpoint,
-        "endpoint",
-        "Broker backend where services register and heartbeat.",
+        parse_endpoints,
+        "endpoints",
+        "Broker backend(s) where services register and heartbeat; a service registers with every "
+        "broker listed and serves requests from any, each connection kept alive on its own.",
     ),
     Setting(
         "events_in",
         "tcp://127.0.0.1:5557",
-        _endpoint,
-        "endpoint",
-        "Broker XSUB socket that event publishers connect to.",
+        parse_endpoints,
+        "endpoints",
+        "Broker XSUB socket(s) that event publishers connect to; an event is published to every one "
+        "listed, numbered per publisher so that subscribers deliver it once.",
     ),
     Setting(
         "events_out",
         "tcp://127.0.0.1:5558",
-        _endpoint,
-        "endpoint",
-        "Broker XPUB socket that event subscribers connect to.",
+        parse_endpoints,
+        "endpoints",
+        "Broker XPUB socket(s) that event subscribers connect to; a subscriber listens to every one "
+        "listed and drops copies it has already delivered (same source and sequence).",
     ),
     Setting(
         "beacon",
         "tcp://127.0.0.1:5560",
-        _endpoint,
-        "endpoint",
-        "Discovery's SUB socket for agent beacons (agents connect their PUB).",
+        parse_endpoints,
+        "endpoints",
+        "Discovery's SUB socket for agent beacons (agents connect their PUB); agents beacon to every "
+        "one listed, a discovery instance binds only its own one.",
     ),
     Setting(
         "heartbeat",
         "tcp://127.0.0.1:5561",
-        _endpoint,
-        "endpoint",
-        "Membership's ROUTER socket for agent heartbeats.",
+        parse_endpoints,
+        "endpoints",
+        "Membership's ROUTER socket for agent heartbeats; agents heartbeat every one listed (so every "
+        "instance's detector stays warm), a membership instance binds only its own one.",
     ),
     Setting(
         "bind_host",
@@ -565,9 +598,23 @@ class Config(Mapping[str, Any]):
         """Where the value of ``name`` came from: flag, env, file or default."""
         return self._sources[name]
 
+    def endpoints(self, name: str) -> list[str]:
+        """The endpoints of endpoint-list setting ``name``, in the order given."""
+        return split_endpoints(self._values[name])
+
     def bind(self, name: str) -> str:
-        """The endpoint to bind for endpoint setting ``name`` (honours ``bind_host``)."""
-        endpoint = str(self._values[name])
+        """The endpoint to bind for endpoint setting ``name`` (honours ``bind_host``).
+
+        A process binds one endpoint: a list (the form that connecting processes
+        take) is refused with a :class:`ConfigError` that says so."""
+        listed = split_endpoints(self._values[name])
+        if len(listed) != 1:
+            raise ConfigError(
+                f"setting {name!r} lists {len(listed)} endpoints ({self._values[name]}, from "
+                f"{self._sources.get(name, 'default')}); a process that binds it takes its own one endpoint "
+                "(the lists are for the processes that connect)"
+            )
+        endpoint = listed[0]
         host = self._values.get("bind_host") or ""
         if host and endpoint.startswith("tcp://"):
             port = endpoint.rpartition(":")[2]

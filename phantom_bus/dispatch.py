@@ -295,6 +295,7 @@ class Dispatcher:
                         {
                             "pid": w.meta.get("pid"),
                             "host": w.meta.get("host"),
+                            "instance": w.meta.get("instance"),
                             "inflight": len(w.inflight),
                             "served": w.served,
                             "up": round(now - w.registered, 3),

@@ -37,6 +37,7 @@ from loguru import logger
 from phantom_bus import protocol
 from phantom_bus import security as secmod
 from phantom_bus.errors import PhantomError
+from phantom_bus.events import Deduplicator
 from phantom_bus.follower import AsyncMapFollower, Regression
 from phantom_bus.routing.inputs import PREFIXES
 from phantom_bus.routing.local import LocalRouter
@@ -74,6 +75,8 @@ class RoutingFeed:
         self.follower = AsyncMapFollower(client, name=name, on_change=router.set_map,
                                          on_regress=self._regressed, change_level="DEBUG")
         self.ready = asyncio.Event()
+        # With several brokers every event arrives once per broker: deliver it once.
+        self.dedupe = Deduplicator()
         self.health_loaded = False
         self.counters = {"events": 0, "reports": 0, "report_errors": 0}
 
@@ -124,6 +127,8 @@ class RoutingFeed:
                 event = protocol.decode_event(frames, max_size=max_body)
             except PhantomError:
                 continue
+            if not self.dedupe.accept(event):
+                continue  # the same event from another broker
             self.counters["events"] += 1
             if event["kind"] == "shardmap.changed":
                 self.follower.hint(event)

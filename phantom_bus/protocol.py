@@ -19,7 +19,7 @@ Three conversations share the bus (``docs/protocol.md`` is the reference):
 
 * events: publishers (PUB) -> broker XSUB, broker XPUB -> subscribers (SUB)::
 
-      [topic, PHE1, body]                        # body = {"kind": topic, "ts": float, "service": str, ...}
+      [topic, PHE1, body]   # body = {"kind": topic, "ts": float, "service": str, "origin": str, "seq": int, ...}
 
 The broker only ever reads envelope frames; bodies are decoded by the
 service that owns them (and by the broker for its own ``broker`` service).
@@ -280,10 +280,26 @@ def _split_caller_route(route: bytes) -> tuple[bytes, bool, bytes]:
 # --- events --------------------------------------------------------------------
 
 
-def encode_event(kind: str, data: dict[str, Any], *, source: str, ts: float | None = None) -> list[bytes]:
-    """The frames of one event: ``[topic, PHE1, body]``."""
+def encode_event(
+    kind: str,
+    data: dict[str, Any],
+    *,
+    source: str,
+    ts: float | None = None,
+    origin: str | None = None,
+    seq: int | None = None,
+) -> list[bytes]:
+    """The frames of one event: ``[topic, PHE1, body]``.
+
+    ``origin`` names the publishing process (unique per process run) and
+    ``seq`` numbers its events 1, 2, 3...: an event published to several
+    brokers reaches a subscriber once per broker, and the pair is what lets it
+    deliver the event once and in order (:class:`phantom_bus.events.Deduplicator`)."""
     # The envelope keys come last so that an event's own fields can never mask them.
     body = {**data, "kind": kind, "ts": time.time() if ts is None else ts, "service": source}
+    if origin is not None and seq is not None:
+        body["origin"] = origin
+        body["seq"] = seq
     return [kind.encode(), EVENT, pack(body)]
 
 

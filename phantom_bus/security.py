@@ -605,7 +605,7 @@ class Security:
         self._signature: tuple[Any, ...] | None = None
         self._lock = threading.Lock()
         self._handlers: dict[int, ZapHandler] = {}
-        self._watched: dict[int, tuple[zmq.Socket[Any], zmq.Socket[Any], str, str]] = {}
+        self._watched: dict[int, tuple[zmq.Socket[Any], zmq.Socket[Any], list[str], str]] = {}
         self._refusal_logged: dict[str, float] = {}
         self.reload_requested = False
         #: Why security is off, for :meth:`describe` ("" when on).
@@ -715,8 +715,10 @@ class Security:
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.keys.secret)
 
     def connect(self, sock: zmq.Socket[Any], endpoint: str, server: str = BROKER) -> None:
-        """Connect ``sock`` to ``endpoint`` as a CURVE client of ``server``, watching its
-        handshake so that :meth:`retry_refused` can try again after a refusal."""
+        """Connect ``sock`` to ``endpoint`` (one, or a comma-separated list: it connects
+        to each) as a CURVE client of ``server``, watching its handshakes so that
+        :meth:`retry_refused` can try again after a refusal."""
+        endpoints = [e.strip() for e in endpoint.split(",") if e.strip()]
         self.client(sock, server)
         if self.keys is not None:
             self._sweep()
@@ -725,32 +727,36 @@ class Security:
             monitor: zmq.Socket[Any] = zmq.Context.shadow(sock.context.underlying).socket(zmq.PAIR)
             monitor.setsockopt(zmq.LINGER, 0)
             monitor.connect(address)
-            self._watched[id(sock)] = (sock, monitor, endpoint, server)
-        sock.connect(endpoint)
+            self._watched[id(sock)] = (sock, monitor, endpoints, server)
+        for one in endpoints:
+            sock.connect(one)
 
     def retry_refused(self, sock: zmq.Socket[Any]) -> bool:
-        """Connect ``sock`` (made by :meth:`connect`) again if its server refused the
+        """Connect ``sock`` (made by :meth:`connect`) again if a server refused the
         handshake since the last call; True if it did. libzmq gives a refused
         connection up for good, so owners call this now and then, from the thread
         that uses the socket: a key authorized after the process started then gets
-        in without a restart."""
+        in without a restart. With several endpoints, only the refusing ones are
+        connected again."""
         watched = self._watched.get(id(sock))
         if watched is None or watched[0] is not sock:
             return False
-        _, monitor, endpoint, server = watched
-        refused = False
+        _, monitor, endpoints, server = watched
+        refused: set[str] = set()
         while monitor.poll(0):  # every event it reports is a refusal
-            monitor.recv_multipart()
-            refused = True
+            frames = monitor.recv_multipart()
+            where = frames[1].decode("utf-8", "replace") if len(frames) > 1 else ""
+            refused.update([where] if where in endpoints else endpoints)
         if not refused:
             return False
         now = time.monotonic()
-        if now - self._refusal_logged.get(endpoint, -60.0) >= 60.0:
-            self._refusal_logged[endpoint] = now
-            logger.warning("{} at {} refused our key {}; trying again", server, endpoint, self.me)
-        with contextlib.suppress(zmq.ZMQError):
-            sock.disconnect(endpoint)
-        sock.connect(endpoint)
+        for endpoint in sorted(refused):
+            if now - self._refusal_logged.get(endpoint, -60.0) >= 60.0:
+                self._refusal_logged[endpoint] = now
+                logger.warning("{} at {} refused our key {}; trying again", server, endpoint, self.me)
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disconnect(endpoint)
+            sock.connect(endpoint)
         return True
 
     def _sweep(self) -> None:

@@ -22,6 +22,17 @@ The worker survives a broker restart: the new broker does not know it and
 answers its heartbeat with ``BYE``, upon which it registers again; if the
 broker goes silent for ``liveness`` heartbeats, the worker also reconnects its
 socket from scratch.
+
+Several brokers. ``backend`` may list several broker backends: the worker
+registers with every one and serves requests from any, answering each on the
+connection it came from. Each connection has its own heartbeat, liveness and
+reconnection, so a dead or frozen broker never delays serving through the
+others. Events go to every broker listed in ``events_in`` (one PUB socket
+connected to each) and come from every one in ``events_out``; each event
+carries this process's ``origin`` and a sequence number, and subscribers
+deliver it once (:class:`phantom_bus.events.Deduplicator`). The READY
+metadata names this process's ``instance``, which the broker shows in its
+``services`` answer.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ from phantom_bus import protocol
 from phantom_bus import security as secmod
 from phantom_bus.config import Config
 from phantom_bus.errors import InternalError, PhantomError, Refused, UnknownOperation
+from phantom_bus.events import Deduplicator
 from phantom_bus.opspec import OpSpec, check_args, params_of
 from phantom_bus.wire import LoopSocket
 
@@ -67,7 +79,27 @@ SERVICE_SETTINGS = (
     "max_message",
     "curve_dir",
     "curve_key",
+    "instance",
 )
+
+
+def instance_name(cfg: Config) -> str:
+    """This process's instance name: the ``instance`` setting, else HOST:PID."""
+    name = str(cfg.get("instance") or "")
+    return name or f"{socket.gethostname()}:{os.getpid()}"
+
+
+class BrokerLink:
+    """A worker's conversation with one broker backend: its socket and when the
+    broker was last heard, kept apart from every other broker's."""
+
+    __slots__ = ("endpoint", "last_heard", "reconnects", "sock")
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.sock: LoopSocket | None = None
+        self.last_heard = 0.0
+        self.reconnects = 0
 
 
 class _Operation:
@@ -104,12 +136,18 @@ class Service:
         self._subs: list[tuple[str, EventCallback]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
-        self._last_heard = 0.0
+        self.instance = instance_name(cfg)
+        # One link per broker backend; every request is answered on its own link.
+        self.links = [BrokerLink(e) for e in str(cfg.backend).split(",") if e.strip()]
+        # Events: numbered per process run, so that copies relayed by several
+        # brokers are delivered once.
+        self.origin = f"{name}@{self.instance}#{os.urandom(3).hex()}"
+        self._seq = 0
+        self.dedupe = Deduplicator()
         # The worker socket is a plain (synchronous) socket driven by the event loop
         # through its FD: the request path then costs no futures or IntFlag
         # arithmetic, which is most of what zmq.asyncio adds per message.
         self._sync_ctx: zmq.Context[Any] = zmq.Context.shadow(self.ctx.underlying)
-        self._worker: LoopSocket | None = None
         self._pub: zmq.asyncio.Socket | None = None
         self._sub: zmq.asyncio.Socket | None = None
         self.operation("ping")(self._ping)
@@ -162,8 +200,10 @@ class Service:
         if self._pub is None:
             self._open_publisher()
         assert self._pub is not None
+        self._seq += 1
+        frames = protocol.encode_event(kind, data or {}, source=self.name, origin=self.origin, seq=self._seq)
         try:
-            await self._pub.send_multipart(protocol.encode_event(kind, data or {}, source=self.name))
+            await self._pub.send_multipart(frames)
         except zmq.ZMQError as exc:
             logger.warning("could not publish {}: {}", kind, exc)
 
@@ -182,6 +222,8 @@ class Service:
             except PhantomError as err:
                 logger.warning("dropped a malformed event: {}", err)
                 continue
+            if not self.dedupe.accept(event):
+                continue  # the same event relayed by another broker
             self.counters["events_in"] += 1
             kind = event["kind"]
             for prefix, callback in self._subs:
@@ -206,67 +248,74 @@ class Service:
         sock.setsockopt(zmq.RCVHWM, 10000)
         return sock
 
-    async def _connect(self) -> None:
-        if self._worker is not None:
-            self._worker.close()
+    def _connect(self, link: BrokerLink) -> None:
+        if link.sock is not None:
+            link.sock.close()
         sock = self.sync_socket(zmq.DEALER)
         self.security.client(sock)
-        sock.connect(self.cfg.backend)
-        self._worker = LoopSocket(sock, recheck=self.heartbeat)
-        self._register()
+        sock.connect(link.endpoint)
+        link.sock = LoopSocket(sock, recheck=self.heartbeat)
+        self._register(link)
         # Requests are handled straight from the loop's reader callback: no
         # future and no task switch per message (see LoopSocket.serve).
-        self._worker.serve(self._on_worker_message)
+        link.sock.serve(lambda frames: self._on_worker_message(link, frames))
 
-    def _register(self) -> None:
+    def _register(self, link: BrokerLink) -> None:
         meta = {
             "concurrency": self.concurrency,
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "instance": self.instance,
             "ops": sorted(self._ops),
         }
-        self._send([protocol.WORKER, protocol.READY, self.name.encode(), protocol.pack(meta)])
-        self._last_heard = time.monotonic()
+        self._send(link, [protocol.WORKER, protocol.READY, self.name.encode(), protocol.pack(meta)])
+        link.last_heard = time.monotonic()
 
-    def _send(self, frames: list[bytes]) -> None:
+    @staticmethod
+    def _send(link: BrokerLink, frames: list[bytes]) -> None:
         # At the high-water mark the message is dropped (the client retries)
         # rather than stalling the loop.
-        if self._worker is not None and not self._worker.send(frames):
-            logger.warning("message to the broker dropped: send queue full")
+        if link.sock is not None and not link.sock.send(frames):
+            logger.warning("message to the broker at {} dropped: send queue full", link.endpoint)
 
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat)
-            if time.monotonic() - self._last_heard > self.liveness:
-                self.counters["reconnects"] += 1
-                logger.warning("broker silent for {:.1f} s; reconnecting", self.liveness)
-                await self._connect()
-                continue
-            self._send([protocol.WORKER, protocol.HEARTBEAT])
+            now = time.monotonic()
+            for link in self.links:  # each broker on its own: a dead one delays no other
+                if now - link.last_heard > self.liveness:
+                    self.counters["reconnects"] += 1
+                    link.reconnects += 1
+                    logger.warning("broker at {} silent for {:.1f} s; reconnecting", link.endpoint, self.liveness)
+                    self._connect(link)
+                    continue
+                self._send(link, [protocol.WORKER, protocol.HEARTBEAT])
             if self._authorise:  # event sockets refused (key authorized late) try again
                 for sock in (self._pub, self._sub):
                     if sock is not None:
                         self.security.retry_refused(sock)
 
-    def _on_worker_message(self, frames: list[bytes]) -> None:
-        self._last_heard = time.monotonic()
+    def _on_worker_message(self, link: BrokerLink, frames: list[bytes]) -> None:
+        link.last_heard = time.monotonic()
         try:
             if len(frames) < 2 or frames[0] != protocol.WORKER:
                 self.counters["bad"] += 1
             elif frames[1] == protocol.REQUEST and len(frames) == 5:
-                self._on_request(frames[2], frames[3], frames[4])
+                self._on_request(link, frames[2], frames[3], frames[4])
             elif frames[1] == protocol.REQUEST and len(frames) == 6:  # with the caller (security on)
-                self._on_request(frames[2], frames[3], frames[4], frames[5])
+                self._on_request(link, frames[2], frames[3], frames[4], frames[5])
             elif frames[1] == protocol.DISCONNECT:
-                logger.info("broker asked us to register again")
-                self._register()
+                logger.info("broker at {} asked us to register again", link.endpoint)
+                self._register(link)
             elif frames[1] != protocol.HEARTBEAT:
                 self.counters["bad"] += 1
         except Exception:  # a bug here must not stop the worker from reading
             self.counters["bad"] += 1
             logger.exception("a message from the broker could not be handled")
 
-    def _on_request(self, route: bytes, reqid: bytes, body: bytes, caller: bytes | None = None) -> None:
+    def _on_request(
+        self, link: BrokerLink, route: bytes, reqid: bytes, body: bytes, caller: bytes | None = None
+    ) -> None:
         self.counters["requests"] += 1
         try:
             op_name, args = protocol.decode_request(body, max_size=self.max_body)
@@ -283,14 +332,14 @@ class Service:
             args = check_args(op.label, op.spec, args)
         except Refused as err:
             self.counters["refused"] += 1
-            self._reply(route, reqid, protocol.encode_error(err))
+            self._reply(link, route, reqid, protocol.encode_error(err))
             return
         except PhantomError as err:
             self.counters["bad"] += 1
-            self._reply(route, reqid, protocol.encode_error(err))
+            self._reply(link, route, reqid, protocol.encode_error(err))
             return
         if op.is_async:
-            task = asyncio.ensure_future(self._run_async(op, args, route, reqid))
+            task = asyncio.ensure_future(self._run_async(link, op, args, route, reqid))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return
@@ -301,9 +350,11 @@ class Service:
             body = protocol.encode_error(err)
         except Exception as exc:
             body = self._internal(op, exc)
-        self._reply(route, reqid, body)
+        self._reply(link, route, reqid, body)
 
-    async def _run_async(self, op: _Operation, args: dict[str, Any], route: bytes, reqid: bytes) -> None:
+    async def _run_async(
+        self, link: BrokerLink, op: _Operation, args: dict[str, Any], route: bytes, reqid: bytes
+    ) -> None:
         try:
             result = await op.fn(**args)
             body = protocol.encode_result(result)
@@ -312,15 +363,15 @@ class Service:
             body = protocol.encode_error(err)
         except Exception as exc:
             body = self._internal(op, exc)
-        self._reply(route, reqid, body)
+        self._reply(link, route, reqid, body)
 
     def _internal(self, op: _Operation, exc: Exception) -> bytes:
         self.counters["errors"] += 1
         logger.opt(exception=exc).error("{}.{} failed", self.name, op.name)
         return protocol.encode_error(InternalError(f"{self.name}.{op.name} failed: {type(exc).__name__}: {exc}"))
 
-    def _reply(self, route: bytes, reqid: bytes, body: bytes) -> None:
-        self._send([protocol.WORKER, protocol.REPLY, route, reqid, body])
+    def _reply(self, link: BrokerLink, route: bytes, reqid: bytes, body: bytes) -> None:
+        self._send(link, [protocol.WORKER, protocol.REPLY, route, reqid, body])
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -328,7 +379,8 @@ class Service:
         """Register and serve until :meth:`stop`; ``extra`` coroutines run alongside."""
         if self._pub is None:
             self._open_publisher()
-        await self._connect()
+        for link in self.links:
+            self._connect(link)
         loops = [self._heartbeat_loop(), *extra]
         if self._subs:
             self._sub = self._socket(zmq.SUB)
@@ -338,26 +390,29 @@ class Service:
             loops.append(self._event_loop())
         tasks = [asyncio.ensure_future(c) for c in loops]
         (logger.info if self.security.enabled else logger.warning)(self.security.describe())
-        logger.info("service {} registering at {}", self.name, self.cfg.backend)
+        logger.info("service {} (instance {}) registering at {}", self.name, self.instance, self.cfg.backend)
         try:
             await run_until(self._stopping, tasks)
         finally:
             await self._shutdown(tasks)
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
-        self._send([protocol.WORKER, protocol.DISCONNECT])
+        for link in self.links:
+            self._send(link, [protocol.WORKER, protocol.DISCONNECT])
         if self._tasks:
             # Requests already accepted get a short grace period to finish.
             await asyncio.wait(list(self._tasks), timeout=2.0)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._worker is not None:
-            self._worker.close()
+        for link in self.links:
+            if link.sock is not None:
+                link.sock.close()
+                link.sock = None
         for sock in (self._pub, self._sub):
             if sock is not None:
                 sock.close(0)
-        self._worker = self._pub = self._sub = None
+        self._pub = self._sub = None
         self.security.close()
 
     def stop(self) -> None:

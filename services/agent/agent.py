@@ -28,12 +28,20 @@ from phantom_bus import security as secmod
 from phantom_bus.client import AsyncClient
 from phantom_bus.config import Config
 from phantom_bus.errors import PhantomError
+from phantom_bus.events import Deduplicator
 from phantom_bus.follower import AsyncMapFollower
 from phantom_bus.service import run_until
 from services.agent.incarnation import next_incarnation, persist_incarnation, refutation
 from services.agent.load import LoadDocument, LoadSampler
 from services.agent.probe import PsutilProbe
-from services.discovery.beacon import Beacon, check_address, check_node_id, encode_beacon, new_instance_id
+from services.discovery.beacon import (
+    MAX_HINT_VALUE_CHARS,
+    Beacon,
+    check_address,
+    check_node_id,
+    encode_beacon,
+    new_instance_id,
+)
 
 SETTINGS = (
     "broker",
@@ -97,6 +105,10 @@ class Agent:
         self.assignments: dict[str, str] = {}
         self.ctx = zmq.asyncio.Context.instance()
         self._beacons: zmq.asyncio.Socket | None = None
+        self._heartbeat_socks: dict[str, zmq.asyncio.Socket] = {}
+        # Where we heartbeat, as a hint in beacons: the list if it fits a hint, else the first.
+        hb_list = str(cfg.heartbeat)
+        self._hb_hint = hb_list if len(hb_list) <= MAX_HINT_VALUE_CHARS else hb_list.split(",")[0]
         self._stopping = asyncio.Event()
 
     def beacon(self, *, leaving: bool = False) -> Beacon:
@@ -111,7 +123,7 @@ class Agent:
             version=_version(),
             started=self.started,
             leaving=leaving,
-            hb={"endpoint": self.cfg.heartbeat, "interval": float(self.cfg.heartbeat_interval)},
+            hb={"endpoint": self._hb_hint, "interval": float(self.cfg.heartbeat_interval)},
         )
 
     async def _send_beacon(self, beacon: Beacon) -> None:
@@ -146,7 +158,7 @@ class Agent:
 
     # --- heartbeats to membership --------------------------------------------------------
 
-    def _open_heartbeats(self) -> zmq.asyncio.Socket:
+    def _open_heartbeats(self, endpoint: str) -> zmq.asyncio.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         # Heartbeats are only worth sending now: never queue them for a peer that
@@ -155,7 +167,7 @@ class Agent:
         sock.setsockopt(zmq.SNDHWM, 4)
         sock.setsockopt(zmq.RCVHWM, 100)
         self.security.client(sock, secmod.MEMBERSHIP)
-        sock.connect(self.cfg.heartbeat)
+        sock.connect(endpoint)
         return sock
 
     def _on_ack(self, ack: dict[str, Any]) -> None:
@@ -191,14 +203,21 @@ class Agent:
         self.incarnation = incarnation
 
     async def heartbeat_loop(self) -> None:
-        """Heartbeat membership every interval with the latest load; refute suspicion.
+        """Heartbeat every membership instance listed in ``heartbeat``, each on its
+        own socket and loop: every instance's detector then stays warm (a follower
+        that takes over suspects nobody), and a dead instance delays no other."""
+        endpoints = [e.strip() for e in str(self.cfg.heartbeat).split(",") if e.strip()]
+        await asyncio.gather(*(self._heartbeat_to(endpoint) for endpoint in endpoints))
+
+    async def _heartbeat_to(self, endpoint: str) -> None:
+        """Heartbeat one membership every interval with the latest load; refute suspicion.
 
         When acks stop (membership restarting, network cut) the socket is
         reopened after a few silent intervals, backing off up to 5 s between
         reopenings so a long outage costs little.
         """
         interval = float(self.cfg.heartbeat_interval)
-        sock = self._open_heartbeats()
+        sock = self._open_heartbeats(endpoint)
         last_ack = time.monotonic()
         backoff = 3 * interval
         reopened = time.monotonic()
@@ -232,28 +251,28 @@ class Agent:
                             self._on_ack(ack)
                 now = time.monotonic()
                 if now - last_ack > backoff and now - reopened > backoff:
-                    logger.info("no ack from membership for {:.1f} s; reconnecting", now - last_ack)
+                    logger.info("no ack from membership at {} for {:.1f} s; reconnecting", endpoint, now - last_ack)
                     sock.close(0)
-                    sock = self._open_heartbeats()
+                    sock = self._open_heartbeats(endpoint)
                     reopened = now
                     backoff = min(backoff * 2, 5.0)
         finally:
-            self._heartbeat_sock = sock
+            self._heartbeat_socks[endpoint] = sock
 
     async def _leave_membership(self) -> None:
-        sock = getattr(self, "_heartbeat_sock", None)
-        if sock is None:
-            return
-        with contextlib.suppress(zmq.ZMQError):
-            await sock.send_multipart(
-                [
-                    protocol.HEARTBEAT_HEADER,
-                    protocol.pack({"op": "leave", "node": self.node, "incarnation": self.incarnation}),
-                ],
-                zmq.NOBLOCK,
-            )
-            await sock.poll(200)
-        sock.close(0)
+        socks = list(self._heartbeat_socks.values())
+        self._heartbeat_socks.clear()
+        goodbye = [
+            protocol.HEARTBEAT_HEADER,
+            protocol.pack({"op": "leave", "node": self.node, "incarnation": self.incarnation}),
+        ]
+        for sock in socks:
+            with contextlib.suppress(zmq.ZMQError):
+                await sock.send_multipart(goodbye, zmq.NOBLOCK)
+        for sock in socks:
+            with contextlib.suppress(zmq.ZMQError):
+                await sock.poll(200)
+            sock.close(0)
 
     # --- shard assignments ----------------------------------------------------------------
 
@@ -276,6 +295,7 @@ class Agent:
             # Whole-map reads (to notice an epoch gone backwards) are rarer here than
             # elsewhere: one per agent adds up across a large cluster.
             follower = AsyncMapFollower(client, name=f"agent {self.node}", verify_s=60.0)
+            dedupe = Deduplicator()
 
             async def listen() -> None:
                 while True:
@@ -283,9 +303,12 @@ class Agent:
                         self.security.retry_refused(sub)
                         continue
                     try:
-                        follower.hint(protocol.decode_event(await sub.recv_multipart()))
+                        event = protocol.decode_event(await sub.recv_multipart())
                     except PhantomError:
                         follower.poke()
+                        continue
+                    if dedupe.accept(event):  # once, whichever broker relayed it
+                        follower.hint(event)
 
             async def copy(shard: str) -> None:
                 await asyncio.sleep(float(self.cfg.copy_time))
@@ -328,6 +351,7 @@ class Agent:
         self._beacons = self.ctx.socket(zmq.PUB)
         self._beacons.setsockopt(zmq.LINGER, 1000)
         self._beacons.setsockopt(zmq.SNDHWM, 100)
+        # One PUB connected to every discovery instance listed: each beacon reaches all.
         self.security.connect(self._beacons, self.cfg.beacon, secmod.DISCOVERY)
         (logger.info if self.security.enabled else logger.warning)(self.security.describe())
         logger.info(

@@ -42,6 +42,7 @@ class Discovery:
             forget_after=cfg.discovery_forget,
         )
         core_cfg.validate()
+        cfg.bind("beacon")  # one endpoint of its own (agents take the list): refused at start otherwise
         self.cfg = cfg
         self.table = DiscoveryTable(core_cfg)
         self.service = Service("discovery", cfg)

@@ -109,6 +109,7 @@ class MembershipService:
     """Membership's shell around one :class:`Membership` core."""
 
     def __init__(self, cfg: Config, store: Store | None = None) -> None:
+        cfg.bind("heartbeat")  # one endpoint of its own (agents take the list): refused at start otherwise
         self.cfg = cfg
         self.core = Membership(core_config(cfg))
         self.service = Service("membership", cfg)
