@@ -191,7 +191,7 @@ class Service:
         return sock
 
     def _ping(self) -> dict[str, Any]:
-        return {"service": self.name, "pid": os.getpid(), "ops": sorted(self._ops)}
+        return {"service": self.name, "pid": os.getpid(), "instance": self.instance, "ops": sorted(self._ops)}
 
     # --- events ---------------------------------------------------------------
 

@@ -13,6 +13,19 @@ snapshot of membership and discovery every couple of seconds.
 Clients that route locally load the node table (``routing``) and report
 their traffic every few seconds (``report``, answered with the table), so
 ``stats`` and ``phantom-top`` still see every select.
+
+Several instances. Any number of balancer instances may serve ``select``
+side by side; the brokers spread requests over them. Each balances on the
+leases it issued itself (as every Envoy proxy balances on its own requests):
+its in-flight counts are exact for its own share of the traffic and need
+nothing from the others. A lease id starts with the prefix of the instance
+that issued it, so a ``release`` that reaches another instance (the broker
+chose another worker, or the client failed over to another broker) is
+answered at once with status ``forwarded`` and passed on over the bus
+(``balancer.release``); the issuing instance ends the lease and learns the
+latency, the others ignore it. When an instance is lost, its leases and
+their in-flight counts go with it: releases for them end nowhere (harmless),
+the survivors' counts stay exact, and its share of the traffic moves to them.
 """
 
 from __future__ import annotations
@@ -37,6 +50,9 @@ from phantom_bus.service import Service
 from phantom_bus.shardmap import ShardMap
 
 SETTINGS = ("broker", "timeout", "retries", "lease_timeout")
+
+#: Event that passes a release on to the instance that issued the lease.
+RELEASE_FORWARD = "balancer.release"
 
 DEFAULT_KEYSPACE = "default"
 # Seconds between node snapshots (repairing lost member/node events), ticks, and rate reports.
@@ -69,6 +85,10 @@ class BalancerService:
         svc.subscribe("member.", self.on_member)
         svc.subscribe("node.", self.on_node)
         svc.subscribe("cluster.node_", self.on_lifecycle)
+        svc.subscribe(RELEASE_FORWARD, self.on_release_forwarded)
+        # The prefix of the lease ids this instance issues (known from its first lease).
+        self._lease_prefix: str | None = None
+        self.counters = {"releases_forwarded": 0, "forwarded_ended": 0}
 
     # --- operations -------------------------------------------------------------------
 
@@ -96,6 +116,8 @@ class BalancerService:
         shard = self.map.lookup(name, key)
         candidates = [Candidate(r.node, r.role) for r in shard.replicas]
         sel = self.core.select(shard.id, candidates, write=write, strategy=strategy, lease=lease, now=time.monotonic())
+        if sel.lease is not None and self._lease_prefix is None:
+            self._lease_prefix = _prefix(sel.lease)
         return {
             "key": key,
             "keyspace": name,
@@ -114,13 +136,37 @@ class BalancerService:
 
         Always answered as done: a lease that is no longer open (released
         before, expired, or from before a restart) has ended either way, so
-        the application gets no error; ``status`` says which."""
+        the application gets no error; ``status`` says which. A lease another
+        instance issued is passed on to it (``forwarded``)."""
+        if isinstance(lease, str) and not self._owns(lease):
+            self.counters["releases_forwarded"] += 1
+            await self.service.publish(RELEASE_FORWARD, {"lease": lease, "latency_ms": latency_ms, "ok": ok})
+            return {"released": lease, "status": "forwarded"}
         status, events = self.core.end_lease(lease, latency_ms, ok, now=time.monotonic())
         if status != "released":
             logger.debug("release of lease {}: {}", lease, status)
         if events:
             await self._publish(events)
         return {"released": lease, "status": status}
+
+    def _owns(self, lease: str) -> bool:
+        return self._lease_prefix is not None and _prefix(lease) == self._lease_prefix
+
+    async def on_release_forwarded(self, event: dict[str, Any]) -> None:
+        """A release another instance received for a lease this one issued."""
+        lease = event.get("lease")
+        if not isinstance(lease, str) or not self._owns(lease):
+            return
+        latency, ok = event.get("latency_ms"), event.get("ok", True)
+        try:
+            status, events = self.core.end_lease(lease, latency, ok, now=time.monotonic())
+        except PhantomError as exc:
+            logger.warning("ignored a forwarded release of {}: {}", lease, exc)
+            return
+        if status == "released":
+            self.counters["forwarded_ended"] += 1
+        if events:
+            await self._publish(events)
 
     def op_node_update(
         self,
@@ -147,6 +193,8 @@ class BalancerService:
         stats["epoch"] = None if self.map is None else self.map.epoch
         stats["map"] = self.follower.core.status(now)
         stats["select_seconds"] = self.select_timer.snapshot()
+        stats["instance"] = self.service.instance
+        stats["forwarding"] = dict(self.counters)
         return stats
 
     def metrics(self) -> list[Any]:
@@ -252,3 +300,7 @@ class BalancerService:
         """The coroutines to run next to the service's own."""
         return [self.sync_loop(), self.tick_loop()]
 
+
+def _prefix(lease: str) -> str:
+    """The issuing instance's part of a lease id (``<prefix>-<counter>``)."""
+    return lease.rpartition("-")[0]

@@ -158,7 +158,8 @@ class MembershipService:
 
     def op_stats(self) -> dict[str, Any]:
         """Counters of the core and the shell."""
-        return {**self.core.stats(), **self.counters, "pending": self.core.pending()}
+        return {**self.core.stats(), **self.counters, "pending": self.core.pending(),
+                "instance": self.service.instance, "leader": self.leadership.is_leader}
 
     # --- discovery -> admission ------------------------------------------------------
 
