@@ -21,7 +21,8 @@ its in-flight counts are exact for its own share of the traffic and need
 nothing from the others. A lease id starts with the prefix of the instance
 that issued it, so a ``release`` that reaches another instance (the broker
 chose another worker, or the client failed over to another broker) is
-answered at once with status ``forwarded`` and passed on over the bus
+answered at once with status ``unknown`` (as any lease it did not issue) and
+passed on over the bus
 (``balancer.release``); the issuing instance ends the lease and learns the
 latency, the others ignore it. When an instance is lost, its leases and
 their in-flight counts go with it: releases for them end nowhere (harmless),
@@ -137,12 +138,11 @@ class BalancerService:
         Always answered as done: a lease that is no longer open (released
         before, expired, or from before a restart) has ended either way, so
         the application gets no error; ``status`` says which. A lease another
-        instance issued is passed on to it (``forwarded``)."""
-        if isinstance(lease, str) and not self._owns(lease):
+        instance issued is ``unknown`` here and passed on to that instance."""
+        status, events = self.core.end_lease(lease, latency_ms, ok, now=time.monotonic())
+        if status == "unknown" and not self._owns(lease):
             self.counters["releases_forwarded"] += 1
             await self.service.publish(RELEASE_FORWARD, {"lease": lease, "latency_ms": latency_ms, "ok": ok})
-            return {"released": lease, "status": "forwarded"}
-        status, events = self.core.end_lease(lease, latency_ms, ok, now=time.monotonic())
         if status != "released":
             logger.debug("release of lease {}: {}", lease, status)
         if events:

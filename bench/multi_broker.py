@@ -1,0 +1,229 @@
+"""What do several brokers cost, and what does losing one cost a client?
+
+Two clusters run side by side on free ports of 127.0.0.1, the same services
+and three agents in each: one with a single broker, one with three brokers
+(every service registered with all three, every process given the lists).
+Rounds alternate between them, so both see the same machine noise; each
+round is one client making brokered selects (``routing="broker"``, a
+release after each) for ``--seconds``: select latency p50/p99 and
+throughput, median and spread over the rounds, and the three/one ratio.
+
+Then, on the three-broker cluster, under the same load from ``--clients``
+threads, the broker every client prefers is SIGKILLed: failed operations
+(after the client's own retries) and the longest gap between two successful
+selects of any one client.
+
+    python bench/multi_broker.py [--seconds 3] [--rounds 5] [--clients 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench._procs import (  # noqa: E402
+    Cluster,
+    fmt_spread,
+    free_port,
+    host_info,
+    interruptible,
+    log,
+    summary,
+    table,
+    write_results,
+)
+from phantom_bus.client import Client  # noqa: E402
+from phantom_bus.errors import PhantomError  # noqa: E402
+
+SERVICES = ("discovery", "membership", "sharding", "balancer", "manager")
+BUS = ("broker", "backend", "events_in", "events_out")
+
+
+class Brokers:
+    """A cluster whose bus is ``count`` brokers; every other process gets the lists."""
+
+    def __init__(self, count: int) -> None:
+        self.cluster = Cluster(f"brokers{count}")
+        self.count = count
+        self.ports = [{k: free_port() for k in BUS} for _ in range(count)]
+        for key in BUS:
+            self.cluster.env[f"PHANTOM_{key.upper()}"] = ",".join(
+                f"tcp://127.0.0.1:{p[key]}" for p in self.ports
+            )
+        self.cluster.env["PHANTOM_COPY_TIME"] = "0.1"
+        self.brokers: list[Any] = []
+
+    @property
+    def endpoint(self) -> str:
+        return self.cluster.endpoint("broker")
+
+    def start(self) -> None:
+        c = self.cluster
+        for i, ports in enumerate(self.ports, 1):
+            own = {f"PHANTOM_{k.upper()}": f"tcp://127.0.0.1:{v}" for k, v in ports.items()}
+            self.brokers.append(c.start("phantom_bus.broker", label=f"broker{i}", PHANTOM_INSTANCE=f"b{i}", **own))
+        for name in SERVICES:
+            c.start(f"services.{name}")
+        for n in (1, 2, 3):
+            c.agent(f"node-{n}", n)
+
+    def wait_green(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with Client(self.endpoint, timeout=2.0, retries=1, routing="broker") as client:
+                    if client.status().get("health") == "green":
+                        return
+            except PhantomError:
+                pass
+            time.sleep(0.5)
+        self.cluster.failed = True
+        raise RuntimeError(f"the {self.count}-broker cluster did not turn green within {timeout:g} s")
+
+
+def select_round(endpoint: str, seconds: float) -> dict[str, Any]:
+    """One client, brokered selects and releases for ``seconds``: latencies in ms."""
+    latencies: list[float] = []
+    errors = 0
+    with Client(endpoint, timeout=2.0, retries=3, routing="broker") as client:
+        end = time.monotonic() + seconds
+        i = 0
+        while time.monotonic() < end:
+            i += 1
+            started = time.perf_counter()
+            try:
+                sel = client.select(f"user:{i % 500}")
+            except PhantomError:
+                errors += 1
+                continue
+            latencies.append((time.perf_counter() - started) * 1000)
+            client.release(sel, latency_ms=1.0)
+    latencies.sort()
+    n = len(latencies)
+    return {
+        "selects": n,
+        "errors": errors,
+        "p50_ms": latencies[n // 2] if n else float("nan"),
+        "p99_ms": latencies[min(n - 1, int(n * 0.99))] if n else float("nan"),
+        "per_s": n / seconds,
+    }
+
+
+class Load(threading.Thread):
+    """Brokered selects until stopped: failures and the longest gap between successes."""
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__(daemon=True)
+        self.endpoint = endpoint
+        self.halt = threading.Event()
+        self.ok = self.failed = 0
+        self.longest_gap = 0.0
+        self.gap_after_kill = 0.0
+        self.killed_at: float | None = None
+
+    def run(self) -> None:
+        with Client(self.endpoint, timeout=2.0, retries=3, routing="broker") as client:
+            last = time.monotonic()
+            i = 0
+            while not self.halt.is_set():
+                i += 1
+                try:
+                    sel = client.select(f"user:{i % 500}", write=i % 5 == 0)
+                    client.release(sel, latency_ms=1.0)
+                except PhantomError:
+                    self.failed += 1
+                    continue
+                now = time.monotonic()
+                gap, last = now - last, now
+                self.longest_gap = max(self.longest_gap, gap)
+                if self.killed_at is not None and now - gap <= self.killed_at + 5.0:
+                    self.gap_after_kill = max(self.gap_after_kill, gap)
+                self.ok += 1
+                time.sleep(0.002)
+
+
+def kill_one(three: Brokers, clients: int, seconds: float) -> dict[str, Any]:
+    loads = [Load(three.endpoint) for _ in range(clients)]
+    for load in loads:
+        load.start()
+    try:
+        time.sleep(seconds)
+        before = [load.ok for load in loads]
+        killed_at = time.monotonic()
+        for load in loads:
+            load.killed_at = killed_at
+        three.cluster.kill(three.brokers[0])  # every client prefers the first until it fails
+        time.sleep(seconds)
+        after = [load.ok - b for load, b in zip(loads, before, strict=True)]
+    finally:
+        for load in loads:
+            load.halt.set()
+        for load in loads:
+            load.join(20)
+    return {
+        "clients": clients,
+        "failed": sum(load.failed for load in loads),
+        "selects_after_kill": after,
+        "longest_gap_s": max(load.gap_after_kill for load in loads),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of one round")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per cluster")
+    parser.add_argument("--clients", type=int, default=3, help="load threads for the broker kill")
+    args = parser.parse_args()
+    interruptible()
+    one, three = Brokers(1), Brokers(3)
+    try:
+        for cluster in (one, three):
+            cluster.start()
+        for cluster in (one, three):
+            cluster.wait_green()
+        log("both clusters green; measuring")
+        rounds: dict[int, list[dict[str, Any]]] = {1: [], 3: []}
+        for r in range(args.rounds):
+            for cluster in (one, three) if r % 2 == 0 else (three, one):
+                rounds[cluster.count].append(select_round(cluster.endpoint, args.seconds))
+        rows, doc = [], {"host": host_info(), "seconds": args.seconds, "rounds": rounds}
+        for count in (1, 3):
+            p50 = summary([r["p50_ms"] for r in rounds[count]])
+            p99 = summary([r["p99_ms"] for r in rounds[count]])
+            rate = summary([r["per_s"] for r in rounds[count]])
+            errors = sum(r["errors"] for r in rounds[count])
+            rows.append([f"{count} broker(s)", fmt_spread(p50, digits=3), fmt_spread(p99, digits=3),
+                         fmt_spread(rate, digits=0), errors])
+            doc[f"brokers_{count}"] = {"p50_ms": p50, "p99_ms": p99, "per_s": rate, "errors": errors}
+        ratio = {
+            key: statistics.median(r[key] for r in rounds[3]) / statistics.median(r[key] for r in rounds[1])
+            for key in ("p50_ms", "p99_ms", "per_s")
+        }
+        doc["ratio_three_to_one"] = ratio
+        rows.append(["3 / 1", f"{ratio['p50_ms']:.2f}", f"{ratio['p99_ms']:.2f}", f"{ratio['per_s']:.2f}", ""])
+        table("brokered select, one client (median (min..max) over rounds)",
+              ["bus", "p50 ms", "p99 ms", "selects/s", "errors"], rows)
+        log("killing one of three brokers under load")
+        killed = kill_one(three, args.clients, args.seconds)
+        doc["kill_one_of_three"] = killed
+        table("SIGKILL of the preferred broker of three, under select load",
+              ["clients", "failed ops", "selects after kill (per client)", "longest gap s"],
+              [[killed["clients"], killed["failed"], killed["selects_after_kill"], killed["longest_gap_s"]]])
+        print(f"\nwrote {write_results('multi_broker', doc)}")
+        return 0
+    finally:
+        one.cluster.close()
+        three.cluster.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
