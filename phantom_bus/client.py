@@ -84,7 +84,8 @@ LOST = _Lost()
 
 def _connected(sock: Any) -> bool:
     # With IMMEDIATE, a DEALER is writable only while a connection to its peer is up.
-    return bool(int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLOUT)
+    # Another task may have closed the socket (Lazy Pirate): then it is down for us.
+    return not sock.closed and bool(int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLOUT)
 
 
 class _Budget:
@@ -648,24 +649,27 @@ class AsyncClient(_Base):
             reader.cancel()
         sock.close(0)
 
-    async def _choose(self, deadline: float) -> int | None:
-        """Awaitable :meth:`Client._choose`."""
+    async def _choose(self, deadline: float) -> tuple[int, zmq.asyncio.Socket] | None:
+        """Awaitable :meth:`Client._choose`, with the socket chosen."""
         if not self.multi:
-            self._open(0)
-            return 0
-        order = self._order()
-        socks = [self._open(i) for i in order]
-        for i, sock in zip(order, socks, strict=True):
-            if _connected(sock):
-                return i
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        poller = zmq.asyncio.Poller()
-        for sock in socks:
-            poller.register(sock, zmq.POLLOUT)
-        ready = dict(await poller.poll(int(left * 1000) + 1))
-        return next((i for i, sock in zip(order, socks, strict=True) if sock in ready), None)
+            return 0, self._open(0)
+        while True:
+            order = self._order()
+            socks = [self._open(i) for i in order]
+            for i, sock in zip(order, socks, strict=True):
+                if _connected(sock):
+                    return i, sock
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            poller = zmq.asyncio.Poller()
+            for sock in socks:
+                poller.register(sock, zmq.POLLOUT)
+            try:
+                # Bounded, so a socket another task replaced meanwhile is seen soon.
+                await poller.poll(int(min(left, _LOST_CHECK_S) * 1000) + 1)
+            except zmq.ZMQError:
+                continue  # one of them was closed by another task: look again
 
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
         while True:
@@ -720,8 +724,7 @@ class AsyncClient(_Base):
                 chosen = await self._choose(deadline)
                 if chosen is None:
                     return index, None
-                index = chosen
-                sock = self._socks[index]
+                index, sock = chosen
                 if self.security.enabled:
                     # A connection refused at the handshake leaves the DEALER with no peer, and
                     # a send would wait forever: connect again first if that happened.
@@ -734,8 +737,8 @@ class AsyncClient(_Base):
                         return index, None
                 try:
                     await sock.send_multipart(frames, zmq.NOBLOCK)
-                except zmq.Again:
-                    continue  # that connection just went down: another broker
+                except zmq.ZMQError:
+                    continue  # that connection just went down (or another task closed it): another broker
                 while not fut.done():
                     left = deadline - time.monotonic()
                     if left <= 0:
