@@ -653,23 +653,20 @@ class AsyncClient(_Base):
         """Awaitable :meth:`Client._choose`, with the socket chosen."""
         if not self.multi:
             return 0, self._open(0)
+        # No asyncio poller here: a socket that another task closes (Lazy Pirate) would
+        # cancel its future, and with it this task. Nothing connected happens only at
+        # the start and in an outage, so looking again after a short, growing pause is cheap.
+        pause = 0.001
         while True:
-            order = self._order()
-            socks = [self._open(i) for i in order]
-            for i, sock in zip(order, socks, strict=True):
+            for i in self._order():
+                sock = self._open(i)
                 if _connected(sock):
                     return i, sock
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            poller = zmq.asyncio.Poller()
-            for sock in socks:
-                poller.register(sock, zmq.POLLOUT)
-            try:
-                # Bounded, so a socket another task replaced meanwhile is seen soon.
-                await poller.poll(int(min(left, _LOST_CHECK_S) * 1000) + 1)
-            except zmq.ZMQError:
-                continue  # one of them was closed by another task: look again
+            await asyncio.sleep(min(left, pause))
+            pause = min(pause * 2, _LOST_CHECK_S)
 
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
         while True:

@@ -222,7 +222,8 @@ TTL = 2.0
 
 class Cluster:
     """Three brokers; every service registered with all of them (two instances of
-    membership and balancer), three agents heartbeating both memberships."""
+    discovery, membership and balancer), three agents beaconing and heartbeating
+    both of each."""
 
     def __init__(self, tmp: Path) -> None:
         self.bus = bus = Bus(tmp)
@@ -230,6 +231,7 @@ class Cluster:
         for key in ("broker", "backend", "events_in", "events_out"):
             bus.env[f"PHANTOM_{key.upper()}"] = ",".join(self.endpoint(b, key) for b in BROKERS)
         self.heartbeats = {"m1": bus.env["PHANTOM_HEARTBEAT"], "m2": f"tcp://127.0.0.1:{free_port()}"}
+        self.beacons = {"d1": bus.env["PHANTOM_BEACON"], "d2": f"tcp://127.0.0.1:{free_port()}"}
         bus.env.update({"PHANTOM_COPY_TIME": "0.1", "PHANTOM_LEADER_TTL": str(TTL),
                         "PHANTOM_DEAD_DELAY": "600"})
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -242,8 +244,10 @@ class Cluster:
         for b in BROKERS:
             own = {f"PHANTOM_{k.upper()}": self.endpoint(b, k) for k in self.ports[b]}
             self.procs[b] = bus.start("phantom_bus.broker", name=b, PHANTOM_INSTANCE=b, **own)
-        for name in ("discovery", "sharding", "manager"):
+        for name in ("sharding", "manager"):
             self.procs[name] = bus.start(f"services.{name}", PHANTOM_INSTANCE=name)
+        for d, endpoint in self.beacons.items():
+            self.procs[d] = bus.start("services.discovery", name=d, PHANTOM_INSTANCE=d, PHANTOM_BEACON=endpoint)
         for m, endpoint in self.heartbeats.items():
             self.procs[m] = bus.start("services.membership", name=m, PHANTOM_INSTANCE=m, PHANTOM_HEARTBEAT=endpoint)
         for i in (1, 2):
@@ -251,9 +255,9 @@ class Cluster:
         self.procs["echo"] = bus.start("services.echo", "--name", "echo", name="echo")
         self.procs["listener"] = bus.start("services.echo", "--name", "listener", "--subscribe", "test.",
                                            name="listener")
-        heartbeat = ",".join(self.heartbeats.values())
+        heartbeat, beacon = ",".join(self.heartbeats.values()), ",".join(self.beacons.values())
         for n in (1, 2, 3):
-            self.procs[f"node-{n}"] = bus.agent(n, "--heartbeat", heartbeat)
+            self.procs[f"node-{n}"] = bus.agent(n, "--heartbeat", heartbeat, "--beacon", beacon)
         wait_until(lambda: self.status().get("health") == "green", timeout=120, interval=0.3)
 
     def status(self) -> dict[str, Any]:
@@ -295,7 +299,8 @@ def test_every_service_registers_with_every_broker_under_its_instance_name(three
             services = c.services()
         instances = {name: sorted(i["instance"] for i in doc["instances"]) for name, doc in services.items()}
         assert instances["balancer"] == ["bal1", "bal2"] and instances["membership"] == ["m1", "m2"]
-        assert {"discovery", "sharding", "manager", "echo", "listener"} <= set(instances)
+        assert instances["discovery"] == ["d1", "d2"]
+        assert {"sharding", "manager", "echo", "listener"} <= set(instances)
     with three.bus.client() as c:
         pings = c.brokers()
     assert [p and p["instance"] for p in pings.values()] == list(BROKERS)
@@ -319,6 +324,13 @@ def test_a_client_whose_broker_list_has_a_dead_entry_starts_and_works(three: Clu
             return (await ac.select("user:3")).node
 
     assert asyncio.run(asynchronous()).startswith("node-")
+
+
+@pytestmark_processes
+def test_every_discovery_instance_watches_every_agent(three: Cluster) -> None:
+    with three.bus.client() as c:
+        stats = by_instance(c, "discovery", "stats", 2)
+    assert {name: doc["alive"] for name, doc in stats.items()} == {"d1": 3, "d2": 3}
 
 
 @pytestmark_processes

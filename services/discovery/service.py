@@ -78,8 +78,8 @@ class Discovery:
         return {"removed": node}
 
     def op_stats(self) -> dict[str, Any]:
-        """Beacon counters: accepted, dropped by reason, conflicts."""
-        return self.table.stats()
+        """Beacon counters: accepted, dropped by reason, conflicts; and this instance's name."""
+        return {**self.table.stats(), "instance": self.service.instance}
 
     # --- loops ------------------------------------------------------------------------
 
