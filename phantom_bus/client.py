@@ -30,8 +30,10 @@ brokers, comma-separated. The client keeps one connection to each (sockets
 with ``IMMEDIATE``, so a request is only ever handed to a connection that is
 up) and sends each attempt to the broker that answered last, or the next one
 whose connection is up. An attempt whose broker connection drops while it
-waits is sent again at once to another broker within the same attempt; an
-attempt that times out (a frozen broker) or a broker-level retryable answer
+waits is sent again at once to another broker within the same attempt, and
+a broker that stops answering libzmq's connection pings (every 250 ms) for a
+second counts as dropped, so a frozen broker is left as quickly; an attempt
+that times out anyway or a broker-level retryable answer
 (no worker there yet, overloaded) moves the next attempt to the next broker.
 All of it stays within the call's budget of ``timeout x retries`` seconds. A
 dead entry in the list costs nothing once the others are connected.
@@ -71,6 +73,10 @@ _BACKOFF = (0.1, 0.25, 0.5, 1.0)
 # With several brokers, how often a waiting attempt checks that its broker's
 # connection is still up (a killed broker is then left within this, not a timeout).
 _LOST_CHECK_S = 0.05
+# With several brokers, libzmq pings each broker connection this often and drops
+# one that does not answer within the timeout: a frozen broker (SIGSTOP, a hung
+# host) is then left like a dead one, in about a second, not after a whole attempt.
+_PING_MS, _PING_TIMEOUT_MS = 250, 1000
 # Answers that say this broker cannot serve the request now, where another may.
 _BROKER_LEVEL = frozenset({"service_unavailable", "overloaded"})
 
@@ -80,6 +86,12 @@ class _Lost:
 
 
 LOST = _Lost()
+
+
+def _failover_options(sock: Any) -> None:
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, _PING_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _PING_TIMEOUT_MS)
 
 
 def _connected(sock: Any) -> bool:
@@ -384,7 +396,7 @@ class Client(_Base):
             sock.setsockopt(zmq.SNDHWM, 1000)
             sock.setsockopt(zmq.RCVHWM, 1000)
             if self.multi:
-                sock.setsockopt(zmq.IMMEDIATE, 1)
+                _failover_options(sock)
             self.security.client(sock)
             sock.connect(self.endpoints[index])
             self._socks[index] = sock
@@ -632,7 +644,7 @@ class AsyncClient(_Base):
             sock.setsockopt(zmq.SNDHWM, 10000)
             sock.setsockopt(zmq.RCVHWM, 10000)
             if self.multi:
-                sock.setsockopt(zmq.IMMEDIATE, 1)
+                _failover_options(sock)
             self.security.connect(sock, self.endpoints[index])
             self._socks[index] = sock
             self._readers[index] = asyncio.ensure_future(self._read(sock))
