@@ -6,12 +6,17 @@ and three agents in each: one with a single broker, one with three brokers
 Rounds alternate between them, so both see the same machine noise; each
 round is one client making brokered selects (``routing="broker"``, a
 release after each) for ``--seconds``: select latency p50/p99 and
-throughput, median and spread over the rounds, and the three/one ratio.
+throughput, median and spread over the rounds, and the three/one ratio. A
+third row has the three-broker cluster with a client given only the first
+broker: the difference from the second row is what the client's failover
+logic costs, the difference from the first what the cluster's extra brokers
+cost (every event relayed and decoded three times, three sets of heartbeats).
 
 Then, on the three-broker cluster, under the same load from ``--clients``
-threads, the broker every client prefers is SIGKILLed: failed operations
-(after the client's own retries) and the longest gap between two successful
-selects of any one client.
+threads, the broker every client prefers is SIGKILLed, and later the next
+one is frozen (SIGSTOP, a hung host): for each, failed operations (after the
+client's own retries) and the longest gap between two successful selects of
+any one client.
 
     python bench/multi_broker.py [--seconds 3] [--rounds 5] [--clients 3]
 """
@@ -19,6 +24,7 @@ selects of any one client.
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
 import sys
 import threading
@@ -130,6 +136,10 @@ class Load(threading.Thread):
         self.gap_after_kill = 0.0
         self.killed_at: float | None = None
 
+    def mark(self, at: float) -> None:
+        """A fault happens at ``at``: measure the longest gap from here on."""
+        self.gap_after_kill, self.killed_at = 0.0, at
+
     def run(self) -> None:
         with Client(self.endpoint, timeout=2.0, retries=3, routing="broker") as client:
             last = time.monotonic()
@@ -151,30 +161,35 @@ class Load(threading.Thread):
                 time.sleep(0.002)
 
 
-def kill_one(three: Brokers, clients: int, seconds: float) -> dict[str, Any]:
+def faults(three: Brokers, clients: int, seconds: float) -> list[dict[str, Any]]:
+    """SIGKILL the broker every client prefers, then SIGSTOP the next, under load."""
     loads = [Load(three.endpoint) for _ in range(clients)]
     for load in loads:
         load.start()
+    out = []
     try:
         time.sleep(seconds)
-        before = [load.ok for load in loads]
-        killed_at = time.monotonic()
-        for load in loads:
-            load.killed_at = killed_at
-        three.cluster.kill(three.brokers[0])  # every client prefers the first until it fails
-        time.sleep(seconds)
-        after = [load.ok - b for load, b in zip(loads, before, strict=True)]
+        for fault, index, sig in (("SIGKILL", 0, signal.SIGKILL), ("SIGSTOP", 1, signal.SIGSTOP)):
+            before = [load.ok for load in loads]
+            failed = sum(load.failed for load in loads)
+            now = time.monotonic()
+            for load in loads:
+                load.mark(now)
+            three.cluster.kill(three.brokers[index], sig)
+            time.sleep(seconds)
+            out.append({
+                "fault": f"{fault} broker {index + 1} of 3",
+                "clients": clients,
+                "failed": sum(load.failed for load in loads) - failed,
+                "selects_after": [load.ok - b for load, b in zip(loads, before, strict=True)],
+                "longest_gap_s": max(load.gap_after_kill for load in loads),
+            })
     finally:
         for load in loads:
             load.halt.set()
         for load in loads:
             load.join(20)
-    return {
-        "clients": clients,
-        "failed": sum(load.failed for load in loads),
-        "selects_after_kill": after,
-        "longest_gap_s": max(load.gap_after_kill for load in loads),
-    }
+    return out
 
 
 def main() -> int:
@@ -191,19 +206,24 @@ def main() -> int:
         for cluster in (one, three):
             cluster.wait_green()
         log("both clusters green; measuring")
-        rounds: dict[int, list[dict[str, Any]]] = {1: [], 3: []}
+        first_only = three.endpoint.split(",")[0]
+        setups = {1: one.endpoint, 3: three.endpoint, 0: first_only}
+        names = {1: "1 broker", 3: "3 brokers", 0: "3 brokers, client lists 1"}
+        rounds: dict[int, list[dict[str, Any]]] = {k: [] for k in setups}
         for r in range(args.rounds):
-            for cluster in (one, three) if r % 2 == 0 else (three, one):
-                rounds[cluster.count].append(select_round(cluster.endpoint, args.seconds))
-        rows, doc = [], {"host": host_info(), "seconds": args.seconds, "rounds": rounds}
-        for count in (1, 3):
+            order = [1, 3, 0] if r % 2 == 0 else [0, 3, 1]
+            for key in order:
+                rounds[key].append(select_round(setups[key], args.seconds))
+        rows, doc = [], {"host": host_info(), "seconds": args.seconds,
+                         "rounds": {names[k]: v for k, v in rounds.items()}}
+        for count in (1, 3, 0):
             p50 = summary([r["p50_ms"] for r in rounds[count]])
             p99 = summary([r["p99_ms"] for r in rounds[count]])
             rate = summary([r["per_s"] for r in rounds[count]])
             errors = sum(r["errors"] for r in rounds[count])
-            rows.append([f"{count} broker(s)", fmt_spread(p50, digits=3), fmt_spread(p99, digits=3),
+            rows.append([names[count], fmt_spread(p50, digits=3), fmt_spread(p99, digits=3),
                          fmt_spread(rate, digits=0), errors])
-            doc[f"brokers_{count}"] = {"p50_ms": p50, "p99_ms": p99, "per_s": rate, "errors": errors}
+            doc[names[count]] = {"p50_ms": p50, "p99_ms": p99, "per_s": rate, "errors": errors}
         ratio = {
             key: statistics.median(r[key] for r in rounds[3]) / statistics.median(r[key] for r in rounds[1])
             for key in ("p50_ms", "p99_ms", "per_s")
@@ -212,12 +232,11 @@ def main() -> int:
         rows.append(["3 / 1", f"{ratio['p50_ms']:.2f}", f"{ratio['p99_ms']:.2f}", f"{ratio['per_s']:.2f}", ""])
         table("brokered select, one client (median (min..max) over rounds)",
               ["bus", "p50 ms", "p99 ms", "selects/s", "errors"], rows)
-        log("killing one of three brokers under load")
-        killed = kill_one(three, args.clients, args.seconds)
-        doc["kill_one_of_three"] = killed
-        table("SIGKILL of the preferred broker of three, under select load",
-              ["clients", "failed ops", "selects after kill (per client)", "longest gap s"],
-              [[killed["clients"], killed["failed"], killed["selects_after_kill"], killed["longest_gap_s"]]])
+        log("killing, then freezing, one of three brokers under load")
+        doc["faults"] = hit = faults(three, args.clients, args.seconds)
+        table("a broker lost under select load (three brokers)",
+              ["fault", "clients", "failed ops", "selects after (per client)", "longest gap s"],
+              [[f["fault"], f["clients"], f["failed"], f["selects_after"], f["longest_gap_s"]] for f in hit])
         print(f"\nwrote {write_results('multi_broker', doc)}")
         return 0
     finally:
