@@ -503,3 +503,43 @@ def test_killing_one_of_three_brokers_under_select_load_fails_no_operation(three
     print(f"longest gap between selects {max(load.longest_gap for load in loads):.3f} s; "
           f"leases left open {left_open}; forwarded releases ended "
           f"{sum(doc['forwarding']['forwarded_ended'] for doc in stats.values())}")
+
+
+@pytestmark_processes
+def test_with_security_on_two_brokers_serve_register_and_relay_events_once(bus: Bus) -> None:
+    from phantom_bus import security as secmod
+    from phantom_bus.security import Security
+
+    keys = bus.tmp / "keys"
+    secmod.keygen(keys, services=(*secmod.DEFAULT_SERVICES, "echo", "listener"))
+    bus.env.update({"PHANTOM_CURVE_DIR": str(keys), "PHANTOM_SECURITY": "on"})
+    ports = [{k: free_port() for k in ("broker", "backend", "events_in", "events_out")} for _ in range(2)]
+    for key in ("broker", "backend", "events_in", "events_out"):
+        bus.env[f"PHANTOM_{key.upper()}"] = ",".join(f"tcp://127.0.0.1:{p[key]}" for p in ports)
+    brokers = [
+        bus.start("phantom_bus.broker", name=f"b{i}", PHANTOM_INSTANCE=f"b{i}",
+                  **{f"PHANTOM_{k.upper()}": f"tcp://127.0.0.1:{v}" for k, v in p.items()})
+        for i, p in enumerate(ports, 1)
+    ]
+    bus.start("services.echo", "--name", "echo", name="echo")
+    bus.start("services.echo", "--name", "listener", "--subscribe", "test.", name="listener")
+    admin = Security.load(keys, "operator/admin")
+    for p in ports:  # each broker has both workers
+        with Client(f"tcp://127.0.0.1:{p['broker']}", timeout=1.0, retries=1, security=admin,
+                    routing="broker") as one:
+            wait_until(lambda c=one: {"echo", "listener"} <= set(_services(c)), timeout=20)
+    with Client(bus.endpoint, timeout=2.0, retries=3, security=admin, routing="broker") as c:
+        for i in range(10):
+            c.request("echo", "publish", kind="test.secure", data={"i": i})
+        wait_until(lambda: len([e for e in c.request("listener", "events")]) >= 10, timeout=15)
+        time.sleep(0.3)
+        assert [e["i"] for e in c.request("listener", "events")] == list(range(10))
+        bus.kill(brokers[c.preferred], signal.SIGKILL)
+        assert c.request("echo", "echo", after="kill") == {"after": "kill"}
+
+
+def _services(c: Client) -> dict[str, Any]:
+    try:
+        return c.services()
+    except PhantomError:
+        return {}
