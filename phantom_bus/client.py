@@ -459,15 +459,15 @@ class Client(_Base):
             try:
                 sock.send_multipart(frames, zmq.NOBLOCK)
             except zmq.Again:
-                if not self.multi:
+                if not self.multi or time.monotonic() >= deadline:
                     return index, None
                 continue  # that connection just went down: another broker
             answer = self._wait_reply(sock, reqid, deadline)
-            if answer is LOST:
+            if isinstance(answer, _Lost):
                 self._reset(index)
                 self._passed_over(index)
                 continue
-            return index, answer  # type: ignore[return-value]
+            return index, answer
 
     def _wait_reply(self, sock: zmq.Socket[Any], reqid: bytes, deadline: float) -> tuple[bool, Any] | _Lost | None:
         while True:
@@ -674,6 +674,8 @@ class AsyncClient(_Base):
                 sock = self._open(i)
                 if _connected(sock):
                     return i, sock
+                if self.security.enabled:  # a broker that refused our key: try it again
+                    self.security.retry_refused(sock)
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
@@ -734,11 +736,11 @@ class AsyncClient(_Base):
                 if chosen is None:
                     return index, None
                 index, sock = chosen
-                if self.security.enabled:
-                    # A connection refused at the handshake leaves the DEALER with no peer, and
-                    # a send would wait forever: connect again first if that happened.
-                    self.security.retry_refused(sock)
                 if not self.multi:
+                    if self.security.enabled:
+                        # A connection refused at the handshake leaves the DEALER with no peer, and
+                        # a send would wait forever: connect again first if that happened.
+                        self.security.retry_refused(sock)
                     try:
                         await sock.send_multipart(frames)
                         return index, await asyncio.wait_for(fut, timeout)
@@ -746,8 +748,14 @@ class AsyncClient(_Base):
                         return index, None
                 try:
                     await sock.send_multipart(frames, zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    continue  # that connection just went down (or another task closed it): another broker
+                except zmq.ZMQError as exc:
+                    # That connection just went down (or another task closed the socket):
+                    # another broker, while the attempt lasts.
+                    if not isinstance(exc, zmq.Again):
+                        self._drop(index, sock)
+                    if time.monotonic() >= deadline:
+                        return index, None
+                    continue
                 while not fut.done():
                     left = deadline - time.monotonic()
                     if left <= 0:

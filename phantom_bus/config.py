@@ -284,8 +284,8 @@ _SETTINGS: list[Setting] = [
         "",
         _optional_path,
         "name",
-        "This process's name among the instances of its service (shown as leader, must be unique per "
-        "service). Empty: HOST:PID.",
+        "This process's name among the instances of its service (shown as leader and, for every "
+        "service and broker, in the broker's services list; must be unique per service). Empty: HOST:PID.",
     ),
     # --- security -----------------------------------------------------------------
     Setting(
