@@ -62,6 +62,7 @@ from phantom_bus.errors import (
     NoLiveReplica,
     NotFound,
     PhantomError,
+    ServiceUnavailable,
     Timeout,
     error_from_wire,
 )
@@ -193,6 +194,20 @@ def _release_args(sel: Selection, latency_ms: float, ok: bool) -> dict[str, Any]
     return {"lease": sel.lease, "latency_ms": float(latency_ms), "ok": bool(ok)}
 
 
+def _behind(sel: Selection, seen: int) -> dict[str, Any] | None:
+    """A brokered selection made under an older map than this client has seen (a
+    balancer instance that lags: one just thawed, or cut off for a while) is not
+    routed on: the release arguments that end its lease (no latency: nothing is
+    learnt from it), or ``{}`` when it has none; None when the selection is current."""
+    if sel.epoch >= seen:
+        return None
+    return {} if sel.lease is None else {"lease": sel.lease, "ok": True}
+
+
+#: Pause before asking again when a balancer answered from an older map.
+_BEHIND_PAUSE = 0.05
+
+
 class _Base:
     def __init__(
         self,
@@ -231,6 +246,16 @@ class _Base:
         self.max_body = int(cfg.max_message)
         self._salt = os.urandom(4)
         self._ids = itertools.count(1)
+        #: The highest map epoch of a brokered selection this client returned: an answer
+        #: from an older map is asked again (another balancer instance), never returned.
+        self.epoch_seen = 0
+
+    def _behind_error(self, sel: Selection) -> PhantomError:
+        return ServiceUnavailable(
+            f"balancer.select: every answer within the budget came from a map older than epoch "
+            f"{self.epoch_seen} (the last was epoch {sel.epoch}); a balancer instance is catching up, retry",
+            service="balancer",
+        )
 
     def _next_id(self) -> bytes:
         return self._salt + next(self._ids).to_bytes(8, "big")
@@ -574,9 +599,20 @@ class Client(_Base):
                              float):
                 time.sleep(got)
             return got
-        return _selection(
-            self.request("balancer", "select", **_select_args(key, write, keyspace, strategy, lease))
-        )
+        args = _select_args(key, write, keyspace, strategy, lease)
+        deadline = time.monotonic() + self.timeout * self.retries
+        while True:
+            sel = _selection(self.request("balancer", "select", **args))
+            ended = _behind(sel, self.epoch_seen)
+            if ended is None:
+                self.epoch_seen = sel.epoch
+                return sel
+            if ended:
+                with contextlib.suppress(PhantomError):
+                    self.request("balancer", "release", **ended)
+            if time.monotonic() >= deadline:
+                raise self._behind_error(sel)
+            time.sleep(_BEHIND_PAUSE)
 
     def release(self, sel: Selection, latency_ms: float, ok: bool = True) -> None:
         """End the lease of ``sel``, reporting how the request to its node went."""
@@ -839,7 +875,19 @@ class AsyncClient(_Base):
                 await asyncio.sleep(got)
             return got
         args = _select_args(key, write, keyspace, strategy, lease)
-        return _selection(await self.request("balancer", "select", **args))
+        deadline = time.monotonic() + self.timeout * self.retries
+        while True:
+            sel = _selection(await self.request("balancer", "select", **args))
+            ended = _behind(sel, self.epoch_seen)
+            if ended is None:
+                self.epoch_seen = sel.epoch
+                return sel
+            if ended:
+                with contextlib.suppress(PhantomError):
+                    await self.request("balancer", "release", **ended)
+            if time.monotonic() >= deadline:
+                raise self._behind_error(sel)
+            await asyncio.sleep(_BEHIND_PAUSE)
 
     async def release(self, sel: Selection, latency_ms: float, ok: bool = True) -> None:
         """Awaitable :meth:`Client.release`."""

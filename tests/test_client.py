@@ -145,3 +145,49 @@ def test_a_local_write_waits_for_the_next_map_only_when_it_can_come() -> None:
     assert Client._transient(err, False, False, fresh, 0.0) is None    # a read never waits
     assert Client._transient(err, True, True, fresh, 0.0) is None      # stale map: no newer one is coming
     assert Client._transient(err, True, False, _Budget(1.0, 3, 0.0), 3.0) is None  # budget spent
+
+
+def _answers(epochs: list[int], asked: list[tuple[str, str, dict[str, object]]]):  # type: ignore[no-untyped-def]
+    """A stand-in for ``request``: balancer selects answered from ``epochs`` in turn."""
+    it = iter(epochs)
+
+    def request(service: str, op: str, /, **args: object) -> object:
+        asked.append((service, op, args))
+        if op == "release":
+            return {"released": args["lease"], "status": "released"}
+        e = next(it)
+        return {"key": "k", "keyspace": "default", "shard": "default/0", "node": f"n{e}", "address": "a:1",
+                "epoch": e, "role": "replica", "lease": f"L{e}"}  # fmt: skip
+
+    return request
+
+
+def test_a_brokered_select_never_returns_a_map_older_than_one_the_client_has_seen() -> None:
+    asked: list[tuple[str, str, dict[str, object]]] = []
+    c = Client("tcp://127.0.0.1:9", routing="broker", timeout=0.5, retries=2)
+    c.request = _answers([10, 8, 9, 11, 11], asked)  # type: ignore[method-assign]
+    assert c.select("k").epoch == 10
+    # A lagging balancer (epoch 8, then 9) is asked again; its leases end without a latency.
+    assert c.select("k").epoch == 11
+    releases = [args for _, op, args in asked if op == "release"]
+    assert releases == [{"lease": "L8", "ok": True}, {"lease": "L9", "ok": True}]
+    assert c.select("k").epoch == 11 and c.epoch_seen == 11
+    # Only older answers within the whole budget: a retryable error that says why, not a stale route.
+    c.request = _answers([3] * 100, asked)  # type: ignore[method-assign]
+    with pytest.raises(ServiceUnavailable, match="older than epoch 11"):
+        c.select("k")
+
+
+def test_the_async_client_keeps_the_same_epoch_guard() -> None:
+    asked: list[tuple[str, str, dict[str, object]]] = []
+    sync = _answers([5, 4, 6], asked)
+
+    async def request(service: str, op: str, /, **args: object) -> object:
+        return sync(service, op, **args)
+
+    async def run() -> list[int]:
+        c = AsyncClient("tcp://127.0.0.1:9", routing="broker", timeout=0.5, retries=2)
+        c.request = request  # type: ignore[method-assign]
+        return [(await c.select("k")).epoch, (await c.select("k")).epoch]
+
+    assert asyncio.run(run()) == [5, 6]
