@@ -73,6 +73,7 @@ class RoutingFeed:
         self.report_s = report_s
         self.follower = AsyncMapFollower(client, name=name, on_change=router.set_map,
                                          on_regress=self._regressed, change_level="DEBUG")
+        self._core = self.follower.core
         self.ready = asyncio.Event()
         self.health_loaded = False
         self.counters = {"events": 0, "reports": 0, "report_errors": 0}
@@ -82,8 +83,9 @@ class RoutingFeed:
         self.counters["regressions_seen"] = self.follower.core.counters["regressions"]
 
     def stale(self, now: float, after: float) -> bool:
-        """True after ``after`` seconds without a successful map read."""
-        return self.follower.core.stale(now, after)
+        """True after ``after`` seconds without a successful map read (every select asks)."""
+        at = self._core.refreshed_at
+        return at is None or now - at > after
 
     def status(self, now: float) -> dict[str, Any]:
         """The follower's status and the feed's counters."""
@@ -214,7 +216,8 @@ class FeedThread:
 
     def stale(self, now: float, after: float) -> bool:
         """See :meth:`RoutingFeed.stale` (True until the feed has started)."""
-        return True if self.feed is None else self.feed.stale(now, after)
+        feed = self.feed
+        return True if feed is None else feed.stale(now, after)
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop the feed and join the thread (at most ``timeout`` seconds)."""
