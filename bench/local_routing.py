@@ -47,6 +47,7 @@ from phantom_bus.client import AsyncClient, Client  # noqa: E402
 from phantom_bus.local import RoutingFeed  # noqa: E402
 from phantom_bus.routing.local import LocalRouter  # noqa: E402
 from phantom_bus.shardmap import Keyspace, Replica, Shard, ShardMap  # noqa: E402
+from phantom_bus.wire import LoopSocket  # noqa: E402
 
 SERVICES = ("discovery", "membership", "sharding", "balancer", "manager")
 KEYS = [f"user:{i}" for i in range(10_000)]
@@ -147,11 +148,17 @@ class TimedRouter(LocalRouter):
         self.when[shard_map.epoch] = time.time()
 
 
+PING = "bench.ping"
+
+
 def feeds_proc(endpoint: str, events: str, count: int, stop: Any, out: Any) -> None:
-    """``count`` local clients in one loop until ``stop`` is set; report when each saw each epoch."""
+    """``count`` local clients in one loop until ``stop`` is set; report when each saw
+    each epoch. Next to them, ``count`` bare subscribers of a trivial event
+    (``bench.ping``, read the cheapest way: from the loop's reader callback, no
+    decoding beyond the body): the floor of this process layout."""
     quiet()
 
-    async def main() -> list[dict[int, float]]:
+    async def main() -> tuple[list[dict[int, float]], list[dict[int, float]]]:
         ctx = zmq.asyncio.Context()
         sec = secmod.current()
         routers = [TimedRouter() for _ in range(count)]
@@ -159,15 +166,32 @@ def feeds_proc(endpoint: str, events: str, count: int, stop: Any, out: Any) -> N
         feeds = [RoutingFeed(r, c, events=events, security=sec, ctx=ctx, name=f"bench-{i}")
                  for i, (r, c) in enumerate(zip(routers, clients, strict=True))]
         tasks = [asyncio.ensure_future(f.run()) for f in feeds]
+        plain: zmq.Context[Any] = zmq.Context.shadow(ctx.underlying)
+        pings: list[dict[int, float]] = [{} for _ in range(count)]
+        bare = []
+        for got in pings:
+            sock = plain.socket(zmq.SUB)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SUBSCRIBE, PING.encode())
+            sock.connect(events)
+            loop_sock = LoopSocket(sock)
+
+            def on_ping(frames: list[bytes], got: dict[int, float] = got) -> None:
+                got[msgpack.unpackb(frames[2])["seq"]] = time.time()
+
+            loop_sock.serve(on_ping)
+            bare.append(loop_sock)
         while not stop.is_set():
             await asyncio.sleep(0.1)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for b in bare:
+            b.close()
         for c in clients:
             await c.close()
         ctx.destroy(0)
-        return [r.when for r in routers]
+        return [r.when for r in routers], pings
 
     try:
         out.put(asyncio.run(main()))
@@ -205,11 +229,21 @@ def propagation(cluster: Cluster, clients: int, procs: int, changes: int) -> dic
         w.start()
     time.sleep(5.0)  # every client has loaded the map
     made: list[int] = []
+    ping_ts: dict[int, float] = {}
+    pctx = zmq.Context()
+    pub = pctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.connect(cluster.endpoint("events_in"))
+    time.sleep(0.5)  # a PUB drops what it sends before its connection is up
     with cluster.client(timeout=5.0) as c:
         for i in range(changes):
             c.request("sharding", "create_keyspace", name=f"bench{i}_{random.getrandbits(20)}", shards=4)
             made.append(c.request("sharding", "health")["epoch"])
-            time.sleep(1.5)
+            time.sleep(0.75)
+            ping_ts[i] = time.time()
+            pub.send_multipart(protocol.encode_event(PING, {"seq": i}, source="bench", ts=ping_ts[i]))
+            time.sleep(0.75)
+    pctx.destroy(0)
     time.sleep(5.0)  # the last change reaches everyone (or counts as missing)
     done.set()
     results = [q.get(timeout=60) for _ in workers]
@@ -218,11 +252,15 @@ def propagation(cluster: Cluster, clients: int, procs: int, changes: int) -> dic
     stop.set()
     listener.join(2)
     delays: list[float] = []
+    floor: list[float] = []
     missing = 0
     for res in results:
         if isinstance(res, dict):
             raise RuntimeError(res["error"])
-        for when in res:
+        whens, pings = res
+        for got in pings:
+            floor.extend(max(0.0, got[i] - ts) for i, ts in ping_ts.items() if i in got)
+        for when in whens:
             for epoch in made:
                 if epoch in seen:
                     # A client may jump straight to a later epoch: it held this one from then.
@@ -232,10 +270,16 @@ def propagation(cluster: Cluster, clients: int, procs: int, changes: int) -> dic
                     else:
                         missing += 1
     delays.sort()
+    floor.sort()
+
+    def ms(xs: list[float], p: float) -> float:
+        return 1000 * xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
+
     return {"clients": clients, "procs": procs, "changes": len(made), "samples": len(delays), "missing": missing,
-            "p50_ms": 1000 * delays[len(delays) // 2], "p99_ms": 1000 * delays[min(len(delays) - 1,
-                                                                                     int(0.99 * len(delays)))],
-            "max_ms": 1000 * delays[-1]}
+            "p50_ms": ms(delays, 0.5), "p99_ms": ms(delays, 0.99), "max_ms": ms(delays, 1.0),
+            # The same subscribers in the same processes receiving a trivial event.
+            "floor": {"samples": len(floor), "missing": len(ping_ts) * clients - len(floor),
+                      "p50_ms": ms(floor, 0.5), "p99_ms": ms(floor, 0.99), "max_ms": ms(floor, 1.0)}}
 
 
 # --- memory -----------------------------------------------------------------------------
@@ -359,6 +403,9 @@ def main() -> int:
         [f"map change -> {prop['clients']} clients p50 / p99 / max",
          f"{prop['p50_ms']:.1f} / {prop['p99_ms']:.1f} / {prop['max_ms']:.1f} ms "
          f"({prop['samples']} samples, {prop['missing']} missing)", "p99 <= 100 ms"],
+        [f"floor: trivial event -> {prop['clients']} bare subscribers, same processes, p50 / p99 / max",
+         f"{prop['floor']['p50_ms']:.1f} / {prop['floor']['p99_ms']:.1f} / {prop['floor']['max_ms']:.1f} ms "
+         f"({prop['floor']['samples']} samples, {prop['floor']['missing']} missing)", ""],
         ["memory per client, 4,096 shards (map / whole router)",
          f"{mem['map_bytes'] / 1e6:.1f} / {mem['client_bytes'] / 1e6:.1f} MB (wire {mem['wire_bytes'] / 1e3:.0f} kB)",
          ""],
