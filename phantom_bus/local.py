@@ -229,7 +229,10 @@ class FeedThread:
     def stale(self, now: float, after: float) -> bool:
         """See :meth:`RoutingFeed.stale` (True until the feed has started)."""
         feed = self.feed
-        return True if feed is None else feed.stale(now, after)
+        if feed is None:
+            return True
+        at = feed._core.refreshed_at
+        return at is None or now - at > after
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop the feed and join the thread (at most ``timeout`` seconds)."""

@@ -52,6 +52,7 @@ EXPIRE_EVERY_S = 1.0
 _blake2b = hashlib.blake2b
 _from_bytes = int.from_bytes
 _NUMBERS = (int, float)
+_INF = math.inf
 
 #: What :meth:`LocalRouter.choose` returns: keyspace, epoch, shard, node,
 #: address, role, lease, strategy, panic.
@@ -260,7 +261,7 @@ class LocalRouter:
         A lease no longer open (released already, expired) learns nothing, so
         a repeated release counts nothing twice. BadRequest for a latency that
         is not a number >= 0."""
-        if latency_ms is not None and (type(latency_ms) not in _NUMBERS or not 0 <= latency_ms < math.inf):
+        if latency_ms is not None and (type(latency_ms) not in _NUMBERS or not 0 <= latency_ms < _INF):
             raise BadRequest(f"latency_ms must be a number >= 0, got {latency_ms!r}")
         opened = self._open.pop(lease, None)
         if opened is None:
@@ -270,17 +271,26 @@ class LocalRouter:
         ns.in_flight -= 1
         self.core.learn(ns, latency_ms, ok, now)
         if latency_ms is not None and ok:
-            # A uniform reservoir of this report interval's latencies: [seen, samples...].
+            # A uniform sample of this report interval's latencies (reservoir
+            # sampling with geometric skips, Li's algorithm L): most releases only
+            # count. Row: [seen, next to keep, weight, samples...].
             row = self._samples.get(ns.node)
             if row is None:
-                row = self._samples[ns.node] = [0]
-            row[0] += 1
-            if len(row) <= REPORT_SAMPLES:
+                row = self._samples[ns.node] = [0, REPORT_SAMPLES + 1, 1.0]
+            seen = row[0] = row[0] + 1
+            if seen <= REPORT_SAMPLES:
                 row.append(latency_ms)
-            else:
-                slot = int(self._rng.random() * row[0]) + 1
-                if slot <= REPORT_SAMPLES:
-                    row[slot] = latency_ms
+                if seen == REPORT_SAMPLES:
+                    self._next_keep(row)
+            elif seen == row[1]:
+                row[3 + int(self._rng.random() * REPORT_SAMPLES)] = latency_ms
+                self._next_keep(row)
+
+    def _next_keep(self, row: list[float]) -> None:
+        rnd = self._rng.random
+        row[2] *= math.exp(math.log(rnd() or 1e-300) / REPORT_SAMPLES)
+        skip = math.floor(math.log(rnd() or 1e-300) / math.log1p(-row[2])) if row[2] < 1.0 else 0
+        row[1] = row[0] + skip + 1
 
     def tick(self, now: float) -> None:
         """End ejections whose time is over (call about once a second)."""
@@ -296,7 +306,7 @@ class LocalRouter:
         node_counts: dict[str, tuple[int, int, int]] = {}
         for nid, counts in self.core.counts().items():
             last = self._sent_nodes.get(nid, (0, 0, 0))
-            samples = [float(ms) for ms in self._samples.pop(nid, [0])[1:]]
+            samples = [float(ms) for ms in self._samples.pop(nid, [0, 0, 0.0])[3:]]
             if counts != last or samples:
                 nodes[nid] = {"picks": counts[0] - last[0], "successes": counts[1] - last[1],
                               "failures": counts[2] - last[2], "latencies": samples}
