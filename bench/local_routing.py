@@ -4,11 +4,16 @@
   real API, its follower thread running) against a live cluster, versus raw
   pyzmq REQ -> ROUTER echo round trips per second in one thread on the same
   machine (the floor of anything that asks the network). Goal: >= 100 x.
+  In the same rounds, the **floor** of any CPython client: the contract's key
+  hash, one table lookup and a result, nothing else; floor / raw is the best
+  ratio a Python client can reach on this machine at this load.
 * **propagation**: ``--clients`` (100) local clients (``RoutingFeed`` +
   ``LocalRouter``, exactly what ``AsyncClient`` runs) in ``--procs`` load
   processes; ``--changes`` map changes (``sharding.create_keyspace``); delay
   from the ``shardmap.changed`` publication (its ``ts``) to each client's
-  router holding the new epoch. Goal: p99 <= 100 ms.
+  router holding the new epoch. Goal: p99 <= 100 ms. Its floor, in the same
+  run: as many bare subscribers in the same processes receiving a trivial
+  event (``bench.ping``) from the broker.
 * **memory**: one client's router holding a 4,096-shard map (100 nodes, rf 3)
   after selecting keys of every shard (tracemalloc, Python heap).
 
