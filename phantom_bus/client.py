@@ -429,7 +429,7 @@ class Client(_Base):
         Local routing answers from memory and never waits on the bus, except
         for the very first select, which waits up to ``timeout`` for the map."""
         if self.routing == "local":
-            if not isinstance(key, str | bytes):
+            if type(key) is not str and not isinstance(key, str | bytes):
                 raise BadRequest(f"a key is str or bytes, not {type(key).__name__}")
             feed = self._local()
             router = self._router
@@ -618,7 +618,7 @@ class AsyncClient(_Base):
     ) -> Selection:
         """Awaitable :meth:`Client.select`."""
         if self.routing == "local":
-            if not isinstance(key, str | bytes):
+            if type(key) is not str and not isinstance(key, str | bytes):
                 raise BadRequest(f"a key is str or bytes, not {type(key).__name__}")
             feed = await self._local()
             router = self._router
