@@ -326,9 +326,11 @@ class AsyncMapFollower:
             return False
         if outcome.changed is None:
             return False
+        self._changed.set()
         if self._sync_change:
-            # A plain callback runs now, in the event's own task: one task switch
-            # per reader less, which is what a change's spread to many readers costs.
+            # A plain callback runs now, from the event's own callback, and the run
+            # loop is not woken (nothing is left for it to do): no task switch per
+            # reader, which is what a change's spread to many readers costs.
             self._log_change(fresh)
             try:
                 _call_now(self.on_change, fresh)
@@ -336,8 +338,7 @@ class AsyncMapFollower:
                 logger.exception("shard map callback raised")
         else:
             self._pushed.append(fresh)
-        self._changed.set()
-        self._wake.set()
+            self._wake.set()
         return True
 
     def _log_change(self, fresh: ShardMap) -> None:

@@ -95,7 +95,9 @@ class _View:
     def __init__(self, shard_map: ShardMap) -> None:
         self.map = shard_map
         self.epoch = shard_map.epoch
-        self.spaces = {ks.name: _Space(ks) for ks in shard_map.keyspaces}
+        # Built at a key space's first select: taking a new map costs nothing
+        # per key space (a change reaches many clients of one process at once).
+        self.spaces: dict[str, _Space] = {}
 
 
 class LocalRouter:
@@ -167,8 +169,8 @@ class LocalRouter:
         name = keyspace or DEFAULT_KEYSPACE
         space = view.spaces.get(name)
         if space is None:
-            view.map.keyspace(name)  # raises NoSuchKeyspace
-            raise AssertionError("unreachable")
+            # NoSuchKeyspace for a name the map does not have.
+            space = view.spaces[name] = _Space(view.map.keyspace(name))
         if space.table:
             if type(key) is str:
                 try:
