@@ -11,7 +11,12 @@ In one run, on free ports of 127.0.0.1:
 
 Each is measured with 1 client (latency p50/p99 and throughput) and with 8
 concurrent client processes (throughput). Several rounds; the table shows
-the median and the spread (min..max) and the broker/raw ratios.
+the median and the spread (min..max) and the broker/raw ratios. Floor and
+broker run back to back in every round, in alternating order, and the
+broker/floor figure is the median of the per-round ratios, so that a load
+change on a shared machine hits both sides of a ratio alike. The CPU time the
+path's processes spend per request is shown too (on a loaded VM it is
+inflated as well, but less than wall-clock latency).
 
     python bench/broker_roundtrip.py [--seconds 3] [--rounds 3]
 """
@@ -32,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import psutil
 import zmq
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,19 +139,36 @@ def client_loop(endpoint: str, via_broker: bool, seconds: float, out: Any, recor
     ctx.term()
 
 
-def measure(endpoint: str, via_broker: bool, clients: int, seconds: float) -> dict[str, float]:
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time used so far by the processes ``pids``."""
+    total = 0.0
+    for pid in pids:
+        t = psutil.Process(pid).cpu_times()
+        total += t.user + t.system
+    return total
+
+
+def measure(endpoint: str, via_broker: bool, clients: int, seconds: float,
+            servers: list[int] | None = None) -> dict[str, float]:
+    """Round trips through ``endpoint``; with ``servers`` (the pids on the path),
+    also their CPU time per request: what the path costs whatever the load."""
     q: Any = mp.Queue()
     procs = [
         mp.Process(target=client_loop, args=(endpoint, via_broker, seconds, q, clients == 1)) for _ in range(clients)
     ]
+    cpu0 = cpu_seconds(servers or [])
     for p in procs:
         p.start()
     results = [q.get(timeout=seconds + 60) for _ in procs]
+    cpu1 = cpu_seconds(servers or [])
     for p in procs:
         p.join()
     total = sum(r["count"] for r in results)
     elapsed = max(r["elapsed"] for r in results)
     out = {"throughput": total / elapsed}
+    if servers:
+        # Includes the 200 warm-up round trips of each client.
+        out["cpu_us"] = (cpu1 - cpu0) / (total + 200 * clients) * 1e6
     if clients == 1:
         s = sorted(results[0]["samples"])
         out["p50_us"] = s[len(s) // 2] * 1e6
@@ -223,13 +246,19 @@ def main() -> int:
     rows: dict[str, dict[str, list[float]]] = {"raw": {}, "floor": {}, "broker": {}}
     try:
         wait_for_echo(broker_ep)
-        for _ in range(args.rounds):
-            for name, ep, via in (("raw", raw_ep, False), ("floor", floor_ep, False), ("broker", broker_ep, True)):
-                one = measure(ep, via, 1, args.seconds)
+        pids = {"raw": [raw.pid], "floor": [p.pid for p in floor], "broker": [p.pid for p in stack]}
+        paths = [("raw", raw_ep, False), ("floor", floor_ep, False), ("broker", broker_ep, True)]
+        for r in range(args.rounds):
+            # Floor and broker back to back, in alternating order: a load change
+            # on a shared machine then hits both sides of a round's ratio alike.
+            order = paths if r % 2 == 0 else [paths[0], paths[2], paths[1]]
+            for name, ep, via in order:
+                one = measure(ep, via, 1, args.seconds, pids[name])
                 many = measure(ep, via, args.concurrency, args.seconds)
                 for key, value in (
                     ("p50_us", one["p50_us"]),
                     ("p99_us", one["p99_us"]),
+                    ("cpu_us", one["cpu_us"]),
                     ("rps_1", one["throughput"]),
                     (f"rps_{args.concurrency}", many["throughput"]),
                 ):
@@ -265,19 +294,35 @@ def main() -> int:
         f"{'ratio':8} p50 {ratios['p50']:.2f}x (goal <= 2.0)  p99 {ratios['p99']:.2f}x  "
         f"req/s 1: {ratios['rps_1']:.2f}x  req/s {c}: {ratios[f'rps_{c}']:.2f}x (goal >= 0.5)"
     )
+    # The broker against the floor round by round (same load), then the median.
+    per_round = sorted(b / f for b, f in zip(rows["broker"]["p50_us"], rows["floor"]["p50_us"], strict=True))
     floor_ratio = {
         "p50": med["floor"]["p50_us"] / med["raw"]["p50_us"],
         f"rps_{c}": med["floor"][f"rps_{c}"] / med["raw"][f"rps_{c}"],
-        "broker_over_floor_p50": med["broker"]["p50_us"] / med["floor"]["p50_us"],
+        "broker_over_floor_p50": statistics.median(per_round),
+        "broker_over_floor_p50_rounds": per_round,
     }
+    cpu_rounds = sorted(b / f for b, f in zip(rows["broker"]["cpu_us"], rows["floor"]["cpu_us"], strict=True))
+    floor_ratio["broker_over_floor_cpu"] = statistics.median(cpu_rounds)
+    floor_ratio["broker_over_floor_cpu_rounds"] = cpu_rounds
     ratios.update({f"floor_{k}": v for k, v in floor_ratio.items()})
     print(
         f"{'floor':8} a bare 4-hop forwarder: p50 {floor_ratio['p50']:.2f}x raw, req/s {c}: "
-        f"{floor_ratio[f'rps_{c}']:.2f}x raw; the broker's p50 is {floor_ratio['broker_over_floor_p50']:.2f}x the floor"
+        f"{floor_ratio[f'rps_{c}']:.2f}x raw; the broker's p50 is "
+        f"{floor_ratio['broker_over_floor_p50']:.2f}x the floor "
+        f"(median of {len(per_round)} rounds, {per_round[0]:.2f}..{per_round[-1]:.2f}; goal <= 1.2)"
     )
+    print(
+        f"{'cpu':8} CPU time per request of the processes on the path (1 client): raw "
+        f"{med['raw']['cpu_us']:.0f} us, floor {med['floor']['cpu_us']:.0f} us (forwarder + worker), broker "
+        f"{med['broker']['cpu_us']:.0f} us (broker + echo service): {floor_ratio['broker_over_floor_cpu']:.2f}x the "
+        f"floor (median of rounds, {cpu_rounds[0]:.2f}..{cpu_rounds[-1]:.2f})"
+    )
+    print(f"load average: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} cores)")
     out = ROOT / "bench" / "results" / "broker_roundtrip.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "median": med, "ratios": ratios, "args": vars(args)}, indent=2))
+    out.write_text(json.dumps({"rows": rows, "median": med, "ratios": ratios, "args": vars(args),
+                               "load_average": list(os.getloadavg())}, indent=2))
     return 0
 
 

@@ -4,11 +4,16 @@
   real API, its follower thread running) against a live cluster, versus raw
   pyzmq REQ -> ROUTER echo round trips per second in one thread on the same
   machine (the floor of anything that asks the network). Goal: >= 100 x.
+  In the same rounds, the **floor** of any CPython client: the contract's key
+  hash, one table lookup and a result, nothing else; floor / raw is the best
+  ratio a Python client can reach on this machine at this load.
 * **propagation**: ``--clients`` (100) local clients (``RoutingFeed`` +
   ``LocalRouter``, exactly what ``AsyncClient`` runs) in ``--procs`` load
   processes; ``--changes`` map changes (``sharding.create_keyspace``); delay
   from the ``shardmap.changed`` publication (its ``ts``) to each client's
-  router holding the new epoch. Goal: p99 <= 100 ms.
+  router holding the new epoch. Goal: p99 <= 100 ms. Its floor, in the same
+  run: as many bare subscribers in the same processes receiving a trivial
+  event (``bench.ping``) from the broker.
 * **memory**: one client's router holding a 4,096-shard map (100 nodes, rf 3)
   after selecting keys of every shard (tracemalloc, Python heap).
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import multiprocessing as mp
 import os
 import random
@@ -46,6 +52,7 @@ from phantom_bus.client import AsyncClient, Client  # noqa: E402
 from phantom_bus.local import RoutingFeed  # noqa: E402
 from phantom_bus.routing.local import LocalRouter  # noqa: E402
 from phantom_bus.shardmap import Keyspace, Replica, Shard, ShardMap  # noqa: E402
+from phantom_bus.wire import LoopSocket  # noqa: E402
 
 SERVICES = ("discovery", "membership", "sharding", "balancer", "manager")
 KEYS = [f"user:{i}" for i in range(10_000)]
@@ -99,6 +106,38 @@ def local_rate(client: Client, seconds: float) -> float:
             return n / (now - start)
 
 
+def floor_rate(shard_map: ShardMap, seconds: float) -> float:
+    """The cheapest CPython code a local select could be: the contract's key hash,
+    one table lookup, a result returned (no health, no strategy, no lease, no
+    release), in the same loop as :func:`local_rate`. No Python client can beat
+    this, so floor / raw is the best ratio local routing in CPython can reach."""
+    ks = shard_map.keyspace("default")
+    slots = ks.slots
+    table: list[Any] = [None] * slots
+    for shard in ks.shards:
+        for a, b in shard.slots:
+            for i in range(a, b):
+                table[i] = (shard.id, shard.replicas[0].node)
+    blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+
+    def route(key: str) -> Any:
+        return table[from_bytes(blake2b(key.encode(), digest_size=8).digest(), "little") % slots]
+
+    rng = random.Random(1)
+    keys = KEYS
+    size = len(keys)
+    n = 0
+    start = time.perf_counter()
+    end = start + seconds
+    while True:
+        for _ in range(1000):
+            route(keys[int(rng.random() * size)])
+        n += 1000
+        now = time.perf_counter()
+        if now >= end:
+            return n / (now - start)
+
+
 # --- propagation ------------------------------------------------------------------------
 
 
@@ -114,11 +153,17 @@ class TimedRouter(LocalRouter):
         self.when[shard_map.epoch] = time.time()
 
 
+PING = "bench.ping"
+
+
 def feeds_proc(endpoint: str, events: str, count: int, stop: Any, out: Any) -> None:
-    """``count`` local clients in one loop until ``stop`` is set; report when each saw each epoch."""
+    """``count`` local clients in one loop until ``stop`` is set; report when each saw
+    each epoch. Next to them, ``count`` bare subscribers of a trivial event
+    (``bench.ping``, read the cheapest way: from the loop's reader callback, no
+    decoding beyond the body): the floor of this process layout."""
     quiet()
 
-    async def main() -> list[dict[int, float]]:
+    async def main() -> tuple[list[dict[int, float]], list[dict[int, float]]]:
         ctx = zmq.asyncio.Context()
         sec = secmod.current()
         routers = [TimedRouter() for _ in range(count)]
@@ -126,15 +171,32 @@ def feeds_proc(endpoint: str, events: str, count: int, stop: Any, out: Any) -> N
         feeds = [RoutingFeed(r, c, events=events, security=sec, ctx=ctx, name=f"bench-{i}")
                  for i, (r, c) in enumerate(zip(routers, clients, strict=True))]
         tasks = [asyncio.ensure_future(f.run()) for f in feeds]
+        plain: zmq.Context[Any] = zmq.Context.shadow(ctx.underlying)
+        pings: list[dict[int, float]] = [{} for _ in range(count)]
+        bare = []
+        for got in pings:
+            sock = plain.socket(zmq.SUB)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SUBSCRIBE, PING.encode())
+            sock.connect(events)
+            loop_sock = LoopSocket(sock)
+
+            def on_ping(frames: list[bytes], got: dict[int, float] = got) -> None:
+                got[msgpack.unpackb(frames[2])["seq"]] = time.time()
+
+            loop_sock.serve(on_ping)
+            bare.append(loop_sock)
         while not stop.is_set():
             await asyncio.sleep(0.1)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for b in bare:
+            b.close()
         for c in clients:
             await c.close()
         ctx.destroy(0)
-        return [r.when for r in routers]
+        return [r.when for r in routers], pings
 
     try:
         out.put(asyncio.run(main()))
@@ -172,11 +234,21 @@ def propagation(cluster: Cluster, clients: int, procs: int, changes: int) -> dic
         w.start()
     time.sleep(5.0)  # every client has loaded the map
     made: list[int] = []
+    ping_ts: dict[int, float] = {}
+    pctx = zmq.Context()
+    pub = pctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.connect(cluster.endpoint("events_in"))
+    time.sleep(0.5)  # a PUB drops what it sends before its connection is up
     with cluster.client(timeout=5.0) as c:
         for i in range(changes):
             c.request("sharding", "create_keyspace", name=f"bench{i}_{random.getrandbits(20)}", shards=4)
             made.append(c.request("sharding", "health")["epoch"])
-            time.sleep(1.5)
+            time.sleep(0.75)
+            ping_ts[i] = time.time()
+            pub.send_multipart(protocol.encode_event(PING, {"seq": i}, source="bench", ts=ping_ts[i]))
+            time.sleep(0.75)
+    pctx.destroy(0)
     time.sleep(5.0)  # the last change reaches everyone (or counts as missing)
     done.set()
     results = [q.get(timeout=60) for _ in workers]
@@ -185,11 +257,15 @@ def propagation(cluster: Cluster, clients: int, procs: int, changes: int) -> dic
     stop.set()
     listener.join(2)
     delays: list[float] = []
+    floor: list[float] = []
     missing = 0
     for res in results:
         if isinstance(res, dict):
             raise RuntimeError(res["error"])
-        for when in res:
+        whens, pings = res
+        for got in pings:
+            floor.extend(max(0.0, got[i] - ts) for i, ts in ping_ts.items() if i in got)
+        for when in whens:
             for epoch in made:
                 if epoch in seen:
                     # A client may jump straight to a later epoch: it held this one from then.
@@ -199,10 +275,16 @@ def propagation(cluster: Cluster, clients: int, procs: int, changes: int) -> dic
                     else:
                         missing += 1
     delays.sort()
+    floor.sort()
+
+    def ms(xs: list[float], p: float) -> float:
+        return 1000 * xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
+
     return {"clients": clients, "procs": procs, "changes": len(made), "samples": len(delays), "missing": missing,
-            "p50_ms": 1000 * delays[len(delays) // 2], "p99_ms": 1000 * delays[min(len(delays) - 1,
-                                                                                     int(0.99 * len(delays)))],
-            "max_ms": 1000 * delays[-1]}
+            "p50_ms": ms(delays, 0.5), "p99_ms": ms(delays, 0.99), "max_ms": ms(delays, 1.0),
+            # The same subscribers in the same processes receiving a trivial event.
+            "floor": {"samples": len(floor), "missing": len(ping_ts) * clients - len(floor),
+                      "p50_ms": ms(floor, 0.5), "p99_ms": ms(floor, 0.99), "max_ms": ms(floor, 1.0)}}
 
 
 # --- memory -----------------------------------------------------------------------------
@@ -284,21 +366,29 @@ def main() -> int:
         server = mp.Process(target=_raw_server, args=(echo,), daemon=True)
         server.start()
         time.sleep(0.5)
-        raw, local = [], []
+        raw, local, floor = [], [], []
         with Client(cluster.endpoint("broker"), timeout=5.0, routing="local",
                     events=cluster.endpoint("events_out")) as client:
             client.select("warm")
+            shard_map = client._router.map if client._router is not None else None
+            assert shard_map is not None
             for r in range(args.rounds):
-                log(f"round {r + 1}: raw echo, then local select+release, {seconds:g} s each")
+                log(f"round {r + 1}: raw echo, floor, local select+release, {seconds:g} s each")
                 raw.append(raw_rate(echo, seconds))
+                floor.append(floor_rate(shard_map, seconds))
                 local.append(local_rate(client, seconds))
             reported = None
             time.sleep(3.0)
             reported = cluster.request("balancer", "stats")["totals"]["reported"]
         server.terminate()
+        # Ratios within each round (same load), then their median.
         ratios = [lo / ra for lo, ra in zip(local, raw, strict=True)]
+        floor_ratios = [fl / ra for fl, ra in zip(floor, raw, strict=True)]
+        of_floor = [lo / fl for lo, fl in zip(local, floor, strict=True)]
         out["throughput"] = {"raw_per_s": summary(raw), "local_per_s": summary(local),
-                             "ratio": summary(ratios), "seconds": seconds, "balancer_counted": reported}
+                             "floor_per_s": summary(floor), "ratio": summary(ratios),
+                             "floor_ratio": summary(floor_ratios), "local_over_floor": summary(of_floor),
+                             "seconds": seconds, "balancer_counted": reported}
 
         log(f"propagation to {args.clients} local clients, {changes} map changes")
         out["propagation"] = prop = propagation(cluster, args.clients, args.procs, changes)
@@ -307,11 +397,20 @@ def main() -> int:
     table("local routing", ["measure", "value", "goal"], [
         ["raw pyzmq echo round trips / s (1 thread)", f"{tp['raw_per_s']['median']:,.0f}", ""],
         ["local select+release / s (1 thread)", f"{tp['local_per_s']['median']:,.0f}", ""],
-        ["ratio local / raw (median, min..max)",
+        ["floor: key hash + table lookup only / s (1 thread)", f"{tp['floor_per_s']['median']:,.0f}", ""],
+        ["ratio local / raw (median of rounds, min..max)",
          f"{tp['ratio']['median']:.1f}x ({tp['ratio']['min']:.1f}..{tp['ratio']['max']:.1f})", ">= 100x"],
+        ["ratio floor / raw: the best a CPython client can reach",
+         f"{tp['floor_ratio']['median']:.1f}x ({tp['floor_ratio']['min']:.1f}..{tp['floor_ratio']['max']:.1f})", ""],
+        ["local / floor (share of the floor reached)",
+         f"{tp['local_over_floor']['median']:.2f} ({tp['local_over_floor']['min']:.2f}.."
+         f"{tp['local_over_floor']['max']:.2f})", ""],
         [f"map change -> {prop['clients']} clients p50 / p99 / max",
          f"{prop['p50_ms']:.1f} / {prop['p99_ms']:.1f} / {prop['max_ms']:.1f} ms "
          f"({prop['samples']} samples, {prop['missing']} missing)", "p99 <= 100 ms"],
+        [f"floor: trivial event -> {prop['clients']} bare subscribers, same processes, p50 / p99 / max",
+         f"{prop['floor']['p50_ms']:.1f} / {prop['floor']['p99_ms']:.1f} / {prop['floor']['max_ms']:.1f} ms "
+         f"({prop['floor']['samples']} samples, {prop['floor']['missing']} missing)", ""],
         ["memory per client, 4,096 shards (map / whole router)",
          f"{mem['map_bytes'] / 1e6:.1f} / {mem['client_bytes'] / 1e6:.1f} MB (wire {mem['wire_bytes'] / 1e3:.0f} kB)",
          ""],

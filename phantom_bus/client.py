@@ -46,8 +46,7 @@ import contextlib
 import itertools
 import os
 import time
-from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import zmq
 import zmq.asyncio
@@ -60,7 +59,6 @@ from phantom_bus.errors import (
     BadRequest,
     BrokerUnreachable,
     NoLiveReplica,
-    NotFound,
     PhantomError,
     ServiceUnavailable,
     Timeout,
@@ -131,14 +129,15 @@ class _Budget:
         return min(pause, max(0.0, self.deadline - now))
 
 
-@dataclass(frozen=True, slots=True)
-class Selection:
+class Selection(NamedTuple):
     """Where a key lives and which node to use: the answer of :meth:`Client.select`.
 
     ``epoch`` is the map epoch the choice was made under; ``source`` is
     ``"local"`` (chosen in this process) or ``"broker"`` (by the balancer);
     ``stale`` says a local choice rests on a map not refreshed for
     ``map_stale_after`` seconds (the control plane is unreachable).
+    Immutable; a named tuple because a local select builds one per call and a
+    frozen dataclass costs more to build than the whole choice.
     """
 
     key: str
@@ -154,7 +153,10 @@ class Selection:
 
     def to_dict(self) -> dict[str, Any]:
         """The selection as a plain dict (``phantom select --json`` prints this)."""
-        return asdict(self)
+        return self._asdict()
+
+
+_new_tuple = tuple.__new__
 
 
 def _selection(doc: Any) -> Selection:
@@ -304,41 +306,37 @@ class _Base:
     def _name(self) -> str:
         return f"client-{os.getpid()}-{self._salt.hex()}"
 
-    def _local_select(
-        self, router: LocalRouter, key: Any, write: bool, keyspace: str | None, strategy: str | None,
-        lease: bool, stale: bool, now: float,
-    ) -> Selection:
-        if not isinstance(key, str | bytes):
-            raise BadRequest(f"a key is str or bytes, not {type(key).__name__}")
-        name, epoch, sel = router.select(key, write=write, keyspace=keyspace, strategy=strategy, lease=lease,
-                                         now=now)
-        return Selection(str(key), name, sel.shard, sel.node, sel.address or "", epoch, sel.role, sel.lease,
-                         "local", stale)
-
     def _local_release(self, sel: Selection, latency_ms: float | None, ok: bool) -> None:
         if sel.lease is None:
             raise BadRequest("this selection was made with lease=False; there is nothing to release")
-        if self._router is None:
-            return
-        # Expired or released already: the lease is over either way.
-        with contextlib.suppress(NotFound):
-            self._router.release(sel.node, sel.lease, latency_ms, bool(ok), now=time.monotonic())
+        router = self._router
+        if router is not None:
+            # A lease no longer open (expired, released already) is over either way.
+            router.release(sel.node, sel.lease, latency_ms, bool(ok), now=time.monotonic())
 
     def _local_attempt(
         self, feed: Any, router: LocalRouter, key: Any, write: bool, keyspace: str | None,
-        strategy: str | None, lease: bool, budget: _Budget,
-    ) -> Selection | float:
-        """One local choice: the selection, or how long to wait for a newer map
-        before the next attempt (raises when waiting cannot help)."""
+        strategy: str | None, lease: bool, budget: _Budget | None,
+    ) -> Selection | tuple[_Budget, float]:
+        """One local choice: the selection, or the call's budget (started at the
+        first failure) and how long to wait for a newer map before the next
+        attempt (raises when waiting cannot help). The hot path of every select."""
         now = time.monotonic()
         stale = feed.stale(now, self.map_stale_after)
         try:
-            return self._local_select(router, key, write, keyspace, strategy, lease, stale, now)
+            name, epoch, shard, node, address, role, lease_id, _, _ = router.choose(
+                key, write, keyspace, strategy, lease, now)
         except NoLiveReplica as err:
+            if router.map is None:
+                raise self._no_map() from None
+            if budget is None:
+                budget = _Budget(self.timeout, self.retries, now)
             pause = self._transient(err, write, stale, budget, now)
             if pause is None:
                 raise
-            return pause
+            return budget, pause
+        return _new_tuple(Selection, (key if type(key) is str else str(key), name, shard, node, address, epoch,
+                                      role, lease_id, "local", stale))
 
     @staticmethod
     def _transient(err: NoLiveReplica, write: bool, stale: bool, budget: _Budget, now: float) -> float | None:
@@ -587,17 +585,15 @@ class Client(_Base):
         Local routing answers from memory and never waits on the bus, except
         for the very first select, which waits up to ``timeout`` for the map."""
         if self.routing == "local":
-            if not isinstance(key, str | bytes):
+            if type(key) is not str and not isinstance(key, str | bytes):
                 raise BadRequest(f"a key is str or bytes, not {type(key).__name__}")
             feed = self._local()
             router = self._router
             assert router is not None
-            if router.map is None:
-                raise self._no_map()
-            budget = _Budget(self.timeout, self.retries, time.monotonic())
-            while isinstance(got := self._local_attempt(feed, router, key, write, keyspace, strategy, lease, budget),
-                             float):
-                time.sleep(got)
+            got = self._local_attempt(feed, router, key, write, keyspace, strategy, lease, None)
+            while not isinstance(got, Selection):
+                time.sleep(got[1])
+                got = self._local_attempt(feed, router, key, write, keyspace, strategy, lease, got[0])
             return got
         args = _select_args(key, write, keyspace, strategy, lease)
         deadline = time.monotonic() + self.timeout * self.retries
@@ -862,17 +858,15 @@ class AsyncClient(_Base):
     ) -> Selection:
         """Awaitable :meth:`Client.select`."""
         if self.routing == "local":
-            if not isinstance(key, str | bytes):
+            if type(key) is not str and not isinstance(key, str | bytes):
                 raise BadRequest(f"a key is str or bytes, not {type(key).__name__}")
             feed = await self._local()
             router = self._router
             assert router is not None
-            if router.map is None:
-                raise self._no_map()
-            budget = _Budget(self.timeout, self.retries, time.monotonic())
-            while isinstance(got := self._local_attempt(feed, router, key, write, keyspace, strategy, lease, budget),
-                             float):
-                await asyncio.sleep(got)
+            got = self._local_attempt(feed, router, key, write, keyspace, strategy, lease, None)
+            while not isinstance(got, Selection):
+                await asyncio.sleep(got[1])
+                got = self._local_attempt(feed, router, key, write, keyspace, strategy, lease, got[0])
             return got
         args = _select_args(key, write, keyspace, strategy, lease)
         deadline = time.monotonic() + self.timeout * self.retries

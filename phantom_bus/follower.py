@@ -154,7 +154,13 @@ class MapFollower:
         regression). Raises BadRequest for a malformed map."""
         if term is not None and self.term is not None and term < self.term:
             return Outcome()
-        fresh = ShardMap.from_wire(doc)
+        return self.on_pushed_map(ShardMap.from_wire(doc), term, now)
+
+    def on_pushed_map(self, fresh: ShardMap, term: int | None, now: float) -> Outcome:
+        """:meth:`on_pushed` with the map already decoded (shared by the readers
+        of one process: decoding is most of what taking a pushed map costs)."""
+        if term is not None and self.term is not None and term < self.term:
+            return Outcome()
         held = self.map
         if held is not None and fresh.epoch <= held.epoch:
             return Outcome()
@@ -292,6 +298,7 @@ class AsyncMapFollower:
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
         self._pushed: list[ShardMap] = []  # taken from events, callbacks not run yet
+        self._sync_change = on_change is not None and not inspect.iscoroutinefunction(on_change)
 
     @property
     def map(self) -> ShardMap | None:
@@ -308,21 +315,37 @@ class AsyncMapFollower:
             self._wake.set()
 
     def _take_pushed(self, event: Mapping[str, Any], blob: bytes) -> bool:
+        epoch, held = _int(event.get("epoch")), self.core.epoch
+        if epoch is not None and held is not None and epoch <= held:
+            return False  # not newer: no need to decode it (the hint sorts it out)
         try:
-            outcome = self.core.on_pushed(protocol.unpack(blob, max_size=len(blob) + 1), _int(event.get("term")),
-                                          time.monotonic())
+            fresh = decode_pushed(blob)
+            outcome = self.core.on_pushed_map(fresh, _int(event.get("term")), time.monotonic())
         except PhantomError as exc:
             logger.debug("{}: a pushed shard map was not usable ({}); reading it instead", self.name, exc)
             return False
         if outcome.changed is None:
             return False
-        self._pushed.append(outcome.changed)
         self._changed.set()
-        self._wake.set()
+        if self._sync_change:
+            # A plain callback runs now, from the event's own callback, and the run
+            # loop is not woken (nothing is left for it to do): no task switch per
+            # reader, which is what a change's spread to many readers costs.
+            self._log_change(fresh)
+            try:
+                _call_now(self.on_change, fresh)
+            except Exception:
+                logger.exception("shard map callback raised")
+        else:
+            self._pushed.append(fresh)
+            self._wake.set()
         return True
 
-    async def _announce(self, fresh: ShardMap) -> None:
+    def _log_change(self, fresh: ShardMap) -> None:
         logger.bind(epoch=fresh.epoch).log(self.change_level, "{}: shard map epoch {}", self.name, fresh.epoch)
+
+    async def _announce(self, fresh: ShardMap) -> None:
+        self._log_change(fresh)
         self._changed.set()
         await _call(self.on_change, fresh)
 
@@ -380,8 +403,35 @@ class AsyncMapFollower:
             self._wake.clear()
             if self.core.next_read(time.monotonic()) is not None:
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+            # Not wait_for: in Python 3.11 it swallows a cancel that arrives as the
+            # wake-up completes (an event just hinted), and the loop would never end.
+            waiter = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait((waiter,), timeout=wait)
+            finally:
+                waiter.cancel()
+
+
+#: The last pushed map decoded in this process, with its bytes: every reader of
+#: the process receives the same bytes, and the first one's decode serves all.
+_last_pushed: tuple[bytes, ShardMap] | None = None
+
+
+def decode_pushed(blob: bytes) -> ShardMap:
+    """The map in a ``shardmap.changed`` event's ``map`` bytes, decoded once per
+    process (maps are immutable, so readers share it). BadRequest if malformed."""
+    global _last_pushed
+    last = _last_pushed
+    if last is not None and last[0] == blob:
+        return last[1]
+    fresh = ShardMap.from_wire(protocol.unpack(blob, max_size=len(blob) + 1))
+    _last_pushed = (blob, fresh)
+    return fresh
+
+
+def _call_now(fn: Callback | None, arg: Any) -> None:
+    if fn is not None:
+        fn(arg)
 
 
 async def _call(fn: Callback | None, arg: Any) -> None:

@@ -41,6 +41,7 @@ from phantom_bus.events import Deduplicator
 from phantom_bus.follower import AsyncMapFollower, Regression
 from phantom_bus.routing.inputs import PREFIXES
 from phantom_bus.routing.local import LocalRouter
+from phantom_bus.wire import LoopSocket
 
 #: Seconds between reports to the balancer (and node-table refreshes).
 REPORT_S = 2.0
@@ -74,6 +75,8 @@ class RoutingFeed:
         self.report_s = report_s
         self.follower = AsyncMapFollower(client, name=name, on_change=router.set_map,
                                          on_regress=self._regressed, change_level="DEBUG")
+        self._core = self.follower.core
+        self._max_body = protocol.DEFAULT_MAX_BODY
         self.ready = asyncio.Event()
         # With several brokers every event arrives once per broker: deliver it once.
         self.dedupe = Deduplicator()
@@ -85,8 +88,9 @@ class RoutingFeed:
         self.counters["regressions_seen"] = self.follower.core.counters["regressions"]
 
     def stale(self, now: float, after: float) -> bool:
-        """True after ``after`` seconds without a successful map read."""
-        return self.follower.core.stale(now, after)
+        """True after ``after`` seconds without a successful map read (every select asks)."""
+        at = self._core.refreshed_at
+        return at is None or now - at > after
 
     def status(self, now: float) -> dict[str, Any]:
         """The follower's status and the feed's counters."""
@@ -95,45 +99,55 @@ class RoutingFeed:
 
     async def run(self) -> None:
         """Run until cancelled."""
-        sub = self.ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.RCVHWM, 10000)
+        # A plain socket read from the loop's reader callback (LoopSocket.serve):
+        # an event costs no future and no task switch, which is what a map change
+        # reaching many clients in one process is made of.
+        raw: zmq.Socket[Any] = zmq.Context.shadow(self.ctx.underlying).socket(zmq.SUB)
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.setsockopt(zmq.RCVHWM, 10000)
         for prefix in ("shardmap.changed", *PREFIXES):
-            sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
-        self.security.connect(sub, self.events)
+            raw.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+        self.security.connect(raw, self.events)
+        sub = LoopSocket(raw, recheck=1.0)
+        self._max_body = getattr(self.client, "max_body", protocol.DEFAULT_MAX_BODY)
+        sub.serve(self._on_frames)
         tasks = [asyncio.ensure_future(c) for c in
-                 (self.follower.run(), self._listen(sub), self._report_loop(), self._ready_loop())]
+                 (self.follower.run(), self._refused_loop(raw), self._report_loop(), self._ready_loop())]
         try:
             await asyncio.gather(*tasks)
         finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            sub.close(0)
+            sub.close()
 
     async def _ready_loop(self) -> None:
         while self.router.map is None or not self.health_loaded:
             await asyncio.sleep(0.01)
         self.ready.set()
 
-    async def _listen(self, sub: zmq.asyncio.Socket) -> None:
-        max_body = getattr(self.client, "max_body", protocol.DEFAULT_MAX_BODY)
+    async def _refused_loop(self, sock: zmq.Socket[Any]) -> None:
+        # A subscription refused at the handshake (a key authorized late) tries again.
         while True:
-            if not await sub.poll(1000):
-                self.security.retry_refused(sub)
-                continue
-            frames = await sub.recv_multipart()
-            try:
-                event = protocol.decode_event(frames, max_size=max_body)
-            except PhantomError:
-                continue
-            if not self.dedupe.accept(event):
-                continue  # the same event from another broker
-            self.counters["events"] += 1
+            await asyncio.sleep(1.0)
+            self.security.retry_refused(sock)
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        """One event, straight from the loop's reader callback (must not raise)."""
+        try:
+            event = protocol.decode_event(frames, max_size=self._max_body)
+        except PhantomError:
+            return
+        if not self.dedupe.accept(event):
+            return  # the same event from another broker
+        self.counters["events"] += 1
+        try:
             if event["kind"] == "shardmap.changed":
                 self.follower.hint(event)
             else:
                 self.router.on_event(event, time.monotonic())
+        except Exception:  # a bug here must not stop the feed from reading
+            logger.exception("{}: an event could not be handled", self.name)
 
     async def _report_loop(self) -> None:
         next_tick = 0.0
@@ -219,7 +233,11 @@ class FeedThread:
 
     def stale(self, now: float, after: float) -> bool:
         """See :meth:`RoutingFeed.stale` (True until the feed has started)."""
-        return True if self.feed is None else self.feed.stale(now, after)
+        feed = self.feed
+        if feed is None:
+            return True
+        at = feed._core.refreshed_at
+        return at is None or now - at > after
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop the feed and join the thread (at most ``timeout`` seconds)."""

@@ -77,6 +77,45 @@ def test_local_selection_agrees_with_the_balancer_core(
         assert got == want
 
 
+@settings(max_examples=40, deadline=None)
+@given(shard_rows, health, keys, st.sampled_from(("round_robin", "least_connections", "performance")),
+       st.integers(0, 2**32), st.lists(st.booleans(), min_size=30, max_size=30))
+def test_local_selection_agrees_with_the_core_through_failures_and_ejections(
+    rows: list[tuple[list[str], list[str]]], nodes: dict[str, tuple[str, str]], ks: list[Any],
+    strategy: str, seed: int, oks: list[bool],
+) -> None:
+    # The same outcomes released to both: ejections (and their end, eject_base_s
+    # later) change the cached plans of the local path exactly when the core's
+    # own rules change.
+    cfg = BalancerConfig(eject_consecutive_failures=2, eject_base_s=3.0)
+    shard_map = build_map(7, rows)
+    local = LocalRouter(cfg, random.Random(seed))
+    local.set_map(shard_map)
+    central = Balancer(cfg, random.Random(seed))
+    for n, (state, lc) in nodes.items():
+        local.core.node_update(n, state=state, lifecycle=lc, now=0.0)
+        central.node_update(n, state=state, lifecycle=lc, now=0.0)
+    for i, key in enumerate(ks * 3):
+        now = 1.0 + i * 0.7
+        shard = shard_map.lookup("default", key)
+        cands = [Candidate(r.node, r.role) for r in shard.replicas]
+        try:
+            want = central.select(shard.id, cands, strategy=strategy, now=now)
+        except NoLiveReplica:
+            with pytest.raises(NoLiveReplica):
+                local.select(key, strategy=strategy, now=now)
+            continue
+        _, _, got = local.select(key, strategy=strategy, now=now)
+        assert (got.node, got.role, got.panic) == (want.node, want.role, want.panic)
+        ok = oks[i % len(oks)]
+        assert want.lease is not None and got.lease is not None
+        central.release(want.lease, 2.0 + i % 5, ok, now=now + 0.1)
+        local.release(got.node, got.lease, 2.0 + i % 5, ok, now=now + 0.1)
+        if i % 4 == 3:
+            central.tick(now + 0.2)
+            local.tick(now + 0.2)
+
+
 def test_local_release_feeds_the_clients_own_ejection() -> None:
     shard_map = build_map(1, [(["a", "b", "c"], ["replica"] * 3)])
     local = LocalRouter(BalancerConfig(), random.Random(1))
@@ -293,3 +332,15 @@ async def test_the_async_follower_takes_a_pushed_map_and_calls_back() -> None:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def test_a_pushed_map_is_decoded_once_per_process() -> None:
+    from phantom_bus import protocol
+    from phantom_bus.follower import decode_pushed
+
+    blob = protocol.pack(wire(9))
+    first = decode_pushed(blob)
+    assert first.epoch == 9 and decode_pushed(bytes(blob)) is first   # same bytes, another object
+    assert decode_pushed(protocol.pack(wire(10))).epoch == 10
+    with pytest.raises(BadRequest):
+        decode_pushed(b"\xc1")

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from phantom_bus import ids
-from phantom_bus.errors import BadRequest, NoLiveReplica, NotFound
+from phantom_bus.errors import BadRequest, NoLiveReplica, NotFound, PhantomError
 from phantom_bus.events import Event
 from phantom_bus.routing.config import BalancerConfig
 from phantom_bus.routing.health import (
@@ -113,6 +113,34 @@ class Selection:
         }
 
 
+class Plan:
+    """Who may serve one shard's reads, or its writes, under the selection rules.
+
+    Computed by :meth:`Balancer.plan` from the shard's candidates and the
+    nodes' serving classes; valid while the balancer's ``generation`` stays
+    ``gen`` (it moves whenever a node's class, ejection or existence changes)
+    and until ``until`` (when an ejection among the candidates ends). ``pool``
+    is what the strategy picks from (for a write, the primary alone),
+    ``primary`` the node of the primary replica when it is in the read pool,
+    ``panic`` whether doubtful nodes were let in. ``error`` is
+    ``(kind, message, details)`` when nothing can serve (``kind``
+    ``no_live`` or ``bad``): the select raises it. Immutable once built, so a
+    caller may cache it and use it without the balancer's lock.
+    """
+
+    __slots__ = ("error", "gen", "panic", "pool", "primary", "until")
+
+    def __init__(self, gen: int, pool: tuple[NodeState, ...], *, primary: str | None = None,
+                 panic: bool = False, until: float = math.inf,
+                 error: tuple[str, str, dict[str, Any]] | None = None) -> None:
+        self.gen = gen
+        self.pool = pool
+        self.primary = primary
+        self.panic = panic
+        self.until = until
+        self.error = error
+
+
 class ShardState:
     """Per-shard counters and the select rate reported to sharding."""
 
@@ -153,6 +181,9 @@ class Balancer:
         self._nodes: dict[str, NodeState] = {}
         self._shards: dict[str, ShardState] = {}
         self._ejected: set[str] = set()
+        #: Moves whenever a plan could change: a node appears or is forgotten, its
+        #: serving class changes, it is ejected or restored (see :class:`Plan`).
+        self.generation = 0
         self._strategies: dict[str, Strategy] = build_strategies(self._rng, self.config)
         self._default = self._strategies[self.config.default_strategy]
         prefix = f"{self._rng.getrandbits(32):08x}"
@@ -222,6 +253,7 @@ class Balancer:
             ns = self._nodes.get(node)
             if ns is None:
                 ns = self._nodes[node] = NodeState(node, self.config, now)
+                self.generation += 1
             was_healthy = ns.klass == HEALTHY
             held = ns.version
             if state is not None and held is not None and (
@@ -235,7 +267,10 @@ class Balancer:
                     ns.version = stamp
             if lifecycle is not None:
                 ns.lifecycle = lifecycle
-            ns.klass = base_class(ns.state, ns.lifecycle)
+            klass = base_class(ns.state, ns.lifecycle)
+            if klass != ns.klass:
+                ns.klass = klass
+                self.generation += 1
             if ns.klass == HEALTHY and not was_healthy:
                 ns.start_ramp(now, self.config.slow_start_s)
             if weight is not None:
@@ -295,6 +330,7 @@ class Balancer:
                 self._errors["not_found"] += 1
                 raise NotFound(f"node {node!r} is not known to the balancer", node=node)
             del self._nodes[node]
+            self.generation += 1
             self._ejected.discard(node)
             dropped = self._leases.drop_node(node)
             self._totals["dropped"] += len(dropped)
@@ -323,17 +359,7 @@ class Balancer:
         """
         with self._lock:
             self._ops["select"] += 1
-            if strategy is None:
-                chooser = self._default
-            else:
-                found = self._strategies.get(strategy)
-                if found is None:
-                    raise self._bad(
-                        f"unknown strategy {strategy!r}; use one of "
-                        f"{', '.join(self._strategies)}",
-                        strategy=strategy,
-                    )
-                chooser = found
+            chooser = self.strategy(strategy)
             if len({c.node for c in candidates}) != len(candidates):
                 raise self._bad(f"shard {shard}: a node appears twice among its candidates "
                                 f"{[c.node for c in candidates]}", shard=shard)
@@ -343,14 +369,21 @@ class Balancer:
             sh.meter.add(now)
             sh.last_select = now
             totals = self._totals
-            panic = False
+            plan = self._plan(shard, candidates, write, now)
+            if plan.error is not None:
+                raise self._refuse(sh, plan.error)
             if write:
-                chosen, role = self._primary(sh, candidates, now)
+                chosen, role, panic = plan.pool[0], "primary", False
                 sh.writes += 1
                 totals["writes"] += 1
                 name = "primary"
             else:
-                chosen, role, panic = self._read(sh, chooser, candidates, now)
+                panic = plan.panic
+                if panic:
+                    sh.panics += 1
+                    totals["panics"] += 1
+                chosen = chooser.pick(shard, plan.pool, now)
+                role = "primary" if chosen.node == plan.primary else "replica"
                 sh.reads += 1
                 totals["reads"] += 1
                 name = chooser.name
@@ -369,42 +402,78 @@ class Balancer:
             return Selection(chosen.node, role, shard, chosen.address, lease_id, deadline, name,
                              panic)
 
+    def strategy(self, name: str | None) -> Strategy:
+        """The strategy called ``name`` (None: the default); BadRequest if there is none."""
+        if name is None:
+            return self._default
+        found = self._strategies.get(name)
+        if found is None:
+            raise self._bad(f"unknown strategy {name!r}; use one of {', '.join(self._strategies)}",
+                            strategy=name)
+        return found
+
+    def plan(self, shard: str, candidates: Sequence[Candidate], write: bool, now: float) -> Plan:
+        """Who may serve ``shard`` now (see :class:`Plan`): the selection rules
+        without the choice, for a caller that caches them between selects.
+        BadRequest for a candidate list that names a node twice."""
+        with self._lock:
+            if len({c.node for c in candidates}) != len(candidates):
+                raise self._bad(f"shard {shard}: a node appears twice among its candidates "
+                                f"{[c.node for c in candidates]}", shard=shard)
+            return self._plan(shard, candidates, write, now)
+
+    def refuse(self, error: tuple[str, str, dict[str, Any]]) -> PhantomError:
+        """The exception a select raises for a plan's ``error`` (counted)."""
+        kind, message, details = error
+        if kind == "bad":
+            return self._bad(message, **details)
+        self._errors["no_live_replica"] += 1
+        return NoLiveReplica(message, **details)
+
+    def _refuse(self, sh: ShardState, error: tuple[str, str, dict[str, Any]]) -> PhantomError:
+        if error[0] != "bad":
+            sh.no_live += 1
+        return self.refuse(error)
+
     def _node(self, node: str, now: float) -> NodeState:
         ns = self._nodes.get(node)
         if ns is None:
             # Never heard of through node_update: track it (as doubtful) so its
             # leases and outcomes are counted like anyone else's.
             ns = self._nodes[node] = NodeState(node, self.config, now)
+            self.generation += 1
         return ns
 
-    def _primary(self, sh: ShardState, candidates: Sequence[Candidate],
-                 now: float) -> tuple[NodeState, str]:
+    def _plan(self, shard: str, candidates: Sequence[Candidate], write: bool, now: float) -> Plan:
+        # The generation is read last: a node first heard of here moves it.
+        plan = self._write_plan(shard, candidates, now) if write else self._read_plan(shard, candidates, now)
+        plan.gen = self.generation
+        return plan
+
+    def _write_plan(self, shard: str, candidates: Sequence[Candidate], now: float) -> Plan:
         primaries = [c for c in candidates if c.role == "primary"]
         if len(primaries) > 1:
-            raise self._bad(f"shard {sh.shard} has {len(primaries)} primaries "
-                            f"({', '.join(c.node for c in primaries)}); the map is inconsistent",
-                            shard=sh.shard)
+            return Plan(0, (), error=("bad", f"shard {shard} has {len(primaries)} primaries "
+                                      f"({', '.join(c.node for c in primaries)}); the map is inconsistent",
+                                      {"shard": shard}))
         if not primaries:
-            self._no_live(sh)
-            raise NoLiveReplica(f"shard {sh.shard} has no primary; writes wait until sharding "
-                                f"elects one", shard=sh.shard)
+            return Plan(0, (), error=("no_live", f"shard {shard} has no primary; writes wait until "
+                                      f"sharding elects one", {"shard": shard}))
         ns = self._node(primaries[0].node, now)
         if ns.klass == OUT:
-            self._no_live(sh)
-            raise NoLiveReplica(
-                f"primary {ns.node} of shard {sh.shard} is {self._why_out(ns)}; writes wait "
-                f"until sharding moves the primary", shard=sh.shard, node=ns.node,
-            )
-        return ns, "primary"
+            return Plan(0, (), error=(
+                "no_live", f"primary {ns.node} of shard {shard} is {self._why_out(ns)}; writes wait "
+                f"until sharding moves the primary", {"shard": shard, "node": ns.node}))
+        return Plan(0, (ns,), primary=ns.node)
 
-    def _read(self, sh: ShardState, chooser: Strategy, candidates: Sequence[Candidate],
-              now: float) -> tuple[NodeState, str, bool]:
+    def _read_plan(self, shard: str, candidates: Sequence[Candidate], now: float) -> Plan:
         nodes = self._nodes
         from_primary = self.config.reads_from_primary
         healthy: list[NodeState] = []
         doubtful: list[NodeState] = []
         primary: str | None = None
         total = 0
+        until = math.inf
         for c in candidates:
             role = c.role
             if role == "joining":
@@ -419,7 +488,10 @@ class Balancer:
             total += 1
             klass = ns.klass
             if klass == HEALTHY:
-                if role == "leaving" or ns.ejected_until > now:
+                if ns.ejected_until > now:
+                    until = min(until, ns.ejected_until)
+                    doubtful.append(ns)
+                elif role == "leaving":
                     doubtful.append(ns)
                 else:
                     healthy.append(ns)
@@ -427,21 +499,12 @@ class Balancer:
                 doubtful.append(ns)
         panic = len(healthy) < self.config.panic_threshold * total
         if panic and doubtful:
-            pool = healthy + doubtful
-            sh.panics += 1
-            self._totals["panics"] += 1
-        elif healthy:
-            pool = healthy
-            panic = False
-        else:
-            self._no_live(sh)
-            raise NoLiveReplica(
-                f"no replica of shard {sh.shard} can serve reads: "
-                f"{self._describe(candidates, now)}",
-                shard=sh.shard,
-            )
-        chosen = chooser.pick(sh.shard, pool, now)
-        return chosen, ("primary" if chosen.node == primary else "replica"), panic
+            return Plan(0, (*healthy, *doubtful), primary=primary, panic=True, until=until)
+        if healthy:
+            return Plan(0, tuple(healthy), primary=primary, until=until)
+        return Plan(0, (), until=until, error=(
+            "no_live", f"no replica of shard {shard} can serve reads: {self._describe(candidates, now)}",
+            {"shard": shard}))
 
     def _describe(self, candidates: Sequence[Candidate], now: float) -> str:
         if not candidates:
@@ -471,10 +534,6 @@ class Balancer:
         if ns.lifecycle == "decommissioned":
             return "decommissioned"
         return str(ns.state)
-
-    def _no_live(self, sh: ShardState) -> None:
-        sh.no_live += 1
-        self._errors["no_live_replica"] += 1
 
     def _bad(self, message: str, **details: Any) -> BadRequest:
         # Lock-free on purpose: a lost increment under a race only skews a counter.
@@ -519,28 +578,44 @@ class Balancer:
             node.in_flight -= 1
             sh = self._shards.get(lease.shard)
             if ok:
-                node.successes += 1
-                node.consecutive_failures = 0
+                self.learn(node, latency_ms, True, now)
                 if latency_ms is not None:
-                    node.ewma.observe(latency_ms, now)
                     node.latency.add(latency_ms, now)
                 self._totals["successes"] += 1
                 if sh is not None:
                     sh.successes += 1
                 return "released", []
-            node.failures += 1
-            node.consecutive_failures += 1
             self._totals["failures"] += 1
             if sh is not None:
                 sh.failures += 1
+            return "released", self._failed(node, latency_ms, now)
+
+    def learn(self, node: NodeState, latency_ms: float | None, ok: bool, now: float) -> list[Event]:
+        """Learn from one request's outcome on ``node`` as :meth:`end_lease` does
+        (for a caller that keeps its own leases: a locally routing client).
+        A success touches only the node's own counters and EWMA and takes no
+        lock (the caller serialises its releases); a failure takes the lock, as
+        it may eject the node (the events say so)."""
+        if ok:
+            node.successes += 1
+            node.consecutive_failures = 0
             if latency_ms is not None:
-                # A fast failure (connection refused) must not make a node look fast.
-                last = node.ewma.last
-                node.ewma.observe(latency_ms if last is None else max(latency_ms, last), now)
-            if (node.consecutive_failures >= self.config.eject_consecutive_failures
-                    and not node.is_ejected(now) and node.klass != OUT):
-                return "released", self._eject(node, now)
-            return "released", []
+                node.ewma.observe(latency_ms, now)
+            return []
+        with self._lock:
+            return self._failed(node, latency_ms, now)
+
+    def _failed(self, node: NodeState, latency_ms: float | None, now: float) -> list[Event]:
+        node.failures += 1
+        node.consecutive_failures += 1
+        if latency_ms is not None:
+            # A fast failure (connection refused) must not make a node look fast.
+            last = node.ewma.last
+            node.ewma.observe(latency_ms if last is None else max(latency_ms, last), now)
+        if (node.consecutive_failures >= self.config.eject_consecutive_failures
+                and not node.is_ejected(now) and node.klass != OUT):
+            return self._eject(node, now)
+        return []
 
     def _eject(self, node: NodeState, now: float) -> list[Event]:
         cfg = self.config
@@ -564,6 +639,7 @@ class Balancer:
         node.consecutive_failures = 0
         node.ejections += 1
         self._ejected.add(node.node)
+        self.generation += 1
         self._totals["ejections"] += 1
         return [Event(EJECTED, {
             "node": node.node,
@@ -591,6 +667,7 @@ class Balancer:
                 ns = self._nodes[node_id]
                 if ns.ejected_until <= now:
                     self._ejected.discard(node_id)
+                    self.generation += 1
                     self._totals["restores"] += 1
                     events.append(Event(RESTORED, {
                         "node": node_id,
@@ -701,6 +778,11 @@ class Balancer:
             return selects
 
     # --- reports --------------------------------------------------------------------
+
+    def counts(self) -> dict[str, tuple[int, int, int]]:
+        """``(picks, successes, failures)`` of every node, counted since it was first seen."""
+        with self._lock:
+            return {nid: (ns.picks, ns.successes, ns.failures) for nid, ns in self._nodes.items()}
 
     def shard_rates(self, now: float) -> dict[str, float]:
         """Selects per second of every shard over the rate window (for load-based splits)."""

@@ -158,45 +158,46 @@ class PeakEwma:
     gradually and one sample after a long silence counts almost fully.
     """
 
-    __slots__ = ("_at", "_decay_s", "_value")
+    # Public so that the performance strategy can inline estimate() on its hot path.
+    __slots__ = ("at", "decay_s", "value")
 
     def __init__(self, decay_s: float) -> None:
-        self._decay_s = decay_s
-        self._value: float | None = None
-        self._at = 0.0
+        self.decay_s = decay_s
+        self.value: float | None = None
+        self.at = 0.0
 
     def observe(self, ms: float, now: float) -> None:
         """Fold in a latency sample taken at ``now``."""
-        value = self._value
+        value = self.value
         if value is None:
-            self._value = ms
-            self._at = now
+            self.value = ms
+            self.at = now
             return
-        dt = now - self._at
+        dt = now - self.at
         if dt > 0:
-            w = math.exp(-dt / self._decay_s)
+            w = math.exp(-dt / self.decay_s)
             value *= w
         else:
             # Same instant (or a caller's clock stepping back): no decay, no blend.
             w = 1.0
-        self._value = ms if ms >= value else value * w + ms * (1.0 - w)
+        self.value = ms if ms >= value else value * w + ms * (1.0 - w)
         if dt > 0:
-            self._at = now
+            self.at = now
 
     def estimate(self, now: float) -> float | None:
         """The current estimate in ms, or None before the first sample."""
-        value = self._value
+        value = self.value
         if value is None:
             return None
-        dt = now - self._at
+        dt = now - self.at
         if dt <= 0:
             return value
-        return value * math.exp(-dt / self._decay_s)
+        return value * math.exp(-dt / self.decay_s)
 
     @property
     def last(self) -> float | None:
         """The value at the last sample, without idle decay (for reports)."""
-        return self._value
+        return self.value
 
 
 class RateMeter:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from math import exp as _exp
 from typing import ClassVar, Protocol
 
 from phantom_bus.routing.config import BalancerConfig
@@ -209,11 +210,23 @@ class PowerOfTwoChoices:
         size = len(pool)
         if size == 1:
             return pool[0]
-        i, j = self.choices(size)
+        # choices() and PeakEwma.estimate() inlined: this is every read's hot path.
+        rnd = self._rng.random
+        i = int(rnd() * size)
+        j = int(rnd() * (size - 1))
+        if j >= i:
+            j += 1
         a = pool[i]
         b = pool[j]
-        la = a.ewma.estimate(now)
-        lb = b.ewma.estimate(now)
+        # PeakEwma.estimate(now), inlined.
+        ea = a.ewma
+        la = ea.value
+        if la is not None and now > ea.at:
+            la *= _exp((ea.at - now) / ea.decay_s)
+        eb = b.ewma
+        lb = eb.value
+        if lb is not None and now > eb.at:
+            lb *= _exp((eb.at - now) / eb.decay_s)
         # A node never measured gets one probe at a time: with nothing in flight it
         # wins against a measured rival. Only borrowing the rival's estimate let a
         # slightly higher CPU penalty lose every comparison, so the node never got
@@ -228,7 +241,12 @@ class PowerOfTwoChoices:
                 la = _UNKNOWN_LATENCY_MS if lb is None else lb
             if lb is None:
                 lb = la
-            if self._cost(a, la, now) <= self._cost(b, lb, now):
+            stale = self._stale
+            cost_a = (la if la > _MIN_LATENCY_MS else _MIN_LATENCY_MS) * (a.in_flight + 1) \
+                * (a.penalty if now - a.load_at <= stale else 1.0) / a.weight
+            cost_b = (lb if lb > _MIN_LATENCY_MS else _MIN_LATENCY_MS) * (b.in_flight + 1) \
+                * (b.penalty if now - b.load_at <= stale else 1.0) / b.weight
+            if cost_a <= cost_b:
                 winner, other = a, b
             else:
                 winner, other = b, a
@@ -236,16 +254,11 @@ class PowerOfTwoChoices:
         # ramping node that is as fast as its rival lost every comparison and got
         # nothing until its ramp ended (a cliff). Here it keeps a win with
         # probability equal to its ramp, so its share grows with the ramp.
-        ramp = winner.ramp(now, self._floor)
-        if ramp < 1.0 and self._rng.random() >= ramp:
-            return other
+        if now < winner.ramp_end:
+            ramp = winner.ramp(now, self._floor)
+            if ramp < 1.0 and rnd() >= ramp:
+                return other
         return winner
-
-    def _cost(self, node: NodeState, latency: float, now: float) -> float:
-        penalty = node.penalty if now - node.load_at <= self._stale else 1.0
-        if latency < _MIN_LATENCY_MS:
-            latency = _MIN_LATENCY_MS
-        return latency * (node.in_flight + 1) * penalty / node.weight
 
     def forget(self, shard: str) -> None:
         """Stateless."""
