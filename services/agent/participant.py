@@ -152,6 +152,17 @@ class Participant:
         self._lease_until = sent_at + self.lease
         return self._merge(out, self.tick(now))
 
+    def renewal(self) -> list[str]:
+        """What to send with a renewal now: :meth:`holding`; stops leasing anything else.
+
+        A shard leased but not held (granted, but the map has not said primary
+        yet) is given up until the reply: the control plane may take a renewal
+        that does not hold a deposed shard as that node letting go of it.
+        """
+        held = self.holding()
+        self._leased = self._leased & frozenset(held)
+        return held
+
     def done(self, transition: Transition, ok: bool, now: float) -> list[Transition]:
         """The database finished ``transition`` (``ok``) or failed it (it is retried later)."""
         st = self._shards.get(transition.shard)

@@ -73,6 +73,7 @@ class Step:
 
 class _Shard:
     __slots__ = (
+        "deposed",
         "failures",
         "floor",
         "joining",
@@ -83,7 +84,6 @@ class _Shard:
         "roles",
         "seeded",
         "stepdown",
-        "deposed",
         "target",
         "target_primary",
         "target_set",
