@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import random
 from collections.abc import Callable
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from phantom_bus.errors import PhantomError
 from services.agent.participant import Desired, Participant, Transition, desired_from_map
 from services.sharding.config import ShardingConfig
 from services.sharding.core import ShardingCore
@@ -268,10 +270,8 @@ class _World:
 
     def confirm(self, node: str, shard: str) -> None:
         if shard in self.agents[node].ready():
-            try:
+            with contextlib.suppress(PhantomError):  # sharding moved on: refused, fine here
                 self.publish(self.core.confirm(shard, node, self.now).events)
-            except Exception:  # noqa: BLE001 - a confirm sharding refuses (moved on) is fine here
-                pass
 
     def publish(self, events: object) -> None:
         m = self.core.map().value
@@ -353,7 +353,7 @@ FAULTS = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**32), faults=FAULTS, drift=st.sampled_from([0.0, 0.5]))
 def test_never_two_unexpired_primary_leases_for_one_shard(seed: int, faults: list, drift: float) -> None:
     """Deaths, pauses longer or shorter than the lease, wrong dead verdicts, drains and joins,

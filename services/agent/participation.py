@@ -25,6 +25,9 @@ from services.agent.adapters import Database, load_database, wall_clock
 from services.agent.participant import Participant, Transition, desired_from_map
 
 _TICK = 0.1
+# Transitions run at once (fences never wait): enough to copy a few shards in
+# parallel; each exec callback is a fork, and dozens at once stall the agent's loop.
+_PARALLEL = 4
 
 
 class Participation:
@@ -41,6 +44,7 @@ class Participation:
         self._confirming: dict[str, asyncio.Task[None]] = {}
         self._client: AsyncClient | None = None
         self._seq = 0
+        self._slots = asyncio.Semaphore(_PARALLEL)
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -65,7 +69,16 @@ class Participation:
                  f" from {','.join(t.sources)}" if t.sources else "")  # fmt: skip
         ok = True
         try:
-            await self.db.run(t, lease_until)
+            if t.kind == "primary":
+                # The loop may have lagged since the decision: never start writes on a lapsed lease.
+                if not self.core.leased(t.shard, time.monotonic()):
+                    raise RuntimeError("the lease ran out before the database could be told")
+                lease_until = wall_clock(self.core.lease_until())
+            if t.kind == "fence":
+                await self.db.run(t, lease_until)
+            else:
+                async with self._slots:  # bounded: a burst of transitions must not stall the agent
+                    await self.db.run(t, lease_until)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a database's failure must not take down the agent
@@ -114,12 +127,15 @@ class Participation:
             return
         primaries = [str(s) for s in reply.get("primaries", [])]
         self._start(self.core.granted(int(reply.get("epoch", 0)), primaries, sent, time.monotonic()))
-        self.db.renewed(wall_clock(self.core.lease_until()), [s for s in primaries if s in self.core.holding()])
+        held = [s for s in primaries if s in self.core.holding()]
+        until = wall_clock(self.core.lease_until())
+        logger.debug("lease renewed at {:.3f} until {:.3f}: {}", wall_clock(sent), until, " ".join(held) or "-")
+        self.db.renewed(until, held)
 
     async def run(self) -> None:
         """Renew the lease, tick, and confirm copies until cancelled."""
         interval = self.lease / 4
-        async with AsyncClient(self.cfg.broker, timeout=min(self.cfg.timeout, interval * 2), retries=0) as client:
+        async with AsyncClient(self.cfg.broker, timeout=min(self.cfg.timeout, interval * 2), retries=1) as client:
             self._client = client
 
             async def ticker() -> None:
