@@ -149,6 +149,16 @@ DECLARED: dict[str, dict[str, Op]] = {
             notes={"rates": "map shard id -> requests per second (float)"},
         ),
         "report_keys": Op("int: keys recorded", ("no_such_keyspace",), notes={"keys": "array of str or bin"}),
+        "renew": Op(
+            "map: `epoch` (int), `primaries` (array of str: the shards `node` is primary of now; empty for a dead "
+            "node or a stale renewal), `lease` (float, seconds), `fresh` (bool, false: older than one seen); "
+            "see integrating.md",
+            notes={
+                "incarnation": "the agent's incarnation; with `seq` orders renewals",
+                "seq": "grows with every renewal of one agent process",
+                "holding": "array of str: shards the node's database is primary of or becoming so",
+            },
+        ),
     },
     "balancer": {
         "ping": _PING,
