@@ -69,15 +69,16 @@ class Participation:
                  f" from {','.join(t.sources)}" if t.sources else "")  # fmt: skip
         ok = True
         try:
-            if t.kind == "primary":
-                # The loop may have lagged since the decision: never start writes on a lapsed lease.
-                if not self.core.leased(t.shard, time.monotonic()):
-                    raise RuntimeError("the lease ran out before the database could be told")
-                lease_until = wall_clock(self.core.lease_until())
             if t.kind == "fence":
                 await self.db.run(t, lease_until)
             else:
                 async with self._slots:  # bounded: a burst of transitions must not stall the agent
+                    if t.kind == "primary":
+                        # The wait for a slot (or a lagging loop) may have outlasted the lease:
+                        # never start writes on a lapsed one.
+                        if not self.core.leased(t.shard, time.monotonic()):
+                            raise RuntimeError("the lease ran out before the database could be told")
+                        lease_until = wall_clock(self.core.lease_until())
                     await self.db.run(t, lease_until)
         except asyncio.CancelledError:
             raise
