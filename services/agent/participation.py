@@ -44,6 +44,8 @@ class Participation:
         self._confirming: dict[str, asyncio.Task[None]] = {}
         self._client: AsyncClient | None = None
         self._seq = 0
+        # Called after a copy was confirmed (the agent re-reads the map sooner).
+        self.on_confirmed: Callable[[], None] | None = None
         self._slots = asyncio.Semaphore(_PARALLEL)
 
     # -- inputs --------------------------------------------------------------------------
@@ -103,6 +105,8 @@ class Participation:
             try:
                 await client.request("sharding", "confirm", shard=shard, node=self.node)
                 logger.bind(shard=shard).info("replica of {} is ready: confirmed", shard)
+                if self.on_confirmed is not None:
+                    self.on_confirmed()
                 return
             except PhantomError as exc:
                 if not exc.retry:
@@ -136,7 +140,11 @@ class Participation:
     async def run(self) -> None:
         """Renew the lease, tick, and confirm copies until cancelled."""
         interval = self.lease / 4
-        async with AsyncClient(self.cfg.broker, timeout=min(self.cfg.timeout, interval * 2), retries=1) as client:
+        # Two tries within half a lease: a renewal that lands on a sharding follower
+        # is refused (not_leader) and the client tries again, while the lease still
+        # counts from the first send.
+        timeout = min(float(self.cfg.timeout), interval)
+        async with AsyncClient(self.cfg.broker, timeout=timeout, retries=2, routing="broker") as client:
             self._client = client
 
             async def ticker() -> None:
