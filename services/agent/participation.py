@@ -12,6 +12,7 @@ transition is logged with its shard and epoch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -47,6 +48,9 @@ class Participation:
         # Called after a copy was confirmed (the agent re-reads the map sooner).
         self.on_confirmed: Callable[[], None] | None = None
         self._slots = asyncio.Semaphore(_PARALLEL)
+        # Set when the database let go of a primary: renew at once, so that a
+        # planned hand-off waits one round trip rather than a renewal interval.
+        self._let_go = asyncio.Event()
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -88,6 +92,8 @@ class Participation:
             ok = False
             (log.error if t.kind == "fence" else log.warning)("{} of {} failed: {}", t.kind, t.shard, exc)
         self._running.pop(t.shard, None)
+        if ok and t.before in ("primary", "fenced") and t.kind in ("demote", "fence", "drop"):
+            self._let_go.set()
         self._start(self.core.done(t, ok, time.monotonic()))
 
     # -- confirming copies -----------------------------------------------------------------
@@ -156,8 +162,10 @@ class Participation:
             try:
                 while True:
                     started = time.monotonic()
+                    self._let_go.clear()  # what lets go during this renewal triggers the next one
                     await self.renew_once(client)
-                    await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._let_go.wait(), max(0.0, interval - (time.monotonic() - started)))
             finally:
                 tick.cancel()
                 self._client = None
