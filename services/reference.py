@@ -142,7 +142,12 @@ DECLARED: dict[str, dict[str, Op]] = {
         "node_dead": Op("the node view", ("not_found",)),
         "node_alive": Op("the node view", ("not_found",)),
         "confirm": Op(
-            "map: `shard`, `node`, `role` (str); a repeated confirmation changes nothing", ("not_found", "conflict")
+            "map: `shard`, `node`, `role` (str); a repeated confirmation changes nothing",
+            ("not_found", "conflict"),
+            notes={
+                "epoch": "optional int: the map epoch in which the node was asked to copy; `conflict` with "
+                "`details.since` when that assignment was cancelled since (copy again)"
+            },
         ),
         "report_load": Op(
             "map: `split` (array of new shard ids), `ignored` (array of unknown shard ids)",

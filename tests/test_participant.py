@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import random
 from collections.abc import Callable
@@ -48,6 +47,18 @@ def test_joining_replica_copies_then_waits_for_the_map_to_say_replica() -> None:
     assert kinds(ts) == ["replica"] and ts[0].before == "joining"
     p.done(ts[0], True, 2.0)
     assert p.state("s") == "replica" and p.ready() == []
+
+
+def test_replica_the_map_asks_to_copy_again_drops_then_joins_and_is_confirmed() -> None:
+    """A leaving replica dropped and re-added as joining between two maps this node read:
+    its copy missed writes meanwhile, so it copies afresh (else the move would wait for ever)."""
+    p = Participant(LEASE)
+    finish(p, p.desire(1, {"s": Desired("replica", ("a",))}, 0.0), 0.0)
+    ts = p.desire(3, {"s": Desired("joining", ("a",))}, 1.0)
+    assert kinds(ts) == ["drop"]
+    history = finish(p, ts, 1.0)
+    assert [(t.kind, t.sources) for t in history] == [("drop", ()), ("join", ("a",))]
+    assert p.ready() == ["s"]
 
 
 def test_primary_waits_for_a_lease_then_demote_and_drop_follow_the_map() -> None:
@@ -109,9 +120,35 @@ def test_renewal_gives_up_leases_it_does_not_hold() -> None:
     finish(p, p.desire(1, {"s": Desired("replica")}, 0.0), 0.0)
     p.granted(1, ["s"], sent_at=0.0, now=0.0)  # granted, but the map has not said primary yet
     assert p.leased("s", 0.1)
-    assert p.renewal() == []
+    assert p.renewal(0.1) == []
     assert not p.leased("s", 0.1)
     assert p.desire(2, {"s": Desired("primary")}, 0.2) == [], "the control plane may have taken that as letting go"
+
+
+def test_reply_to_an_earlier_renewal_after_a_later_one_was_sent_grants_nothing() -> None:
+    p = Participant(LEASE)
+    finish(p, p.desire(1, {"s": Desired("primary")}, 0.0), 0.0)
+    p.renewal(0.0)
+    p.renewal(0.5)  # the first timed out; this one gave up what it did not hold
+    assert p.granted(1, ["s"], sent_at=0.0, now=0.6) == [], "the late reply grants nothing"
+    assert not p.leased("s", 0.6)
+    assert kinds(p.granted(1, ["s"], sent_at=0.5, now=0.7)) == ["primary"]
+
+
+def test_copy_refused_as_stale_is_made_again_from_the_current_assignment() -> None:
+    p = Participant(LEASE)
+    ts = p.desire(3, {"s": Desired("joining", ("a",))}, 0.0)
+    finish(p, ts, 0.5)
+    assert p.ready() == ["s"] and p.copy_epoch("s") == 3
+    ts = p.copy_refused("s", 3, since=5, now=0.6)  # sharding cancelled and re-made the move at epoch 5
+    assert kinds(ts) == ["drop"] and p.ready() == []
+    assert finish(p, ts, 0.7) == ts, "no new copy from a map older than the current assignment"
+    ts = p.desire(5, {"s": Desired("joining", ("a",))}, 0.8)
+    assert [(t.kind, t.epoch) for t in ts] == [("join", 5)]
+    finish(p, ts, 0.9)
+    assert p.ready() == ["s"] and p.copy_epoch("s") == 5
+    assert p.copy_refused("s", 3, since=5, now=1.0) == [], "a refusal of an older copy changes nothing"
+    assert p.ready() == ["s"]
 
 
 # -- duplicates and stale epochs ---------------------------------------------------------
@@ -269,9 +306,15 @@ class _World:
         self.run_transitions(node, self.agents[node].done(t, self.rng.random() > 0.05, self.now))
 
     def confirm(self, node: str, shard: str) -> None:
-        if shard in self.agents[node].ready():
-            with contextlib.suppress(PhantomError):  # sharding moved on: refused, fine here
-                self.publish(self.core.confirm(shard, node, self.now).events)
+        p = self.agents[node]
+        if shard in p.ready():
+            epoch = p.copy_epoch(shard)
+            try:
+                self.publish(self.core.confirm(shard, node, self.now, epoch).events)
+            except PhantomError as exc:  # sharding moved on: refused; a stale copy is made again
+                since = exc.details.get("since")
+                if isinstance(since, int):
+                    self.run_transitions(node, p.copy_refused(shard, epoch, since, self.now))
 
     def publish(self, events: object) -> None:
         m = self.core.map().value
@@ -298,7 +341,7 @@ class _World:
         def go() -> None:
             p = self.agents[node]
             self.seq[node] += 1
-            seq, sent, holding = self.seq[node], self.now, p.renewal()
+            seq, sent, holding = self.seq[node], self.now, p.renewal(self.now)
             if self.rng.random() < 0.1:  # request lost; the agent tries again after a timeout
                 self.at(self.now + self.lease / 2, lambda: self.renew(node))
                 return

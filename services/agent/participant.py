@@ -10,6 +10,7 @@ them only by these transitions::
        +------ drop -----+--------------------+                      |
                                                fenced <-- fence -----+
     offline --replica--> replica     (a copy the node already has, e.g. after a restart)
+    replica --drop--> offline --join--> joining   (the map asks this node for a new copy)
     fenced  --primary--> primary     (the lease came back and the map still says primary)
     fenced  --demote---> replica
 
@@ -98,6 +99,8 @@ class _Shard:
     busy: Transition | None = None
     copied: bool = False  # the join finished: ready to be confirmed
     retry_at: float = -math.inf  # after a failed transition
+    recopy: bool = False  # sharding refused the copy as made for a cancelled assignment
+    join_after: int = -1  # join only at a map epoch at least this (the current assignment's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,7 @@ class Participant:
     _leased: frozenset[str] = frozenset()
     _lease_until: float = -math.inf
     _lease_epoch: int = -1
+    _renewal_sent: float = -math.inf
 
     # -- inputs --------------------------------------------------------------------
 
@@ -143,7 +147,9 @@ class Participant:
         The lease is checked at ``sent_at`` first: a renewal sent after the old
         lease had run out (the agent was paused, say) fences before it renews.
         """
-        if epoch < self._lease_epoch:
+        if epoch < self._lease_epoch or sent_at < self._renewal_sent:
+            # An older map, or the reply to a renewal older than the last one sent
+            # (which gave up what it did not hold): it grants nothing.
             self.refused += 1
             return self.tick(now)
         out = self._expire(sent_at)
@@ -152,16 +158,30 @@ class Participant:
         self._lease_until = sent_at + self.lease
         return self._merge(out, self.tick(now))
 
-    def renewal(self) -> list[str]:
-        """What to send with a renewal now: :meth:`holding`; stops leasing anything else.
+    def renewal(self, now: float) -> list[str]:
+        """What to send with a renewal sent at ``now``: :meth:`holding`; stops leasing anything else.
 
         A shard leased but not held (granted, but the map has not said primary
         yet) is given up until the reply: the control plane may take a renewal
-        that does not hold a deposed shard as that node letting go of it.
+        that does not hold a deposed shard as that node letting go of it. For
+        the same reason a reply to an earlier renewal, if it comes after this
+        one was sent, is ignored.
         """
         held = self.holding()
         self._leased = self._leased & frozenset(held)
+        self._renewal_sent = max(self._renewal_sent, now)
         return held
+
+    def copy_refused(self, shard: str, epoch: int, since: int, now: float) -> list[Transition]:
+        """Sharding refused the copy of ``shard`` made at ``epoch``: its assignment was
+        cancelled and the current one began at map epoch ``since``. Copy again, from a
+        map at least that new (a stale copy might have missed writes)."""
+        st = self._shards.get(shard)
+        if st is not None and st.state == "joining" and st.copied and st.epoch == epoch:
+            st.copied = False
+            st.recopy = True
+            st.join_after = max(st.join_after, since)
+        return self.tick(now)
 
     def done(self, transition: Transition, ok: bool, now: float) -> list[Transition]:
         """The database finished ``transition`` (``ok``) or failed it (it is retried later)."""
@@ -205,6 +225,11 @@ class Participant:
         """Joining shards whose copy is complete: the agent confirms these to sharding."""
         return [s for s, st in self._shards.items() if st.state == "joining" and st.copied]
 
+    def copy_epoch(self, shard: str) -> int:
+        """The map epoch ``shard``'s copy was asked for (sent with its confirmation)."""
+        st = self._shards.get(shard)
+        return -1 if st is None else st.epoch
+
     def holding(self) -> list[str]:
         """Shards this node takes writes for or is becoming primary of (sent with each renewal)."""
         return sorted(
@@ -243,13 +268,22 @@ class Participant:
             return self._make(shard, st, "demote", epoch)
         if st.state == "offline":
             if want.role == "joining":
+                if epoch < st.join_after:
+                    return None  # the map with the current assignment has not come yet
                 return self._make(shard, st, "join", epoch, want.sources)
             return self._make(shard, st, "replica", epoch, want.sources)
         if st.state == "joining":
             if want.role == "joining":
-                return None  # copying, or copied and waiting for the confirmation to land
+                # Copying, or copied and waiting for the confirmation to land; a copy
+                # refused as stale is thrown away and made again.
+                return self._make(shard, st, "drop", epoch) if st.recopy else None
             return self._make(shard, st, "replica", epoch, want.sources)
         # replica
+        if want.role == "joining":
+            # The map took this replica away and asks for a new copy (a leaving
+            # replica dropped and re-added between two maps this node read): what
+            # it holds missed writes meanwhile, so it copies afresh.
+            return self._make(shard, st, "drop", epoch)
         if want.role == "primary" and self.leased(shard, now):
             return self._make(shard, st, "primary", epoch)
         return None
@@ -271,6 +305,7 @@ class Participant:
         st.epoch = t.epoch
         if t.kind != "join":
             st.copied = False
+        st.recopy = False
         return t
 
     @staticmethod

@@ -108,15 +108,21 @@ class Participation:
 
     async def _confirm(self, client: AsyncClient, shard: str) -> None:
         while shard in self.core.ready():
+            # The epoch the copy was asked for: sharding refuses a copy made for an
+            # assignment it has cancelled since, and this node then copies again.
+            epoch = self.core.copy_epoch(shard)
             try:
-                await client.request("sharding", "confirm", shard=shard, node=self.node)
-                logger.bind(shard=shard).info("replica of {} is ready: confirmed", shard)
+                await client.request("sharding", "confirm", shard=shard, node=self.node, epoch=epoch)
+                logger.bind(shard=shard, epoch=epoch).info("replica of {} is ready: confirmed", shard)
                 if self.on_confirmed is not None:
                     self.on_confirmed()
                 return
             except PhantomError as exc:
                 if not exc.retry:
-                    logger.bind(shard=shard).info("confirm of {} not taken: {}", shard, exc)
+                    logger.bind(shard=shard, epoch=epoch).info("confirm of {} not taken: {}", shard, exc)
+                    since = exc.details.get("since")
+                    if type(since) is int:
+                        self._start(self.core.copy_refused(shard, epoch, since, time.monotonic()))
                     return
                 await asyncio.sleep(1.0)
 
@@ -125,8 +131,8 @@ class Participation:
     async def renew_once(self, client: AsyncClient) -> None:
         """One renewal: send what this node holds, take the reply's primaries as leased."""
         self._seq += 1
-        holding = self.core.renewal()
         sent = time.monotonic()
+        holding = self.core.renewal(sent)
         try:
             reply = await client.request(
                 "sharding", "renew", node=self.node, incarnation=self.incarnation(), seq=self._seq, holding=holding

@@ -572,6 +572,7 @@ class Migrations:
                         "joining": {n: now - t for n, t in st.joining.items()},
                         "leaving": {n: now - t for n, t in st.leaving.items()},
                         "stepdown": st.stepdown is not None,
+                        "deposed": st.deposed,
                         "floor": st.floor,
                         "failures": dict(st.failures),
                         "backoff": {n: t - now for n, t in st.not_before.items()},
@@ -621,7 +622,11 @@ class Migrations:
                             st.leaving.setdefault(n, now)
                     st.stepdown = -1 if doc["stepdown"] and _primary(st) is None else None
                     if _primary(st) is None and st.seeded:
-                        st.deposed = ""  # whoever held it may hold a lease from before the restart
+                        # Whoever held it may hold a lease the previous process granted
+                        # ("": not recorded, so no renewal can say it let go).
+                        st.deposed = str(doc.get("deposed") or "")
+                        if st.deposed and self.leases is not None:
+                            self.leases.depose_restored(sid, st.deposed)
                     st.floor = int(doc["floor"])
                     st.failures = {str(n): int(k) for n, k in doc["failures"].items()}
                     st.not_before = {str(n): now + float(t) for n, t in doc["backoff"].items()}

@@ -463,10 +463,10 @@ class ShardingService:
         now = time.monotonic()
         return await self._commit(lambda c: c.node_alive(node, now))
 
-    async def op_confirm(self, shard: str, node: str) -> dict[str, Any]:
-        """An agent's copy of ``shard`` is complete."""
+    async def op_confirm(self, shard: str, node: str, epoch: int | None = None) -> dict[str, Any]:
+        """An agent's copy of ``shard`` is complete; ``epoch``: the map epoch it was asked for."""
         now = time.monotonic()
-        return await self._commit(lambda c: c.confirm(shard, node, now))
+        return await self._commit(lambda c: c.confirm(shard, node, now, epoch))
 
     async def op_renew(
         self, node: str, incarnation: int = 0, seq: int = 0, holding: list[str] | None = None
