@@ -232,6 +232,29 @@ def test_fresh_renewal_without_the_shard_releases_it_and_a_stale_one_does_not() 
     assert leases.may_promote("s", "a", 10.2)
 
 
+def test_deposed_node_that_renews_but_never_lets_go_holds_up_the_hand_off_for_one_lease() -> None:
+    leases = PrimaryLeases(2.0, 0.5)
+    leases.renew("a", 1, 1, ["s"], 10.0)
+    leases.depose("s", "a")
+    for k, t in enumerate((10.5, 11.0, 11.5, 12.0), start=2):
+        leases.renew("a", 1, k, ["s"], t)  # its demote hangs: it still says it holds s
+    assert not leases.may_promote("s", "a", 12.4)
+    assert leases.may_promote("s", "a", 12.5), "no reply after the step-down granted s again"
+
+
+def test_hand_off_begun_before_a_restart_goes_ahead_once_the_deposed_node_lets_go() -> None:
+    leases = PrimaryLeases(2.0, 0.5)
+    leases.depose_restored("s", "a")
+    leases.started = 100.0
+    assert not leases.may_promote("s", "a", 101.0)
+    leases.renew("a", 7, 1, ["s"], 101.0)
+    assert not leases.may_promote("s", "a", 101.1), "still holds it"
+    leases.renew("a", 7, 2, [], 101.2)
+    assert leases.may_promote("s", "a", 101.2)
+    leases.depose_restored("t", "b")
+    assert not leases.may_promote("t", "b", 102.4) and leases.may_promote("t", "b", 102.5)
+
+
 def test_restored_control_plane_counts_from_its_start() -> None:
     leases = PrimaryLeases(2.0, 0.5, started=100.0)
     assert not leases.may_promote("s", "", 102.0)
@@ -261,6 +284,28 @@ def test_sharding_waits_for_the_lease_before_promoting_after_a_death() -> None:
     assert core.renew(old, 1, 3, [shard], 4.1).value["primaries"] == [], "a dead node is granted nothing"
 
 
+def test_a_restored_core_waits_for_the_deposed_primary_it_recorded_and_not_longer() -> None:
+    cfg = ShardingConfig(default_shards=1, default_rf=3, primary_lease=2.0, lease_drift=0.5)
+    core = ShardingCore(cfg)
+    for n in ("a", "b", "c"):
+        core.add_node(n, zone=n, now=0.0)
+    (shard,) = [s.id for _, s in core.map().value.shards()]  # type: ignore[union-attr]
+    for r in core.map().value.shard(shard).replicas:  # type: ignore[union-attr]
+        if r.role == "joining":
+            core.confirm(shard, r.node, 0.5)
+    old = core.map().value.shard(shard).primary  # type: ignore[union-attr]
+    assert old is not None
+    core.renew(old, 1, 1, [shard], 1.0)
+    core.node_dead(old, 2.0)
+    shard_map, state = core.snapshot(2.0)
+    again = ShardingCore.restore(shard_map, state, 10.0, cfg)
+    again.tick(10.5)
+    assert again.map().value.shard(shard).primary is None, "it may hold a lease the first core granted"  # type: ignore[union-attr]
+    again.renew(old, 2, 1, [], 10.6)  # it came back and let go
+    again.tick(10.7)
+    assert again.map().value.shard(shard).primary not in (None, old)  # type: ignore[union-attr]
+
+
 # -- the property: never two unexpired primary leases for one shard ------------------------
 
 
@@ -280,6 +325,7 @@ class _World:
         self.n = 0
         self.now = 0.0
         self.epoch_seen = -1
+        self.hanging: set[str] = set()  # nodes whose database takes 8 s to step down
 
     def at(self, t: float, fn: Callable[[], None]) -> None:
         self.n += 1
@@ -297,7 +343,7 @@ class _World:
     def run_transitions(self, node: str, ts: list[Transition]) -> None:
         p = self.agents[node]
         for t in ts:
-            delay = self.rng.uniform(0.0, 0.3)
+            delay = 8.0 if t.kind == "demote" and node in self.hanging else self.rng.uniform(0.0, 0.3)
             self.at(self.now + delay, lambda t=t: self.on_agent(node, lambda: self.finish(node, t)))
         for shard in p.ready():
             self.at(self.now + self.rng.uniform(0.0, 0.3), lambda s=shard: self.confirm(node, s))
@@ -403,6 +449,8 @@ def test_never_two_unexpired_primary_leases_for_one_shard(seed: int, faults: lis
     with lost and late messages: at no instant do two nodes both hold a primary lease of a shard."""
     rng = random.Random(seed)
     w = _World(rng, ["a", "b", "c", "d"], LEASE, drift)
+    if rng.random() < 0.3:
+        w.hanging = {rng.choice("abc")}  # a database that takes long to step down
     for n in ("a", "b", "c"):
         w.publish(w.core.add_node(n, zone=n, now=0.0).events)
         w.at(rng.uniform(0.0, 0.5), lambda n=n: w.renew(n))
@@ -442,3 +490,50 @@ def test_never_two_unexpired_primary_leases_for_one_shard(seed: int, faults: lis
             assert len(nodes) <= 1, f"t={w.now:.2f}: {nodes} both hold the primary lease of {shard}"
             primaries_seen += len(nodes)
     assert primaries_seen > 0, "the history had primaries at all"
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 2**32),
+    plan=st.lists(st.tuples(st.floats(1.0, 20.0), st.integers(0, 2)), max_size=3),
+    hanging=st.sets(st.sampled_from("abc"), max_size=2),
+)
+def test_planned_hand_offs_never_leave_a_shard_without_a_primary_past_lease_and_drift(
+    seed: int, plan: list[tuple[float, int]], hanging: set[str]
+) -> None:
+    """Joins and drains with lost and late messages, and databases slow to step down: a shard
+    that had a primary gets the next one within lease + drift (+ one sharding tick) of losing
+    it, whether or not the old one managed to say it let go."""
+    rng = random.Random(seed)
+    drift = 0.5
+    w = _World(rng, ["a", "b", "c", "d"], LEASE, drift)
+    w.hanging = hanging
+    for n in ("a", "b", "c"):
+        w.publish(w.core.add_node(n, zone=n, now=0.0).events)
+        w.at(rng.uniform(0.0, 0.5), lambda n=n: w.renew(n))
+        w.at(rng.uniform(0.0, 2.0), lambda n=n: w.poll(n))
+    w.at(0.1, w.tick_agents)
+    w.at(0.5, w.tick_sharding)
+
+    def join() -> None:
+        if "d" not in w.core._nodes:
+            w.publish(w.core.add_node("d", zone="d", now=w.now).events)
+            w.at(w.now, lambda: w.renew("d"))
+            w.at(w.now, lambda: w.poll("d"))
+
+    w.at(2.0, join)
+    for t, idx in plan:
+        w.at(t, lambda node="abc"[idx]: w.publish(w.core.drain_node(node, w.now).events))
+    lost: dict[str, float] = {}
+    worst = 0.0
+    while w.queue and w.now < 40.0:
+        w.now, _, fn = heapq.heappop(w.queue)
+        fn()
+        m = w.core.map().value
+        assert m is not None
+        for _, shard in m.shards():
+            if shard.primary is None:
+                lost.setdefault(shard.id, w.now)
+            elif shard.id in lost:
+                worst = max(worst, w.now - lost.pop(shard.id))
+    assert worst <= LEASE + drift + 0.6, worst
