@@ -1,8 +1,9 @@
 """The participant with real processes and the exec adapter (deploy/examples/participant.sh).
 
-One cluster goes through a rebalance (a node joins), a drain, a SIGKILL of a
-primary's agent and a SIGSTOP of a primary's agent longer than its lease; the
-example callback logs every transition with timestamps. From the log:
+One cluster goes through a rebalance (a node joins), a drain, a membership
+partition of one node (its heartbeats cut while it still reaches sharding), a
+SIGKILL of a primary's agent and a SIGSTOP of a primary's agent longer than its
+lease; the example callback logs every transition with timestamps. From the log:
 
 * a shard's new ``primary`` starts only after the previous primary's ``fence``,
   ``demote`` or ``drop`` ended, or after that node's lease ended;
@@ -11,15 +12,19 @@ example callback logs every transition with timestamps. From the log:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
+import socket
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Bus, wait_until
+from tests.conftest import ROOT, Bus, free_port, wait_until
 from tests.test_cluster import SERVICES, status, wait_green
 
 pytestmark = pytest.mark.processes
@@ -71,7 +76,70 @@ def settled_without(bus: Bus, node: str) -> bool:
     return all(r.get("primary") not in (None, node) for r in rs)
 
 
-def test_transitions_keep_one_primary_and_drop_only_after_a_copy(bus: Bus) -> None:
+class Cuttable:
+    """A TCP relay to ``upstream`` that can be cut (its connections closed, new ones refused) and healed."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.removeprefix("tcp://").rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.port = free_port()
+        self.lock = threading.Lock()
+        self.socks: list[socket.socket] = []
+        self.listener: socket.socket | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def heal(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port))
+        with self.lock:
+            self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self.lock:
+            socks, self.socks = [*self.socks, *([self.listener] if self.listener else [])], []
+            self.listener = None
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                down, _ = listener.accept()
+                up = socket.create_connection(self.upstream)
+            except OSError:
+                return  # cut
+            with self.lock:
+                self.socks += [down, up]
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                b.sendall(data)
+        for sock in (a, b):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def relay(bus: Bus) -> Iterator[Cuttable]:
+    """Membership's heartbeat port through a relay that the test can cut."""
+    relay = Cuttable(bus.env["PHANTOM_HEARTBEAT"])
+    relay.heal()
+    try:
+        yield relay
+    finally:
+        relay.cut()
+
+
+def test_transitions_keep_one_primary_and_drop_only_after_a_copy(bus: Bus, relay: Cuttable) -> None:
     log = bus.tmp / "transitions.log"
     bus.env.update(
         {
@@ -88,7 +156,12 @@ def test_transitions_keep_one_primary_and_drop_only_after_a_copy(bus: Bus) -> No
     bus.broker()
     for name in SERVICES:
         bus.start(f"services.{name}")
-    agents = {n: bus.agent(n) for n in (1, 2, 3)}
+    # node-3 heartbeats to membership through the relay.
+    agents = {n: bus.agent(n) for n in (1, 2)}
+    agents[3] = bus.start(
+        "services.agent", "--node-id", "node-3", "--zone", "z1", "--address", "127.0.0.1:7003",
+        name="agent-3", PHANTOM_HEARTBEAT=relay.endpoint,
+    )  # fmt: skip
     wait_green(bus, timeout=60)
     wait_until(lambda: len(primaries_of(bus, "node-1")) > 0, timeout=20)
 
@@ -100,6 +173,21 @@ def test_transitions_keep_one_primary_and_drop_only_after_a_copy(bus: Bus) -> No
     with bus.client(timeout=5.0) as c:
         c.request("manager", "drain", node="node-4")
     wait_until(lambda: not any("node-4" in r["replicas"] for r in shard_rows(bus)), timeout=90)
+    wait_green(bus, timeout=60)
+
+    # A membership partition of node-3: its heartbeats stop while its agent still reaches
+    # sharding, which promotes elsewhere; node-3 is told it is primary of nothing and fences.
+    assert primaries_of(bus, "node-3")
+    cut = time.time()
+    relay.cut()
+    try:
+        wait_until(lambda: settled_without(bus, "node-3"), timeout=30)
+        wait_until(lambda: any(r.node == "node-3" and r.kind == "fence" and r.start > cut for r in rows(log)),
+                   timeout=20)  # fmt: skip
+    finally:
+        relay.heal()
+    wait_until(lambda: any(n["id"] == "node-3" and n["state"] == "alive" for n in status(bus).get("nodes", [])),
+               timeout=30)  # fmt: skip
     wait_green(bus, timeout=60)
 
     # SIGKILL of a primary's agent: its database keeps its last lease file, and must stop at its end.
