@@ -139,6 +139,7 @@ def relay(bus: Bus) -> Iterator[Cuttable]:
         relay.cut()
 
 
+@pytest.mark.timeout(300)  # five phases of one cluster: ~85 s on a shared 2-core machine
 def test_transitions_keep_one_primary_and_drop_only_after_a_copy(bus: Bus, relay: Cuttable) -> None:
     log = bus.tmp / "transitions.log"
     bus.env.update(
@@ -176,14 +177,15 @@ def test_transitions_keep_one_primary_and_drop_only_after_a_copy(bus: Bus, relay
     wait_green(bus, timeout=60)
 
     # A membership partition of node-3: its heartbeats stop while its agent still reaches
-    # sharding, which promotes elsewhere; node-3 is told it is primary of nothing and fences.
+    # sharding: the map and its renewals tell it that it is primary of nothing, so it demotes
+    # (or fences) its primaries, and only then are they promoted elsewhere.
     assert primaries_of(bus, "node-3")
     cut = time.time()
     relay.cut()
     try:
         wait_until(lambda: settled_without(bus, "node-3"), timeout=30)
-        wait_until(lambda: any(r.node == "node-3" and r.kind == "fence" and r.start > cut for r in rows(log)),
-                   timeout=20)  # fmt: skip
+        wait_until(lambda: any(r.node == "node-3" and r.kind in ("fence", "demote") and r.start > cut
+                               for r in rows(log)), timeout=20)  # fmt: skip
     finally:
         relay.heal()
     wait_until(lambda: any(n["id"] == "node-3" and n["state"] == "alive" for n in status(bus).get("nodes", [])),
@@ -196,7 +198,9 @@ def test_transitions_keep_one_primary_and_drop_only_after_a_copy(bus: Bus, relay
     wait_until(lambda: settled_without(bus, "node-1"), timeout=30)
 
     # SIGSTOP of a primary's agent for several leases: promoted elsewhere, fenced when it wakes.
-    assert primaries_of(bus, "node-2")
+    # (On a loaded machine membership may have convicted node-2 for a moment too: wait until
+    # it is back and primary of some shards again.)
+    wait_until(lambda: settled_without(bus, "node-1") and primaries_of(bus, "node-2"), timeout=60)
     agents[2].send_signal(signal.SIGSTOP)
     try:
         wait_until(lambda: settled_without(bus, "node-2"), timeout=30)
