@@ -77,6 +77,16 @@ def test_primary_waits_for_a_lease_then_demote_and_drop_follow_the_map() -> None
     assert p.states() == {}
 
 
+def test_a_map_that_says_primary_without_a_lease_asks_for_a_renewal() -> None:
+    p = Participant(LEASE)
+    finish(p, p.desire(1, {"s": Desired("replica")}, 0.0), 0.0)
+    assert not p.awaiting_lease(0.0)
+    p.desire(2, {"s": Desired("primary")}, 0.1)
+    assert p.awaiting_lease(0.1), "renew now rather than at the next interval"
+    finish(p, p.granted(2, ["s"], sent_at=0.1, now=0.2), 0.2)
+    assert not p.awaiting_lease(0.3)
+
+
 def test_a_replica_the_node_already_has_opens_directly_then_is_promoted() -> None:
     p = Participant(LEASE)
     p.granted(1, ["s"], sent_at=0.0, now=0.0)

@@ -238,6 +238,13 @@ class Participant:
             if st.state == "primary" or (st.busy is not None and st.busy.kind == "primary")
         )
 
+    def awaiting_lease(self, now: float) -> bool:
+        """Whether the map wants this node primary of a shard it holds no lease for (renew now)."""
+        return any(
+            want.role == "primary" and not self.leased(shard, now) and self.state(shard) in ("replica", "fenced")
+            for shard, want in self._wanted.items()
+        )
+
     def lease_until(self) -> float:
         """When the current lease ends (-inf before the first renewal)."""
         return self._lease_until

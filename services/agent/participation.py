@@ -48,9 +48,10 @@ class Participation:
         # Called after a copy was confirmed (the agent re-reads the map sooner).
         self.on_confirmed: Callable[[], None] | None = None
         self._slots = asyncio.Semaphore(_PARALLEL)
-        # Set when the database let go of a primary: renew at once, so that a
-        # planned hand-off waits one round trip rather than a renewal interval.
-        self._let_go = asyncio.Event()
+        # Set when the database let go of a primary, or the map made this node
+        # primary of a shard it holds no lease for: renew at once, so that a
+        # hand-off waits one round trip rather than a renewal interval.
+        self._renew_now = asyncio.Event()
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -59,9 +60,12 @@ class Participation:
         rows = ((shard.id, [(r.node, r.role) for r in shard.replicas]) for _, shard in shard_map.shards())
         wanted = desired_from_map(self.node, rows)
         before = self.core.refused
-        self._start(self.core.desire(shard_map.epoch, wanted, time.monotonic()))
+        now = time.monotonic()
+        self._start(self.core.desire(shard_map.epoch, wanted, now))
         if self.core.refused > before:
             logger.warning("shard map epoch {} is older than {}: not applied", shard_map.epoch, self.core.map_epoch)
+        elif self.core.awaiting_lease(now):
+            self._renew_now.set()
 
     def _start(self, transitions: list[Transition]) -> None:
         for t in transitions:
@@ -93,7 +97,7 @@ class Participation:
             (log.error if t.kind == "fence" else log.warning)("{} of {} failed: {}", t.kind, t.shard, exc)
         self._running.pop(t.shard, None)
         if ok and t.before in ("primary", "fenced") and t.kind in ("demote", "fence", "drop"):
-            self._let_go.set()
+            self._renew_now.set()
         self._start(self.core.done(t, ok, time.monotonic()))
 
     # -- confirming copies -----------------------------------------------------------------
@@ -168,10 +172,10 @@ class Participation:
             try:
                 while True:
                     started = time.monotonic()
-                    self._let_go.clear()  # what lets go during this renewal triggers the next one
+                    self._renew_now.clear()  # what happens during this renewal triggers the next one
                     await self.renew_once(client)
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._let_go.wait(), max(0.0, interval - (time.monotonic() - started)))
+                        await asyncio.wait_for(self._renew_now.wait(), max(0.0, interval - (time.monotonic() - started)))
             finally:
                 tick.cancel()
                 self._client = None
