@@ -175,7 +175,8 @@ class Participation:
                     self._renew_now.clear()  # what happens during this renewal triggers the next one
                     await self.renew_once(client)
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._renew_now.wait(), max(0.0, interval - (time.monotonic() - started)))
+                        left = max(0.0, interval - (time.monotonic() - started))
+                        await asyncio.wait_for(self._renew_now.wait(), left)
             finally:
                 tick.cancel()
                 self._client = None
