@@ -533,6 +533,50 @@ _SETTINGS: list[Setting] = [
         "failure). Well above a client's worst case (3 attempts x 2.5 s) so live requests keep "
         "their lease; short enough that a crashed client stops skewing in-flight counts quickly.",
     ),
+    # --- the database side: primary leases and the participant -------------------
+    Setting(
+        "primary_lease",
+        2.0,
+        _positive_float,
+        "s",
+        "How long a primary keeps taking writes after its agent's last successful lease renewal "
+        "(renewed every quarter of it). Failure detection takes about 1.3 s, so a 2 s lease adds "
+        "little to a failover, while a control-plane restart of under 1.5 s costs no writes.",
+    ),
+    Setting(
+        "lease_drift",
+        0.5,
+        _nonnegative_float,
+        "s",
+        "Added to primary_lease before the control plane promotes another primary: covers clock-rate "
+        "differences between hosts (well under 1 ms per second) and the time an agent takes to start "
+        "its fence callback once its lease ran out.",
+    ),
+    Setting(
+        "participant",
+        "sim",
+        _path,
+        "name",
+        "How the agent drives the database: sim (a simulated copy of copy_time seconds, the demo), "
+        "exec (run participant_exec per transition) or module:Class (a Python class, see "
+        "docs/integrating.md).",
+    ),
+    Setting(
+        "participant_exec",
+        "",
+        _optional_path,
+        "command",
+        "The command run per transition with participant=exec (split like a shell would, no shell); "
+        "its environment says what to do (docs/integrating.md).",
+    ),
+    Setting(
+        "participant_timeout",
+        600.0,
+        _positive_float,
+        "s",
+        "Longest one transition may run before it is killed and counted as failed: a copy of a few "
+        "GiB takes well under that; a hung callback must not hold a shard for ever.",
+    ),
     Setting("node_id", "", _optional_path, "id", "The agent's node id (required for an agent)."),
     Setting("zone", "default", _path, "name", "The agent's failure zone (rack, availability zone)."),
     Setting(

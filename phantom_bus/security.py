@@ -431,6 +431,8 @@ OPERATIONS: Mapping[str, Rule] = {
     # A locally routing client loads the node table and reports its own traffic.
     "balancer.routing": READ,
     "balancer.report": USE,
+    # An agent renews only its own node's primary lease.
+    "sharding.renew": Rule(frozenset({"agent", "operator", "service"}), own="node"),
 }  # fmt: skip
 
 

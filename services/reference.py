@@ -142,13 +142,28 @@ DECLARED: dict[str, dict[str, Op]] = {
         "node_dead": Op("the node view", ("not_found",)),
         "node_alive": Op("the node view", ("not_found",)),
         "confirm": Op(
-            "map: `shard`, `node`, `role` (str); a repeated confirmation changes nothing", ("not_found", "conflict")
+            "map: `shard`, `node`, `role` (str); a repeated confirmation changes nothing",
+            ("not_found", "conflict"),
+            notes={
+                "epoch": "optional int: the map epoch in which the node was asked to copy; `conflict` with "
+                "`details.since` when that assignment was cancelled since (copy again)"
+            },
         ),
         "report_load": Op(
             "map: `split` (array of new shard ids), `ignored` (array of unknown shard ids)",
             notes={"rates": "map shard id -> requests per second (float)"},
         ),
         "report_keys": Op("int: keys recorded", ("no_such_keyspace",), notes={"keys": "array of str or bin"}),
+        "renew": Op(
+            "map: `epoch` (int), `primaries` (array of str: the shards `node` is primary of now; empty for a dead "
+            "node or a stale renewal), `lease` (float, seconds), `fresh` (bool, false: older than one seen); "
+            "see integrating.md",
+            notes={
+                "incarnation": "the agent's incarnation; with `seq` orders renewals",
+                "seq": "grows with every renewal of one agent process",
+                "holding": "array of str: shards the node's database is primary of or becoming so",
+            },
+        ),
     },
     "balancer": {
         "ping": _PING,

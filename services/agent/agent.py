@@ -33,6 +33,7 @@ from phantom_bus.follower import AsyncMapFollower
 from phantom_bus.service import run_until
 from services.agent.incarnation import next_incarnation, persist_incarnation, refutation
 from services.agent.load import LoadDocument, LoadSampler
+from services.agent.participation import Participation
 from services.agent.probe import PsutilProbe
 from services.discovery.beacon import (
     MAX_HINT_VALUE_CHARS,
@@ -48,6 +49,10 @@ SETTINGS = (
     "events_out",
     "timeout",
     "copy_time",
+    "primary_lease",
+    "participant",
+    "participant_exec",
+    "participant_timeout",
     "beacon",
     "heartbeat",
     "data",
@@ -103,6 +108,8 @@ class Agent:
         self.membership_state: str | None = None
         self._ahead_logged = -math.inf
         self.assignments: dict[str, str] = {}
+        # The database side: what it should be per shard, and its primary lease.
+        self.participation = Participation(cfg, self.node, lambda: self.incarnation)
         self.ctx = zmq.asyncio.Context.instance()
         self._beacons: zmq.asyncio.Socket | None = None
         self._heartbeat_socks: dict[str, zmq.asyncio.Socket] = {}
@@ -279,9 +286,9 @@ class Agent:
     async def assignment_loop(self) -> None:
         """Hold what the shard map assigns to this node, and confirm new replicas.
 
-        The agent stands in for the database: a replica it is asked to hold
-        (role ``joining``) is "copied" for ``copy_time`` seconds and then
-        confirmed to sharding, which promotes it. The map is followed by the
+        Every map goes to the participant (services/agent/participation.py),
+        which tells the database what to become and confirms a joining replica
+        once the database's copy is complete. The map is followed by the
         shared follower: ``shardmap.changed`` is a hint, a poll about once a
         second repairs a lost event, an older epoch is refused.
         """
@@ -289,7 +296,6 @@ class Agent:
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"shardmap.changed")
         self.security.connect(sub, self.cfg.events_out)
-        copying: dict[str, asyncio.Task[None]] = {}
 
         async with AsyncClient(self.cfg.broker, timeout=self.cfg.timeout, retries=1, routing="broker") as client:
             # Whole-map reads (to notice an epoch gone backwards) are rarer here than
@@ -310,20 +316,7 @@ class Agent:
                     if dedupe.accept(event):  # once, whichever broker relayed it
                         follower.hint(event)
 
-            async def copy(shard: str) -> None:
-                await asyncio.sleep(float(self.cfg.copy_time))
-                while True:
-                    try:
-                        await client.request("sharding", "confirm", shard=shard, node=self.node)
-                        logger.info("replica of {} is ready", shard)
-                        follower.poke()
-                        return
-                    except PhantomError as exc:
-                        if not exc.retry:
-                            logger.info("confirm of {} not taken: {}", shard, exc)
-                            return
-                        await asyncio.sleep(1.0)
-
+            self.participation.on_confirmed = follower.poke  # the confirmed copy's new role, soon
             tasks = [asyncio.ensure_future(listen()), asyncio.ensure_future(follower.run())]
             try:
                 while True:
@@ -334,16 +327,12 @@ class Agent:
                             for _, shard in shard_map.shards()
                             if (role := shard.role_of(self.node)) is not None
                         }
-                        joining = {s for s, role in self.assignments.items() if role == "joining"}
-                        for shard in joining - copying.keys():
-                            copying[shard] = asyncio.ensure_future(copy(shard))
-                        for shard in [s for s, t in copying.items() if t.done() and s not in joining]:
-                            del copying[shard]
+                        self.participation.observe(shard_map)
                     await follower.wait_changed(5.0)
             finally:
-                for task in [*tasks, *copying.values()]:
+                for task in tasks:
                     task.cancel()
-                await asyncio.gather(*tasks, *copying.values(), return_exceptions=True)
+                await asyncio.gather(*tasks, return_exceptions=True)
                 sub.close(0)
 
     async def run(self, *extra: Any) -> None:
@@ -362,7 +351,14 @@ class Agent:
             self.cfg.zone,
             self.cfg.beacon,
         )
-        loops = (self.beacon_loop(), self.load_loop(), self.heartbeat_loop(), self.assignment_loop(), *extra)
+        loops = (
+            self.beacon_loop(),
+            self.load_loop(),
+            self.heartbeat_loop(),
+            self.assignment_loop(),
+            self.participation.run(),
+            *extra,
+        )
         tasks = [asyncio.ensure_future(c) for c in loops]
         try:
             await run_until(self._stopping, tasks)

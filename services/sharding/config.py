@@ -33,6 +33,13 @@ class ShardingConfig:
     # data moves, at the cost of running one replica short meanwhile. Primaries
     # move at once, so availability does not wait for this delay.
     dead_delay: float = default("dead_delay")
+    # Seconds a primary holds its role after its agent's last renewal; the
+    # agent fences its primaries when it cannot renew for this long, and a new
+    # primary is promoted only after it (plus lease_drift). See leases.py.
+    primary_lease: float = default("primary_lease")
+    # Seconds added to primary_lease before promoting elsewhere: clock-rate
+    # differences between hosts and the time to start the fence callback.
+    lease_drift: float = default("lease_drift")
     # Seconds a joining replica may take to be confirmed before the copy is
     # cancelled. Copying a few GiB at 100 MB/s takes well under a minute; five
     # minutes leaves room for a busy node without letting a wedged copy hold

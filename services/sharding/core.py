@@ -47,6 +47,7 @@ from phantom_bus.shardmap import (
     key_bytes,
 )
 from services.sharding.config import ShardingConfig
+from services.sharding.leases import PrimaryLeases
 from services.sharding.migration import Migrations
 from services.sharding.placement import NodeSpec, NodeState, Plan, ShardSpec, plan
 from services.sharding.samples import KeySample
@@ -129,6 +130,8 @@ class ShardingCore:
         self._spaces: dict[str, _Space] = {}
         self._space_of: dict[str, str] = {}  # shard id -> key space name
         self._engine = Migrations(self.config)
+        self.leases = PrimaryLeases(self.config.primary_lease, self.config.lease_drift)
+        self._engine.leases = self.leases
         self._map = ShardMap(0)
         self._samples: dict[str, KeySample] = {}
         self._hot: dict[str, float] = {}  # shard -> since when its load is above split_rate
@@ -693,6 +696,41 @@ class ShardingCore:
             role = self._engine.roles(shard).get(node) if shard in self._space_of else None
             return Result({"shard": shard, "node": node, "role": role}, tuple(events))
 
+    def renew(
+        self, node: str, incarnation: int, seq: int, holding: Iterable[str], now: float
+    ) -> Result[dict[str, Any]]:
+        """``node``'s agent renews its primary lease; the reply lists what it is primary of now.
+
+        ``holding``: the shards its database is primary of (or becoming so).
+        A renewal that lets go of a deposed primary's shard unblocks that
+        shard's promotion in this same call. A stale renewal (``(incarnation,
+        seq)`` not newer than one seen) grants nothing.
+        """
+        with self._lock:
+            t = self._time(_number(now, "now"))
+            _node_id(node)
+            for name, v in (("incarnation", incarnation), ("seq", seq)):
+                if type(v) is not int or v < 0:
+                    raise BadRequest(f"{name} must be a non-negative integer, got {v!r}")
+            if not isinstance(holding, list | tuple) or not all(isinstance(h, str) for h in holding):
+                raise BadRequest("holding must be a list of shard ids")
+            rec = self._nodes.get(node)
+            fresh = self.leases.renew(node, incarnation, seq, holding, t)
+            events: list[Event] = []
+            if fresh:
+                self._advance(t)
+                self._publish("lease.released", events)
+            eng = self._engine
+            primaries = (
+                sorted(s for s in self._space_of if eng.roles(s).get(node) == "primary")
+                if fresh and rec is not None and rec.alive
+                else []
+            )
+            return Result(
+                {"epoch": self._map.epoch, "primaries": primaries, "lease": self.config.primary_lease, "fresh": fresh},
+                tuple(events),
+            )
+
     def tick(self, now: float) -> Result[None]:
         """Advance timers: dead-node delays, copy timeouts, leaving replicas, hand-offs."""
         with self._lock:
@@ -913,6 +951,8 @@ class ShardingCore:
         core._joined.update(
             {(str(sh), str(n)): int(e) for sh, n, e in state.get("joined", ()) if (str(sh), str(n)) in core._joined}
         )
+        # Agents may hold leases granted by the previous process: count from now.
+        core.leases.started = t
         # The stored targets are kept as they were: replanning here could
         # retarget copies that are half done. The next membership change replans.
         return core

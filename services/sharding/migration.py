@@ -50,6 +50,7 @@ from typing import Any
 from phantom_bus.errors import BadRequest, Conflict, NotFound
 from phantom_bus.shardmap import ROLES, SERVING, Role
 from services.sharding.config import ShardingConfig
+from services.sharding.leases import PrimaryLeases
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +73,7 @@ class Step:
 
 class _Shard:
     __slots__ = (
+        "deposed",
         "failures",
         "floor",
         "joining",
@@ -97,6 +99,10 @@ class _Shard:
         self.joining: dict[str, float] = {}
         self.leaving: dict[str, float] = {}
         self.stepdown: int | None = None  # round of a planned step-down awaiting promotion
+        # The primary it lost (died or stepped down), until another is promoted:
+        # promotion waits until that node has let go or its lease has surely ended.
+        # "" after a restore: whoever it was, the lease rule counts from the restart.
+        self.deposed: str | None = None
         self.floor = 0
         self.failures: dict[str, int] = {}
         self.not_before: dict[str, float] = {}
@@ -126,6 +132,8 @@ class Migrations:
         self._evacuating: set[str] = set()
         self._round = 0
         self._order = 0
+        # The lease rule (services/sharding/leases.py); None: promote at once.
+        self.leases: PrimaryLeases | None = None
 
     # -- shards ----------------------------------------------------------------
 
@@ -275,6 +283,7 @@ class Migrations:
                 if role == "primary":
                     self._set(sid, st, node, "replica", changes)
                     st.stepdown = None
+                    self._depose(sid, st, node)
                 elif role in ("joining", "leaving"):
                     self._set(sid, st, node, None, changes)
                 st.floor = min(st.floor, self._live(st))
@@ -402,6 +411,7 @@ class Migrations:
             not st.joining
             and not st.leaving
             and st.stepdown is None
+            and st.deposed is None
             and set(st.roles) == st.target_set
             and (st.target_primary is None or st.roles.get(st.target_primary) == "primary")
         ):
@@ -440,8 +450,14 @@ class Migrations:
             if src is not None:
                 ctx.per_node[src] = ctx.per_node.get(src, 0) + 1
 
+    def _depose(self, sid: str, st: _Shard, node: str) -> None:
+        st.deposed = node
+        if self.leases is not None:
+            self.leases.depose(sid, node)
+
     def _elect(self, sid: str, st: _Shard, ctx: _Round) -> None:
         changes = ctx.changes
+        now = ctx.now
         down = self._down
         p = _primary(st)
         tp = st.target_primary
@@ -449,14 +465,23 @@ class Migrations:
             if st.stepdown == self._round:
                 return  # stepped down in this very epoch: promote in the next one
             best = self._candidate(st, ctx)
-            if best is not None:
-                self._set(sid, st, best, "primary", changes)
-                counts = self._primary_counts(ctx)
-                counts[best] = counts.get(best, 0) + 1
+            if best is None:
+                st.stepdown = None
+                return
+            old = st.deposed
+            if old not in (None, best) and self.leases is not None and not self.leases.may_promote(sid, old or "", now):
+                return  # the old primary may still hold its lease: writes wait
+            self._set(sid, st, best, "primary", changes)
+            counts = self._primary_counts(ctx)
+            counts[best] = counts.get(best, 0) + 1
             st.stepdown = None
+            st.deposed = None
+            if old is not None and self.leases is not None:
+                self.leases.promoted(sid, old)
         elif tp is not None and p != tp and tp not in down and st.roles.get(tp) == "replica":
             self._set(sid, st, p, "replica", changes)
             st.stepdown = self._round
+            self._depose(sid, st, p)
 
     def _candidate(self, st: _Shard, ctx: _Round) -> str | None:
         """The replica to promote: planned primary, else a full replica, else a leaving one.
@@ -547,6 +572,7 @@ class Migrations:
                         "joining": {n: now - t for n, t in st.joining.items()},
                         "leaving": {n: now - t for n, t in st.leaving.items()},
                         "stepdown": st.stepdown is not None,
+                        "deposed": st.deposed,
                         "floor": st.floor,
                         "failures": dict(st.failures),
                         "backoff": {n: t - now for n, t in st.not_before.items()},
@@ -595,6 +621,12 @@ class Migrations:
                         elif r == "leaving":
                             st.leaving.setdefault(n, now)
                     st.stepdown = -1 if doc["stepdown"] and _primary(st) is None else None
+                    if _primary(st) is None and st.seeded:
+                        # Whoever held it may hold a lease the previous process granted
+                        # ("": not recorded, so no renewal can say it let go).
+                        st.deposed = str(doc.get("deposed") or "")
+                        if st.deposed and self.leases is not None:
+                            self.leases.depose_restored(sid, st.deposed)
                     st.floor = int(doc["floor"])
                     st.failures = {str(n): int(k) for n, k in doc["failures"].items()}
                     st.not_before = {str(n): now + float(t) for n, t in doc["backoff"].items()}

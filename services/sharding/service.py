@@ -47,7 +47,7 @@ from services.sharding.core import CHANGED, Result, ShardingCore
 from services.sharding.store import LEGACY_FILE, PREFIX, Committed, MapStore, Prepared
 from services.shared_store import StoreHealth, changes, open_shared_store
 
-SETTINGS = ("dead_delay", "store", "store_prefix", "leader_ttl", "instance")
+SETTINGS = ("dead_delay", "store", "store_prefix", "leader_ttl", "instance", "primary_lease", "lease_drift")
 
 T = TypeVar("T")
 #: Largest encoded map pushed inside ``shardmap.changed`` (bytes). 64 KiB holds the
@@ -68,7 +68,11 @@ def resume(committed: Committed, config: ShardingConfig, now: float, wall: float
     """A core that carries on from ``committed``, its timers advanced by the wall-clock
     time that passed since the save (the saver may have been another process or host)."""
     elapsed = max(0.0, wall - committed.wall)
-    return ShardingCore.restore(committed.map, committed.state, now - elapsed, config)
+    core = ShardingCore.restore(committed.map, committed.state, now - elapsed, config)
+    # Agents may hold primary leases granted by the previous leader up to now:
+    # the lease rule counts from this moment, not from the save.
+    core.leases.started = now
+    return core
 
 
 class ShardingService:
@@ -76,7 +80,9 @@ class ShardingService:
 
     def __init__(self, cfg: Config, store: Store | None = None) -> None:
         self.cfg = cfg
-        self.config = ShardingConfig(dead_delay=cfg.dead_delay)
+        self.config = ShardingConfig(
+            dead_delay=cfg.dead_delay, primary_lease=cfg.primary_lease, lease_drift=cfg.lease_drift
+        )
         self.store = store if store is not None else open_shared_store(cfg, LEGACY_FILE)
         self.maps = MapStore(self.store)
         self.leadership = Leadership(self.store, "sharding", cfg)
@@ -92,7 +98,7 @@ class ShardingService:
         for name in (
             "lookup", "map", "shards", "moves", "nodes", "health", "sole_replicas",
             "create_keyspace", "split", "merge", "add_node", "remove_node", "drain_node",
-            "node_dead", "node_alive", "confirm", "report_load", "report_keys",
+            "node_dead", "node_alive", "confirm", "report_load", "report_keys", "renew",
         ):  # fmt: skip
             self.service.add_operation(name, getattr(self, f"op_{name}"))
 
@@ -457,10 +463,17 @@ class ShardingService:
         now = time.monotonic()
         return await self._commit(lambda c: c.node_alive(node, now))
 
-    async def op_confirm(self, shard: str, node: str) -> dict[str, Any]:
-        """An agent's copy of ``shard`` is complete."""
+    async def op_confirm(self, shard: str, node: str, epoch: int | None = None) -> dict[str, Any]:
+        """An agent's copy of ``shard`` is complete; ``epoch``: the map epoch it was asked for."""
         now = time.monotonic()
-        return await self._commit(lambda c: c.confirm(shard, node, now))
+        return await self._commit(lambda c: c.confirm(shard, node, now, epoch))
+
+    async def op_renew(
+        self, node: str, incarnation: int = 0, seq: int = 0, holding: list[str] | None = None
+    ) -> dict[str, Any]:
+        """An agent renews its primary lease (services/sharding/leases.py)."""
+        now = time.monotonic()
+        return await self._commit(lambda c: c.renew(node, incarnation, seq, holding or [], now))
 
     async def op_report_load(self, rates: dict[str, float]) -> dict[str, Any]:
         """Select rates per shard from the balancer (load-based splits)."""
