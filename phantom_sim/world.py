@@ -26,7 +26,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from phantom_bus.errors import InternalError, PhantomError, ServiceUnavailable, Timeout
+from phantom_bus.errors import InternalError, NotLeader, PhantomError, ServiceUnavailable, Timeout
 
 #: Wall-clock seconds at virtual time 0 (2025-11-24): agents number incarnations in
 #: wall-clock milliseconds, and membership bounds them against its own wall clock.
@@ -86,20 +86,67 @@ class Flag:
 TaskBody = Generator[Any, Any, Any]
 
 
+class Lock:
+    """An asyncio.Lock of one process: ``yield from lock.acquire()`` ... ``lock.release()``."""
+
+    __slots__ = ("flag", "held")
+
+    def __init__(self, proc: Proc) -> None:
+        self.held = False
+        self.flag = Flag(proc)
+
+    def acquire(self) -> Generator[Any, Any, None]:
+        while self.held:
+            self.flag.clear()
+            yield Wait(self.flag, 3600.0)
+        self.held = True
+
+    def release(self) -> None:
+        self.held = False
+        self.flag.set()
+
+
+class Deferred:
+    """A reply given later: an operation returns one, and :meth:`resolve` answers the request."""
+
+    __slots__ = ("reply",)
+
+    def __init__(self) -> None:
+        self.reply: Callable[[Any, PhantomError | None], None] | None = None
+
+    def resolve(self, value: Any, err: PhantomError | None = None) -> None:
+        reply, self.reply = self.reply, None
+        if reply is not None:
+            reply(value, err)
+
+
 class Task:
     """One running generator of one process generation."""
 
-    __slots__ = ("body", "gen", "name", "proc", "token")
+    __slots__ = ("body", "cancelled", "done", "gen", "name", "on_done", "proc", "token")
 
-    def __init__(self, proc: Proc, body: TaskBody, name: str) -> None:
+    def __init__(self, proc: Proc, body: TaskBody, name: str,
+                 on_done: Callable[[Any, BaseException | None], None] | None = None) -> None:
         self.proc = proc
         self.body = body
         self.name = name
         self.gen = proc.gen
         self.token = 0  # bumped at every suspension; stale wake-ups carry an old token
+        self.cancelled = False
+        self.done = False
+        # Set for a task that serves a request: it receives the result or the error
+        # instead of an error ending the process.
+        self.on_done = on_done
+
+    def cancel(self) -> None:
+        """Stop the task at its next wake-up (asyncio's Task.cancel, minus the CancelledError)."""
+        if not self.done:
+            self.cancelled = True
+            self.done = True
+            self.body.close()
 
     def wake(self, token: int, value: Any = None, exc: BaseException | None = None) -> None:
-        if token != self.token or self.gen != self.proc.gen:
+        if token != self.token or self.gen != self.proc.gen or self.cancelled:
             return
         self.token += 1
         world = self.proc.world
@@ -107,9 +154,17 @@ class Task:
             world.log(self.proc, f"{self.name}: {type(exc).__name__}: {exc}")
         try:
             cmd = self.body.throw(exc) if exc is not None else self.body.send(value)
-        except StopIteration:
+        except StopIteration as stop:
+            self.done = True
+            if self.on_done is not None:
+                self.on_done(stop.value, None)
             return
-        except Exception as err:  # a loop that fails ends the process (run_until re-raises it)
+        except Exception as err:
+            self.done = True
+            if self.on_done is not None:
+                self.on_done(None, err)
+                return
+            # A loop that fails ends the process; supervisord starts it again.
             world.note_crash(self.proc, f"{self.name}: {type(err).__name__}: {err}")
             self.proc.crash(restart=True)
             return
@@ -182,8 +237,9 @@ class Proc:
         if not self.up:
             self.start()
 
-    def spawn(self, body: TaskBody, name: str) -> Task:
-        task = Task(self, body, name)
+    def spawn(self, body: TaskBody, name: str,
+              on_done: Callable[[Any, BaseException | None], None] | None = None) -> Task:
+        task = Task(self, body, name, on_done)
         self.world.soon(self, task.wake, task.token)
         return task
 
@@ -358,12 +414,21 @@ class World:
 
     def request(self, client: Proc, service: str, op: str, args: dict[str, Any], timeout: float,
                 task: Task, token: int, direct: bool = False) -> None:
-        """One attempt of AsyncClient.request (retries=1): reply, error, or Timeout."""
+        """One call of AsyncClient.request within its timeout: reply, error, or Timeout.
+
+        A ``not_leader`` answer is handed on to the next live worker of the service
+        in turn, as the broker does with a client's retry, until one answers
+        otherwise or every worker was asked once.
+        """
         state = {"done": False}
+        workers = [p for p in self.services.get(service, ()) if p.up]
 
         def reply(value: Any, err: PhantomError | None) -> None:
             if state["done"]:
                 return  # a late reply to an attempt that timed out is dropped
+            if isinstance(err, NotLeader) and tried[0] < len(workers):
+                attempt()
+                return
             state["done"] = True
             task.wake(token, value, err)
 
@@ -372,24 +437,41 @@ class World:
                 state["done"] = True
                 task.wake(token, None, Timeout(f"{service}.{op}: no reply within {timeout:g} s", service=service))
 
+        tried = [0]
+        first = 0 if len(workers) <= 1 else self.rng.randrange(len(workers))
+
+        def attempt() -> None:
+            target = workers[(first + tried[0]) % len(workers)]
+            tried[0] += 1
+            self.send(client, target, "req", self._serve, client, target, op, dict(args), reply, direct,
+                      via_broker=not direct)
+
         self.after(client, timeout, expire)
-        workers = [p for p in self.services.get(service, ()) if p.up]
         if not workers:
-            # The broker knows no worker for that name: it says so at once.
             if not direct:  # the broker says so at once; a direct connection just times out
                 self.send(client, client, "broker", reply, None,
                           ServiceUnavailable(f"no {service} worker", service=service), via_broker=True)
             return
-        target = workers[0] if len(workers) == 1 else workers[self.rng.randrange(len(workers))]
-        self.send(client, target, "req", self._serve, client, target, op, dict(args), reply, direct,
-                  via_broker=not direct)
+        attempt()
 
     def _serve(self, client: Proc, target: Proc, op: str, args: dict[str, Any],
                reply: Callable[[Any, PhantomError | None], None], direct: bool = False) -> None:
+        def answer(value: Any, exc: BaseException | None) -> None:
+            err: PhantomError | None = None
+            if isinstance(exc, PhantomError):
+                value, err = None, exc
+            elif exc is not None:  # the dispatcher answers anything else as internal
+                value, err = None, InternalError(f"{target.service}.{op} failed: {type(exc).__name__}: {exc}")
+            self.send(target, client, "rep", reply, value, err, via_broker=not direct)
+
         try:
-            value, err = target.handle(op, args), None
-        except PhantomError as exc:
-            value, err = None, exc
-        except Exception as exc:  # the dispatcher answers anything else as internal
-            value, err = None, InternalError(f"{target.service}.{op} failed: {type(exc).__name__}: {exc}")
-        self.send(target, client, "rep", reply, value, err, via_broker=not direct)
+            value = target.handle(op, args)
+        except Exception as exc:
+            answer(None, exc)
+            return
+        if isinstance(value, Generator):  # an async operation: its task answers when it ends
+            target.spawn(value, f"{target.name}.{op}", on_done=answer)
+        elif isinstance(value, Deferred):
+            value.reply = lambda v, e: answer(v, e)
+        else:
+            answer(value, None)
