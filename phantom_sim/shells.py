@@ -96,43 +96,75 @@ def _params(proc: Proc) -> Params:
     return proc.world.params  # type: ignore[attr-defined, no-any-return]
 
 
-# The same map reaches every consumer many times: decode each committed blob once (with
-# the real protocol.unpack and ShardMap.from_wire) and hand out the result. Consumers
-# never mutate either, so this changes nothing but the cost (see memo()).
+# The same map reaches every consumer many times, and the invariants fingerprint each
+# one: pack each map once, decode each committed blob once (with the real pack, unpack,
+# protocol.unpack and ShardMap.from_wire) and hand out the result. Maps are frozen and
+# nobody mutates a wire document, so this changes nothing but the cost (see memo()).
+_LIMIT = 1024
+_PACKED: dict[int, tuple[ShardMap, bytes]] = {}
+_UNPACKED: dict[int, tuple[bytes, ShardMap]] = {}
 _DOCS: dict[int, tuple[bytes, Any]] = {}
 _MAPS: dict[int, tuple[Any, ShardMap]] = {}
+
+
+def _put(cache: dict[int, tuple[Any, Any]], key: Any, value: Any) -> None:
+    if len(cache) > _LIMIT:
+        cache.clear()
+    cache[id(key)] = (key, value)
 
 
 def _doc(blob: bytes) -> Any:
     """The wire document of a packed map (what a client decodes from the ``map`` reply)."""
     hit = _DOCS.get(id(blob))
     if hit is None or hit[0] is not blob:
-        if len(_DOCS) > 256:
-            _DOCS.clear()
-        hit = _DOCS[id(blob)] = (blob, protocol.unpack(blob, max_size=len(blob) + 1))
+        doc = protocol.unpack(blob, max_size=len(blob) + 1)
+        _put(_DOCS, blob, doc)
+        known = _UNPACKED.get(id(blob))
+        if known is not None and known[0] is blob:
+            _put(_MAPS, doc, known[1])
+        return doc
     return hit[1]
 
 
 @contextlib.contextmanager
 def memo() -> Iterator[None]:
-    """Memoise ShardMap.from_wire by the identity of its document for the length of a run."""
-    original = ShardMap.__dict__["from_wire"]
+    """Memoise ShardMap.pack, unpack and from_wire by identity for the length of a run."""
+    pack, unpack, from_wire = (ShardMap.__dict__[n] for n in ("pack", "unpack", "from_wire"))
 
-    def from_wire(cls: type[ShardMap], doc: object) -> ShardMap:
-        hit = _MAPS.get(id(doc))
-        if hit is None or hit[0] is not doc:
-            if len(_MAPS) > 256:
-                _MAPS.clear()
-            hit = _MAPS[id(doc)] = (doc, original.__func__(cls, doc))
+    def memo_pack(self: ShardMap) -> bytes:
+        hit = _PACKED.get(id(self))
+        if hit is None or hit[0] is not self:
+            blob = pack(self)
+            _put(_PACKED, self, blob)
+            _put(_UNPACKED, blob, self)
+            return blob
         return hit[1]
 
-    ShardMap.from_wire = classmethod(from_wire)  # type: ignore[assignment, method-assign]
+    def memo_unpack(cls: type[ShardMap], data: bytes) -> ShardMap:
+        hit = _UNPACKED.get(id(data))
+        if hit is None or hit[0] is not data:
+            m = unpack.__func__(cls, data)
+            _put(_UNPACKED, data, m)
+            return m
+        return hit[1]
+
+    def memo_from_wire(cls: type[ShardMap], doc: object) -> ShardMap:
+        hit = _MAPS.get(id(doc))
+        if hit is None or hit[0] is not doc:
+            m = from_wire.__func__(cls, doc)
+            _put(_MAPS, doc, m)
+            return m
+        return hit[1]
+
+    ShardMap.pack = memo_pack  # type: ignore[method-assign]
+    ShardMap.unpack = classmethod(memo_unpack)  # type: ignore[assignment, method-assign]
+    ShardMap.from_wire = classmethod(memo_from_wire)  # type: ignore[assignment, method-assign]
     try:
         yield
     finally:
-        ShardMap.from_wire = original  # type: ignore[method-assign]
-        _MAPS.clear()
-        _DOCS.clear()
+        ShardMap.pack, ShardMap.unpack, ShardMap.from_wire = pack, unpack, from_wire  # type: ignore[method-assign]
+        for cache in (_PACKED, _UNPACKED, _DOCS, _MAPS):
+            cache.clear()
 
 
 class Checker:
@@ -355,7 +387,10 @@ class MembershipProc(Proc):
         refusal = result.error()
         if refusal is not None:
             ack["error"] = refusal.to_wire()
-        self.world.send(self, agent, "hbrep", agent.on_ack, ack)
+        # An ack the agent would act on (only those: the others change nothing when they arrive,
+        # as the agent's incarnation only grows).
+        if refutation(msg["incarnation"], ack) is not None:
+            self.world.send(self, agent, "hbrep", agent.on_ack, ack)
         if result.events:
             self._publish(list(result.events))
 
@@ -564,7 +599,7 @@ class ShardingProc(Proc):
         delay = 0.1
         while True:
             if self.leading:
-                yield Sleep(0.05)  # Leadership.wait_following polls
+                yield from self.leadership.wait_following()
                 continue
             try:
                 committed = yield from drive(self, self.maps.load())
@@ -952,7 +987,7 @@ class ManagerProc(Proc):
         delay = 0.1
         while True:
             if self.leadership.is_leader:
-                yield Sleep(0.05)
+                yield from self.leadership.wait_following()
                 continue
             try:
                 yield from self._reload()

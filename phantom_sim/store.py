@@ -32,7 +32,7 @@ from phantom_bus.shardmap import ShardMap
 from phantom_bus.store import Compacted, Compare, Fence, LeaseExpired, Op, Put, StoreError
 from phantom_bus.store.memory import MemoryStore
 
-from .world import Call, Deferred, Proc, Sleep, Task, World
+from .world import Call, Deferred, Proc, Sleep, Task, Wait, World
 
 Loop = Generator[Any, Any, Any]
 
@@ -204,6 +204,7 @@ class Leadership:
         self.key = leader_key(service)
         self.body: Callable[[], Loop] | None = None
         self.task: Task | None = None
+        self.changed = proc.flag()  # set at every election and deposition
         proc.spawn(self.elector(), f"{proc.name}.elector")
 
     @property
@@ -228,11 +229,18 @@ class Leadership:
                          leader=None if holder is None else holder.instance,
                          term=None if holder is None else holder.term)
 
+    def wait_following(self) -> Loop:
+        """Return once this instance no longer leads (Leadership.wait_following, without its 50 ms poll)."""
+        while self.is_leader:
+            self.changed.clear()
+            yield Wait(self.changed, max(0.01, self.core.valid_until - self.proc.monotonic()))
+
     def while_leading(self, body: Callable[[], Loop]) -> None:
         self.body = body
 
     def _events(self) -> None:
         for event in self.core.drain():
+            self.changed.set()
             self.proc.world.log(self.proc, f"{type(event).__name__} term {event.term}")
             if self.task is not None:
                 self.task.cancel()

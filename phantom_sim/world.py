@@ -169,11 +169,14 @@ class Task:
             self.proc.crash(restart=True)
             return
         token = self.token
-        if isinstance(cmd, Sleep):
-            world.after(self.proc, max(0.0, cmd.dt), self.wake, token)
-        elif isinstance(cmd, Call):
+        kind = type(cmd)
+        if kind is Sleep:
+            world.seq += 1
+            heapq.heappush(world.heap, (world.now + (cmd.dt if cmd.dt > 0.0 else 0.0), world.seq, self.proc,
+                                        self.proc.gen, self.wake, (token,)))
+        elif kind is Call:
             world.request(self.proc, cmd.service, cmd.op, cmd.args, cmd.timeout, self, token, cmd.direct)
-        elif isinstance(cmd, Wait):
+        elif kind is Wait:
             if cmd.flag.is_set:
                 world.soon(self.proc, self.wake, token, True)
             else:
@@ -199,10 +202,6 @@ class Proc:
         self.disk_fail_until = -1.0
         self.ops: dict[str, Callable[..., Any]] = {}
         self.subs: list[tuple[str, Callable[[dict[str, Any]], Any]]] = []
-        # The random stream of this process's traffic (None: the world's). Processes
-        # that only talk among themselves get their own, so adding them to a tree
-        # leaves every other history exactly as it was.
-        self.stream: random.Random | None = None
 
     # -- life ------------------------------------------------------------------
 
@@ -328,22 +327,27 @@ class World:
 
     def run_until(self, t_end: float, max_steps: int | None = None) -> None:
         heap = self.heap
+        pop, push = heapq.heappop, heapq.heappush
+        stats = self.stats
+        on_step = self.on_step
+        limit = max_steps if max_steps is not None else -1
         while heap and heap[0][0] <= t_end:
-            if max_steps is not None and self.stats.steps >= max_steps:
+            if stats.steps == limit:
                 return
-            t, seq, proc, gen, fn, args = heapq.heappop(heap)
+            t, seq, proc, gen, fn, args = pop(heap)
             if proc is not None:
                 if proc.gen != gen or not proc.up:
                     continue
                 if proc.paused_until > t:
                     # Held until the process wakes; the original sequence keeps the order.
-                    heapq.heappush(heap, (proc.paused_until, seq, proc, gen, fn, args))
+                    push(heap, (proc.paused_until, seq, proc, gen, fn, args))
                     continue
-            self.now = max(self.now, t)
+            if t > self.now:
+                self.now = t
             fn(*args)
-            self.stats.steps += 1
-            if self.on_step is not None:
-                self.on_step()
+            stats.steps += 1
+            if on_step is not None:
+                on_step()
         self.now = max(self.now, t_end)
 
     def note_crash(self, proc: Proc, why: str) -> None:
@@ -372,15 +376,25 @@ class World:
     def send(self, src: Proc, dst: Proc, kind: str, fn: Callable[..., Any], *args: Any,
              lossy: bool = False, via_broker: bool = False) -> bool:
         """Deliver ``fn(*args)`` in ``dst`` after a link delay, FIFO per (src, kind, dst)."""
-        self.stats.sent += 1
-        rng = src.stream or dst.stream or self.rng
-        if not self._reachable(src.host, dst.host, via_broker) or (lossy and rng.random() < self.pubsub_loss):
-            self.stats.lost += 1
+        stats = self.stats
+        stats.sent += 1
+        rng = self.rng
+        if (self.isolated and not self._reachable(src.host, dst.host, via_broker)) \
+                or (lossy and self.pubsub_loss and rng.random() < self.pubsub_loss):
+            stats.lost += 1
             return False
+        r = rng.random()
+        d = 0.0002 + rng.random() * 0.002
+        if r < 0.02:
+            d += rng.random() * 0.2  # a slow packet (retransmission)
+        t = self.now + d * self.delay_scale
         key = (src.name, kind, dst.name)
-        t = max(self.conn_last.get(key, 0.0), self.now + self._delay(rng))
+        last = self.conn_last.get(key, 0.0)
+        if last > t:
+            t = last
         self.conn_last[key] = t
-        self.at(t, dst, self._arrive, src.host, dst, via_broker, fn, args)
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, dst, dst.gen, self._arrive, (src.host, dst, via_broker, fn, args)))
         return True
 
     def _reachable(self, a: str, b: str, via_broker: bool) -> bool:
@@ -390,7 +404,7 @@ class World:
 
     def _arrive(self, src_host: str, dst: Proc, via_broker: bool, fn: Callable[..., Any],
                 args: tuple[Any, ...]) -> None:
-        if not self._reachable(src_host, dst.host, via_broker):
+        if self.isolated and not self._reachable(src_host, dst.host, via_broker):
             self.stats.lost += 1
             return
         fn(*args)
@@ -399,7 +413,7 @@ class World:
         """PUB -> broker XSUB/XPUB -> every subscriber whose prefix matches (lossy)."""
         event = {"kind": kind, **data}
         for proc in self.procs.values():
-            if not proc.up or proc is src:
+            if not proc.up or proc is src or not proc.subs:
                 continue
             for prefix, callback in proc.subs:
                 if kind.startswith(prefix):
