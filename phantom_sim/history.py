@@ -49,7 +49,7 @@ SERVICES = ("discovery", "membership", "sharding", "balancer", "manager")
 #: The services with one decision maker: they run Params.instances instances each.
 LED = ("membership", "sharding", "manager")
 FAULT_KINDS = ("crash", "pause", "partition", "clock_jump", "disk_fail", "pubsub_loss", "slow_net",
-               "drain", "join", "lose_node", "observer_pause")
+               "drain", "join", "lose_node", "leader_stall", "observer_pause")
 
 
 @dataclass
@@ -128,7 +128,7 @@ class History:
         out: list[tuple[float, str, Any]] = []
         t = 3.0  # let the cluster form first
         kinds = FAULT_KINDS[:-1]
-        weights = (5, 4, 4, 2, 3, 2, 2, 1, 1, 1)
+        weights = (5, 4, 4, 2, 3, 2, 2, 1, 1, 1, 2)
         for _ in range(self.steps):
             t += r.uniform(0.3, 4.0)
             if self.profile == "observer":
@@ -211,6 +211,15 @@ class History:
                 agent = self.spare.pop(0)
                 agent.start()
                 self._log(kind, agent.name)
+        elif kind == "leader_stall":
+            # The leader of sharding or the manager stops (SIGSTOP, a long GC, swapped out) in
+            # the middle of its next commit, after its leadership check and before its fenced
+            # write, for longer than its lease: when it wakes another instance leads.
+            leader = self.leader("sharding" if u < 0.5 else "manager")
+            if leader is not None:
+                d = self.params.leader_ttl + 0.5 + v * 3.0
+                leader.stall_next = d  # type: ignore[attr-defined]
+                self._log(kind, f"{leader.name} for {d:.2f} s in its next commit")
         elif kind == "lose_node":
             live = [a for a in agents if a.up and a.name not in self.drained]
             if not self.lost and len(live) > self.params.rf:

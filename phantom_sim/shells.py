@@ -69,6 +69,7 @@ class Params:
     beacon_interval = 1.0
     beacon_expiry = 5.0
     heartbeat_interval = 0.5  # real default 0.25 s: halves the simulated traffic; thresholds scale with it
+    membership_tick = 0.2  # real 0.1 s: the same fraction of the heartbeat interval
     copy_time = 0.5
     dead_delay = 5.0  # real default 60 s: shortened so a history sees re-replication
     shards = 8
@@ -313,7 +314,8 @@ class MembershipProc(Proc):
 
     def boot(self) -> None:
         p = _params(self)
-        self.core = Membership(MembershipConfig(heartbeat_interval=p.heartbeat_interval))
+        self.core = Membership(MembershipConfig(heartbeat_interval=p.heartbeat_interval,
+                                                tick_interval=p.membership_tick))
         self.leadership = Leadership(self, "membership", p.leader_ttl)
         self.withheld = 0
         self.ops = {"members": lambda: self.core.members(self.monotonic()), "verdicts": self.op_verdicts,
@@ -530,6 +532,7 @@ class ShardingProc(Proc):
         result = call(core)
         if not result.events:
             return result.value
+        self._stall()
         yield Sleep(0.02)  # planning and encoding, in a worker thread in the real shell
         shard_map, state = core.snapshot(self.monotonic())
         prepared = MapStore.prepare(shard_map, state, previous=self.committed, term=term, wall=self.wall())
@@ -770,6 +773,8 @@ class ManagerProc(Proc):
             fence = self.leadership.fence
             decision = decide()
             if decision.changes:
+                self._stall()
+                yield Sleep(0.001)
                 try:
                     yield from drive(self, self.registry_store.apply(decision.changes, fence))
                 except Fenced:

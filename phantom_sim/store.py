@@ -113,7 +113,6 @@ class StoreProc(Proc):
 
     def _changes(self, prefix: str, start: int) -> list[Any]:
         store = self.store
-        store.expire()
         if start <= store._compacted:
             raise Compacted(f"revision {start} is compacted (history starts after {store._compacted})",
                             revision=start, compacted=store._compacted)

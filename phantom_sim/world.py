@@ -198,6 +198,7 @@ class Proc:
         self.gen = 0
         self.up = False
         self.paused_until = 0.0
+        self.stall_next = 0.0  # see _stall
         self.disk: dict[str, Any] = {}
         self.disk_fail_until = -1.0
         self.ops: dict[str, Callable[..., Any]] = {}
@@ -244,6 +245,13 @@ class Proc:
 
     def flag(self) -> Flag:
         return Flag(self)
+
+    def _stall(self) -> None:
+        """The ``leader_stall`` fault point: the whole process stops here, once, if asked to."""
+        d = self.stall_next
+        if d:
+            self.stall_next = 0.0
+            self.paused_until = max(self.paused_until, self.world.now + d)
 
     # -- clocks ------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from phantom_sim import buggify, leaders
+from phantom_sim import buggify
 from phantom_sim.history import run_history
 from phantom_sim.run import report, run_many
 
@@ -77,13 +77,20 @@ def test_a_failing_seed_replays_identically_from_the_command_line() -> None:
     "promote_unconfirmed",
     "step_down_late",
     "ignore_observer_lag",
-    pytest.param("skip_fencing", marks=pytest.mark.skipif(
-        not leaders.AVAILABLE, reason="no phantom_bus.leader / phantom_bus.store in this tree: no leaders to fence")),
+    "skip_fencing",
+    "confirm_any_round",
+    "older_state_wins",
 ])
 @pytest.mark.timeout(600)
 def test_broken_variant_is_caught_within_the_short_run(variant: str) -> None:
     summary = run_many(range(SHORT_SEEDS), SHORT_STEPS, variants=[variant], stop_on_failure=True)
     assert summary.failed, f"{variant} survived {summary.seeds} histories"
+
+
+def test_replay_is_the_same_with_any_number_of_workers() -> None:
+    one = run_many(range(6), SHORT_STEPS, workers=1)
+    two = run_many(range(6), SHORT_STEPS, workers=2)
+    assert one.events == two.events and one.faults == two.faults and one.checks == two.checks
 
 
 # Seeds that found real faults (see docs/simulation.md, "What it found").
