@@ -21,6 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.sharding.store import PREFIX as MAP_PREFIX
+from services.sharding.store import decode
+
 from . import buggify
 from .invariants import Invariants, Violation
 from .shells import (
@@ -35,8 +38,6 @@ from .shells import (
     memo,
 )
 from .store import StoreProc, _run
-from services.sharding.store import PREFIX as MAP_PREFIX
-from services.sharding.store import decode
 from .world import Proc, World
 
 #: Longest membership pause (seconds) the observer profile injects: the stalls the
@@ -218,7 +219,7 @@ class History:
             leader = self.leader("sharding" if u < 0.5 else "manager")
             if leader is not None:
                 d = self.params.leader_ttl + 0.5 + v * 3.0
-                leader.stall_next = d  # type: ignore[attr-defined]
+                leader.stall_next = d
                 self._log(kind, f"{leader.name} for {d:.2f} s in its next commit")
         elif kind == "lose_node":
             live = [a for a in agents if a.up and a.name not in self.drained]
@@ -299,7 +300,8 @@ class History:
                 out.append(("live_nodes_healthy_again", f"no {name} instance leads"))
         if None in leaders.values():
             return out
-        membership, manager = leaders["membership"], leaders["manager"]
+        membership: Any = leaders["membership"]
+        manager: Any = leaders["manager"]
         committed = decode(*_run(self.store.store.range(MAP_PREFIX)))  # type: ignore[attr-defined]
         if committed is None:
             return [("live_nodes_healthy_again", "no shard map was ever committed")]
@@ -309,7 +311,7 @@ class History:
             if node in holding:
                 out.append(("dead_node_loses_replicas",
                             f"{node} lost at t={since:.1f} still holds replicas at epoch {m.epoch}"))
-        members = {d["id"]: d["state"] for d in membership.core.members(w.now)}  # type: ignore[attr-defined]
+        members = {d["id"]: d["state"] for d in membership.core.members(w.now)}
         bstats = balancer.core.stats(w.now)["nodes"]  # type: ignore[attr-defined]
         for node, since in self.lost.items():
             b = bstats.get(node)
@@ -323,7 +325,7 @@ class History:
             if members.get(node) != "alive":
                 problems.append(f"membership says {members.get(node)}")
             try:
-                rec = manager.core.node(node)  # type: ignore[attr-defined]
+                rec = manager.core.node(node)
                 if rec.member != "alive":
                     problems.append(f"manager holds member={rec.member}")
                 want = ("draining", "decommissioned") if node in self.drained else ("active",)

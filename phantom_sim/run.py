@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 from . import buggify
 from .history import Outcome, run_history
@@ -60,11 +60,19 @@ def _one(job: tuple[int, int, tuple[str, ...]]) -> Outcome:
 
 def run_many(seeds: Iterable[int], steps: int, *, workers: int = 1, variants: Sequence[str] = (),
              stop_on_failure: bool = False, progress: TextIO | None = None) -> Summary:
-    """Run one history per seed and total them; ``workers`` > 1 uses a process pool."""
+    """Run one history per seed and total them; ``workers`` > 1 uses a process pool.
+
+    The cores iterate over sets of string ids, so a history depends on the string
+    hash seed: in a process whose PYTHONHASHSEED is not 0 (pytest, say) the
+    histories run in worker processes started with PYTHONHASHSEED=0, so a seed
+    gives the same history here as on the command line, whatever the number of
+    workers.
+    """
     jobs = [(s, steps, tuple(variants)) for s in seeds]
     summary = Summary()
     t0 = time.perf_counter()
-    if workers <= 1:
+    pinned = os.environ.get("PYTHONHASHSEED") == "0"
+    if workers <= 1 and pinned:
         for i, job in enumerate(jobs):
             o = _one(job)
             summary.add(i, o)
@@ -72,9 +80,20 @@ def run_many(seeds: Iterable[int], steps: int, *, workers: int = 1, variants: Se
                 break
         buggify.enable()
     else:
-        ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(workers) as pool:
-            for i, o in enumerate(pool.imap(_one, jobs, chunksize=8)):
+        # A spawned interpreter reads PYTHONHASHSEED afresh; a forked one keeps ours.
+        ctx: Any = multiprocessing.get_context("fork" if pinned else "spawn")
+        saved = os.environ.get("PYTHONHASHSEED")
+        os.environ["PYTHONHASHSEED"] = "0"
+        try:
+            pool = ctx.Pool(max(1, workers))
+        finally:
+            if saved is None:
+                del os.environ["PYTHONHASHSEED"]
+            else:
+                os.environ["PYTHONHASHSEED"] = saved
+        with pool:
+            chunk = 1 if stop_on_failure else 8
+            for i, o in enumerate(pool.imap(_one, jobs, chunksize=chunk)):
                 summary.add(i, o)
                 if progress is not None and (i + 1) % 500 == 0:
                     t = time.perf_counter() - t0

@@ -94,7 +94,7 @@ class Params:
 
 
 def _params(proc: Proc) -> Params:
-    return proc.world.params  # type: ignore[attr-defined, no-any-return]
+    return proc.world.params  # type: ignore[attr-defined]
 
 
 # The same map reaches every consumer many times, and the invariants fingerprint each
@@ -698,14 +698,10 @@ class BalancerProc(Proc):
     def sync_loop(self) -> Loop:
         p = _params(self)
         while True:
-            try:
+            with contextlib.suppress(PhantomError):
                 self._apply(inputs.from_discovery((yield Call("discovery", "nodes", {}, p.timeout))))
-            except PhantomError:
-                pass
-            try:
+            with contextlib.suppress(PhantomError):
                 self._apply(inputs.from_members((yield Call("membership", "members", {}, p.timeout))))
-            except PhantomError:
-                pass
             yield Sleep(p.balancer_snapshot)
 
     def tick_loop(self) -> Loop:
