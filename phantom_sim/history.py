@@ -141,6 +141,13 @@ class History:
         self.gap_end = t + r.uniform(0.3, 4.0)
         return out
 
+    def _aim(self, p: Proc, x: float) -> Proc:
+        """Three times in four, a fault meant for an instance of a led service hits its leader."""
+        service = p.service
+        if service in LED and x < 0.75:
+            return self.leader(service) or p
+        return p
+
     def _pick(self, u: float, procs: Sequence[Proc]) -> Proc:
         return procs[min(int(u * len(procs)), len(procs) - 1)]
 
@@ -155,20 +162,22 @@ class History:
                 m.paused_until = max(m.paused_until, w.now + arg)
             self._log(kind, f"{m.name} for {arg:.2f} s")
             return
-        u, v, _x = arg
+        u, v, x = arg
         if kind == "crash":
-            p = self._pick(u, svc + agents)
+            p = self._aim(self._pick(u, svc + agents), x)
             if p.up:
                 p.crash(restart=True, delay=0.5 + v * 2.5)
                 self._log(kind, f"{p.name}, back in {0.5 + v * 2.5:.2f} s")
         elif kind == "pause":
-            p = self._pick(u, svc + agents + [self.store])
+            p = self._aim(self._pick(u, svc + agents + [self.store]), x)
             d = 0.05 + v * 4.0
             p.paused_until = max(p.paused_until, w.now + d)
             self._log(kind, f"{p.name} for {d:.2f} s")
         elif kind == "partition":
             hosts = [p.host for p in svc + agents] + [w.broker_host, self.store.host]
             host = hosts[min(int(u * len(hosts)), len(hosts) - 1)]
+            if host in w.procs_by_host:
+                host = self._aim(w.procs_by_host[host], x).host
             d = 0.5 + v * 7.5
             w.isolated.add(host)
             w.after(None, d, w.isolated.discard, host)

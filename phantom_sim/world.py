@@ -306,6 +306,7 @@ class World:
         self.heap: list[tuple[float, int, Proc | None, int, Callable[..., Any], tuple[Any, ...]]] = []
         self.seq = 0
         self.procs: dict[str, Proc] = {}
+        self.procs_by_host: dict[str, Proc] = {}
         self.services: dict[str, list[Proc]] = {}
         self.isolated: set[str] = set()
         self.conn_last: dict[tuple[str, str, str], float] = {}
@@ -365,6 +366,7 @@ class World:
 
     def add(self, proc: Proc) -> Proc:
         self.procs[proc.name] = proc
+        self.procs_by_host[proc.host] = proc
         if proc.service:
             self.services.setdefault(proc.service, []).append(proc)
         return proc
