@@ -130,3 +130,8 @@ def _older_state_wins() -> Callable[[], None]:
         return original(self, node, **fields)
 
     return _patch(Balancer, "node_update", node_update)
+
+
+@variant("per_instance_change", "membership publishes each instance's own change count (the shell before the fix)")
+def _per_instance_change() -> Callable[[], None]:
+    return lambda: None  # a fault point in phantom_sim.shells.MembershipProc

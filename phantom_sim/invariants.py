@@ -27,6 +27,7 @@ NAMES = (
     "deposed_leader_write_lands",
     "no_false_dead_on_observer_pause",
     "node_state_never_goes_back",
+    "newest_verdict_taken",
     "dead_node_loses_replicas",
     "live_nodes_healthy_again",
 )
@@ -201,6 +202,16 @@ class Invariants:
                       f"{consumer} holds {node} at version {list(version)} after {list(held)}")
             return
         self.node_versions[key] = version
+
+    def verdict(self, consumer: str, node: str, term: int, fields: dict[str, Any], held: Any, taken: bool) -> None:
+        """A verdict of the newest membership leader reached a consumer: it must take it
+        (refusing it is right only when what it holds already says the same)."""
+        self.checks["newest_verdict_taken"] += 1
+        state = fields.get("state")
+        if not taken and held is not None and held[0] != state:
+            self.fail("newest_verdict_taken",
+                      f"{consumer} refused {node} {state} at version {list(fields.get('version') or ())} "
+                      f"of membership term {term}, holding {held[0]} at {list(held[1] or ())}")
 
     # -- membership --------------------------------------------------------------------
 

@@ -49,6 +49,7 @@ from services.manager.store import PREFIX as REGISTRY_PREFIX
 from services.manager.store import RegistryStore
 from services.membership.config import MembershipConfig
 from services.membership.core import Membership
+from services.membership.service import wire_change, wire_members
 from services.sharding.config import ShardingConfig
 from services.sharding.core import CHANGED, Result, ShardingCore
 from services.sharding.service import _with_map, resume
@@ -178,6 +179,7 @@ class Checker:
     def selected(self, sel: dict[str, Any]) -> None: ...
     def copied(self, shard: str, node: str) -> None: ...
     def node_state(self, consumer: str, node: str, version: tuple[int, int] | None) -> None: ...
+    def verdict(self, consumer: str, node: str, term: int, fields: dict[str, Any], held: Any, taken: bool) -> None: ...
 
 
 def _checker(proc: Proc) -> Any:
@@ -318,7 +320,7 @@ class MembershipProc(Proc):
                                                 tick_interval=p.membership_tick))
         self.leadership = Leadership(self, "membership", p.leader_ttl)
         self.withheld = 0
-        self.ops = {"members": lambda: self.core.members(self.monotonic()), "verdicts": self.op_verdicts,
+        self.ops = {"members": self.op_members, "verdicts": self.op_verdicts,
                     "admit": self.op_admit, "forget": self.op_forget}
         self.subs = [("node.", self.on_node_event)]
         self.spawn(self.tick_loop(), "membership.tick")
@@ -335,12 +337,26 @@ class MembershipProc(Proc):
             if event.kind != "member.load":
                 self.world.log(self, f"{event.kind} {event.data.get('node')} ({event.data.get('reason')})")
                 _checker(self).member_event(event.kind, event.data)
-            self.publish(event.kind, {**event.data, "term": term})
+            data = {**event.data, "term": term}
+            if isinstance(data.get("change"), int):
+                data["change"] = self._wire_change(term, data["change"])
+            self.publish(event.kind, data)
+
+    def _wire_change(self, term: int, change: int) -> int:
+        return change if buggify.on("per_instance_change") else wire_change(term, change)
+
+    def _rows(self, term: int) -> list[dict[str, Any]]:
+        rows = self.core.members(self.monotonic())
+        return rows if buggify.on("per_instance_change") else wire_members(rows, term)
+
+    def op_members(self) -> Any:
+        return self._rows(self.leadership.term if self.leadership.is_leader else 0)
 
     def op_verdicts(self) -> Any:
         if not self.leadership.is_leader:
             raise self.leadership.not_leader()
-        return {"term": self.leadership.term, "instance": self.name, "members": self.core.members(self.monotonic())}
+        term = self.leadership.term
+        return {"term": term, "instance": self.name, "members": self._rows(term)}
 
     def op_admit(self, node: str, interval: float | None = None) -> Any:
         return {"node": node, "new": self.core.admit(node, self.monotonic(), interval)}
@@ -658,6 +674,7 @@ class BalancerProc(Proc):
     def boot(self) -> None:
         p = _params(self)
         self.core = Balancer(BalancerConfig(), random.Random(self.world.rng.getrandbits(32)))
+        self.verdict_term = 0
         self.follower = Follower(self, self.name, p.follower_poll)
         self.ops = {"select": self.op_select, "node_update": self.op_node_update}
         self.subs = [("shardmap.changed", self.follower.hint), ("member.", self._on_event),
@@ -691,9 +708,23 @@ class BalancerProc(Proc):
                     _checker(self).node_state(self.name, node, self.core._nodes[node].version)
 
     def _on_event(self, event: dict[str, Any]) -> None:
-        if event.get("kind") == "member.load":
+        kind = str(event.get("kind"))
+        if kind == "member.load":
             return  # the simulated agents send no load
-        self._apply(inputs.from_event(event))
+        updates = inputs.from_event(event)
+        term = event.get("term")
+        if kind.startswith("member.") and isinstance(term, int) and term >= self.verdict_term:
+            # A verdict of the newest membership leader: report whether it was taken.
+            self.verdict_term = term
+            for node, fields in updates:
+                with contextlib.suppress(PhantomError):
+                    ns = self.core._nodes.get(node)
+                    held = None if ns is None else (ns.state, ns.version)
+                    taken = self.core.node_update(node, now=self.monotonic(), **fields)
+                    _checker(self).node_state(self.name, node, self.core._nodes[node].version)
+                    _checker(self).verdict(self.name, node, term, fields, held, taken)
+            return
+        self._apply(updates)
 
     def sync_loop(self) -> Loop:
         p = _params(self)

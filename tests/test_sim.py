@@ -98,7 +98,20 @@ REGRESSIONS = [
     # A confirmation of a copy made for a cancelled assignment promoted the next assignment
     # of the same node before it had copied anything.
     pytest.param(97, 5, "confirm_any_round", id="confirm-names-its-assignment"),
+    # Membership instances count state changes each for itself: after a leader change the
+    # balancer, holding alive at (incarnation, 3) from the old leader, refused the new
+    # leader's dead at (incarnation, 2) and kept routing to the dead node.
+    pytest.param(24, 5, "per_instance_change", id="newest-membership-leader-verdict-wins"),
 ]
+
+
+def test_wire_change_orders_verdicts_by_leader_term_first() -> None:
+    from services.membership.service import wire_change, wire_members
+
+    assert wire_change(37, 2) > wire_change(36, 3) > wire_change(0, 10**6)
+    assert wire_change(5, 1) < wire_change(5, 2)
+    rows = wire_members([{"id": "n1", "change": 3}, {"id": "n2"}], 7)
+    assert rows[0]["change"] == wire_change(7, 3) and "change" not in rows[1]
 
 
 @pytest.mark.parametrize(("seed", "steps", "old_behaviour"), REGRESSIONS)
