@@ -675,6 +675,7 @@ class BalancerProc(Proc):
         p = _params(self)
         self.core = Balancer(BalancerConfig(), random.Random(self.world.rng.getrandbits(32)))
         self.verdict_term = 0
+        self.life = f"{self.name} (life {self.gen})"  # a restarted consumer starts over
         self.follower = Follower(self, self.name, p.follower_poll)
         self.ops = {"select": self.op_select, "node_update": self.op_node_update}
         self.subs = [("shardmap.changed", self.follower.hint), ("member.", self._on_event),
@@ -705,7 +706,7 @@ class BalancerProc(Proc):
             with contextlib.suppress(PhantomError):
                 self.core.node_update(node, now=now, **fields)
                 if "state" in fields:
-                    _checker(self).node_state(self.name, node, self.core._nodes[node].version)
+                    _checker(self).node_state(self.life, node, self.core._nodes[node].version)
 
     def _on_event(self, event: dict[str, Any]) -> None:
         kind = str(event.get("kind"))
@@ -721,7 +722,7 @@ class BalancerProc(Proc):
                     ns = self.core._nodes.get(node)
                     held = None if ns is None else (ns.state, ns.version)
                     taken = self.core.node_update(node, now=self.monotonic(), **fields)
-                    _checker(self).node_state(self.name, node, self.core._nodes[node].version)
+                    _checker(self).node_state(self.life, node, self.core._nodes[node].version)
                     _checker(self).verdict(self.name, node, term, fields, held, taken)
             return
         self._apply(updates)
