@@ -81,7 +81,7 @@ class Params:
     retry_backoff = 2.0
     leader_ttl = 4.0  # setting ``leader_ttl``
     membership_sync = 5.0  # membership._SYNC_PERIOD
-    balancer_snapshot = 5.0  # balancer._SNAPSHOT
+    balancer_snapshot = 5.0  # balancer._SNAPSHOT is 2 s: fewer snapshot reads, for speed
     follower_poll = 1.0  # phantom_bus.follower.DEFAULT_POLL_S (balancer, manager)
     agent_poll = 2.0  # real 1 s: agents and the client poll half as often, for speed
     manager_reconcile = 30.0  # manager._RECONCILE
