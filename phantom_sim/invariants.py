@@ -204,20 +204,32 @@ class Invariants:
         self.node_versions[key] = version
 
     def verdict(self, consumer: str, node: str, term: int, fields: dict[str, Any], held: Any, taken: bool) -> None:
-        """A verdict of the newest membership leader reached a consumer: it must take it
-        (refusing it is right only when what it holds already says the same)."""
+        """A verdict of the newest membership leader reached a consumer. Refusing it is
+        right when it is stale (the leader has moved on since) or what is held already
+        says the same; refusing what the leader says *now* is not."""
         self.checks["newest_verdict_taken"] += 1
         state = fields.get("state")
+        if taken or held is None or held[0] == state:
+            return
         version = fields.get("version")
-        if version is not None and held is not None and held[1] is not None and version[0] < held[1][0]:
+        if version is not None and held[1] is not None and version[0] < held[1][0]:
             # An older incarnation: refusing it is the versioning's point. (A new leader's
             # "silent" dead verdict for a node it never heard from is at incarnation 0 and
             # is refused this way: see docs/simulation.md, what it found.)
             return
-        if not taken and held is not None and held[0] != state:
+        leader = next((p for p in self.world.services.get("membership", ())
+                       if p.up and p.leadership.is_leader), None)  # type: ignore[attr-defined]
+        if leader is None:
+            return
+        try:
+            now = leader.core.member(node, self.world.now)  # type: ignore[attr-defined]
+        except Exception:
+            return
+        current = (now.get("incarnation"), leader._wire_change(leader.leadership.term, now.get("change")))  # type: ignore[attr-defined]
+        if now.get("state") == state and (version is None or tuple(version) == current):
             self.fail("newest_verdict_taken",
-                      f"{consumer} refused {node} {state} at version {list(fields.get('version') or ())} "
-                      f"of membership term {term}, holding {held[0]} at {list(held[1] or ())}")
+                      f"{consumer} refused {node} {state} at version {list(version or ())} of membership "
+                      f"term {term}, what the leader holds now, keeping {held[0]} at {list(held[1] or ())}")
 
     # -- membership --------------------------------------------------------------------
 
