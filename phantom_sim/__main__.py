@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("PYTHONHASHSEED") != "0":
         os.environ["PYTHONHASHSEED"] = "0"
         os.execv(sys.executable, [sys.executable, "-m", "phantom_sim", *(sys.argv[1:] if argv is None else argv)])
-    from .run import default_workers, report, run_many
+    from .run import close_pools, default_workers, report, run_many
 
     parser = argparse.ArgumentParser(prog="python -m phantom_sim", description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=100, help="number of histories (default 100)")
@@ -36,8 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.steps < 1:
         parser.error("--seeds and --steps must be at least 1")
-    summary = run_many(range(args.seed, args.seed + args.seeds), args.steps,
-                       workers=min(args.workers, args.seeds), variants=args.buggify, progress=sys.stderr)
+    try:
+        summary = run_many(range(args.seed, args.seed + args.seeds), args.steps,
+                           workers=min(args.workers, args.seeds), variants=args.buggify, progress=sys.stderr)
+    finally:
+        close_pools()
     report(summary, args.steps, args.buggify)
     if args.verbose:
         for o in summary.failed[:5]:

@@ -72,11 +72,6 @@ def _promote_unconfirmed() -> Callable[[], None]:
     return _patch(Migrations, "_add_replicas", add_replicas)
 
 
-@variant("no_resave", "the sharding shell does not retry a map save that failed (the old shell)")
-def _no_resave() -> Callable[[], None]:
-    return lambda: None  # a fault point in phantom_sim.shells.ShardingProc._commit
-
-
 @variant("no_silent_verdict", "membership never judges an admitted node that has not heartbeated (the old core)")
 def _no_silent_verdict() -> Callable[[], None]:
     from services.membership.core import Membership
@@ -107,10 +102,8 @@ def _confirm_any_round() -> Callable[[], None]:
 
 @variant("skip_fencing", "the store takes a write without checking its writer's fence (term)")
 def _skip_fencing() -> Callable[[], None]:
-    try:
-        from phantom_bus.store.memory import MemoryStore
-    except ImportError:  # no store in this tree: nothing to break
-        return lambda: None
+    from phantom_bus.store.memory import MemoryStore
+
     original = MemoryStore.txn
 
     async def txn(self: Any, compares: Any, ops: Any, fence: Any = None) -> int:
@@ -122,3 +115,23 @@ def _skip_fencing() -> Callable[[], None]:
 @variant("ignore_observer_lag", "the membership shell does not hand its own loop lag to the core")
 def _ignore_observer_lag() -> Callable[[], None]:
     return lambda: None  # a fault point in phantom_sim.shells.MembershipProc.tick_loop
+
+
+@variant("older_state_wins", "a consumer of membership's verdicts takes an older node-state update over a newer one")
+def _older_state_wins() -> Callable[[], None]:
+    from phantom_bus.routing.balancer import Balancer
+
+    original = Balancer.node_update
+
+    def node_update(self: Any, node: str, **fields: Any) -> bool:
+        held = self._nodes.get(node)
+        if held is not None and fields.get("version") is not None:
+            held.version = None  # forget the version held: whatever comes last wins
+        return original(self, node, **fields)
+
+    return _patch(Balancer, "node_update", node_update)
+
+
+@variant("per_instance_change", "membership publishes each instance's own change count (the shell before the fix)")
+def _per_instance_change() -> Callable[[], None]:
+    return lambda: None  # a fault point in phantom_sim.shells.MembershipProc

@@ -21,9 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.sharding.store import PREFIX as MAP_PREFIX
+from services.sharding.store import decode
+
 from . import buggify
 from .invariants import Invariants, Violation
-from .leaders import add_leaders, plan_leader_faults
 from .shells import (
     AgentProc,
     BalancerProc,
@@ -33,7 +35,9 @@ from .shells import (
     MembershipProc,
     Params,
     ShardingProc,
+    memo,
 )
+from .store import StoreProc, _run
 from .world import Proc, World
 
 #: Longest membership pause (seconds) the observer profile injects: the stalls the
@@ -43,8 +47,10 @@ OBSERVER_GUARD = 3.0
 #: the manager's anti-entropy period (30 s) and the moves that follow.
 QUIET = 45.0
 SERVICES = ("discovery", "membership", "sharding", "balancer", "manager")
+#: The services with one decision maker: they run Params.instances instances each.
+LED = ("membership", "sharding", "manager")
 FAULT_KINDS = ("crash", "pause", "partition", "clock_jump", "disk_fail", "pubsub_loss", "slow_net",
-               "drain", "join", "lose_node", "observer_pause")
+               "drain", "join", "lose_node", "leader_stall", "observer_pause")
 
 
 @dataclass
@@ -89,17 +95,20 @@ class History:
         self.drained: set[str] = set()
         self._hash = hashlib.blake2b(digest_size=12)
         self._trace = trace
+        self.store = w.add(StoreProc(w, "store", "h-store"))
+        self.services: list[Proc] = []
         for name in SERVICES:
             cls = {"discovery": DiscoveryProc, "membership": MembershipProc, "sharding": ShardingProc,
                    "balancer": BalancerProc, "manager": ManagerProc}[name]
-            w.add(cls(w, name, f"h-{name}"))
+            names = [f"{name}-{i}" for i in range(1, self.params.instances + 1)] if name in LED else [name]
+            for proc_name in names:
+                self.services.append(w.add(cls(w, proc_name, f"h-{proc_name}")))
         self.agents: list[AgentProc] = []
         for _i in range(4):
             self._agent()
         self.spare = [self._agent(start=False) for _ in range(2)]
-        w.add(ClientProc(w, "client", "h-client"))
-        self.leaders = add_leaders(w)
-        w.on_step = self._step
+        self.client = w.add(ClientProc(w, "client", "h-client"))
+        w.on_step = self._step if trace else None
 
     def _agent(self, start: bool = True) -> AgentProc:
         i = len(self.agents) + 1
@@ -120,7 +129,7 @@ class History:
         out: list[tuple[float, str, Any]] = []
         t = 3.0  # let the cluster form first
         kinds = FAULT_KINDS[:-1]
-        weights = (5, 4, 4, 2, 3, 2, 2, 1, 1, 1)
+        weights = (5, 4, 4, 2, 3, 2, 2, 1, 1, 1, 2)
         for _ in range(self.steps):
             t += r.uniform(0.3, 4.0)
             if self.profile == "observer":
@@ -132,33 +141,43 @@ class History:
         self.gap_end = t + r.uniform(0.3, 4.0)
         return out
 
+    def _aim(self, p: Proc, x: float) -> Proc:
+        """Three times in four, a fault meant for an instance of a led service hits its leader."""
+        service = p.service
+        if service in LED and x < 0.75:
+            return self.leader(service) or p
+        return p
+
     def _pick(self, u: float, procs: Sequence[Proc]) -> Proc:
         return procs[min(int(u * len(procs)), len(procs) - 1)]
 
     def inject(self, kind: str, arg: Any) -> None:
         w = self.world
-        svc = [w.procs[n] for n in SERVICES]
+        svc = list(self.services)
         agents: list[Proc] = [a for a in self.agents if (a.up or a.name not in self.lost) and a not in self.spare]
         if kind == "observer_pause":
-            m = w.procs["membership"]
+            # The leading instance (its verdicts are the ones that count), else the first.
+            m = self.leader("membership") or w.procs["membership-1"]
             if m.up:
                 m.paused_until = max(m.paused_until, w.now + arg)
-            self._log(kind, f"membership for {arg:.2f} s")
+            self._log(kind, f"{m.name} for {arg:.2f} s")
             return
-        u, v, _x = arg
+        u, v, x = arg
         if kind == "crash":
-            p = self._pick(u, svc + agents)
+            p = self._aim(self._pick(u, svc + agents), x)
             if p.up:
                 p.crash(restart=True, delay=0.5 + v * 2.5)
                 self._log(kind, f"{p.name}, back in {0.5 + v * 2.5:.2f} s")
         elif kind == "pause":
-            p = self._pick(u, svc + agents)
+            p = self._aim(self._pick(u, svc + agents + [self.store]), x)
             d = 0.05 + v * 4.0
             p.paused_until = max(p.paused_until, w.now + d)
             self._log(kind, f"{p.name} for {d:.2f} s")
         elif kind == "partition":
-            hosts = [p.host for p in svc + agents] + [w.broker_host]
+            hosts = [p.host for p in svc + agents] + [w.broker_host, self.store.host]
             host = hosts[min(int(u * len(hosts)), len(hosts) - 1)]
+            if host in w.procs_by_host:
+                host = self._aim(w.procs_by_host[host], x).host
             d = 0.5 + v * 7.5
             w.isolated.add(host)
             w.after(None, d, w.isolated.discard, host)
@@ -173,8 +192,9 @@ class History:
             w.wall_offset[p.host] = new
             self._log(kind, f"wall clock of {p.host} {jump:+.0f} s")
         elif kind == "disk_fail":
-            # The durable services most of the time: their saves are what a disk fault tests.
-            withdisk = [w.procs["sharding"], w.procs["manager"]] * 2 + agents
+            # The store most of the time (sharding's and the manager's commits fail: "disk
+            # full"), else an agent's incarnation file.
+            withdisk: list[Proc] = [self.store] * 4 + agents
             p = self._pick(u, withdisk)
             d = 0.5 + v * 4.5
             p.disk_fail_until = max(p.disk_fail_until, w.now + d)
@@ -201,6 +221,15 @@ class History:
                 agent = self.spare.pop(0)
                 agent.start()
                 self._log(kind, agent.name)
+        elif kind == "leader_stall":
+            # The leader of sharding or the manager stops (SIGSTOP, a long GC, swapped out) in
+            # the middle of its next commit, after its leadership check and before its fenced
+            # write, for longer than its lease: when it wakes another instance leads.
+            leader = self.leader("sharding" if u < 0.5 else "manager")
+            if leader is not None:
+                d = self.params.leader_ttl + 0.5 + v * 3.0
+                leader.stall_next = d
+                self._log(kind, f"{leader.name} for {d:.2f} s in its next commit")
         elif kind == "lose_node":
             live = [a for a in agents if a.up and a.name not in self.drained]
             if not self.lost and len(live) > self.params.rf:
@@ -209,43 +238,16 @@ class History:
                 self.lost[p.name] = w.now
                 self._log(kind, p.name)
 
-    def inject_leader(self, kind: str, u: float, v: float) -> None:
-        """A fault of the store's clients: a writer paused or crashed, a writer or the store cut off."""
-        w = self.world
-        writers = [p for p in self.leaders if p.name != "store"]
-        if kind == "pause":
-            p = self._pick(u, writers)
-            d = 0.05 + v * 4.0
-            p.paused_until = max(p.paused_until, w.now + d)
-            self._log("leader_" + kind, f"{p.name} for {d:.2f} s")
-        elif kind == "crash":
-            p = self._pick(u, writers)
-            if p.up:
-                p.crash(restart=True, delay=0.5 + v * 2.5)
-                self._log("leader_" + kind, p.name)
-        else:
-            p = self._pick(u, self.leaders)
-            d = 0.5 + v * 4.0
-            w.isolated.add(p.host)
-            w.after(None, d, w.isolated.discard, p.host)
-            self._log("leader_" + kind, f"{p.host} for {d:.2f} s")
-
     def _operator(self, op: str, node: str) -> None:
         """An operator's command to the manager (``phantom drain``), retried until answered."""
-        w = self.world
-        m = w.procs["manager"]
+        self.client.operator(op, node)  # type: ignore[attr-defined]
 
-        def attempt(n: int) -> None:
-            if m.up and m.paused_until <= w.now and w.connected(w.broker_host, m.host):
-                try:
-                    m.handle(op, {"node": node})
-                    return
-                except Exception:
-                    pass
-            if n < 20:
-                w.after(None, 1.0, attempt, n + 1)
-
-        attempt(0)
+    def leader(self, service: str) -> Proc | None:
+        """The instance of a led service that leads now, if one does."""
+        for p in self.world.services.get(service, ()):
+            if p.up and p.leadership.is_leader:  # type: ignore[attr-defined]
+                return p
+        return None
 
     def _log(self, kind: str, what: str) -> None:
         if self.world.debug is not None:
@@ -257,18 +259,14 @@ class History:
 
     def run(self) -> Outcome:
         w = self.world
-        with buggify.active():
-            for p in [w.procs[n] for n in SERVICES] + [a for a in self.agents if a not in self.spare]:
+        with buggify.active(), memo():
+            self.store.start()
+            for p in self.services + [a for a in self.agents if a not in self.spare]:
                 p.start()
-            w.procs["client"].start()
-            for p in self.leaders:
-                p.start()
+            self.client.start()
             plan = self.plan()
             for t, kind, arg in plan:
                 w.at(t, None, self.inject, kind, arg)
-            if self.leaders and self.profile == "chaos":
-                for t, kind, u, v in plan_leader_faults(self.seed, 3.0, self.gap_end):
-                    w.at(t, None, self.inject_leader, kind, u, v)
             w.run_until(self.gap_end)
             self._heal()
             # Liveness: healthy again within QUIET seconds of the last fault (stop as soon as it is).
@@ -304,18 +302,30 @@ class History:
         """What still keeps the cluster from being healthy, as (invariant, detail) pairs."""
         w = self.world
         out: list[tuple[str, str]] = []
-        sharding = w.procs["sharding"]
-        manager = w.procs["manager"]
         balancer = w.procs["balancer"]
-        membership = w.procs["membership"]
-        m = sharding.published  # type: ignore[attr-defined]
+        leaders = {name: self.leader(name) for name in LED}
+        for name, proc in leaders.items():
+            if proc is None:
+                out.append(("live_nodes_healthy_again", f"no {name} instance leads"))
+        if None in leaders.values():
+            return out
+        membership: Any = leaders["membership"]
+        manager: Any = leaders["manager"]
+        committed = decode(*_run(self.store.store.range(MAP_PREFIX)))  # type: ignore[attr-defined]
+        if committed is None:
+            return [("live_nodes_healthy_again", "no shard map was ever committed")]
+        m = committed.map
         holding = {r.node for _, sh in m.shards() for r in sh.replicas}
         for node, since in self.lost.items():
             if node in holding:
                 out.append(("dead_node_loses_replicas",
                             f"{node} lost at t={since:.1f} still holds replicas at epoch {m.epoch}"))
-        members = {d["id"]: d["state"] for d in membership.core.members(w.now)}  # type: ignore[attr-defined]
+        members = {d["id"]: d["state"] for d in membership.core.members(w.now)}
         bstats = balancer.core.stats(w.now)["nodes"]  # type: ignore[attr-defined]
+        for node, since in self.lost.items():
+            b = bstats.get(node)
+            if b is not None and b["state"] == "alive":
+                out.append(("dead_node_loses_replicas", f"{node} lost at t={since:.1f}: the balancer sees it alive"))
         for agent in self.agents:
             if not agent.up or agent.name in self.lost:
                 continue
@@ -324,7 +334,7 @@ class History:
             if members.get(node) != "alive":
                 problems.append(f"membership says {members.get(node)}")
             try:
-                rec = manager.core.node(node)  # type: ignore[attr-defined]
+                rec = manager.core.node(node)
                 if rec.member != "alive":
                     problems.append(f"manager holds member={rec.member}")
                 want = ("draining", "decommissioned") if node in self.drained else ("active",)

@@ -26,6 +26,8 @@ NAMES = (
     "writes_go_to_the_primary",
     "deposed_leader_write_lands",
     "no_false_dead_on_observer_pause",
+    "node_state_never_goes_back",
+    "newest_verdict_taken",
     "dead_node_loses_replicas",
     "live_nodes_healthy_again",
 )
@@ -65,7 +67,7 @@ class Invariants:
         self.holders: dict[str, set[str]] = {}
         self.observer_only = False
         self.dead_verdicts: list[str] = []
-        self.fenced_writes: list[tuple[str, int]] = []
+        self.node_versions: dict[tuple[str, str], tuple[int, int]] = {}
 
     def fail(self, invariant: str, detail: str) -> None:
         w = self.world
@@ -73,7 +75,7 @@ class Invariants:
 
     # -- the shard map ---------------------------------------------------------------
 
-    def committed(self, proc: Proc, m: ShardMap, reason: str) -> None:
+    def committed(self, writer: str, m: ShardMap, reason: str) -> None:
         self.checks["one_primary_per_epoch"] += 1
         for _, sh in m.shards():
             primaries = [r.node for r in sh.replicas if r.role == "primary"]
@@ -83,7 +85,7 @@ class Invariants:
         fp = _fingerprint(m)
         old = self.by_epoch.get(m.epoch)
         if old is not None and old != fp:
-            self.fail("one_map_per_epoch", f"{proc.name} committed a second, different map at epoch {m.epoch}")
+            self.fail("one_map_per_epoch", f"{writer} committed a second, different map at epoch {m.epoch}")
         self.by_epoch[m.epoch] = fp
         self.maps[m.epoch] = m
         self._data(m)
@@ -187,6 +189,47 @@ class Invariants:
         if landed and current != term:
             self.fail("deposed_leader_write_lands",
                       f"{writer} wrote in term {term} while the current term is {current}")
+
+    def node_state(self, consumer: str, node: str, version: tuple[int, int] | None) -> None:
+        """A consumer of membership's verdicts took a state: its version never goes back."""
+        self.checks["node_state_never_goes_back"] += 1
+        if version is None:
+            return
+        key = (consumer, node)
+        held = self.node_versions.get(key)
+        if held is not None and version < held:
+            self.fail("node_state_never_goes_back",
+                      f"{consumer} holds {node} at version {list(version)} after {list(held)}")
+            return
+        self.node_versions[key] = version
+
+    def verdict(self, consumer: str, node: str, term: int, fields: dict[str, Any], held: Any, taken: bool) -> None:
+        """A verdict of the newest membership leader reached a consumer. Refusing it is
+        right when it is stale (the leader has moved on since) or what is held already
+        says the same; refusing what the leader says *now* is not."""
+        self.checks["newest_verdict_taken"] += 1
+        state = fields.get("state")
+        if taken or held is None or held[0] == state:
+            return
+        version = fields.get("version")
+        if version is not None and held[1] is not None and version[0] < held[1][0]:
+            # An older incarnation: refusing it is the versioning's point. (A new leader's
+            # "silent" dead verdict for a node it never heard from is at incarnation 0 and
+            # is refused this way: see docs/simulation.md, what it found.)
+            return
+        leader = next((p for p in self.world.services.get("membership", ())
+                       if p.up and p.leadership.is_leader), None)  # type: ignore[attr-defined]
+        if leader is None:
+            return
+        try:
+            now = leader.core.member(node, self.world.now)  # type: ignore[attr-defined]
+        except Exception:
+            return
+        current = (now.get("incarnation"), leader._wire_change(leader.leadership.term, now.get("change")))  # type: ignore[attr-defined]
+        if now.get("state") == state and (version is None or tuple(version) == current):
+            self.fail("newest_verdict_taken",
+                      f"{consumer} refused {node} {state} at version {list(version or ())} of membership "
+                      f"term {term}, what the leader holds now, keeping {held[0]} at {list(held[1] or ())}")
 
     # -- membership --------------------------------------------------------------------
 

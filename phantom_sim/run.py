@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 from . import buggify
 from .history import Outcome, run_history
@@ -60,11 +60,19 @@ def _one(job: tuple[int, int, tuple[str, ...]]) -> Outcome:
 
 def run_many(seeds: Iterable[int], steps: int, *, workers: int = 1, variants: Sequence[str] = (),
              stop_on_failure: bool = False, progress: TextIO | None = None) -> Summary:
-    """Run one history per seed and total them; ``workers`` > 1 uses a process pool."""
+    """Run one history per seed and total them; ``workers`` > 1 uses a process pool.
+
+    The cores iterate over sets of string ids, so a history depends on the string
+    hash seed: in a process whose PYTHONHASHSEED is not 0 (pytest, say) the
+    histories run in worker processes started with PYTHONHASHSEED=0, so a seed
+    gives the same history here as on the command line, whatever the number of
+    workers.
+    """
     jobs = [(s, steps, tuple(variants)) for s in seeds]
     summary = Summary()
     t0 = time.perf_counter()
-    if workers <= 1:
+    pinned = os.environ.get("PYTHONHASHSEED") == "0"
+    if workers <= 1 and pinned:
         for i, job in enumerate(jobs):
             o = _one(job)
             summary.add(i, o)
@@ -72,8 +80,17 @@ def run_many(seeds: Iterable[int], steps: int, *, workers: int = 1, variants: Se
                 break
         buggify.enable()
     else:
-        ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(workers) as pool:
+        pool = _pool(max(1, workers), pinned)
+        if stop_on_failure:
+            # In rounds of a few seeds per worker: nothing runs on after the first failure.
+            step = 2 * max(1, workers)
+            for start in range(0, len(jobs), step):
+                outcomes = pool.map(_one, jobs[start:start + step], chunksize=1)
+                for i, o in enumerate(outcomes, start):
+                    summary.add(i, o)
+                if any(o.violations for o in outcomes):
+                    break
+        else:
             for i, o in enumerate(pool.imap(_one, jobs, chunksize=8)):
                 summary.add(i, o)
                 if progress is not None and (i + 1) % 500 == 0:
@@ -81,11 +98,40 @@ def run_many(seeds: Iterable[int], steps: int, *, workers: int = 1, variants: Se
                     first = f" (first: seed {summary.failed[0].seed})" if summary.failed else ""
                     progress.write(f"  {i + 1} histories, {(i + 1) / t:.1f}/s, {len(summary.failed)} failing{first}\n")
                     progress.flush()
-                if stop_on_failure and o.violations:
-                    pool.terminate()
-                    break
     summary.wall = time.perf_counter() - t0
     return summary
+
+
+_POOLS: dict[tuple[int, bool], Any] = {}
+
+
+def _pool(workers: int, pinned: bool) -> Any:
+    """A pool of ``workers`` processes hashing strings with seed 0, kept for the next run.
+
+    A spawned interpreter reads PYTHONHASHSEED afresh; a forked one keeps ours
+    (already 0 when ``pinned``).
+    """
+    pool = _POOLS.get((workers, pinned))
+    if pool is None:
+        ctx = multiprocessing.get_context("fork" if pinned else "spawn")
+        saved = os.environ.get("PYTHONHASHSEED")
+        os.environ["PYTHONHASHSEED"] = "0"
+        try:
+            pool = _POOLS[(workers, pinned)] = ctx.Pool(workers)
+        finally:
+            if saved is None:
+                del os.environ["PYTHONHASHSEED"]
+            else:
+                os.environ["PYTHONHASHSEED"] = saved
+    return pool
+
+
+def close_pools() -> None:
+    """End the worker processes kept by :func:`_pool`."""
+    for pool in _POOLS.values():
+        pool.close()
+        pool.join()
+    _POOLS.clear()
 
 
 def replay_steps(o: Outcome) -> int:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from phantom_bus.errors import InternalError, PhantomError, ServiceUnavailable, Timeout
+from phantom_bus.errors import InternalError, NotLeader, PhantomError, ServiceUnavailable, Timeout
 
 #: Wall-clock seconds at virtual time 0 (2025-11-24): agents number incarnations in
 #: wall-clock milliseconds, and membership bounds them against its own wall clock.
@@ -86,20 +86,67 @@ class Flag:
 TaskBody = Generator[Any, Any, Any]
 
 
+class Lock:
+    """An asyncio.Lock of one process: ``yield from lock.acquire()`` ... ``lock.release()``."""
+
+    __slots__ = ("flag", "held")
+
+    def __init__(self, proc: Proc) -> None:
+        self.held = False
+        self.flag = Flag(proc)
+
+    def acquire(self) -> Generator[Any, Any, None]:
+        while self.held:
+            self.flag.clear()
+            yield Wait(self.flag, 3600.0)
+        self.held = True
+
+    def release(self) -> None:
+        self.held = False
+        self.flag.set()
+
+
+class Deferred:
+    """A reply given later: an operation returns one, and :meth:`resolve` answers the request."""
+
+    __slots__ = ("reply",)
+
+    def __init__(self) -> None:
+        self.reply: Callable[[Any, PhantomError | None], None] | None = None
+
+    def resolve(self, value: Any, err: PhantomError | None = None) -> None:
+        reply, self.reply = self.reply, None
+        if reply is not None:
+            reply(value, err)
+
+
 class Task:
     """One running generator of one process generation."""
 
-    __slots__ = ("body", "gen", "name", "proc", "token")
+    __slots__ = ("body", "cancelled", "done", "gen", "name", "on_done", "proc", "token")
 
-    def __init__(self, proc: Proc, body: TaskBody, name: str) -> None:
+    def __init__(self, proc: Proc, body: TaskBody, name: str,
+                 on_done: Callable[[Any, BaseException | None], None] | None = None) -> None:
         self.proc = proc
         self.body = body
         self.name = name
         self.gen = proc.gen
         self.token = 0  # bumped at every suspension; stale wake-ups carry an old token
+        self.cancelled = False
+        self.done = False
+        # Set for a task that serves a request: it receives the result or the error
+        # instead of an error ending the process.
+        self.on_done = on_done
+
+    def cancel(self) -> None:
+        """Stop the task at its next wake-up (asyncio's Task.cancel, minus the CancelledError)."""
+        if not self.done:
+            self.cancelled = True
+            self.done = True
+            self.body.close()
 
     def wake(self, token: int, value: Any = None, exc: BaseException | None = None) -> None:
-        if token != self.token or self.gen != self.proc.gen:
+        if token != self.token or self.gen != self.proc.gen or self.cancelled:
             return
         self.token += 1
         world = self.proc.world
@@ -107,18 +154,29 @@ class Task:
             world.log(self.proc, f"{self.name}: {type(exc).__name__}: {exc}")
         try:
             cmd = self.body.throw(exc) if exc is not None else self.body.send(value)
-        except StopIteration:
+        except StopIteration as stop:
+            self.done = True
+            if self.on_done is not None:
+                self.on_done(stop.value, None)
             return
-        except Exception as err:  # a loop that fails ends the process (run_until re-raises it)
+        except Exception as err:
+            self.done = True
+            if self.on_done is not None:
+                self.on_done(None, err)
+                return
+            # A loop that fails ends the process; supervisord starts it again.
             world.note_crash(self.proc, f"{self.name}: {type(err).__name__}: {err}")
             self.proc.crash(restart=True)
             return
         token = self.token
-        if isinstance(cmd, Sleep):
-            world.after(self.proc, max(0.0, cmd.dt), self.wake, token)
-        elif isinstance(cmd, Call):
+        kind = type(cmd)
+        if kind is Sleep:
+            world.seq += 1
+            heapq.heappush(world.heap, (world.now + (cmd.dt if cmd.dt > 0.0 else 0.0), world.seq, self.proc,
+                                        self.proc.gen, self.wake, (token,)))
+        elif kind is Call:
             world.request(self.proc, cmd.service, cmd.op, cmd.args, cmd.timeout, self, token, cmd.direct)
-        elif isinstance(cmd, Wait):
+        elif kind is Wait:
             if cmd.flag.is_set:
                 world.soon(self.proc, self.wake, token, True)
             else:
@@ -140,14 +198,11 @@ class Proc:
         self.gen = 0
         self.up = False
         self.paused_until = 0.0
+        self.stall_next = 0.0  # see _stall
         self.disk: dict[str, Any] = {}
         self.disk_fail_until = -1.0
         self.ops: dict[str, Callable[..., Any]] = {}
         self.subs: list[tuple[str, Callable[[dict[str, Any]], Any]]] = []
-        # The random stream of this process's traffic (None: the world's). Processes
-        # that only talk among themselves get their own, so adding them to a tree
-        # leaves every other history exactly as it was.
-        self.stream: random.Random | None = None
 
     # -- life ------------------------------------------------------------------
 
@@ -182,13 +237,21 @@ class Proc:
         if not self.up:
             self.start()
 
-    def spawn(self, body: TaskBody, name: str) -> Task:
-        task = Task(self, body, name)
+    def spawn(self, body: TaskBody, name: str,
+              on_done: Callable[[Any, BaseException | None], None] | None = None) -> Task:
+        task = Task(self, body, name, on_done)
         self.world.soon(self, task.wake, task.token)
         return task
 
     def flag(self) -> Flag:
         return Flag(self)
+
+    def _stall(self) -> None:
+        """The ``leader_stall`` fault point: the whole process stops here, once, if asked to."""
+        d = self.stall_next
+        if d:
+            self.stall_next = 0.0
+            self.paused_until = max(self.paused_until, self.world.now + d)
 
     # -- clocks ------------------------------------------------------------------
 
@@ -243,6 +306,7 @@ class World:
         self.heap: list[tuple[float, int, Proc | None, int, Callable[..., Any], tuple[Any, ...]]] = []
         self.seq = 0
         self.procs: dict[str, Proc] = {}
+        self.procs_by_host: dict[str, Proc] = {}
         self.services: dict[str, list[Proc]] = {}
         self.isolated: set[str] = set()
         self.conn_last: dict[tuple[str, str, str], float] = {}
@@ -272,22 +336,27 @@ class World:
 
     def run_until(self, t_end: float, max_steps: int | None = None) -> None:
         heap = self.heap
+        pop, push = heapq.heappop, heapq.heappush
+        stats = self.stats
+        on_step = self.on_step
+        limit = max_steps if max_steps is not None else -1
         while heap and heap[0][0] <= t_end:
-            if max_steps is not None and self.stats.steps >= max_steps:
+            if stats.steps == limit:
                 return
-            t, seq, proc, gen, fn, args = heapq.heappop(heap)
+            t, seq, proc, gen, fn, args = pop(heap)
             if proc is not None:
                 if proc.gen != gen or not proc.up:
                     continue
                 if proc.paused_until > t:
                     # Held until the process wakes; the original sequence keeps the order.
-                    heapq.heappush(heap, (proc.paused_until, seq, proc, gen, fn, args))
+                    push(heap, (proc.paused_until, seq, proc, gen, fn, args))
                     continue
-            self.now = max(self.now, t)
+            if t > self.now:
+                self.now = t
             fn(*args)
-            self.stats.steps += 1
-            if self.on_step is not None:
-                self.on_step()
+            stats.steps += 1
+            if on_step is not None:
+                on_step()
         self.now = max(self.now, t_end)
 
     def note_crash(self, proc: Proc, why: str) -> None:
@@ -297,6 +366,7 @@ class World:
 
     def add(self, proc: Proc) -> Proc:
         self.procs[proc.name] = proc
+        self.procs_by_host[proc.host] = proc
         if proc.service:
             self.services.setdefault(proc.service, []).append(proc)
         return proc
@@ -316,15 +386,25 @@ class World:
     def send(self, src: Proc, dst: Proc, kind: str, fn: Callable[..., Any], *args: Any,
              lossy: bool = False, via_broker: bool = False) -> bool:
         """Deliver ``fn(*args)`` in ``dst`` after a link delay, FIFO per (src, kind, dst)."""
-        self.stats.sent += 1
-        rng = src.stream or dst.stream or self.rng
-        if not self._reachable(src.host, dst.host, via_broker) or (lossy and rng.random() < self.pubsub_loss):
-            self.stats.lost += 1
+        stats = self.stats
+        stats.sent += 1
+        rng = self.rng
+        if (self.isolated and not self._reachable(src.host, dst.host, via_broker)) \
+                or (lossy and self.pubsub_loss and rng.random() < self.pubsub_loss):
+            stats.lost += 1
             return False
+        r = rng.random()
+        d = 0.0002 + rng.random() * 0.002
+        if r < 0.02:
+            d += rng.random() * 0.2  # a slow packet (retransmission)
+        t = self.now + d * self.delay_scale
         key = (src.name, kind, dst.name)
-        t = max(self.conn_last.get(key, 0.0), self.now + self._delay(rng))
+        last = self.conn_last.get(key, 0.0)
+        if last > t:
+            t = last
         self.conn_last[key] = t
-        self.at(t, dst, self._arrive, src.host, dst, via_broker, fn, args)
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, dst, dst.gen, self._arrive, (src.host, dst, via_broker, fn, args)))
         return True
 
     def _reachable(self, a: str, b: str, via_broker: bool) -> bool:
@@ -334,7 +414,7 @@ class World:
 
     def _arrive(self, src_host: str, dst: Proc, via_broker: bool, fn: Callable[..., Any],
                 args: tuple[Any, ...]) -> None:
-        if not self._reachable(src_host, dst.host, via_broker):
+        if self.isolated and not self._reachable(src_host, dst.host, via_broker):
             self.stats.lost += 1
             return
         fn(*args)
@@ -343,7 +423,7 @@ class World:
         """PUB -> broker XSUB/XPUB -> every subscriber whose prefix matches (lossy)."""
         event = {"kind": kind, **data}
         for proc in self.procs.values():
-            if not proc.up or proc is src:
+            if not proc.up or proc is src or not proc.subs:
                 continue
             for prefix, callback in proc.subs:
                 if kind.startswith(prefix):
@@ -358,12 +438,21 @@ class World:
 
     def request(self, client: Proc, service: str, op: str, args: dict[str, Any], timeout: float,
                 task: Task, token: int, direct: bool = False) -> None:
-        """One attempt of AsyncClient.request (retries=1): reply, error, or Timeout."""
+        """One call of AsyncClient.request within its timeout: reply, error, or Timeout.
+
+        A ``not_leader`` answer is handed on to the next live worker of the service
+        in turn, as the broker does with a client's retry, until one answers
+        otherwise or every worker was asked once.
+        """
         state = {"done": False}
+        workers = [p for p in self.services.get(service, ()) if p.up]
 
         def reply(value: Any, err: PhantomError | None) -> None:
             if state["done"]:
                 return  # a late reply to an attempt that timed out is dropped
+            if isinstance(err, NotLeader) and tried[0] < len(workers):
+                attempt()
+                return
             state["done"] = True
             task.wake(token, value, err)
 
@@ -372,24 +461,41 @@ class World:
                 state["done"] = True
                 task.wake(token, None, Timeout(f"{service}.{op}: no reply within {timeout:g} s", service=service))
 
+        tried = [0]
+        first = 0 if len(workers) <= 1 else self.rng.randrange(len(workers))
+
+        def attempt() -> None:
+            target = workers[(first + tried[0]) % len(workers)]
+            tried[0] += 1
+            self.send(client, target, "req", self._serve, client, target, op, dict(args), reply, direct,
+                      via_broker=not direct)
+
         self.after(client, timeout, expire)
-        workers = [p for p in self.services.get(service, ()) if p.up]
         if not workers:
-            # The broker knows no worker for that name: it says so at once.
             if not direct:  # the broker says so at once; a direct connection just times out
                 self.send(client, client, "broker", reply, None,
                           ServiceUnavailable(f"no {service} worker", service=service), via_broker=True)
             return
-        target = workers[0] if len(workers) == 1 else workers[self.rng.randrange(len(workers))]
-        self.send(client, target, "req", self._serve, client, target, op, dict(args), reply, direct,
-                  via_broker=not direct)
+        attempt()
 
     def _serve(self, client: Proc, target: Proc, op: str, args: dict[str, Any],
                reply: Callable[[Any, PhantomError | None], None], direct: bool = False) -> None:
+        def answer(value: Any, exc: BaseException | None) -> None:
+            err: PhantomError | None = None
+            if isinstance(exc, PhantomError):
+                value, err = None, exc
+            elif exc is not None:  # the dispatcher answers anything else as internal
+                value, err = None, InternalError(f"{target.service}.{op} failed: {type(exc).__name__}: {exc}")
+            self.send(target, client, "rep", reply, value, err, via_broker=not direct)
+
         try:
-            value, err = target.handle(op, args), None
-        except PhantomError as exc:
-            value, err = None, exc
-        except Exception as exc:  # the dispatcher answers anything else as internal
-            value, err = None, InternalError(f"{target.service}.{op} failed: {type(exc).__name__}: {exc}")
-        self.send(target, client, "rep", reply, value, err, via_broker=not direct)
+            value = target.handle(op, args)
+        except Exception as exc:
+            answer(None, exc)
+            return
+        if isinstance(value, Generator):  # an async operation: its task answers when it ends
+            target.spawn(value, f"{target.name}.{op}", on_done=answer)
+        elif isinstance(value, Deferred):
+            value.reply = lambda v, e: answer(v, e)
+        else:
+            answer(value, None)

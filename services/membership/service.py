@@ -20,6 +20,13 @@ verdicts count: only the leader publishes ``member.*`` events, each carrying
 its ``term``, and only the leader answers ``verdicts`` (``{"term",
 "instance", "members"}``, what the manager re-reads every second); a
 follower answers it with the retryable ``not_leader`` error.
+
+Each instance counts a member's state changes itself, so the ``change`` of two
+instances are not comparable. On the wire (events, ``members``, ``verdicts``)
+a leader's ``change`` is therefore term-major (:func:`wire_change`): the
+newest leader's verdict is never refused as older than one an earlier leader
+(or a follower's ``members`` row) gave for the same incarnation. A follower's
+rows carry its own count (term 0): they never outrank a leader's verdict.
 """
 
 from __future__ import annotations
@@ -63,6 +70,21 @@ SETTINGS = (
     "leader_ttl",
     "instance",
 )
+
+#: Bits of a wire ``change`` below the leader's term (see the module docstring).
+CHANGE_BITS = 32
+
+
+def wire_change(term: int, change: int) -> int:
+    """A member's ``change`` as published by the leader of ``term`` (0: a follower's own count)."""
+    return (term << CHANGE_BITS) | (change & ((1 << CHANGE_BITS) - 1))
+
+
+def wire_members(rows: list[dict[str, Any]], term: int) -> list[dict[str, Any]]:
+    """``members`` rows with each ``change`` as :func:`wire_change` makes it."""
+    return [{**row, "change": wire_change(term, row["change"])} if isinstance(row.get("change"), int) else row
+            for row in rows]
+
 
 # Seconds between full syncs of the admitted set with discovery's table.
 _SYNC_PERIOD = 5.0
@@ -134,14 +156,16 @@ class MembershipService:
 
     def op_members(self) -> list[dict[str, Any]]:
         """Every member: state, incarnation, phi, heartbeat age, load."""
-        return self.core.members(time.monotonic())
+        term = self.leadership.term if self.leadership.is_leader else 0
+        return wire_members(self.core.members(time.monotonic()), term)
 
     def op_verdicts(self) -> dict[str, Any]:
         """The leader's verdicts: ``{"term", "instance", "members"}``; ``not_leader`` on a follower."""
         if not self.leadership.is_leader:
             raise self.leadership.not_leader()
         term = self.leadership.term
-        return {"term": term, "instance": self.leadership.instance, "members": self.core.members(time.monotonic())}
+        return {"term": term, "instance": self.leadership.instance,
+                "members": wire_members(self.core.members(time.monotonic()), term)}
 
     def op_member(self, node: str) -> dict[str, Any]:
         """One member; ``not_found`` if it never heartbeated."""
@@ -211,7 +235,10 @@ class MembershipService:
                     event.data.get("incarnation"),
                     event.data.get("reason"),
                 )
-            await self.service.publish(event.kind, {**event.data, "term": term})
+            data = {**event.data, "term": term}
+            if isinstance(data.get("change"), int):
+                data["change"] = wire_change(term, data["change"])
+            await self.service.publish(event.kind, data)
 
     def _answer(self, identity: bytes, frames: list[bytes], now: float, sender: str | None = None) -> list[Event]:
         if len(frames) != 2 or frames[0] != protocol.HEARTBEAT_HEADER:
