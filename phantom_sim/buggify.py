@@ -132,6 +132,20 @@ def _older_state_wins() -> Callable[[], None]:
     return _patch(Balancer, "node_update", node_update)
 
 
+@variant("silent_at_zero", "membership declares a node it never heard dead at incarnation 0, not at the one "
+         "its beacons announced (the core before the fix)")
+def _silent_at_zero() -> Callable[[], None]:
+    from services.membership.core import Membership
+
+    admit = Membership.admit
+
+    def without_incarnation(self: Any, node: str, now: float, interval: float | None = None,
+                            incarnation: int | None = None) -> bool:
+        return admit(self, node, now, interval)
+
+    return _patch(Membership, "admit", without_incarnation)
+
+
 @variant("per_instance_change", "membership publishes each instance's own change count (the shell before the fix)")
 def _per_instance_change() -> Callable[[], None]:
     return lambda: None  # a fault point in phantom_sim.shells.MembershipProc

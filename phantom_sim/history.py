@@ -324,8 +324,9 @@ class History:
         bstats = balancer.core.stats(w.now)["nodes"]  # type: ignore[attr-defined]
         for node, since in self.lost.items():
             b = bstats.get(node)
-            if b is not None and b["state"] == "alive":
-                out.append(("dead_node_loses_replicas", f"{node} lost at t={since:.1f}: the balancer sees it alive"))
+            if b is not None and b["state"] in ("alive", "suspect"):
+                out.append(("dead_node_loses_replicas",
+                            f"{node} lost at t={since:.1f}: the balancer sees it {b['state']}"))
         for agent in self.agents:
             if not agent.up or agent.name in self.lost:
                 continue

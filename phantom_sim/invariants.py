@@ -213,9 +213,7 @@ class Invariants:
             return
         version = fields.get("version")
         if version is not None and held[1] is not None and version[0] < held[1][0]:
-            # An older incarnation: refusing it is the versioning's point. (A new leader's
-            # "silent" dead verdict for a node it never heard from is at incarnation 0 and
-            # is refused this way: see docs/simulation.md, what it found.)
+            # An older incarnation: refusing it is the versioning's point.
             return
         leader = next((p for p in self.world.services.get("membership", ())
                        if p.up and p.leadership.is_leader), None)  # type: ignore[attr-defined]

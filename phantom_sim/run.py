@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
 import sys
@@ -117,6 +118,9 @@ def _pool(workers: int, pinned: bool) -> Any:
         saved = os.environ.get("PYTHONHASHSEED")
         os.environ["PYTHONHASHSEED"] = "0"
         try:
+            if not _POOLS:
+                # Ended before the interpreter tears the pool's queues down under it.
+                atexit.register(close_pools)
             pool = _POOLS[(workers, pinned)] = ctx.Pool(workers)
         finally:
             if saved is None:

@@ -370,8 +370,11 @@ class MembershipProc(Proc):
         interval = hints.get("interval") if isinstance(hints, dict) else None
         if not isinstance(interval, int | float) or isinstance(interval, bool):
             interval = None
+        incarnation = doc.get("incarnation")
+        if not isinstance(incarnation, int) or isinstance(incarnation, bool) or incarnation < 0:
+            incarnation = None
         with contextlib.suppress(PhantomError, KeyError):
-            self.core.admit(str(doc["id"] if "id" in doc else doc["node"]), self.monotonic(), interval)
+            self.core.admit(str(doc["id"] if "id" in doc else doc["node"]), self.monotonic(), interval, incarnation)
 
     def on_node_event(self, event: dict[str, Any]) -> None:
         kind = event.get("kind")

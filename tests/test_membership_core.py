@@ -287,6 +287,20 @@ def test_time_the_observer_was_stalled_is_not_counted_as_silence() -> None:
     assert normal - TICK <= stalled <= normal + 1.0 + TICK, (normal, stalled)
 
 
+def test_a_node_never_heard_is_declared_dead_at_the_incarnation_its_beacons_announced() -> None:
+    # Another membership instance may have judged the node at that incarnation before; a
+    # verdict at 0 would be older than what consumers hold, and refused.
+    core = Membership(MembershipConfig(first_heartbeat_timeout=5.0))
+    core.admit("n0", T0, incarnation=7)
+    core.admit("n0", T0 + 1, incarnation=3)  # a late, older beacon lowers nothing
+    core.admit("n1", T0)
+    events = core.tick(T0 + 10)
+    dead = {e.data["node"]: e.data["incarnation"] for e in events if e.kind == "member.dead"}
+    assert dead == {"n0": 7, "n1": 0}
+    with pytest.raises(BadRequest):
+        core.admit("n2", T0, incarnation=-1)
+
+
 def test_small_loop_lag_is_not_a_stall() -> None:
     d = make(2)
     d.run(T0 + 10)

@@ -102,6 +102,10 @@ REGRESSIONS = [
     # balancer, holding alive at (incarnation, 3) from the old leader, refused the new
     # leader's dead at (incarnation, 2) and kept routing to the dead node.
     pytest.param(24, 5, "per_instance_change", id="newest-membership-leader-verdict-wins"),
+    # A membership leader that never heard a lost node declared it dead at incarnation 0:
+    # the balancer, holding an earlier leader's suspect at the node's real incarnation,
+    # refused the verdict as older and kept the node suspect (still routed to) for good.
+    pytest.param(186, 5, "silent_at_zero", id="silent-verdict-at-the-announced-incarnation"),
 ]
 
 

@@ -292,6 +292,10 @@ class Membership:
         self._lock = threading.Lock()
         self._admitted: set[str] = set()
         self._intervals: dict[str, float] = {}  # heartbeat interval announced per node
+        # The highest incarnation discovery reported per admitted node: a node that never
+        # heartbeats here is declared dead at it, so the verdict outranks what an earlier
+        # membership instance said of that incarnation.
+        self._announced: dict[str, int] = {}
         self._members: dict[str, _Member] = {}
         # Admitted nodes not heard from yet in this life -> effective admission time
         # (insertion order is deadline order: the effective clock never goes back).
@@ -326,24 +330,32 @@ class Membership:
 
     # -- registration ---------------------------------------------------------
 
-    def admit(self, node: str, now: float, interval: float | None = None) -> bool:
+    def admit(self, node: str, now: float, interval: float | None = None, incarnation: int | None = None) -> bool:
         """Allow ``node`` to heartbeat (discovery saw it, or an operator registered it).
 
         ``interval`` is the heartbeat period the node announced (its beacon's
         heartbeat hint), if it differs from ``config.heartbeat_interval``; it
         seeds the node's detector so its first gaps are judged by the right
-        yardstick. Returns whether the node was newly admitted. Admission alone
-        creates no member: a node becomes ``alive`` with its first heartbeat.
+        yardstick. ``incarnation`` is the one its beacons carry: a node that
+        then never heartbeats is declared dead (``silent``) at the highest one
+        announced, not at 0, so that verdict is not older than one another
+        membership instance gave before. Returns whether the node was newly
+        admitted. Admission alone creates no member: a node becomes ``alive``
+        with its first heartbeat.
         """
         node = _check_node(node)
         if interval is not None:
             interval = _check_time("interval", interval)
             if not 0.0 < interval <= 3600.0:
                 raise BadRequest(f"interval must be in (0, 3600] seconds, got {interval!r}")
+        if incarnation is not None:
+            incarnation = _check_count("incarnation", incarnation)
         with self._lock:
             self._clock(now)
             if interval is not None:
                 self._intervals[node] = interval
+            if incarnation is not None and incarnation > self._announced.get(node, -1):
+                self._announced[node] = incarnation
             if node in self._admitted:
                 return False
             self._admitted.add(node)
@@ -364,6 +376,7 @@ class Membership:
             self._admitted.discard(node)
             self._silent.pop(node, None)
             self._intervals.pop(node, None)
+            self._announced.pop(node, None)
             rec = self._members.pop(node, None)
             self._dirty.pop(node, None)
             self._load_changed.pop(node, None)
@@ -722,7 +735,9 @@ class Membership:
             del silent[node]
             if node in self._members or node not in self._admitted:
                 continue
-            rec = _Member(node, 0, self._detector(node), state=DEAD, since=now, last_arrival=now)
+            rec = _Member(
+                node, self._announced.get(node, 0), self._detector(node), state=DEAD, since=now, last_arrival=now
+            )
             self._members[node] = rec
             events.append(
                 self._event(EVENT_DEAD, rec, "silent", 0.0, None)

@@ -192,8 +192,11 @@ class MembershipService:
         interval = hints.get("interval") if isinstance(hints, dict) else None
         if not isinstance(interval, int | float) or isinstance(interval, bool):
             interval = None
+        incarnation = doc.get("incarnation")
+        if not isinstance(incarnation, int) or isinstance(incarnation, bool) or incarnation < 0:
+            incarnation = None
         try:
-            self.core.admit(str(doc["id"] if "id" in doc else doc["node"]), time.monotonic(), interval)
+            self.core.admit(str(doc["id"] if "id" in doc else doc["node"]), time.monotonic(), interval, incarnation)
         except (PhantomError, KeyError) as exc:
             logger.warning("could not admit a node from discovery: {}", exc)
 
