@@ -81,6 +81,16 @@ def events_args(limit: int = 100) -> None:
 UNKNOWN_SERVICE_GRACE = 5
 
 
+
+def _leader_hint(frame: bytes) -> bool | None:
+    """A worker heartbeat's optional state (``{"leader": bool}``); None if absent or malformed."""
+    try:
+        state = protocol.unpack(frame)
+    except PhantomError:
+        return None
+    flag = state.get("leader") if isinstance(state, dict) else None
+    return flag if isinstance(flag, bool) else None
+
 class Broker:
     """The broker: sockets, the poll loop, and the dispatcher it drives."""
 
@@ -296,8 +306,8 @@ class Broker:
             send_frames(self.frontend, out)
             for action in actions:
                 self._do(action)
-        elif command == protocol.HEARTBEAT:
-            if not self.dispatcher.heard(identity, now):
+        elif command == protocol.HEARTBEAT and len(frames) in (3, 4):
+            if not self.dispatcher.heard(identity, now, _leader_hint(frames[3]) if len(frames) == 4 else None):
                 # A worker we do not know: we restarted, or dropped it as dead.
                 # Telling it to reconnect is how it comes back without waiting.
                 send_frames(self.backend, [identity, protocol.WORKER, protocol.DISCONNECT])

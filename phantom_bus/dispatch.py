@@ -9,7 +9,8 @@ Policy:
 
 * a service's requests go to the live worker with the fewest requests in
   flight (ties in turn), so several workers share the load and a slow worker
-  gets less;
+  gets less; for a service that elects a leader, to the worker whose
+  heartbeats say it leads, while it has room;
 * a worker takes at most ``capacity`` requests at once; beyond that requests
   wait in a bounded per-service queue, and beyond *that* the client is told
   ``overloaded`` at once;
@@ -70,6 +71,9 @@ class Worker:
     # (route, reqid) of requests handed to it and not yet answered; a dict as an ordered set.
     inflight: dict[tuple[bytes, bytes], None] = field(default_factory=dict)
     served: int = 0
+    # What its heartbeats last said: True if it leads its service, False if it follows,
+    # None if it never said (a service without a leader).
+    leader: bool | None = None
 
 
 @dataclass(slots=True)
@@ -122,12 +126,15 @@ class Dispatcher:
             actions.extend(self._drain(svc, now))
             return actions
 
-    def heard(self, identity: bytes, now: float) -> bool:
-        """Any message from a worker proves it alive; False if it is not registered."""
+    def heard(self, identity: bytes, now: float, leader: bool | None = None) -> bool:
+        """Any message from a worker proves it alive; False if it is not registered.
+        ``leader``: what its heartbeat said of its leadership (None: nothing)."""
         worker = self._workers.get(identity)
         if worker is None:
             return False
         worker.expires = now + self.liveness
+        if leader is not None:
+            worker.leader = leader
         return True
 
     def service_of(self, identity: bytes) -> str | None:
@@ -247,6 +254,13 @@ class Dispatcher:
 
     def _pick(self, svc: _Service) -> Worker | None:
         workers = svc.workers
+        if len(workers) > 1:
+            # A service with a leader: its requests go to the leader while it has room
+            # (a follower answers the leader-only ones with not_leader, and a retry
+            # picked by load alone would find the idle follower again and again).
+            leading = [w for w in workers if w.leader and len(w.inflight) < w.capacity]
+            if leading:
+                return min(leading, key=lambda w: len(w.inflight))
         if len(workers) == 1:
             w = workers[0]
             return w if len(w.inflight) < w.capacity else None

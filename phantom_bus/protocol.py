@@ -13,7 +13,7 @@ Three conversations share the bus (``docs/protocol.md`` is the reference):
 
 * worker (DEALER) <-> broker backend (ROUTER)::
 
-      [PHW1, READY, service, meta]   [PHW1, HB]   [PHW1, BYE]
+      [PHW1, READY, service, meta]   [PHW1, HB]   [PHW1, HB, state]   [PHW1, BYE]
       [PHW1, REQ, route, request-id, body]      broker -> worker
       [PHW1, REP, route, request-id, reply]     worker -> broker
 

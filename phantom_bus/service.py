@@ -137,6 +137,9 @@ class Service:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
         self.instance = instance_name(cfg)
+        #: Set by a service that elects a leader: whether this instance leads now (sent
+        #: in every heartbeat; the broker prefers the leader's worker).
+        self.leader_probe: Callable[[], bool] | None = None
         # One link per broker backend; every request is answered on its own link.
         self.links = [BrokerLink(e) for e in str(cfg.backend).split(",") if e.strip()]
         # Events: numbered per process run, so that copies relayed by several
@@ -289,11 +292,19 @@ class Service:
                     logger.warning("broker at {} silent for {:.1f} s; reconnecting", link.endpoint, self.liveness)
                     self._connect(link)
                     continue
-                self._send(link, [protocol.WORKER, protocol.HEARTBEAT])
+                self._send(link, self._heartbeat_frames())
             if self._authorise:  # event sockets refused (key authorized late) try again
                 for sock in (self._pub, self._sub):
                     if sock is not None:
                         self.security.retry_refused(sock)
+
+    def _heartbeat_frames(self) -> list[bytes]:
+        # A service with a leader says in each heartbeat whether this instance leads, so
+        # the broker hands its requests to the leader first (a follower only answers
+        # not_leader to the leader-only ones).
+        if self.leader_probe is None:
+            return [protocol.WORKER, protocol.HEARTBEAT]
+        return [protocol.WORKER, protocol.HEARTBEAT, protocol.pack({"leader": bool(self.leader_probe())})]
 
     def _on_worker_message(self, link: BrokerLink, frames: list[bytes]) -> None:
         link.last_heard = time.monotonic()

@@ -204,7 +204,7 @@ class Hosts:
         own = c is None
         c = c or self.client(timeout=0.5, retries=1)
         try:
-            for _ in range(4):  # the broker takes turns between instances
+            for _ in range(4):  # until the brokers hear who leads (its next heartbeat)
                 try:
                     if service == "membership":
                         reply = c.request("membership", "verdicts")

@@ -144,3 +144,21 @@ def test_standard_and_once_registered_services_stay_unavailable_not_unknown() ->
     for service in ("echo", "balancer"):
         action = d.request(service, b"r", b"1", b"", 100.0)
         assert isinstance(action, ToClient) and action.error.code == "service_unavailable"
+
+
+def test_a_service_with_a_leader_sends_its_requests_to_the_leader_while_it_has_room() -> None:
+    d = make()
+    d.ready(b"follower", "svc", 2, {}, 0.0)
+    d.ready(b"leader", "svc", 2, {}, 0.0)
+    d.heard(b"follower", 0.1, leader=False)
+    d.heard(b"leader", 0.1, leader=True)
+    # The leader is busier, yet it gets the requests: a follower would answer not_leader.
+    picks = [req(d, i).identity for i in range(3)]  # type: ignore[union-attr]
+    assert picks == [b"leader", b"leader", b"follower"]  # the third: the leader is full
+    # Leadership moves: the next heartbeat of each says so.
+    d.heard(b"leader", 0.2, leader=False)
+    d.heard(b"follower", 0.2, leader=True)
+    assert req(d, 10).identity == b"follower"  # type: ignore[union-attr]
+    # A heartbeat without the hint changes nothing.
+    d.heard(b"follower", 0.3)
+    assert d.workers()[0].leader is True

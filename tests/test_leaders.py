@@ -42,8 +42,9 @@ def cluster(bus: Bus, **env: str) -> dict[str, subprocess.Popen[bytes]]:
 
 
 def leader(bus: Bus, service: str) -> str | None:
-    """The instance that says it leads ``service`` (asking a few times: the broker takes turns)."""
-    with bus.client(timeout=1.0, retries=1) as c:
+    """The instance that says it leads ``service`` (asking a few times: the broker prefers the
+    leader from its next heartbeat on)."""
+    with bus.client(timeout=2.0, retries=1) as c:
         for _ in range(6):
             try:
                 seen = c.request(service, "health")["leader"]

@@ -391,9 +391,9 @@ def test_a_membership_follower_takes_over_warm_and_suspects_nobody(three: Cluste
                 return None
 
     before = wait_until(verdicts, timeout=20)
-    with three.bus.client() as c:  # the follower's detector is warm: it hears every agent too
-        members = by_instance(c, "membership", "stats", 2)
-    assert set(members) == {"m1", "m2"} and all(doc["accepted"] > 0 for doc in members.values())
+    # (The follower cannot be asked through the brokers: they hand a led service's
+    # requests to its leader. Its warm detector shows in what follows: a cold one would
+    # suspect every agent within about 1.3 s of taking over.)
     halt, seen = threading.Event(), []
     watcher = threading.Thread(target=member_events, args=(three, halt, seen), daemon=True)
     watcher.start()

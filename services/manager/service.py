@@ -111,6 +111,7 @@ class ManagerService:
         self.store_health = StoreHealth()
         self.core = ManagerCore(ManagerConfig(auto_join=cfg.auto_join, rereplication_delay=cfg.dead_delay))
         self.service = Service("manager", cfg)
+        self.service.leader_probe = lambda: self.leadership.is_leader
         self.client = AsyncClient(cfg.broker, timeout=cfg.timeout, retries=1)
         # With several brokers, status asks each one for its name and table (one client per broker:
         # self.client fails over, so it only ever talks to one).

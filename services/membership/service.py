@@ -137,6 +137,7 @@ class MembershipService:
         self.service = Service("membership", cfg)
         self.store = store if store is not None else open_shared_store(cfg)
         self.leadership = Leadership(self.store, "membership", cfg)
+        self.service.leader_probe = lambda: self.leadership.is_leader
         self.counters = {"malformed": 0, "withheld": 0}
         # Security on: a heartbeat counts only from the agent key of the node it names.
         self._secure = self.service.security.enabled

@@ -95,6 +95,7 @@ class ShardingService:
         self._write = asyncio.Lock()
         self._loaded = asyncio.Event()
         self.service = Service("sharding", cfg)
+        self.service.leader_probe = lambda: self.leadership.is_leader
         for name in (
             "lookup", "map", "shards", "moves", "nodes", "health", "sole_replicas",
             "create_keyspace", "split", "merge", "add_node", "remove_node", "drain_node",
