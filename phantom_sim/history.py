@@ -14,10 +14,11 @@ then no node may be declared dead.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +94,7 @@ class History:
         self.fault_log: list[str] = []
         self.lost: dict[str, float] = {}  # node -> when it was lost for good
         self.drained: set[str] = set()
+        self.drain_asked: set[str] = set()  # drains sent, taken or not
         self._hash = hashlib.blake2b(digest_size=12)
         self._trace = trace
         self.store = w.add(StoreProc(w, "store", "h-store"))
@@ -210,11 +212,13 @@ class History:
             w.after(None, d, setattr, w, "delay_scale", 1.0)
             self._log(kind, f"30x link delays for {d:.2f} s")
         elif kind == "drain":
-            live = [a for a in agents if a.name not in self.drained]
+            live = [a for a in agents if a.name not in self.drain_asked]
             if len(live) > self.params.rf:
                 node = self._pick(u, live).name
-                self.drained.add(node)
-                self._operator("drain", node)
+                self.drain_asked.add(node)
+                # Drained once the manager took the command: one it refused (a node it has
+                # not registered yet) leaves the node as it was.
+                self._operator("drain", node, functools.partial(self.drained.add, node))
                 self._log(kind, node)
         elif kind == "join":
             if self.spare:
@@ -238,9 +242,9 @@ class History:
                 self.lost[p.name] = w.now
                 self._log(kind, p.name)
 
-    def _operator(self, op: str, node: str) -> None:
+    def _operator(self, op: str, node: str, done: Callable[[], None]) -> None:
         """An operator's command to the manager (``phantom drain``), retried until answered."""
-        self.client.operator(op, node)  # type: ignore[attr-defined]
+        self.client.operator(op, node, done)  # type: ignore[attr-defined]
 
     def leader(self, service: str) -> Proc | None:
         """The instance of a led service that leads now, if one does."""

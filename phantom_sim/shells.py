@@ -1163,18 +1163,23 @@ class ClientProc(Proc):
         self.subs = [("shardmap.changed", self.follower.hint)]
         self.spawn(self.loop(), "client")
 
-    def operator(self, op: str, node: str) -> None:
-        self.spawn(self._operator(op, node), f"operator.{op}")
+    def operator(self, op: str, node: str, done: Callable[[], None] | None = None) -> None:
+        """An operator's command, retried while the answer is retryable; ``done`` runs
+        once the manager took it (a refusal, e.g. a node not registered yet, is final)."""
+        self.spawn(self._operator(op, node, done), f"operator.{op}")
 
-    def _operator(self, op: str, node: str) -> Loop:
+    def _operator(self, op: str, node: str, done: Callable[[], None] | None) -> Loop:
         p = _params(self)
         for _ in range(20):
             try:
                 yield Call("manager", op, {"node": node}, p.timeout)
-                return
             except PhantomError as exc:
                 if not exc.retry:
                     return
+            else:
+                if done is not None:
+                    done()
+                return
             yield Sleep(1.0)
 
     def loop(self) -> Loop:

@@ -21,7 +21,7 @@ import pytest
 
 from phantom_bus.client import Client
 from phantom_bus.errors import PhantomError
-from tests.net import free_port
+from tests.net import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,14 +49,7 @@ def phantom(
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail the test on timeout."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout:g} s (last value {last!r})")
+    return wait_for(predicate, timeout, interval)
 
 
 class Bus:

@@ -29,13 +29,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from phantom_bus.client import Client
 from phantom_bus.errors import NotFound, PhantomError
-from tests.net import free_port
+from tests.net import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTS = ("h1", "h2", "h3")
@@ -43,18 +43,6 @@ ENDPOINTS = ("broker", "backend", "events_in", "events_out", "beacon", "heartbea
 SERVICES = ("discovery", "membership", "sharding", "balancer", "manager")
 #: The services with one leader, and the operation whose reply names it.
 LEADING = ("sharding", "manager", "membership")
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; AssertionError on timeout."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"{what} not met within {timeout:g} s (last value {last!r})")
 
 
 class Hosts:
