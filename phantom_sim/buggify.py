@@ -146,6 +146,14 @@ def _silent_at_zero() -> Callable[[], None]:
     return _patch(Membership, "admit", without_incarnation)
 
 
+@variant("registry_not_readmitted", "the manager does not admit into membership the registered nodes its "
+         "leader does not know (the core before the fix)")
+def _registry_not_readmitted() -> Callable[[], None]:
+    from services.manager.core import ManagerCore
+
+    return _patch(ManagerCore, "_readmit", lambda self, out, known: None)
+
+
 @variant("per_instance_change", "membership publishes each instance's own change count (the shell before the fix)")
 def _per_instance_change() -> Callable[[], None]:
     return lambda: None  # a fault point in phantom_sim.shells.MembershipProc

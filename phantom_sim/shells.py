@@ -358,8 +358,8 @@ class MembershipProc(Proc):
         term = self.leadership.term
         return {"term": term, "instance": self.name, "members": self._rows(term)}
 
-    def op_admit(self, node: str, interval: float | None = None) -> Any:
-        return {"node": node, "new": self.core.admit(node, self.monotonic(), interval)}
+    def op_admit(self, node: str, interval: float | None = None, incarnation: int | None = None) -> Any:
+        return {"node": node, "new": self.core.admit(node, self.monotonic(), interval, incarnation)}
 
     def op_forget(self, node: str) -> Any:
         self._publish(self.core.forget(node, self.monotonic()))

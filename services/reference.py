@@ -86,7 +86,11 @@ DECLARED: dict[str, dict[str, Op]] = {
         "member": Op("one member map, as in `members`", ("not_found",)),
         "admit": Op(
             "map: `node` (str), `new` (bool, false if it was already admitted)",
-            notes={"interval": "the node's heartbeat interval in seconds; nil: the `heartbeat_interval` setting"},
+            notes={
+                "interval": "the node's heartbeat interval in seconds; nil: the `heartbeat_interval` setting",
+                "incarnation": "the node's incarnation as known (its beacons, the registry): a node that never "
+                "heartbeats is declared dead at the highest one given",
+            },
         ),
         "forget": Op("map: `node` (str), `forgotten` (true)"),
         "stats": _STATS,

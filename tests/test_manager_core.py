@@ -581,7 +581,13 @@ def test_sync_members_replays_verdicts_whose_events_were_lost() -> None:
         1.0,
     )
     assert kinds(d) == ["cluster.node_active"] and core.node("n2").member == "dead"
-    assert not core.sync_members([{"id": "n1", "state": "alive"}], 2.0)
+    assert not core.sync_members([{"id": "n1", "state": "alive"}, {"id": "n2", "state": "dead"}], 2.0)
+    # A registered node membership's leader does not know (it restarted, and discovery forgot
+    # a node that died meanwhile) is admitted again at its incarnation, so it gets a verdict.
+    again = core.sync_members([{"id": "n1", "state": "alive"}], 2.5)
+    assert [(a.service, a.op, a.args) for a in again.actions] == [
+        ("membership", "admit", {"node": "n2", "incarnation": core.node("n2").incarnation})
+    ]
     # n3 was heard before it registered.
     assert kinds(core.on_event(disc("n3"), 3.0)) == ["cluster.node_registered", "cluster.node_active"]
     assert core.node("n3").incarnation == 7

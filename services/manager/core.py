@@ -514,6 +514,7 @@ class ManagerCore:
         t = _time(now)
         with self._lock:
             out = _Out()
+            seen: set[str] = set()
             for view in members:
                 node, state = view.get("id"), view.get("state")
                 if not isinstance(node, str) or state not in MEMBER_STATES:
@@ -525,9 +526,20 @@ class ManagerCore:
                     self._hear(node, str(state), incarnation, t)
                 elif record.member != state:
                     self._member(out, node, str(state), incarnation, "membership list", t)
+                seen.add(node)
+            self._readmit(out, seen)
             self._health(out)
             decision = self._finish(out)
         return self._fire(decision)
+
+    def _readmit(self, out: _Out, known: set[str]) -> None:
+        # A node the registry holds and membership's leader does not know (a restarted
+        # instance admits from discovery, which forgets a node that died meanwhile) would
+        # never get a verdict: admit it again, at its incarnation, so it is judged.
+        for record in self.registry.records():
+            if record.id not in known and record.lifecycle != DECOMMISSIONED:
+                out.act(MEMBERSHIP, "admit", "membership does not know it", node=record.id,
+                        incarnation=record.incarnation)
 
     def sync_discovery(self, nodes: Iterable[Mapping[str, Any]], now: float) -> Decision:
         """Discovery's full table (``nodes`` reply): nodes the registry lacks or holds with

@@ -172,9 +172,9 @@ class MembershipService:
         """One member; ``not_found`` if it never heartbeated."""
         return self.core.member(node, time.monotonic())
 
-    def op_admit(self, node: str, interval: float | None = None) -> dict[str, Any]:
-        """Allow ``node`` to heartbeat (manual registration)."""
-        return {"node": node, "new": self.core.admit(node, time.monotonic(), interval)}
+    def op_admit(self, node: str, interval: float | None = None, incarnation: int | None = None) -> dict[str, Any]:
+        """Allow ``node`` to heartbeat (manual registration, or the manager's registry)."""
+        return {"node": node, "new": self.core.admit(node, time.monotonic(), interval, incarnation)}
 
     async def op_forget(self, node: str) -> dict[str, Any]:
         """Stop accepting heartbeats from ``node`` and drop it from the list."""
