@@ -45,7 +45,9 @@ class FlakyStore(MemoryStore):
 
 
 def make(tmp_path: Path, store: MemoryStore, instance: str) -> ShardingService:
-    env = {"PHANTOM_DATA": str(tmp_path), "PHANTOM_INSTANCE": instance, "PHANTOM_LEADER_TTL": "1.0",
+    # No test here takes over: a lease long enough that a loaded machine's stalls never
+    # depose the leader in the middle of a scenario.
+    env = {"PHANTOM_DATA": str(tmp_path), "PHANTOM_INSTANCE": instance, "PHANTOM_LEADER_TTL": "5.0",
            "PHANTOM_EVENTS_IN": "tcp://127.0.0.1:9"}
     cfg = config.load(env=env, names=(*SERVICE_SETTINGS, *SETTINGS))
     return ShardingService(cfg, store=store)
