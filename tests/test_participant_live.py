@@ -110,9 +110,15 @@ class Cuttable:
         while True:
             try:
                 down, _ = listener.accept()
-                up = socket.create_connection(self.upstream)
             except OSError:
                 return  # cut
+            try:
+                up = socket.create_connection(self.upstream)
+            except OSError:
+                # Membership not listening yet (the agent may start first): drop this
+                # connection and keep accepting; the agent's socket reconnects.
+                down.close()
+                continue
             with self.lock:
                 self.socks += [down, up]
             for a, b in ((down, up), (up, down)):
