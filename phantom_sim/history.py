@@ -235,7 +235,7 @@ class History:
                 leader.stall_next = d
                 self._log(kind, f"{leader.name} for {d:.2f} s in its next commit")
         elif kind == "lose_node":
-            live = [a for a in agents if a.up and a.name not in self.drained]
+            live = [a for a in agents if a.up and a.name not in self.drain_asked]
             if not self.lost and len(live) > self.params.rf:
                 p = self._pick(u, live)
                 p.crash(restart=False)
