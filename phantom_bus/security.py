@@ -26,8 +26,9 @@ Three checks, from coarse to fine:
    agent key of the node they name (:func:`speaks_for`); the broker takes a
    worker's registration only for the service its key is named after.
 3. *Operation*: the broker hands each request's User-Id to the worker, and the
-   service base checks it against :data:`OPERATIONS` (:func:`authorise`)
-   before any handler runs.
+   service base checks it against the rule the service declared for that
+   operation (``allow=`` of :meth:`phantom_bus.service.Service.operation`,
+   :data:`DEFAULT_RULE` if none; :func:`authorise`) before any handler runs.
 
 Keys are re-read within :data:`RESCAN` seconds of a change under
 ``authorized/`` (or at once on SIGHUP), so adding or revoking a node needs no
@@ -402,48 +403,24 @@ class Rule:
     own: str | None = None
 
 
+#: Anyone with an authorized key (clients, operators, services, agents): reads.
 READ = Rule(_CALLERS)
+#: Clients, operators and services: selecting and releasing.
 USE = Rule(frozenset({"client", "operator", "service"}))
+#: Operators and services only: everything that changes the cluster. Services may
+#: call everything: they call each other on the manager's behalf.
 ADMIN = Rule(frozenset({"operator", "service"}))
-#: Operations not in :data:`OPERATIONS`: operators and services only (fail closed for the rest).
+#: The rule of an operation declared without one, and of an unknown operation:
+#: operators and services only (fail closed for the rest).
 DEFAULT_RULE = ADMIN
 
-#: Who may call what, by operation name (or ``service.op`` for one service's operation).
-#: Services may call everything: they call each other on the manager's behalf.
-OPERATIONS: Mapping[str, Rule] = {
-    **dict.fromkeys(
-        (
-            "ping", "status", "nodes", "node", "members", "member", "stats",
-            "lookup", "map", "shards", "moves", "health", "sole_replicas",
-        ),
-        READ,
-    ),
-    **dict.fromkeys(("select", "release"), USE),
-    **dict.fromkeys(
-        (
-            "register", "remove", "drain", "approve", "admit", "forget",
-            "create_keyspace", "split", "merge", "add_node", "remove_node", "drain_node",
-            "node_dead", "node_alive", "node_update", "forget_node", "report_load", "report_keys",
-        ),
-        ADMIN,
-    ),
-    "sharding.confirm": Rule(frozenset({"agent", "operator", "service"}), own="node"),
-    # A locally routing client loads the node table and reports its own traffic.
-    "balancer.routing": READ,
-    "balancer.report": USE,
-    # An agent renews only its own node's primary lease.
-    "sharding.renew": Rule(frozenset({"agent", "operator", "service"}), own="node"),
-}  # fmt: skip
 
-
-def rule_for(service: str, op: str) -> Rule:
-    """The rule for ``service.op``: its own entry, else the operation's, else :data:`DEFAULT_RULE`."""
-    return OPERATIONS.get(f"{service}.{op}") or OPERATIONS.get(op) or DEFAULT_RULE
-
-
-def authorise(caller: str | bytes | None, service: str, op: str, args: Mapping[str, Any]) -> Principal:
-    """Check that ``caller`` (a ZAP User-Id) may call ``service.op`` with ``args``;
-    returns its principal or raises :class:`Refused` saying who may."""
+def authorise(
+    caller: str | bytes | None, service: str, op: str, args: Mapping[str, Any], rule: Rule = DEFAULT_RULE
+) -> Principal:
+    """Check that ``caller`` (a ZAP User-Id) may call ``service.op`` with ``args`` under
+    ``rule`` (the one the service declared for the operation); returns its principal or
+    raises :class:`Refused` saying who may."""
     principal = parse_user_id(caller)
     if principal is None:
         raise Refused(
@@ -452,7 +429,6 @@ def authorise(caller: str | bytes | None, service: str, op: str, args: Mapping[s
             service=service,
             op=op,
         )
-    rule = rule_for(service, op)
     if principal.role not in rule.roles:
         raise Refused(
             f"{service}.{op} refused: key {principal} has role {principal.role}; "

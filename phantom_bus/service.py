@@ -103,14 +103,15 @@ class BrokerLink:
 
 
 class _Operation:
-    __slots__ = ("fn", "is_async", "label", "name", "spec")
+    __slots__ = ("allow", "fn", "is_async", "label", "name", "spec")
 
-    def __init__(self, service: str, name: str, fn: Handler) -> None:
+    def __init__(self, service: str, name: str, fn: Handler, allow: secmod.Rule) -> None:
         self.name = name
         self.label = f"{service}.{name}"
         self.fn = fn
         self.is_async = inspect.iscoroutinefunction(fn)
         self.spec = params_of(fn)
+        self.allow = allow
 
 
 class Service:
@@ -127,7 +128,7 @@ class Service:
         self.max_body = int(cfg.max_message)
         self.counters = {"requests": 0, "errors": 0, "bad": 0, "reconnects": 0, "events_in": 0}
         # Security on: connect with this service's key, and check every request's
-        # caller against the operation table before its handler runs.
+        # caller against its operation's rule before the handler runs.
         self.security = secmod.setup(cfg, f"service/{name}")
         self._authorise = self.security.enabled
         if self._authorise:
@@ -153,26 +154,33 @@ class Service:
         self._sync_ctx: zmq.Context[Any] = zmq.Context.shadow(self.ctx.underlying)
         self._pub: zmq.asyncio.Socket | None = None
         self._sub: zmq.asyncio.Socket | None = None
-        self.operation("ping")(self._ping)
+        self.operation("ping", allow=secmod.READ)(self._ping)
 
     # --- declaring what the service does -----------------------------------------
 
-    def operation(self, name: str) -> Callable[[Handler], Handler]:
-        """Decorator: ``fn`` answers operation ``name``."""
+    def operation(self, name: str, allow: secmod.Rule = secmod.DEFAULT_RULE) -> Callable[[Handler], Handler]:
+        """Decorator: ``fn`` answers operation ``name``, for the callers ``allow`` admits
+        when security is on (default: operators and services only)."""
 
         def register(fn: Handler) -> Handler:
-            self._ops[name] = _Operation(self.name, name, fn)
+            self._ops[name] = _Operation(self.name, name, fn, allow)
             return fn
 
         return register
 
-    def add_operation(self, name: str, fn: Handler) -> None:
+    def add_operation(self, name: str, fn: Handler, allow: secmod.Rule = secmod.DEFAULT_RULE) -> None:
         """Non-decorator form of :meth:`operation`."""
-        self._ops[name] = _Operation(self.name, name, fn)
+        self._ops[name] = _Operation(self.name, name, fn, allow)
 
     def operations(self) -> dict[str, OpSpec]:
         """Every operation this service answers, with its wire arguments."""
         return {name: op.spec for name, op in sorted(self._ops.items())}
+
+    def rule(self, name: str) -> secmod.Rule:
+        """Who may call operation ``name``: its declared rule; an unknown operation's
+        is :data:`phantom_bus.security.DEFAULT_RULE` (fail closed)."""
+        op = self._ops.get(name)
+        return secmod.DEFAULT_RULE if op is None else op.allow
 
     def handler(self, name: str) -> Handler:
         """The function that answers operation ``name`` (KeyError if none)."""
@@ -331,7 +339,7 @@ class Service:
         try:
             op_name, args = protocol.decode_request(body, max_size=self.max_body)
             if self._authorise:
-                secmod.authorise(caller, self.name, op_name, args)
+                secmod.authorise(caller, self.name, op_name, args, self.rule(op_name))
             op = self._ops.get(op_name)
             if op is None:
                 known = sorted(self._ops)

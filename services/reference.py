@@ -3,7 +3,8 @@
 Each service's operations, their wire arguments (names, msgpack types,
 required or optional with the default) come from the handlers themselves
 (:mod:`phantom_bus.opspec`, the same description that checks every request);
-who may call them comes from the role table in :mod:`phantom_bus.security`.
+who may call them comes from the rule each service declared with the operation
+(``allow=``, the one its requests are checked against).
 What a signature cannot say (what the result holds, which error codes the
 operation itself raises, whether a resend is safe) is declared here, one
 :class:`Op` per operation.
@@ -18,6 +19,7 @@ adding an operation means: declare it here, run the command, commit both.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import sys
 import tempfile
@@ -27,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from phantom_bus import broker as brokermod
-from phantom_bus import security
 from phantom_bus.opspec import OpSpec, Param
+from phantom_bus.security import DEFAULT_RULE, Rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +253,17 @@ def _shell_classes() -> dict[str, Any]:
 def actual_operations() -> dict[str, dict[str, OpSpec]]:
     """Every operation each service answers, read from the running code (the shells are
     built on a throw-away data directory; nothing is started)."""
+    return {service: dict(ops) for service, ops in _built()[0].items()}
+
+
+def actual_rules() -> dict[str, dict[str, Rule]]:
+    """Who may call each operation of each service (not the broker's: any caller), as
+    the built services declare it."""
+    return {service: dict(rules) for service, rules in _built()[1].items()}
+
+
+@functools.cache
+def _built() -> tuple[dict[str, dict[str, OpSpec]], dict[str, dict[str, Rule]]]:
     from loguru import logger
 
     from phantom_bus import config as cfgmod
@@ -261,6 +274,7 @@ def actual_operations() -> dict[str, dict[str, OpSpec]]:
             op: params_of(brokermod.events_args) if op == "events" else OpSpec(()) for op in brokermod.OPERATIONS
         }
     }
+    rules: dict[str, dict[str, Rule]] = {}
     logger.disable("services")
     try:
         with tempfile.TemporaryDirectory() as data:
@@ -268,6 +282,7 @@ def actual_operations() -> dict[str, dict[str, OpSpec]]:
             for name, cls in _shell_classes().items():
                 shell = cls(cfg)
                 out[name] = shell.service.operations()
+                rules[name] = {op: shell.service.rule(op) for op in out[name]}
                 store = getattr(shell, "store", None)
                 close = getattr(store, "close", None)
                 if callable(close):
@@ -276,7 +291,7 @@ def actual_operations() -> dict[str, dict[str, OpSpec]]:
                         asyncio.run(closing)
     finally:
         logger.enable("services")
-    return out
+    return out, rules
 
 
 def _types(p: Param) -> str:
@@ -304,18 +319,22 @@ def _args_cell(spec: OpSpec, op: Op) -> str:
     return "; ".join(parts)
 
 
-def _roles(service: str, op: str) -> str:
+def _roles(rules: Mapping[str, Mapping[str, Rule]], service: str, op: str) -> str:
     if service == "broker":
         return "any"
-    rule = security.rule_for(service, op)
+    rule = rules.get(service, {}).get(op, DEFAULT_RULE)
     roles = ", ".join(r for r in ("client", "operator", "service", "agent") if r in rule.roles)
     if rule.own:
         roles += f" (agent: only with `{rule.own}` = its own node id)"
     return roles
 
 
-def markdown(actual: Mapping[str, Mapping[str, OpSpec]]) -> str:
-    """The reference tables for ``actual`` (see :func:`actual_operations`) and :data:`DECLARED`."""
+def markdown(
+    actual: Mapping[str, Mapping[str, OpSpec]], rules: Mapping[str, Mapping[str, Rule]] | None = None
+) -> str:
+    """The reference tables for ``actual`` (see :func:`actual_operations`), ``rules``
+    (default :func:`actual_rules`) and :data:`DECLARED`."""
+    rules = actual_rules() if rules is None else rules
     out: list[str] = []
     for service in SERVICES:
         out += ["", f"#### `{service}`", ""]
@@ -328,7 +347,7 @@ def markdown(actual: Mapping[str, Mapping[str, OpSpec]]) -> str:
             errors = ", ".join(f"`{e}`" for e in op.errors) or "-"
             out.append(
                 f"| `{name}` | {_args_cell(ops[name], op)} | {op.result} | {errors} | "
-                f"{_roles(service, name)} | {'yes' if op.idempotent else 'no'} |"
+                f"{_roles(rules, service, name)} | {'yes' if op.idempotent else 'no'} |"
             )
     return "\n".join(out[1:])
 

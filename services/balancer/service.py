@@ -47,6 +47,7 @@ from phantom_bus.metrics import SelectTimer
 from phantom_bus.routing import inputs
 from phantom_bus.routing.balancer import Balancer, Candidate
 from phantom_bus.routing.config import BalancerConfig
+from phantom_bus.security import ADMIN, READ, USE
 from phantom_bus.service import Service
 from phantom_bus.shardmap import ShardMap
 
@@ -75,13 +76,13 @@ class BalancerService:
         self.follower = AsyncMapFollower(self.client, name="balancer", on_change=self._new_map,
                                          on_regress=self._regressed)
         svc = self.service
-        svc.add_operation("select", self.op_select)
-        svc.add_operation("release", self.op_release)
-        svc.add_operation("stats", self.op_stats)
-        svc.add_operation("node_update", self.op_node_update)
-        svc.add_operation("forget_node", self.op_forget_node)
-        svc.add_operation("routing", self.op_routing)
-        svc.add_operation("report", self.op_report)
+        svc.add_operation("select", self.op_select, allow=USE)
+        svc.add_operation("release", self.op_release, allow=USE)
+        svc.add_operation("stats", self.op_stats, allow=READ)
+        svc.add_operation("node_update", self.op_node_update, allow=ADMIN)
+        svc.add_operation("forget_node", self.op_forget_node, allow=ADMIN)
+        svc.add_operation("routing", self.op_routing, allow=READ)
+        svc.add_operation("report", self.op_report, allow=USE)
         svc.subscribe("shardmap.changed", self.on_map_changed)
         svc.subscribe("member.", self.on_member)
         svc.subscribe("node.", self.on_node)

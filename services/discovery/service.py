@@ -20,6 +20,7 @@ from phantom_bus import security as secmod
 from phantom_bus.config import Config
 from phantom_bus.errors import BadRequest
 from phantom_bus.events import Event
+from phantom_bus.security import ADMIN, READ
 from phantom_bus.service import Service
 from phantom_bus.wire import LoopSocket
 from services.discovery.beacon import decode_beacon
@@ -48,11 +49,11 @@ class Discovery:
         self.service = Service("discovery", cfg)
         self._beacons: LoopSocket | None = None
         svc = self.service
-        svc.add_operation("nodes", self.op_nodes)
-        svc.add_operation("node", self.op_node)
-        svc.add_operation("register", self.op_register)
-        svc.add_operation("remove", self.op_remove)
-        svc.add_operation("stats", self.op_stats)
+        svc.add_operation("nodes", self.op_nodes, allow=READ)
+        svc.add_operation("node", self.op_node, allow=READ)
+        svc.add_operation("register", self.op_register, allow=ADMIN)
+        svc.add_operation("remove", self.op_remove, allow=ADMIN)
+        svc.add_operation("stats", self.op_stats, allow=READ)
 
     # --- operations -------------------------------------------------------------------
 

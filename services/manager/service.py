@@ -49,6 +49,7 @@ from phantom_bus.config import Config
 from phantom_bus.errors import BadRequest, Conflict, NotFound, Overloaded, PhantomError, Refused
 from phantom_bus.follower import REGRESSED, AsyncMapFollower, Regression
 from phantom_bus.leader import read_leader
+from phantom_bus.security import ADMIN, READ
 from phantom_bus.service import Service
 from phantom_bus.shardmap import ShardMap
 from phantom_bus.status import LEADING, control_block
@@ -140,8 +141,11 @@ class ManagerService:
         self._select_seconds: Any = None
         self._moves: int | None = None
         svc = self.service
-        for name in ("status", "nodes", "node", "register", "approve", "drain", "remove", "health"):
-            svc.add_operation(name, getattr(self, f"op_{name}"))
+        for name, allow in (
+            ("status", READ), ("nodes", READ), ("node", READ), ("register", ADMIN), ("approve", ADMIN),
+            ("drain", ADMIN), ("remove", ADMIN), ("health", READ),
+        ):  # fmt: skip
+            svc.add_operation(name, getattr(self, f"op_{name}"), allow=allow)
         svc.subscribe("node.", self.on_event)
         svc.subscribe("member.", self.on_event)
         svc.subscribe("shardmap.changed", self.on_map_changed)

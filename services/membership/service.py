@@ -44,6 +44,7 @@ from phantom_bus.client import AsyncClient
 from phantom_bus.config import Config
 from phantom_bus.errors import BadRequest, PhantomError, Refused
 from phantom_bus.events import Event
+from phantom_bus.security import ADMIN, READ
 from phantom_bus.service import Service
 from phantom_bus.store import Store
 from phantom_bus.wire import LoopSocket
@@ -145,12 +146,12 @@ class MembershipService:
             self.counters["refused"] = 0
         self._heartbeats: LoopSocket | None = None
         svc = self.service
-        svc.add_operation("members", self.op_members)
-        svc.add_operation("verdicts", self.op_verdicts)
-        svc.add_operation("member", self.op_member)
-        svc.add_operation("admit", self.op_admit)
-        svc.add_operation("forget", self.op_forget)
-        svc.add_operation("stats", self.op_stats)
+        svc.add_operation("members", self.op_members, allow=READ)
+        svc.add_operation("verdicts", self.op_verdicts, allow=ADMIN)
+        svc.add_operation("member", self.op_member, allow=READ)
+        svc.add_operation("admit", self.op_admit, allow=ADMIN)
+        svc.add_operation("forget", self.op_forget, allow=ADMIN)
+        svc.add_operation("stats", self.op_stats, allow=READ)
         svc.subscribe("node.", self.on_node_event)
 
     # --- operations -------------------------------------------------------------------

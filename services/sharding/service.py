@@ -38,6 +38,7 @@ from loguru import logger
 from phantom_bus.config import Config
 from phantom_bus.errors import BadRequest, PhantomError, ServiceUnavailable
 from phantom_bus.protocol import Encoded
+from phantom_bus.security import ADMIN, READ, Rule
 from phantom_bus.service import Service
 from phantom_bus.shardmap import ShardMap
 from phantom_bus.store import CasFailed, Compacted, Fenced, Store, StoreError
@@ -46,6 +47,9 @@ from services.sharding.config import ShardingConfig
 from services.sharding.core import CHANGED, Result, ShardingCore
 from services.sharding.store import LEGACY_FILE, PREFIX, Committed, MapStore, Prepared
 from services.shared_store import StoreHealth, changes, open_shared_store
+
+#: An agent confirms only its own replicas and renews only its own node's primary lease.
+OWN_NODE = Rule(frozenset({"agent", "operator", "service"}), own="node")
 
 SETTINGS = ("dead_delay", "store", "store_prefix", "leader_ttl", "instance", "primary_lease", "lease_drift")
 
@@ -96,12 +100,14 @@ class ShardingService:
         self._loaded = asyncio.Event()
         self.service = Service("sharding", cfg)
         self.service.leader_probe = lambda: self.leadership.is_leader
-        for name in (
-            "lookup", "map", "shards", "moves", "nodes", "health", "sole_replicas",
-            "create_keyspace", "split", "merge", "add_node", "remove_node", "drain_node",
-            "node_dead", "node_alive", "confirm", "report_load", "report_keys", "renew",
+        for allow, names in (
+            (READ, ("lookup", "map", "shards", "moves", "nodes", "health", "sole_replicas")),
+            (ADMIN, ("create_keyspace", "split", "merge", "add_node", "remove_node", "drain_node",
+                     "node_dead", "node_alive", "report_load", "report_keys")),
+            (OWN_NODE, ("confirm", "renew")),
         ):  # fmt: skip
-            self.service.add_operation(name, getattr(self, f"op_{name}"))
+            for name in names:
+                self.service.add_operation(name, getattr(self, f"op_{name}"), allow=allow)
 
     # --- the committed map -----------------------------------------------------------
 
