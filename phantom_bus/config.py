@@ -1,5 +1,12 @@
 """Settings: every default in one table, and the rule that picks a value.
 
+The table holds the bus's own settings (below: where things are, the store and
+leader lease, security, logging, client requests, the broker and its workers)
+and those of every installed service, each declared in its own package
+(``services/<name>/settings.py``) and offered through the ``phantom.settings``
+entry-point group of its distribution (``pyproject.toml``); they are read once,
+when the table is first used.
+
 Precedence, highest first: command-line flag > ``PHANTOM_<NAME>`` environment
 variable > ``phantom.toml`` (path from ``PHANTOM_CONFIG``, else ``./phantom.toml``
 if it exists) > the default below. A value that does not parse is refused at
@@ -14,7 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +78,7 @@ def parse_endpoints(value: Any) -> str:
     return ",".join(seen)
 
 
-def _positive_float(value: Any) -> float:
+def positive_float(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a number")
     number = float(value)
@@ -80,7 +87,7 @@ def _positive_float(value: Any) -> float:
     return number
 
 
-def _nonnegative_float(value: Any) -> float:
+def nonnegative_float(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a number")
     number = float(value)
@@ -89,7 +96,7 @@ def _nonnegative_float(value: Any) -> float:
     return number
 
 
-def _positive_int(value: Any) -> int:
+def positive_int(value: Any) -> int:
     if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise ValueError("expected a whole number")
     number = int(value)
@@ -98,7 +105,7 @@ def _positive_int(value: Any) -> int:
     return number
 
 
-def _bool(value: Any) -> bool:
+def parse_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -127,7 +134,7 @@ def _security_mode(value: Any) -> str:
     raise ValueError("expected on or off")
 
 
-def _path(value: Any) -> str:
+def parse_path(value: Any) -> str:
     text = str(value).strip()
     if not text:
         raise ValueError("expected a path")
@@ -143,7 +150,7 @@ def _optional_address(value: Any) -> str:
     return text
 
 
-def _optional_path(value: Any) -> str:
+def optional_text(value: Any) -> str:
     return str(value).strip() if value not in (None,) else ""
 
 
@@ -242,7 +249,7 @@ _SETTINGS: list[Setting] = [
     Setting(
         "bind_host",
         "",
-        _optional_path,
+        optional_text,
         "host",
         "If set (e.g. 0.0.0.0), sockets bind this host instead of the endpoint's; "
         "for hosts behind NAT or in containers where advertised and bound addresses differ.",
@@ -250,7 +257,7 @@ _SETTINGS: list[Setting] = [
     Setting(
         "data",
         "var",
-        _path,
+        parse_path,
         "directory",
         "State directory (SQLite files, agent incarnations, logs); relative to the working directory.",
     ),
@@ -273,7 +280,7 @@ _SETTINGS: list[Setting] = [
     Setting(
         "leader_ttl",
         4.0,
-        _positive_float,
+        positive_float,
         "s",
         "Lease of a service's leader: a dead leader is replaced within about ttl + 0.5 s; it is renewed "
         "every ttl/3 and the leader steps down after 3/4 ttl without a renewal. 4 s rides out an etcd "
@@ -282,7 +289,7 @@ _SETTINGS: list[Setting] = [
     Setting(
         "instance",
         "",
-        _optional_path,
+        optional_text,
         "name",
         "This process's name among the instances of its service (shown as leader and, for every "
         "service and broker, in the broker's services list; must be unique per service). Empty: HOST:PID.",
@@ -301,7 +308,7 @@ _SETTINGS: list[Setting] = [
     Setting(
         "curve_dir",
         "",
-        _optional_path,
+        optional_text,
         "directory",
         "Key directory made by `phantom keygen` (`[security] curve_dir` in phantom.toml): every "
         "socket is CURVE-encrypted and only keys under DIR/authorized may connect, fail closed. "
@@ -310,7 +317,7 @@ _SETTINGS: list[Setting] = [
     Setting(
         "curve_key",
         "",
-        _optional_path,
+        optional_text,
         "role/name",
         "This process's own key: ROLE/NAME under curve_dir, or the path of a .key file. Empty: the "
         "program's own (broker/broker, service/NAME, agent/NODE_ID, operator/admin for the CLI, "
@@ -320,7 +327,7 @@ _SETTINGS: list[Setting] = [
     Setting(
         "log_json",
         False,
-        _bool,
+        parse_bool,
         "bool",
         "JSON lines for log shippers; plain text reads better on a terminal.",
     ),
@@ -339,7 +346,7 @@ _SETTINGS: list[Setting] = [
     Setting(
         "timeout",
         2.5,
-        _positive_float,
+        positive_float,
         "s",
         "Per-attempt reply timeout of a client request: several heartbeat intervals, so a "
         "broker restart (about 1 s) is survived by the next retry.",
@@ -347,7 +354,7 @@ _SETTINGS: list[Setting] = [
     Setting(
         "map_stale_after",
         10.0,
-        _positive_float,
+        positive_float,
         "s",
         "A locally routing client marks its selections stale (sel.stale) after this long "
         "without a successful map read. It keeps routing on the last map regardless (static "
@@ -356,7 +363,7 @@ _SETTINGS: list[Setting] = [
     Setting(
         "retries",
         3,
-        _positive_int,
+        positive_int,
         "attempts",
         "Attempts per client request (Lazy Pirate); with the timeout the worst case is 7.5 s. Within "
         "that budget, retryable answers (no worker yet, not the leader, overloaded) are retried with "
@@ -366,7 +373,7 @@ _SETTINGS: list[Setting] = [
     Setting(
         "worker_heartbeat",
         0.5,
-        _positive_float,
+        positive_float,
         "s",
         "Broker <-> worker heartbeat interval: a dead worker is dropped within "
         "liveness x interval = 1.5 s, at 2 tiny messages per second per worker.",
@@ -374,7 +381,7 @@ _SETTINGS: list[Setting] = [
     Setting(
         "worker_liveness",
         3,
-        _positive_int,
+        positive_int,
         "intervals",
         "Missed heartbeats before a worker (or the broker, seen from a worker) counts as gone; "
         "3 tolerates one lost or late heartbeat twice over.",
@@ -382,238 +389,88 @@ _SETTINGS: list[Setting] = [
     Setting(
         "worker_concurrency",
         64,
-        _positive_int,
+        positive_int,
         "requests",
         "Requests the broker hands one worker before queueing: bounds a slow worker's backlog.",
     ),
     Setting(
         "broker_queue",
         10000,
-        _positive_int,
+        positive_int,
         "requests",
         "Requests queued per service while every worker is at its concurrency; beyond it "
         "clients get an 'overloaded' error at once instead of a timeout.",
     ),
-    # --- discovery and agents -------------------------------------------------------
-    Setting(
-        "beacon_interval",
-        1.0,
-        _positive_float,
-        "s",
-        "Seconds between an agent's beacons (agents and discovery must agree): a new node is seen "
-        "within a second, and 5,000 nodes cost discovery a few percent of a core.",
-    ),
-    Setting(
-        "beacon_expiry",
-        5.0,
-        _positive_float,
-        "s",
-        "Silence after which discovery reports node.lost; must exceed beacon_interval. Five "
-        "intervals: PUB/SUB drops silently under load, so 4 beacons in a row must go missing "
-        "before a false alarm. Discovery is a hint; membership decides liveness.",
-    ),
-    Setting(
-        "discovery_forget",
-        600.0,
-        _positive_float,
-        "s",
-        "How long lost and left nodes stay listed (and keep their incarnation order) before "
-        "they are forgotten: covers a reboot, bounds the table under churn.",
-    ),
-    Setting(
-        "load_interval",
-        1.0,
-        _positive_float,
-        "s",
-        "Seconds between an agent's psutil samples: fine enough for balancing, and one "
-        "sample costs about a millisecond of the host's CPU.",
-    ),
-    # --- membership: heartbeats and the phi-accrual failure detector --------------
-    # The evidence for these values is in services/membership/config.py and
-    # bench/failure_detection*.py.
-    Setting(
-        "heartbeat_interval",
-        0.25,
-        _positive_float,
-        "s",
-        "Seconds between an agent's heartbeats to membership; detection needs about 5 of them "
-        "of silence, so 250 ms gives detection in about 1.3 s, under the 2 s goal.",
-    ),
-    Setting(
-        "phi_window",
-        200,
-        _positive_int,
-        "samples",
-        "Inter-arrival gaps kept per node: 50 s at 4 Hz, so one late heartbeat barely moves the "
-        "estimate and a changed network is learned within a minute.",
-    ),
-    Setting(
-        "phi_min_std_dev",
-        0.1,
-        _positive_float,
-        "s",
-        "Floor on the gap's standard deviation: loopback jitter is a few ms, and without a floor "
-        "phi explodes at the first 20 ms delay. 0.05 s triples false convictions under 1 s agent "
-        "pauses; 0.2 s pushes worst detection to 1.94 s.",
-    ),
-    Setting(
-        "acceptable_pause",
-        0.5,
-        _positive_float,
-        "s",
-        "Silence beyond the mean gap that counts as no evidence at all: two intervals cover an "
-        "agent's GC or scheduler stall.",
-    ),
-    Setting(
-        "phi_suspect",
-        3.0,
-        _positive_float,
-        "phi",
-        "Phi at which a node becomes suspect (about 1.06 s of silence at the defaults); suspicion "
-        "is cheap and refutable.",
-    ),
-    Setting(
-        "phi_dead",
-        8.0,
-        _positive_float,
-        "phi",
-        "Phi at which a suspect node is declared dead (about 1.31 s of silence at the defaults).",
-    ),
-    Setting(
-        "suspicion_timeout",
-        1.0,
-        _positive_float,
-        "s",
-        "Longest a node may stay suspect before it is dead, whatever its history: bounds detection "
-        "for nodes whose window learned long gaps.",
-    ),
-    Setting(
-        "incarnation_lead",
-        3600.0,
-        _positive_float,
-        "s",
-        "How far ahead of membership's wall clock (or of the incarnation it holds, if higher) a "
-        "heartbeat's incarnation may be; further is refused and counted (incarnation_ahead). "
-        "Agents number incarnations in milliseconds of their clock, so only a clock more than an "
-        "hour fast or a forged heartbeat exceeds it; one such heartbeat could otherwise push a "
-        "node's incarnation to 2^63-1, past which its agent can never refute.",
-    ),
-    # --- manager and sharding -----------------------------------------------------------
-    Setting(
-        "auto_join",
-        True,
-        _bool,
-        "bool",
-        "A node that beacons and heartbeats gets replicas by itself; off: it waits for "
-        "`phantom register NODE` (clusters where an unknown host must not receive data).",
-    ),
-    Setting(
-        "dead_delay",
-        60.0,
-        _nonnegative_float,
-        "s",
-        "How long a dead node's replicas wait before they are re-created elsewhere (its primaries "
-        "fail over at once): a restart or reboot within it costs no data movement.",
-    ),
-    Setting(
-        "copy_time",
-        0.5,
-        _nonnegative_float,
-        "s",
-        "How long an agent takes to 'copy' a shard it is asked to hold before it confirms the "
-        "replica: the agent stands in for the database here, so this simulates the copy.",
-    ),
-    # --- balancer -------------------------------------------------------------------
-    Setting(
-        "lease_timeout",
-        30.0,
-        _positive_float,
-        "s",
-        "A select's lease never released ends after this long (counted as expired, not as a node "
-        "failure). Well above a client's worst case (3 attempts x 2.5 s) so live requests keep "
-        "their lease; short enough that a crashed client stops skewing in-flight counts quickly.",
-    ),
-    # --- the database side: primary leases and the participant -------------------
-    Setting(
-        "primary_lease",
-        2.0,
-        _positive_float,
-        "s",
-        "How long a primary keeps taking writes after its agent's last successful lease renewal "
-        "(renewed every quarter of it). Failure detection takes about 1.3 s, so a 2 s lease adds "
-        "little to a failover, while a control-plane restart of under 1.5 s costs no writes.",
-    ),
-    Setting(
-        "lease_drift",
-        0.5,
-        _nonnegative_float,
-        "s",
-        "Added to primary_lease before the control plane promotes another primary: covers clock-rate "
-        "differences between hosts (well under 1 ms per second) and the time an agent takes to start "
-        "its fence callback once its lease ran out.",
-    ),
-    Setting(
-        "participant",
-        "sim",
-        _path,
-        "name",
-        "How the agent drives the database: sim (a simulated copy of copy_time seconds, the demo), "
-        "exec (run participant_exec per transition) or module:Class (a Python class, see "
-        "docs/integrating.md).",
-    ),
-    Setting(
-        "participant_exec",
-        "",
-        _optional_path,
-        "command",
-        "The command run per transition with participant=exec (split like a shell would, no shell); "
-        "its environment says what to do (docs/integrating.md).",
-    ),
-    Setting(
-        "participant_timeout",
-        600.0,
-        _positive_float,
-        "s",
-        "Longest one transition may run before it is killed and counted as failed: a copy of a few "
-        "GiB takes well under that; a hung callback must not hold a shard for ever.",
-    ),
-    Setting("node_id", "", _optional_path, "id", "The agent's node id (required for an agent)."),
-    Setting("zone", "default", _path, "name", "The agent's failure zone (rack, availability zone)."),
-    Setting(
-        "address",
-        "",
-        _optional_path,
-        "host:port",
-        "The database address the agent advertises; may differ from any bound address "
-        "(NAT, containers). Empty: 127.0.0.1 and a port derived from the node id.",
-    ),
-    Setting(
-        "weight", 1.0, _positive_float, "ratio", "The node's relative capacity for placement and balancing."
-    ),
+    # --- messages -------------------------------------------------------------------
     Setting(
         "max_message",
         4 * 1024 * 1024,
-        _positive_int,
+        positive_int,
         "bytes",
         "Largest accepted message body (4 MiB holds a 4,096-shard map); larger ones are refused.",
     ),
 ]
 
-SETTINGS: dict[str, Setting] = {s.name: s for s in _SETTINGS}
+#: The entry-point group through which an installed service offers its settings: each
+#: entry names a sequence of :class:`Setting` (``services.membership.settings:SETTINGS``).
+ENTRY_POINTS = "phantom.settings"
+
+
+class _Table(Mapping[str, Setting]):
+    """Every setting by name: the bus's own (above), then those of every installed
+    service, read from the :data:`ENTRY_POINTS` group once, on first use (in the
+    order of the entries' names), so the bus never imports a service by name."""
+
+    def __init__(self, own: Iterable[Setting]) -> None:
+        self._settings = {s.name: s for s in own}
+        self._loaded = False
+
+    def _table(self) -> dict[str, Setting]:
+        if not self._loaded:
+            from importlib.metadata import entry_points
+
+            self._loaded = True  # set first: a settings module that reads the table does not recurse
+            for entry in sorted(entry_points(group=ENTRY_POINTS), key=lambda e: e.name):
+                self.add(*entry.load())
+        return self._settings
+
+    def add(self, *settings: Setting) -> None:
+        """Add settings; a name taken by a different setting is a ValueError."""
+        table = self._table()
+        for setting in settings:
+            if table.get(setting.name, setting) != setting:
+                raise ValueError(f"setting {setting.name!r} registered twice")
+        table.update((s.name, s) for s in settings)
+
+    def __getitem__(self, name: str) -> Setting:
+        return self._table()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+
+#: Every setting by name: the bus's and every installed service's.
+SETTINGS = _Table(_SETTINGS)
+
+
+def defaults(settings: Iterable[Setting]) -> dict[str, Any]:
+    """The default of each of ``settings`` by name: a service's cores take their
+    defaults from its own settings this way, so every default lives in one table."""
+    return {s.name: s.default for s in settings}
 
 
 def default(name: str) -> Any:
-    """The default of setting ``name``: cores take their defaults from here, so
-    every default lives in this one table."""
+    """The default of setting ``name`` (the bus's or an installed service's)."""
     return SETTINGS[name].default
 
 
 def register(*settings: Setting) -> None:
-    """Add settings owned by a service (they join the same table and docs)."""
-    for setting in settings:
-        if setting.name in SETTINGS and SETTINGS[setting.name] != setting:
-            raise ValueError(f"setting {setting.name!r} registered twice")
-        SETTINGS[setting.name] = setting
+    """Add settings from code (embedding code, tests); an installed service offers
+    its own through the :data:`ENTRY_POINTS` group instead."""
+    SETTINGS.add(*settings)
 
 
 class Config(Mapping[str, Any]):
@@ -756,7 +613,7 @@ def add_flags(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
     for name in names:
         setting = SETTINGS[name]
         kwargs: dict[str, Any] = {"dest": name, "default": None, "help": f"{setting.why} [{setting.env}]"}
-        if setting.parse is _bool:
+        if setting.parse is parse_bool:
             kwargs["action"] = "store_const"
             kwargs["const"] = True
         else:

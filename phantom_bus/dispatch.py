@@ -33,7 +33,8 @@ from typing import Any, NamedTuple
 from phantom_bus.errors import Overloaded, PhantomError, ServiceUnavailable, Timeout, UnknownService
 
 #: The services of a Phantom cluster: never answered ``unknown_service``, since a
-#: request for one of them that finds no worker is early, not wrong.
+#: request for one of them that finds no worker is early, not wrong. Listed, not read
+#: from what is installed: a broker must know them on a host where none is installed.
 STANDARD_SERVICES = frozenset({"discovery", "membership", "sharding", "balancer", "manager"})
 
 

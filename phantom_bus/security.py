@@ -77,7 +77,8 @@ AUTHORIZED = "authorized"
 #: Seconds between checks of the authorized directory for changes.
 RESCAN = 1.0
 
-#: The services ``phantom keygen`` makes keys for unless told otherwise.
+#: The services ``phantom keygen`` makes keys for unless told otherwise: the programs
+#: of supervisor.conf, listed because keys are made on hosts that may run none of them.
 DEFAULT_SERVICES = ("discovery", "membership", "sharding", "balancer", "manager")
 DEFAULT_OPERATORS = ("admin",)
 DEFAULT_CLIENTS = ("app",)

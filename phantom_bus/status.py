@@ -46,8 +46,10 @@ from typing import Any, Protocol
 
 from phantom_bus.errors import BadRequest, BrokerUnreachable, PhantomError, Refused
 
+#: The keys of the status document's ``services`` (a documented contract, so a fixed list).
 SERVICES = ("broker", "discovery", "membership", "sharding", "balancer", "manager")
-#: The services with one decision maker, elected through a lease in the store.
+#: The services with one decision maker, elected through a lease in the store (the keys of
+#: the documented ``control.leaders``, so a fixed list too).
 LEADING = ("sharding", "manager", "membership")
 
 #: ``health`` of a document assembled without the manager.

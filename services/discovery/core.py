@@ -60,7 +60,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from phantom_bus.config import default
 from phantom_bus.errors import BadRequest, Conflict, NotFound, Refused, TooLarge, UnsupportedVersion
 from phantom_bus.events import Event, EventHooks
 from services.discovery.beacon import (
@@ -71,6 +70,7 @@ from services.discovery.beacon import (
     check_zone,
     decode_beacon,
 )
+from services.discovery.settings import DEFAULTS
 
 NODE_DISCOVERED = "node.discovered"
 NODE_UPDATED = "node.updated"
@@ -111,18 +111,18 @@ class DiscoveryConfig:
     # match). 1 s: 5,000 nodes make 5,000 small messages a second, which one
     # discovery process handles with room to spare, and a node is seen within
     # a second of starting.
-    beacon_interval: float = default("beacon_interval")
+    beacon_interval: float = DEFAULTS["beacon_interval"]
     # Seconds without a beacon before a node is reported lost. 5 intervals:
     # PUB/SUB drops messages silently under load, and an agent or discovery
     # paused by GC or a busy host can miss a few; 4 beacons in a row must be
     # lost before a false node.lost, yet a dead node is still reported within
     # 5 s. Discovery is a hint; membership's detector decides liveness.
-    expiry: float = default("beacon_expiry")
+    expiry: float = DEFAULTS["beacon_expiry"]
     # Seconds a lost or left node stays in the table (visible to operators,
     # and keeping its incarnation so a stale beacon cannot resurrect an older
     # process) before it is forgotten. 10 min covers a restart or a
     # maintenance reboot; the bound keeps churn from growing the table forever.
-    forget_after: float = default("discovery_forget")
+    forget_after: float = DEFAULTS["discovery_forget"]
     # Most entries the table holds. Beacons are unauthenticated hints, so a
     # stream of made-up node ids must not exhaust memory; 65,536 is 13 times
     # the 5,000-node target at roughly 1 KiB per entry.

@@ -9,21 +9,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from phantom_bus.config import default
+from services.manager.settings import DEFAULTS
+from services.sharding.settings import DEFAULTS as SHARDING_DEFAULTS
 
 
 @dataclass(frozen=True, slots=True)
 class ManagerConfig:
     """Settings of the node registry, the join policy and failure handling."""
 
-    auto_join: bool = default("auto_join")
+    auto_join: bool = DEFAULTS["auto_join"]
     """Whether a node seen by discovery joins by itself (bool). On: a node that
     beacons and heartbeats gets replicas with nobody typing anything, which is
     what `make up` and a scaling operator want. Off: a discovered node waits in
     ``joining`` (not approved) until ``phantom register NODE``, for clusters
     where an unknown host on the network must not receive data."""
 
-    rereplication_delay: float = default("dead_delay")
+    rereplication_delay: float = SHARDING_DEFAULTS["dead_delay"]
     """Seconds a dead (or left) node stays ``active`` before the manager records
     it as ``failed``. The delay itself is enforced by the sharding core (its
     ``dead_delay``), which is what actually re-creates the replicas; this copy

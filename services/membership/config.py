@@ -33,26 +33,26 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from phantom_bus.config import default
+from services.membership.settings import DEFAULTS
 
 
 @dataclass(frozen=True, slots=True)
 class MembershipConfig:
     """Settings of the failure detector and the membership list; see the module docstring."""
 
-    heartbeat_interval: float = default("heartbeat_interval")
+    heartbeat_interval: float = DEFAULTS["heartbeat_interval"]
     """Seconds between an agent's heartbeats, as the detector expects them. 250 ms
     is the issue's default and what the 2 s detection goal needs: the dead
     silence below is ~5 intervals, so one late or lost heartbeat is tolerated.
     Also seeds the window of a node that has sent no gap yet."""
 
-    window_size: int = default("phi_window")
+    window_size: int = DEFAULTS["phi_window"]
     """Inter-arrival samples kept per node (count). 200 gaps = 50 s at 4 Hz: long
     enough that one late heartbeat moves sigma little, short enough that a node
     whose network got worse is judged by its new behaviour within a minute.
     Memory: ~8 bytes per sample, 16 MB for 10,000 nodes."""
 
-    min_std_dev: float = default("phi_min_std_dev")
+    min_std_dev: float = DEFAULTS["phi_min_std_dev"]
     """Floor on sigma (seconds). Local heartbeats have sigma of a few ms, which
     would make phi explode at the first 20 ms delay; with the floor the silence
     to conviction is mean + acceptable_pause + 0.56 s. Simulated sweep (with the
@@ -61,7 +61,7 @@ class MembershipConfig:
     100 nodes x 300 s); 0.2 s is nearly immune to those but its worst detection
     (1.94 s) leaves no room within 2 s. 0.1 s: worst 1.39 s."""
 
-    acceptable_pause: float = default("acceptable_pause")
+    acceptable_pause: float = DEFAULTS["acceptable_pause"]
     """Seconds of silence beyond the mean gap that are not evidence at all (added
     to the mean). Two intervals: covers an agent's GC or CPU-starved scheduler
     delaying a heartbeat by up to ~0.5 s, the pauses the heavy-jitter simulation
@@ -69,23 +69,23 @@ class MembershipConfig:
     heavy jitter (with a 0.05 s floor) and 5x more under 1 s agent pauses;
     1.0 s pushes the worst detection to 1.89 s."""
 
-    suspect_phi: float = default("phi_suspect")
+    suspect_phi: float = DEFAULTS["phi_suspect"]
     """Phi at which an alive node becomes suspect (dimensionless; 3 = a gap this
     long happens about once in 1,000). Suspect is a warning: the node is told
     in its next ack and the balancer may prefer other replicas, nothing moves."""
 
-    dead_phi: float = default("phi_dead")
+    dead_phi: float = DEFAULTS["phi_dead"]
     """Phi at which a suspect node is declared dead (8 = once in 10^8 gaps, the
     conventional accrual threshold). Reached at 1.31 s of silence for a steady
     node, 0.25 s (one heartbeat) after suspicion."""
 
-    suspicion_timeout: float = default("suspicion_timeout")
+    suspicion_timeout: float = DEFAULTS["suspicion_timeout"]
     """Seconds a node may stay suspect, silent, before it is dead whatever phi
     says. Phi alone would wait very long for a node whose window holds a wide
     spread; this caps detection at (suspect silence + 1 s). Four intervals:
     time for a suspected node to refute several times over."""
 
-    incarnation_lead: float = default("incarnation_lead")
+    incarnation_lead: float = DEFAULTS["incarnation_lead"]
     """Seconds an incarnation may run ahead of membership's wall clock, or of the
     incarnation it holds for the node if that is higher (agents number incarnations
     in milliseconds of their own clock, so this is compared as milliseconds). A

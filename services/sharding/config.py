@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from phantom_bus.config import default
 from phantom_bus.errors import BadRequest
 from phantom_bus.shardmap import DEFAULT_SLOTS, MAX_SLOTS
+from services.sharding.settings import DEFAULTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,14 +32,14 @@ class ShardingConfig:
     # minute (like Elasticsearch's delayed allocation) turns those into zero
     # data moves, at the cost of running one replica short meanwhile. Primaries
     # move at once, so availability does not wait for this delay.
-    dead_delay: float = default("dead_delay")
+    dead_delay: float = DEFAULTS["dead_delay"]
     # Seconds a primary holds its role after its agent's last renewal; the
     # agent fences its primaries when it cannot renew for this long, and a new
     # primary is promoted only after it (plus lease_drift). See leases.py.
-    primary_lease: float = default("primary_lease")
+    primary_lease: float = DEFAULTS["primary_lease"]
     # Seconds added to primary_lease before promoting elsewhere: clock-rate
     # differences between hosts and the time to start the fence callback.
-    lease_drift: float = default("lease_drift")
+    lease_drift: float = DEFAULTS["lease_drift"]
     # Seconds a joining replica may take to be confirmed before the copy is
     # cancelled. Copying a few GiB at 100 MB/s takes well under a minute; five
     # minutes leaves room for a busy node without letting a wedged copy hold
