@@ -83,3 +83,54 @@ def test_bind_host_rewrites_only_the_host() -> None:
 def test_the_operator_guide_holds_the_current_settings_table() -> None:
     guide = (ROOT / "docs" / "DISTRIBUTED_CLUSTER_MANAGEMENT.md").read_text()
     assert config.markdown_table() in guide, "regenerate with: python -m phantom_bus.config"
+
+
+SERVICE_SETTINGS = ("agent", "balancer", "discovery", "manager", "membership", "sharding")
+
+
+def test_every_service_offers_its_own_settings_to_the_table_through_its_entry_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import argparse
+    import importlib
+    import importlib.metadata
+
+    entries = {e.name: e.value for e in importlib.metadata.entry_points(group=config.ENTRY_POINTS)}
+    assert entries == {name: f"services.{name}.settings:SETTINGS" for name in SERVICE_SETTINGS}
+    for name in SERVICE_SETTINGS:
+        module = importlib.import_module(f"services.{name}.settings")
+        assert module.SETTINGS, name
+        for setting in module.SETTINGS:
+            assert config.SETTINGS[setting.name] is setting  # one table: load, flags and docs see it
+            assert module.DEFAULTS[setting.name] == setting.default == config.default(setting.name)
+            assert f"| `{setting.name}` | `{setting.env}` |" in config.markdown_table()
+    # A service's setting in phantom.toml is known (not "unknown"), and gets a flag.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "phantom.toml").write_text("phi_dead = 9.5\n[participant]\ntimeout = 30\n")
+    cfg = config.load(env={})
+    assert (cfg.phi_dead, cfg.source("phi_dead")) == (9.5, "phantom.toml key phi_dead")
+    assert cfg.participant_timeout == 30.0
+    parser = argparse.ArgumentParser()
+    config.add_flags(parser, ["dead_delay", "auto_join"])
+    args = parser.parse_args(["--dead-delay", "5", "--auto-join"])
+    assert (args.dead_delay, args.auto_join) == ("5", True)
+
+
+def test_the_bus_imports_no_service_and_keeps_only_its_own_settings() -> None:
+    import ast
+
+    for path in (ROOT / "phantom_bus").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n.split(".")[0] == "services"], path
+    own = {s.name for s in config._SETTINGS}
+    assert {"broker", "data", "store", "security", "timeout", "worker_heartbeat", "max_message"} <= own
+    assert not own & {"heartbeat_interval", "dead_delay", "lease_timeout", "node_id", "auto_join"}
+
+
+def test_a_setting_registered_twice_under_one_name_is_refused() -> None:
+    same = config.SETTINGS["dead_delay"]
+    config.register(same)  # the same setting again: fine
+    with pytest.raises(ValueError, match="dead_delay"):
+        config.register(config.Setting("dead_delay", 1.0, config.positive_float, "s", "another"))

@@ -1,7 +1,8 @@
 """Every tunable of the manager core, with its unit and the reason for its default.
 
-Defaults that operators set come from the central table in
-:mod:`phantom_bus.config`; the internal limits are here.
+Defaults that operators set come from the manager's settings
+(:mod:`services.manager.settings`; ``dead_delay`` from sharding's, which enforces
+it); the internal limits are here.
 """
 
 from __future__ import annotations
