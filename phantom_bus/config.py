@@ -369,6 +369,16 @@ _SETTINGS: list[Setting] = [
         "that budget, retryable answers (no worker yet, not the leader, overloaded) are retried with "
         "back-off, so a leader takeover (about leader_ttl) is ridden out.",
     ),
+    # --- selection leases: the balancer's and a locally routing client's -----------
+    Setting(
+        "lease_timeout",
+        30.0,
+        positive_float,
+        "s",
+        "A select's lease never released ends after this long (counted as expired, not as a node "
+        "failure). Well above a client's worst case (3 attempts x 2.5 s) so live requests keep "
+        "their lease; short enough that a crashed client stops skewing in-flight counts quickly.",
+    ),
     # --- broker and workers -------------------------------------------------------
     Setting(
         "worker_heartbeat",
@@ -443,7 +453,10 @@ class _Table(Mapping[str, Setting]):
         table.update((s.name, s) for s in settings)
 
     def __getitem__(self, name: str) -> Setting:
-        return self._table()[name]
+        # A name already known (every bus setting) needs no loading: the bus's own
+        # modules read their defaults at import, before any service could be.
+        known = self._settings.get(name)
+        return known if known is not None else self._table()[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._table())

@@ -74,7 +74,8 @@ from phantom_bus.errors import BrokerUnreachable, PhantomError, Refused
 ROLES = ("broker", "service", "agent", "operator", "client")
 AUTHORIZED = "authorized"
 
-#: Seconds between checks of the authorized directory for changes.
+#: Seconds between checks of the authorized directory for changes. Not a setting: a
+#: check is a stat of a few directories, and SIGHUP re-reads at once when a second is too long.
 RESCAN = 1.0
 
 #: The services ``phantom keygen`` makes keys for unless told otherwise: the programs

@@ -85,7 +85,7 @@ def test_the_operator_guide_holds_the_current_settings_table() -> None:
     assert config.markdown_table() in guide, "regenerate with: python -m phantom_bus.config"
 
 
-SERVICE_SETTINGS = ("agent", "balancer", "discovery", "manager", "membership", "sharding")
+SERVICE_SETTINGS = ("agent", "discovery", "manager", "membership", "sharding")
 
 
 def test_every_service_offers_its_own_settings_to_the_table_through_its_entry_point(
@@ -126,7 +126,7 @@ def test_the_bus_imports_no_service_and_keeps_only_its_own_settings() -> None:
             assert not [n for n in names if n.split(".")[0] == "services"], path
     own = {s.name for s in config._SETTINGS}
     assert {"broker", "data", "store", "security", "timeout", "worker_heartbeat", "max_message"} <= own
-    assert not own & {"heartbeat_interval", "dead_delay", "lease_timeout", "node_id", "auto_join"}
+    assert not own & {"heartbeat_interval", "dead_delay", "node_id", "auto_join"}
 
 
 def test_a_setting_registered_twice_under_one_name_is_refused() -> None:

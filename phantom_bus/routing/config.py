@@ -1,8 +1,10 @@
 """Every tunable of the balancer core, with its unit and the reason for its default.
 
 The unit and reason of each field live in the field's metadata rather than in
-comments only, so the operator's guide and the ``phantom_bus.config`` settings
-table can be generated from this one place (:func:`describe`).
+comments only, so that tables of them can be generated (:func:`describe`). A
+field that operators set is a setting of :mod:`phantom_bus.config`: its default,
+unit and reason are that setting's (:func:`_setting`), and a shell builds the
+config from its resolved settings (:meth:`BalancerConfig.from_settings`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
+
+from phantom_bus.config import SETTINGS
 
 # Kept here (not derived from the strategy registry) so that this module has no
 # imports from the rest of the package; a test pins the two lists equal.
@@ -27,6 +31,12 @@ def _doc(default: Any, unit: str, why: str) -> Any:
     return field(default=default, metadata={"unit": unit, "why": why})
 
 
+def _setting(name: str) -> Any:
+    """A field that is the setting ``name``: its default, unit and reason come from there."""
+    setting = SETTINGS[name]
+    return field(default=setting.default, metadata={"unit": setting.unit, "why": setting.why, "setting": name})
+
+
 @dataclass(frozen=True, slots=True)
 class BalancerConfig:
     """Tunables of :class:`phantom_bus.routing.balancer.Balancer`; call :meth:`validate` once."""
@@ -36,12 +46,7 @@ class BalancerConfig:
         "Strategy used when a select names none. Power of two choices over peak-EWMA latency "
         "follows slow or loaded nodes without a global scan and without herding.",
     )
-    lease_timeout_s: float = _doc(
-        30.0, "s",
-        "A lease never released is dropped from in-flight after this long. Well above the "
-        "client's worst case (3 attempts x 2.5 s) so live requests are never expired, short "
-        "enough that a crashed client stops skewing in-flight counts within half a minute.",
-    )
+    lease_timeout_s: float = _setting("lease_timeout")
     expired_memory: int = _doc(
         4096, "leases",
         "Recently expired lease ids remembered so a late release gets a precise 'expired' "
@@ -187,6 +192,14 @@ class BalancerConfig:
         if not _is_number(self.mem_knee_percent) or not 0 <= self.mem_knee_percent < 100:
             raise ValueError(f"mem_knee_percent: expected a number in [0, 100), got "
                              f"{self.mem_knee_percent!r}")
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> BalancerConfig:
+        """Build and validate a config whose setting fields take their value from the
+        resolved ``settings`` (a :class:`phantom_bus.config.Config`); the rest keep their defaults."""
+        return cls.from_mapping(
+            {f.name: settings[f.metadata["setting"]] for f in fields(cls) if "setting" in f.metadata}
+        )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> BalancerConfig:

@@ -25,6 +25,8 @@ from phantom_bus.shardmap import ShardMap
 from services.agent.adapters import Database, load_database, wall_clock
 from services.agent.participant import Participant, Transition, desired_from_map
 
+# Seconds between ticks of the participation core (renewals every primary_lease/4,
+# copies of copy_time): a tenth of a second is well inside both, so not a setting.
 _TICK = 0.1
 # Transitions run at once (fences never wait): enough to copy a few shards in
 # parallel; each exec callback is a fork, and dozens at once stall the agent's loop.

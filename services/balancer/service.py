@@ -58,6 +58,9 @@ RELEASE_FORWARD = "balancer.release"
 
 DEFAULT_KEYSPACE = "default"
 # Seconds between node snapshots (repairing lost member/node events), ticks, and rate reports.
+# Not settings: a snapshot only repairs a lost event; a tick's lateness is small beside the
+# lease and ejection times it serves (settings or BalancerConfig); the rate report feeds
+# load splits, which look at the core's shard_rate_window_s, the same ten seconds.
 _SNAPSHOT = 2.0
 _TICK = 0.5
 _REPORT = 10.0
@@ -68,7 +71,7 @@ class BalancerService:
 
     def __init__(self, cfg: Config, *, seed: int | None = None) -> None:
         self.cfg = cfg
-        self.core = Balancer(BalancerConfig(lease_timeout_s=float(cfg.lease_timeout)), random.Random(seed))
+        self.core = Balancer(BalancerConfig.from_settings(cfg), random.Random(seed))
         self.map: ShardMap | None = None
         self.service = Service("balancer", cfg)
         self.select_timer = SelectTimer()

@@ -67,13 +67,24 @@ SETTINGS = ("broker", "timeout", "retries", "auto_join", "dead_delay", "store", 
             "instance")
 
 SERVICES = ("broker", "discovery", "membership", "sharding", "balancer", "manager")
+# The loop periods below are not settings: each only bounds how long a lost event
+# or a failed call costs (events and replies do the work, these repair), so no
+# operator decision depends on them. Seconds between ticks of the core's timers
+# (their delays, e.g. dead_delay, are settings; a tick late by one second is noise
+# beside them).
 _TICK = 1.0
+# Seconds a drain waits for a pushed map before reading one itself.
 _MAP_POLL = 2.0
 # Seconds between the leader's reads of membership's verdicts and sharding's node
 # table: about one heartbeat, so a lost event costs about that much.
 _LEVEL = 1.0
+# Seconds between reads of discovery's whole table (a lost node.discovered).
 _DISCOVERY_SYNC = 5.0
+# Seconds between anti-entropy rounds re-issuing what the registry implies: MAX_ATTEMPTS
+# back-offs of an action fit in it, so one round ends before the next begins.
 _RECONCILE = 30.0
+# Longest pause (s) between retries of a failed action or store read (doubling from
+# 0.1 s): a recovered service or store is used again within it.
 _BACKOFF_MAX = 5.0
 # Actions waiting per target service (count). A burst of a whole cluster's events
 # (a few per node) fits many times over; beyond it the queue is stuck, and new
@@ -84,6 +95,8 @@ QUEUE_LIMIT = 4096
 MAX_ATTEMPTS = 10
 # Sharding operations retried for as long as the verdict behind them stands.
 _FAILOVER = ("node_dead", "node_alive")
+# Seconds between looks at the broker's workers and sharding's store, and between
+# fetches of what /metrics shows from other services: displays, not decisions.
 _CONTROL_POLL = 2.0
 _METRICS_POLL = 5.0
 

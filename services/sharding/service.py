@@ -58,7 +58,13 @@ T = TypeVar("T")
 #: map of several hundred shards; every subscriber receives it, and the broker
 #: keeps its recent events, so a larger map is announced only (readers ask for it).
 INLINE_MAP_MAX = 64 * 1024
+# Seconds between the leader's ticks of the core's timers (dead_delay and the primary
+# leases are settings, seconds long at their defaults, so half a second late is noise):
+# not a setting for that reason.
 _TICK = 0.5
+# Longest pause (s) between retries of a failed store read or takeover (doubling from
+# 0.1 s); shorter than the manager's because sharding's map is what every select waits
+# for after a failover. Not a setting: it only bounds how soon a recovered store is used.
 _BACKOFF_MAX = 2.0
 
 
