@@ -68,6 +68,7 @@ import zmq
 from loguru import logger
 from zmq.utils import z85
 
+from phantom_bus import ids
 from phantom_bus.config import ConfigError
 from phantom_bus.errors import BrokerUnreachable, PhantomError, Refused
 
@@ -110,7 +111,6 @@ DOMAIN_ROLES: Mapping[str, frozenset[str]] = {
 # Handshake failures after which libzmq does not reconnect by itself.
 _REFUSALS = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 _probes = itertools.count(1)
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _KEY_LINE = re.compile(r'^\s*(public-key|secret-key)\s*=\s*"([^"]*)"\s*$')
 _ZAP_VERSION = b"1.0"
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"
@@ -124,9 +124,10 @@ class SecurityError(ConfigError):
 
 
 def check_name(name: str, what: str = "key name") -> str:
-    """A key name: 1..128 chars of ``[A-Za-z0-9._:-]`` starting with a letter or digit
-    (node ids qualify); raises ValueError otherwise."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+    """A key name: the node-id rule (:mod:`phantom_bus.ids`: 1..128 chars of
+    ``[A-Za-z0-9._:-]`` starting with a letter or digit), since an agent's key is named
+    after its node; raises ValueError otherwise."""
+    if not ids.is_node_id(name):
         raise ValueError(f"bad {what} {name!r}: 1..128 of A-Z a-z 0-9 . _ : -, starting with a letter or digit")
     return name
 
