@@ -440,8 +440,12 @@ class _Table(Mapping[str, Setting]):
             from importlib.metadata import entry_points
 
             self._loaded = True  # set first: a settings module that reads the table does not recurse
-            for entry in sorted(entry_points(group=ENTRY_POINTS), key=lambda e: e.name):
-                self.add(*entry.load())
+            try:
+                for entry in sorted(entry_points(group=ENTRY_POINTS), key=lambda e: e.name):
+                    self.add(*entry.load())
+            except BaseException:
+                self._loaded = False  # said once to whoever asked; the next use tries again
+                raise
         return self._settings
 
     def add(self, *settings: Setting) -> None:
@@ -456,7 +460,15 @@ class _Table(Mapping[str, Setting]):
         # A name already known (every bus setting) needs no loading: the bus's own
         # modules read their defaults at import, before any service could be.
         known = self._settings.get(name)
-        return known if known is not None else self._table()[name]
+        if known is not None:
+            return known
+        try:
+            return self._table()[name]
+        except KeyError:
+            raise KeyError(
+                f"no setting {name!r}: a service's settings come from the {ENTRY_POINTS!r} entry points "
+                "of its installed package (after a change to pyproject.toml, run `pip install -e .`)"
+            ) from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._table())
