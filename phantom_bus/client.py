@@ -46,6 +46,7 @@ import contextlib
 import itertools
 import os
 import time
+from collections.abc import Generator
 from typing import Any, NamedTuple
 
 import zmq
@@ -127,6 +128,53 @@ class _Budget:
         pause = _BACKOFF[min(self.backoffs, len(_BACKOFF) - 1)]
         self.backoffs += 1
         return min(pause, max(0.0, self.deadline - now))
+
+
+class _Attempt(NamedTuple):
+    """Step: make one attempt of the call (the shell answers ``(broker index, answer
+    or None on timeout)``, having dropped that broker's queue on a timeout)."""
+
+    service: str
+    op: str
+    args: dict[str, Any]
+    timeout: float
+
+
+class _Sleep(NamedTuple):
+    """Step: wait ``seconds`` (the shell answers None)."""
+
+    seconds: float
+
+
+class _Request(NamedTuple):
+    """Step: a whole call of its own (the shell answers its result, or the
+    :class:`PhantomError` it raised, as a value)."""
+
+    service: str
+    op: str
+    args: dict[str, Any]
+
+
+#: Step: does the broker answer a ping (the shell answers a bool)?
+_PROBE = "probe"
+#: Step: why the broker does not answer (the shell answers the PhantomError to raise).
+_DIAGNOSE = "diagnose"
+
+_Step = _Attempt | _Sleep | _Request | str
+#: What a call does, without I/O: a generator that yields the steps above, is
+#: sent ``(the shell's answer, the monotonic time after it)`` for each, and
+#: returns the call's result or raises its error. :class:`Client` and
+#: :class:`AsyncClient` each drive it with their own I/O (blocking or awaited).
+_Plan = Generator[_Step, tuple[Any, float], Any]
+
+
+def _advance(plan: _Plan, got: tuple[Any, float] | None) -> tuple[bool, Any]:
+    """Send ``got`` into ``plan``: (True, the call's result) when it is done, else
+    (False, its next step); the call's error propagates."""
+    try:
+        return False, plan.send(got)  # type: ignore[arg-type]  # None starts the generator
+    except StopIteration as done:
+        return True, done.value
 
 
 class Selection(NamedTuple):
@@ -298,6 +346,69 @@ class _Base:
         if self.preferred == index:
             self.preferred = (index + 1) % len(self.endpoints)
 
+    def _call_plan(
+        self, service: str, op: str, args: dict[str, Any], timeout: float, retries: int, now: float
+    ) -> _Plan:
+        """The retry and failover policy of one call: attempts within the budget
+        (:class:`_Budget`), the broker each goes to (the one that answered last,
+        passing over one that did not), back-offs after retryable answers, and
+        the error raised when the budget is spent (a silent broker itself is
+        :class:`BrokerUnreachable`, diagnosed)."""
+        budget = _Budget(timeout, retries, now)
+        attempt = _Attempt(service, op, args, timeout)
+        while True:
+            (index, answer), now = yield attempt
+            if answer is None:
+                self._passed_over(index)
+                last: PhantomError = Timeout(f"{service}.{op}: no reply within {timeout:g} s", service=service)
+                if budget.after_timeout(now):
+                    continue
+                break
+            ok, payload = answer
+            self._answered(index, ok, payload)
+            if ok:
+                return payload
+            last = self._error(payload)
+            pause = budget.pause_after(last, now)
+            if pause is None:
+                raise last
+            yield _Sleep(pause)
+        if isinstance(last, Timeout) and (service == protocol.BROKER_SERVICE or not (yield _PROBE)[0]):
+            raise (yield _DIAGNOSE)[0] from None
+        raise last
+
+    def _select_plan(self, args: dict[str, Any], now: float) -> _Plan:
+        """A brokered select: an answer from a map older than one this client has
+        returned is not routed on (its lease is ended) and is asked again, within
+        ``timeout x retries`` seconds."""
+        deadline = now + self.timeout * self.retries
+        while True:
+            got, now = yield _Request("balancer", "select", args)
+            if isinstance(got, PhantomError):
+                raise got
+            sel = _selection(got)
+            ended = _behind(sel, self.epoch_seen)
+            if ended is None:
+                self.epoch_seen = sel.epoch
+                return sel
+            if ended:  # a failed release is no worse than an expired lease
+                _, now = yield _Request("balancer", "release", ended)
+            if now >= deadline:
+                raise self._behind_error(sel)
+            yield _Sleep(_BEHIND_PAUSE)
+
+    def _local_wait(
+        self, feed: Any, router: LocalRouter, key: Any, write: bool, keyspace: str | None,
+        strategy: str | None, lease: bool, failed: tuple[_Budget, float],
+    ) -> _Plan:
+        """A local select whose first choice failed: wait for a newer map and choose
+        again, as :meth:`_local_attempt` says."""
+        got: Selection | tuple[_Budget, float] = failed
+        while not isinstance(got, Selection):
+            yield _Sleep(got[1])
+            got = self._local_attempt(feed, router, key, write, keyspace, strategy, lease, got[0])
+        return got
+
     @property
     def map_epoch(self) -> int | None:
         """The epoch of the map local selects route on (None: broker routing or no map yet)."""
@@ -337,6 +448,11 @@ class _Base:
             return budget, pause
         return _new_tuple(Selection, (key if type(key) is str else str(key), name, shard, node, address, epoch,
                                       role, lease_id, "local", stale))
+
+    @staticmethod
+    def _check_key(key: Any) -> None:
+        if type(key) is not str and not isinstance(key, str | bytes):
+            raise BadRequest(f"a key is str or bytes, not {type(key).__name__}")
 
     @staticmethod
     def _transient(err: NoLiveReplica, write: bool, stale: bool, budget: _Budget, now: float) -> float | None:
@@ -514,28 +630,32 @@ class Client(_Base):
         return self._call(service, op, args, self.timeout, self.retries)
 
     def _call(self, service: str, op: str, args: dict[str, Any], timeout: float, retries: int) -> Any:
-        budget = _Budget(timeout, retries, time.monotonic())
-        while True:
-            index, answer = self._attempt(service, op, args, timeout)
+        return self._drive(self._call_plan(service, op, args, timeout, retries, time.monotonic()))
+
+    def _drive(self, plan: _Plan) -> Any:
+        """Run ``plan``, doing each of its steps with blocking I/O."""
+        done, step = _advance(plan, None)
+        while not done:
+            done, step = _advance(plan, (self._do(step), time.monotonic()))
+        return step
+
+    def _do(self, step: _Step) -> Any:
+        if type(step) is _Attempt:
+            index, answer = self._attempt(*step)
             if answer is None:
                 self._reset(index)  # Lazy Pirate: a fresh socket drops a dead connection's queue
-                self._passed_over(index)
-                last: PhantomError = Timeout(f"{service}.{op}: no reply within {timeout:g} s", service=service)
-                if budget.after_timeout(time.monotonic()):
-                    continue
-                break
-            ok, payload = answer
-            self._answered(index, ok, payload)
-            if ok:
-                return payload
-            last = self._error(payload)
-            pause = budget.pause_after(last, time.monotonic())
-            if pause is None:
-                raise last
-            time.sleep(pause)
-        if isinstance(last, Timeout) and (service == protocol.BROKER_SERVICE or not self._broker_alive()):
-            raise self.unreachable() from None
-        raise last
+            return index, answer
+        if type(step) is _Sleep:
+            time.sleep(step.seconds)
+            return None
+        if type(step) is _Request:
+            try:
+                return self.request(step.service, step.op, **step.args)
+            except PhantomError as err:
+                return err
+        if step == _PROBE:
+            return self._broker_alive()
+        return self.unreachable()
 
     def unreachable(self) -> PhantomError:
         """The error to raise when the broker does not answer: :class:`Refused` if its
@@ -585,30 +705,18 @@ class Client(_Base):
         Local routing answers from memory and never waits on the bus, except
         for the very first select, which waits up to ``timeout`` for the map."""
         if self.routing == "local":
-            if type(key) is not str and not isinstance(key, str | bytes):
-                raise BadRequest(f"a key is str or bytes, not {type(key).__name__}")
+            self._check_key(key)
             feed = self._local()
             router = self._router
             assert router is not None
             got = self._local_attempt(feed, router, key, write, keyspace, strategy, lease, None)
-            while not isinstance(got, Selection):
-                time.sleep(got[1])
-                got = self._local_attempt(feed, router, key, write, keyspace, strategy, lease, got[0])
-            return got
-        args = _select_args(key, write, keyspace, strategy, lease)
-        deadline = time.monotonic() + self.timeout * self.retries
-        while True:
-            sel = _selection(self.request("balancer", "select", **args))
-            ended = _behind(sel, self.epoch_seen)
-            if ended is None:
-                self.epoch_seen = sel.epoch
-                return sel
-            if ended:
-                with contextlib.suppress(PhantomError):
-                    self.request("balancer", "release", **ended)
-            if time.monotonic() >= deadline:
-                raise self._behind_error(sel)
-            time.sleep(_BEHIND_PAUSE)
+            if isinstance(got, Selection):
+                return got
+            plan = self._local_wait(feed, router, key, write, keyspace, strategy, lease, got)
+        else:
+            plan = self._select_plan(_select_args(key, write, keyspace, strategy, lease), time.monotonic())
+        sel: Selection = self._drive(plan)
+        return sel
 
     def release(self, sel: Selection, latency_ms: float, ok: bool = True) -> None:
         """End the lease of ``sel``, reporting how the request to its node went."""
@@ -807,33 +915,36 @@ class AsyncClient(_Base):
         return await self._call(service, op, args, self.timeout, self.retries)
 
     async def _call(self, service: str, op: str, args: dict[str, Any], timeout: float, retries: int) -> Any:
-        budget = _Budget(timeout, retries, time.monotonic())
-        while True:
-            index, answer = await self._attempt(service, op, args, timeout)
-            if answer is None:
-                if self.multi:  # a frozen broker's queue is dropped with its socket
-                    sock = self._socks.get(index)
-                    if sock is not None:
-                        self._drop(index, sock)
-                    self._passed_over(index)
-                last: PhantomError = Timeout(f"{service}.{op}: no reply within {timeout:g} s", service=service)
-                if budget.after_timeout(time.monotonic()):
-                    continue
-                break
-            ok, payload = answer
-            self._answered(index, ok, payload)
-            if ok:
-                return payload
-            last = self._error(payload)
-            pause = budget.pause_after(last, time.monotonic())
-            if pause is None:
-                raise last
-            await asyncio.sleep(pause)
-        if isinstance(last, Timeout) and (
-            service == protocol.BROKER_SERVICE or not await self._broker_alive()
-        ):
-            raise await self.unreachable() from None
-        raise last
+        return await self._drive(self._call_plan(service, op, args, timeout, retries, time.monotonic()))
+
+    async def _drive(self, plan: _Plan) -> Any:
+        """Run ``plan``, awaiting each of its steps."""
+        done, step = _advance(plan, None)
+        while not done:
+            done, step = _advance(plan, (await self._do(step), time.monotonic()))
+        return step
+
+    async def _do(self, step: _Step) -> Any:
+        if type(step) is _Attempt:
+            index, answer = await self._attempt(*step)
+            if answer is None and self.multi:
+                # A frozen broker's queue is dropped with its socket (with one broker the
+                # socket is shared by every pending call of every task, and stays).
+                sock = self._socks.get(index)
+                if sock is not None:
+                    self._drop(index, sock)
+            return index, answer
+        if type(step) is _Sleep:
+            await asyncio.sleep(step.seconds)
+            return None
+        if type(step) is _Request:
+            try:
+                return await self.request(step.service, step.op, **step.args)
+            except PhantomError as err:
+                return err
+        if step == _PROBE:
+            return await self._broker_alive()
+        return await self.unreachable()
 
     async def unreachable(self) -> PhantomError:
         """Awaitable :meth:`Client.unreachable` (the handshake probe runs in a thread)."""
@@ -858,30 +969,18 @@ class AsyncClient(_Base):
     ) -> Selection:
         """Awaitable :meth:`Client.select`."""
         if self.routing == "local":
-            if type(key) is not str and not isinstance(key, str | bytes):
-                raise BadRequest(f"a key is str or bytes, not {type(key).__name__}")
+            self._check_key(key)
             feed = await self._local()
             router = self._router
             assert router is not None
             got = self._local_attempt(feed, router, key, write, keyspace, strategy, lease, None)
-            while not isinstance(got, Selection):
-                await asyncio.sleep(got[1])
-                got = self._local_attempt(feed, router, key, write, keyspace, strategy, lease, got[0])
-            return got
-        args = _select_args(key, write, keyspace, strategy, lease)
-        deadline = time.monotonic() + self.timeout * self.retries
-        while True:
-            sel = _selection(await self.request("balancer", "select", **args))
-            ended = _behind(sel, self.epoch_seen)
-            if ended is None:
-                self.epoch_seen = sel.epoch
-                return sel
-            if ended:
-                with contextlib.suppress(PhantomError):
-                    await self.request("balancer", "release", **ended)
-            if time.monotonic() >= deadline:
-                raise self._behind_error(sel)
-            await asyncio.sleep(_BEHIND_PAUSE)
+            if isinstance(got, Selection):
+                return got
+            plan = self._local_wait(feed, router, key, write, keyspace, strategy, lease, got)
+        else:
+            plan = self._select_plan(_select_args(key, write, keyspace, strategy, lease), time.monotonic())
+        sel: Selection = await self._drive(plan)
+        return sel
 
     async def release(self, sel: Selection, latency_ms: float, ok: bool = True) -> None:
         """Awaitable :meth:`Client.release`."""

@@ -3,7 +3,8 @@
 pyzmq's ``send_multipart``/``recv_multipart`` combine ``IntFlag`` values for
 every frame, and a non-blocking receive on an empty socket raises ``Again``;
 together that is several microseconds per message, which the broker pays four
-times per request. These helpers call the Cython socket methods with plain
+times per request. These helpers call the backend socket methods
+(``zmq.backend.Socket``, the class pyzmq's own socket derives from) with plain
 ints and ask ``EVENTS`` instead of catching ``Again``. They work on any pyzmq
 socket, including the synchronous shadow of an asyncio one.
 """
@@ -14,8 +15,13 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
+import zmq.backend
 
-_Base: Any = zmq.Socket.__mro__[1]  # the Cython socket under pyzmq's sugar layer
+# The backend socket (Cython or CFFI) under pyzmq's sugar layer: its methods take
+# the flags as plain ints and skip the sugar's per-frame keyword handling.
+_Base: Any = zmq.backend.Socket
+if not issubclass(zmq.Socket, _Base):  # pragma: no cover - a pyzmq that changed its layering
+    raise ImportError("phantom_bus.wire needs zmq.Socket to derive from zmq.backend.Socket")
 _send = _Base.send
 _recv = _Base.recv
 _get = _Base.get
