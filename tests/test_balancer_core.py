@@ -270,10 +270,10 @@ def test_release_without_latency_records_no_latency() -> None:
     assert (node["successes"], node["latency_ms"]["samples"], node["latency_ms"]["ewma"]) == (1, 0, None)
 
 
-def test_lease_ids_differ_between_balancer_instances() -> None:
-    one = Balancer(BalancerConfig(), random.Random(1)).select("s", shard(), now=T0).lease
-    two = Balancer(BalancerConfig(), random.Random(2)).select("s", shard(), now=T0).lease
-    assert one != two
+def test_lease_ids_carry_the_instance_prefix_and_not_the_seed() -> None:
+    one = Balancer(BalancerConfig(), random.Random(1), lease_prefix="0a1b2c3d").select("s", shard(), now=T0).lease
+    two = Balancer(BalancerConfig(), random.Random(1), lease_prefix="4e5f6071").select("s", shard(), now=T0).lease
+    assert one == "0a1b2c3d-1" and two == "4e5f6071-1"
 
 
 def test_unreleased_lease_expires_and_counts_as_expired_not_failed() -> None:
@@ -441,7 +441,7 @@ def test_config_validate_names_the_bad_setting(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=field):
         BalancerConfig(**{field: value}).validate()
     with pytest.raises(ValueError, match=field):
-        Balancer(BalancerConfig(**{field: value}))
+        Balancer(BalancerConfig(**{field: value}), random.Random(0))
 
 
 def test_config_defaults_are_valid_and_documented() -> None:
@@ -628,7 +628,7 @@ def test_slow_start_ramps_share_instead_of_starving_the_latest_node() -> None:
 
     from phantom_bus.routing.balancer import Balancer, Candidate
 
-    b = Balancer(rng=random.Random(7))
+    b = Balancer(BalancerConfig(), random.Random(7))
     for i, t in enumerate((100.0, 100.5, 101.0), start=1):
         b.node_update(f"node-{i}", state="alive", lifecycle="active", now=t)
     candidates = [Candidate("node-1", "primary"), Candidate("node-2", "replica"), Candidate("node-3", "replica")]
@@ -643,7 +643,7 @@ def test_least_connections_gives_a_ramping_node_a_growing_share() -> None:
 
     from phantom_bus.routing.balancer import Balancer, Candidate
 
-    b = Balancer(rng=random.Random(3))
+    b = Balancer(BalancerConfig(), random.Random(3))
     b.node_update("old-1", state="alive", lifecycle="active", now=0.0)
     b.node_update("old-2", state="alive", lifecycle="active", now=0.0)
     b.node_update("new", state="alive", lifecycle="active", now=100.0)
@@ -665,7 +665,7 @@ def test_a_never_measured_node_is_explored_even_when_its_load_looks_worse() -> N
 
     from phantom_bus.routing.balancer import Balancer, Candidate
 
-    b = Balancer(rng=random.Random(11))
+    b = Balancer(BalancerConfig(), random.Random(11))
     for node, cpu in (("a", 10.0), ("b", 10.0), ("c", 60.0)):
         b.node_update(node, state="alive", lifecycle="active", load={"cpu": cpu, "mem": 10.0}, now=0.0)
     candidates = [Candidate("a", "primary"), Candidate("b", "replica"), Candidate("c", "replica")]

@@ -185,7 +185,7 @@ def test_an_older_load_sample_is_ignored() -> None:
 @pytest.mark.parametrize("version", [(1,), (1, -1), ("1", 2), (True, 1), "12"])
 def test_a_malformed_version_is_a_bad_request(version: Any) -> None:
     with pytest.raises(BadRequest, match="version"):
-        Balancer().node_update("a", state="alive", version=version, now=0.0)
+        Balancer(BalancerConfig(), random.Random(0)).node_update("a", state="alive", version=version, now=0.0)
 
 
 def test_membership_events_and_rows_carry_their_version() -> None:

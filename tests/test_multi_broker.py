@@ -171,6 +171,11 @@ def in_flight(svc: BalancerService) -> int:
     return int(svc.core.stats(time.monotonic())["totals"]["in_flight"])
 
 
+def test_a_restart_given_the_same_seed_issues_lease_ids_of_its_own() -> None:
+    before, after = balancer(5), balancer(5)
+    assert before.op_select("user:1")["lease"] != after.op_select("user:1")["lease"]
+
+
 def test_a_release_that_reaches_another_balancer_instance_ends_the_lease_where_it_was_issued() -> None:
     a, b = balancer(1), balancer(2)
     bus: list[tuple[str, dict[str, Any]]] = []

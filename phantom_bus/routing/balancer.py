@@ -169,14 +169,20 @@ class Balancer:
     """Selection state and statistics for every shard and node (soft state).
 
     ``config`` defaults to :class:`BalancerConfig` and is validated here;
-    ``rng`` is the only source of randomness (seed it for reproducible runs).
+    ``rng`` is the only source of randomness, seeded by the caller (a shell
+    draws the seed and logs it, so a run can be replayed). Lease ids are
+    ``<lease_prefix>-<counter>``: a shell passes a prefix of its own for each
+    instance run (drawn from the OS's entropy, never from ``rng``, whose seed a
+    restart may reuse), so no two instances and no restart issue the same id;
+    the default suits a core whose leases never leave its process (tests,
+    simulations).
     """
 
-    def __init__(self, config: BalancerConfig | None = None,
-                 rng: random.Random | None = None) -> None:
+    def __init__(self, config: BalancerConfig | None, rng: random.Random, *,
+                 lease_prefix: str = "lease") -> None:
         self.config = config if config is not None else BalancerConfig()
         self.config.validate()
-        self._rng = rng if rng is not None else random.Random()
+        self._rng = rng
         self._lock = threading.Lock()
         self._nodes: dict[str, NodeState] = {}
         self._shards: dict[str, ShardState] = {}
@@ -186,8 +192,7 @@ class Balancer:
         self.generation = 0
         self._strategies: dict[str, Strategy] = build_strategies(self._rng, self.config)
         self._default = self._strategies[self.config.default_strategy]
-        prefix = f"{self._rng.getrandbits(32):08x}"
-        self._leases = LeaseTable(self.config.lease_timeout_s, prefix, self.config.expired_memory)
+        self._leases = LeaseTable(self.config.lease_timeout_s, lease_prefix, self.config.expired_memory)
         self._ops = {"select": 0, "release": 0, "node_update": 0, "forget_node": 0, "tick": 0}
         self._errors = {"bad_request": 0, "not_found": 0, "no_live_replica": 0}
         self._releases = {"released": 0, "already_released": 0, "expired": 0, "unknown": 0}

@@ -32,6 +32,7 @@ the survivors' counts stay exact, and its share of the traffic moves to them.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from typing import Any
@@ -71,7 +72,14 @@ class BalancerService:
 
     def __init__(self, cfg: Config, *, seed: int | None = None) -> None:
         self.cfg = cfg
-        self.core = Balancer(BalancerConfig.from_settings(cfg), random.Random(seed))
+        # The strategies' random source is seeded here, and the seed logged, so that
+        # a run can be replayed; lease ids never come from it (a restart given the
+        # same seed would issue the ids of the last run): 32 bits of entropy per run.
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "big")
+        lease_prefix = os.urandom(4).hex()
+        logger.info("balancer seed {} lease prefix {}", seed, lease_prefix)
+        self.core = Balancer(BalancerConfig.from_settings(cfg), random.Random(seed), lease_prefix=lease_prefix)
         self.map: ShardMap | None = None
         self.service = Service("balancer", cfg)
         self.select_timer = SelectTimer()
