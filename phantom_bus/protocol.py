@@ -29,7 +29,6 @@ subclasses, so a receive loop can answer every bad message with an error reply.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import msgpack
@@ -285,18 +284,20 @@ def encode_event(
     data: dict[str, Any],
     *,
     source: str,
-    ts: float | None = None,
+    ts: float,
     origin: str | None = None,
     seq: int | None = None,
 ) -> list[bytes]:
     """The frames of one event: ``[topic, PHE1, body]``.
 
+    ``ts`` is the event's wall-clock time (seconds since the epoch), which the
+    publisher reads: encoding reads no clock.
     ``origin`` names the publishing process (unique per process run) and
     ``seq`` numbers its events 1, 2, 3...: an event published to several
     brokers reaches a subscriber once per broker, and the pair is what lets it
     deliver the event once and in order (:class:`phantom_bus.events.Deduplicator`)."""
     # The envelope keys come last so that an event's own fields can never mask them.
-    body = {**data, "kind": kind, "ts": time.time() if ts is None else ts, "service": source}
+    body = {**data, "kind": kind, "ts": ts, "service": source}
     if origin is not None and seq is not None:
         body["origin"] = origin
         body["seq"] = seq

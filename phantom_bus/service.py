@@ -212,7 +212,8 @@ class Service:
             self._open_publisher()
         assert self._pub is not None
         self._seq += 1
-        frames = protocol.encode_event(kind, data or {}, source=self.name, origin=self.origin, seq=self._seq)
+        frames = protocol.encode_event(kind, data or {}, source=self.name, ts=time.time(), origin=self.origin,
+                                       seq=self._seq)
         try:
             await self._pub.send_multipart(frames)
         except zmq.ZMQError as exc:

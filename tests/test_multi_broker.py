@@ -84,12 +84,13 @@ def test_a_client_refuses_a_malformed_broker_list_at_once() -> None:
 
 
 def event(origin: str, seq: int, kind: str = "x.y") -> dict[str, Any]:
-    frames = protocol.encode_event(kind, {"n": seq}, source="svc", origin=origin, seq=seq)
+    frames = protocol.encode_event(kind, {"n": seq}, source="svc", ts=time.time(), origin=origin, seq=seq)
     return protocol.decode_event(frames)
 
 
 def test_the_envelope_carries_origin_and_sequence_that_no_field_can_mask() -> None:
-    frames = protocol.encode_event("x.y", {"origin": "forged", "seq": 0}, source="svc", origin="o1", seq=7)
+    frames = protocol.encode_event("x.y", {"origin": "forged", "seq": 0}, source="svc", ts=time.time(),
+                                   origin="o1", seq=7)
     doc = protocol.decode_event(frames)
     assert (doc["origin"], doc["seq"], doc["service"]) == ("o1", 7, "svc")
 

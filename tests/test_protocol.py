@@ -133,7 +133,7 @@ def test_events_round_trip_and_check_topic() -> None:
     }
     # An event's own fields never mask the envelope.
     masked = protocol.decode_event(
-        protocol.encode_event("node.x", {"kind": "evil", "service": "evil"}, source="d")
+        protocol.encode_event("node.x", {"kind": "evil", "service": "evil"}, source="d", ts=1.0)
     )
     assert (masked["kind"], masked["service"]) == ("node.x", "d")
     with pytest.raises(BadRequest):

@@ -580,7 +580,7 @@ def test_the_default_setup_refuses_rogue_beacons_heartbeats_events_and_workers(
     beacon = Beacon("node-2", incarnations["node-2"] + 10**6, new_instance_id(), "127.0.0.1:6666", zone="z3")
     heartbeat = {"op": "hb", "node": "node-3", "incarnation": incarnations["node-3"] + 10**6, "seq": 1, "load": None}
     forged = {"node": "node-1", "incarnation": incarnations["node-1"], "reason": "phi", "previous": "suspect"}
-    dead = protocol.encode_event("member.dead", forged, source="membership")
+    dead = protocol.encode_event("member.dead", forged, source="membership", ts=time.time())
     try:
         for sec in rogues.values():
             for kind, endpoint, server in (

@@ -90,8 +90,10 @@ def test_the_event_listener_delivers_an_event_relayed_by_several_brokers_once() 
     try:
         rx.bind("inproc://top-dedupe")
         tx.connect("inproc://top-dedupe")
-        first = protocol.encode_event("member.dead", {"node": "node-2"}, source="membership", origin="m@h1#a", seq=1)
-        second = protocol.encode_event("member.alive", {"node": "node-2"}, source="membership", origin="m@h1#a", seq=2)
+        first = protocol.encode_event("member.dead", {"node": "node-2"}, source="membership", ts=time.time(),
+                                      origin="m@h1#a", seq=1)
+        second = protocol.encode_event("member.alive", {"node": "node-2"}, source="membership", ts=time.time(),
+                                       origin="m@h1#a", seq=2)
         for frames in (first, first, second, first, second, second):  # three brokers, interleaved
             tx.send_multipart(frames)
         wait_until(lambda: rx.poll(10, zmq.POLLIN), timeout=5)
