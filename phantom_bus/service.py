@@ -33,6 +33,10 @@ carries this process's ``origin`` and a sequence number, and subscribers
 deliver it once (:class:`phantom_bus.events.Deduplicator`). The READY
 metadata names this process's ``instance``, which the broker shows in its
 ``services`` answer.
+
+:meth:`Service.publish_events` publishes what a core decided (a list of
+:class:`phantom_bus.events.Event`) with one log line per event, the way every
+service shell logs its events.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ from phantom_bus import protocol
 from phantom_bus import security as secmod
 from phantom_bus.config import Config
 from phantom_bus.errors import InternalError, PhantomError, Refused, UnknownOperation
-from phantom_bus.events import Deduplicator
+from phantom_bus.events import Deduplicator, Event
 from phantom_bus.opspec import OpSpec, check_args, params_of
 from phantom_bus.wire import LoopSocket
 
@@ -218,6 +222,27 @@ class Service:
             await self._pub.send_multipart(frames)
         except zmq.ZMQError as exc:
             logger.warning("could not publish {}: {}", kind, exc)
+
+    async def publish_events(
+        self,
+        events: Iterable[Event],
+        *,
+        prepare: Callable[[Event], dict[str, Any]] | None = None,
+        describe: Callable[[str, dict[str, Any]], str | None] | None = None,
+        bind: str = "node",
+    ) -> None:
+        """Publish ``events`` in order, each with one INFO log line.
+
+        ``prepare`` makes the published body from an event (default: its data,
+        e.g. add the leader's term); ``describe(kind, body)`` is the log line
+        (default ``"<kind> (<reason>)"``; None logs nothing for that event), bound
+        to the body's ``bind`` field (the node, or the map's epoch)."""
+        for event in events:
+            data = event.data if prepare is None else prepare(event)
+            line = f"{event.kind} ({data.get('reason')})" if describe is None else describe(event.kind, data)
+            if line is not None:
+                logger.bind(**{bind: data.get(bind)}).info(line)
+            await self.publish(event.kind, data)
 
     def _open_publisher(self) -> None:
         # Opened when the service starts, not at the first event: a PUB socket

@@ -24,6 +24,7 @@ answer.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
@@ -43,8 +44,11 @@ __all__ = [
     "Op",
     "Put",
     "Store",
+    "StoreBase",
     "StoreError",
     "check_key",
+    "check_start_revision",
+    "check_ttl",
     "open_store",
     "prefix_end",
 ]
@@ -184,6 +188,26 @@ class Store(Protocol):
         ...
 
 
+class StoreBase(Store):
+    """What every backend shares: the one-key sugar over :meth:`txn`.
+
+    A backend subclasses this and implements the rest of :class:`Store`; the
+    argument checks every backend applies alike are the functions below
+    (:func:`check_key`, :func:`check_txn`, :func:`check_start_revision`,
+    :func:`check_ttl`), and the errors a failed transaction raises are
+    :func:`cas_failed` and :func:`fence_failed`."""
+
+    async def put(
+        self, key: str, value: bytes, *, expect: int | None = None, lease: int | None = None, fence: Fence | None = None
+    ) -> int:
+        """See :class:`Store`: one :class:`Put` in a transaction."""
+        return await self.txn(expect_compares(key, expect), [Put(key, value, lease)], fence)
+
+    async def delete(self, key: str, *, expect: int | None = None, fence: Fence | None = None) -> int:
+        """See :class:`Store`: one :class:`Delete` in a transaction."""
+        return await self.txn(expect_compares(key, expect), [Delete(key)], fence)
+
+
 def check_key(key: str) -> str:
     """A key must be a non-empty str without NUL (NUL bounds prefix ranges); :class:`BadRequest` if not."""
     if not isinstance(key, str) or not key or "\x00" in key:
@@ -207,6 +231,20 @@ def check_txn(compares: Sequence[Compare], ops: Sequence[Op]) -> None:
         if op.key in seen:
             raise BadRequest(f"key {op.key} written twice in one transaction")
         seen.add(op.key)
+
+
+def check_start_revision(start_revision: int) -> int:
+    """A watch starts at a revision >= 1; :class:`BadRequest` if not."""
+    if not isinstance(start_revision, int) or start_revision < 1:
+        raise BadRequest(f"bad watch start revision {start_revision!r}: expected a revision >= 1")
+    return start_revision
+
+
+def check_ttl(ttl: float) -> float:
+    """A lease's ttl is a positive, finite number of seconds; :class:`BadRequest` if not."""
+    if isinstance(ttl, bool) or not (isinstance(ttl, int | float) and 0 < ttl < math.inf):
+        raise BadRequest(f"bad lease ttl {ttl!r}: expected a positive number of seconds")
+    return ttl
 
 
 def expect_compares(key: str, expect: int | None) -> list[Compare]:

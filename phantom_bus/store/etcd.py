@@ -29,17 +29,18 @@ from phantom_bus.store.base import (
     Change,
     Compacted,
     Compare,
-    Delete,
     Entry,
     Fence,
     LeaseExpired,
     Op,
     Put,
+    StoreBase,
     StoreError,
     cas_failed,
     check_key,
+    check_start_revision,
+    check_ttl,
     check_txn,
-    expect_compares,
     fence_failed,
     prefix_end,
 )
@@ -56,7 +57,7 @@ _CHANNEL_OPTIONS = {
 }
 
 
-class EtcdStore:
+class EtcdStore(StoreBase):
     """A :class:`~phantom_bus.store.base.Store` on an etcd v3 cluster."""
 
     name = "etcd"
@@ -135,7 +136,6 @@ class EtcdStore:
     # --- reads ----------------------------------------------------------------------
 
     async def get(self, key: str) -> Entry | None:
-        """See :class:`~phantom_bus.store.base.Store`."""
         request = rpc.RangeRequest(key=self._full(key))
 
         async def run(client: aetcd.Client) -> Entry | None:
@@ -145,7 +145,6 @@ class EtcdStore:
         return await self._call(run)
 
     async def range(self, prefix: str) -> tuple[list[Entry], int]:
-        """See :class:`~phantom_bus.store.base.Store`."""
         low = (self.prefix + prefix).encode()
         high = prefix_end(self.prefix + prefix).encode() or b"\x00"
         request = rpc.RangeRequest(key=low, range_end=high)
@@ -159,7 +158,6 @@ class EtcdStore:
     # --- writes ---------------------------------------------------------------------
 
     async def txn(self, compares: Sequence[Compare], ops: Sequence[Op], fence: Fence | None = None) -> int:
-        """See :class:`~phantom_bus.store.base.Store`."""
         check_txn(compares, ops)
         checks = ([Compare(check_key(fence.key), fence.revision)] if fence else []) + list(compares)
         request = rpc.TxnRequest()
@@ -199,22 +197,10 @@ class EtcdStore:
         # Every compare holds when read back: a concurrent writer moved and restored nothing we can name.
         raise cas_failed(checks[0].key, checks[0].mod_revision, checks[0].mod_revision)
 
-    async def put(
-        self, key: str, value: bytes, *, expect: int | None = None, lease: int | None = None, fence: Fence | None = None
-    ) -> int:
-        """See :class:`~phantom_bus.store.base.Store`."""
-        return await self.txn(expect_compares(key, expect), [Put(key, value, lease)], fence)
-
-    async def delete(self, key: str, *, expect: int | None = None, fence: Fence | None = None) -> int:
-        """See :class:`~phantom_bus.store.base.Store`."""
-        return await self.txn(expect_compares(key, expect), [Delete(key)], fence)
-
     # --- history --------------------------------------------------------------------
 
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[Change]:
-        """See :class:`~phantom_bus.store.base.Store`."""
-        if not isinstance(start_revision, int) or start_revision < 1:
-            raise BadRequest(f"bad watch start revision {start_revision!r}: expected a revision >= 1")
+        check_start_revision(start_revision)
         low = self.prefix + prefix
         create = rpc.WatchCreateRequest(
             key=low.encode(), range_end=prefix_end(low).encode() or b"\x00", start_revision=start_revision
@@ -255,7 +241,6 @@ class EtcdStore:
             call.cancel()
 
     async def compact(self, revision: int) -> None:
-        """See :class:`~phantom_bus.store.base.Store`."""
 
         async def run(client: aetcd.Client) -> None:
             try:
@@ -275,9 +260,8 @@ class EtcdStore:
     # --- leases ---------------------------------------------------------------------
 
     async def grant(self, ttl: float) -> int:
-        """See :class:`~phantom_bus.store.base.Store`. etcd counts whole seconds: ``ttl`` is rounded up."""
-        if isinstance(ttl, bool) or not (isinstance(ttl, int | float) and 0 < ttl < math.inf):
-            raise BadRequest(f"bad lease ttl {ttl!r}: expected a positive number of seconds")
+        """As :class:`~phantom_bus.store.base.Store` says. etcd counts whole seconds: ``ttl`` is rounded up."""
+        check_ttl(ttl)
 
         async def run(client: aetcd.Client) -> int:
             response = await client.leasestub.LeaseGrant(
@@ -290,7 +274,6 @@ class EtcdStore:
         return await self._call(run)
 
     async def keepalive(self, lease: int) -> float:
-        """See :class:`~phantom_bus.store.base.Store`."""
 
         async def run(client: aetcd.Client) -> float:
             call = client.leasestub.LeaseKeepAlive(timeout=self.timeout, metadata=client.metadata)
@@ -308,7 +291,6 @@ class EtcdStore:
         return await self._call(run)
 
     async def revoke(self, lease: int) -> None:
-        """See :class:`~phantom_bus.store.base.Store`."""
 
         async def run(client: aetcd.Client) -> None:
             try:
@@ -322,7 +304,6 @@ class EtcdStore:
         await self._call(run)
 
     async def close(self) -> None:
-        """See :class:`~phantom_bus.store.base.Store`."""
         self._closed = True
         client, self._client = self._client, None
         if client is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -21,17 +20,18 @@ from phantom_bus.store.base import (
     Change,
     Compacted,
     Compare,
-    Delete,
     Entry,
     Fence,
     LeaseExpired,
     Op,
     Put,
+    StoreBase,
     StoreError,
     cas_failed,
     check_key,
+    check_start_revision,
+    check_ttl,
     check_txn,
-    expect_compares,
     fence_failed,
 )
 
@@ -42,7 +42,7 @@ class _Lease:
     expires: float
 
 
-class MemoryStore:
+class MemoryStore(StoreBase):
     """A :class:`~phantom_bus.store.base.Store` held in this process's memory.
 
     ``history`` bounds the kept change log (older revisions are compacted);
@@ -114,13 +114,11 @@ class MemoryStore:
     # --- reads ----------------------------------------------------------------------
 
     async def get(self, key: str) -> Entry | None:
-        """See :class:`~phantom_bus.store.base.Store`."""
         self._check_open()
         self.expire()
         return self._kv.get(check_key(key))
 
     async def range(self, prefix: str) -> tuple[list[Entry], int]:
-        """See :class:`~phantom_bus.store.base.Store`."""
         self._check_open()
         self.expire()
         entries = sorted((e for k, e in self._kv.items() if k.startswith(prefix)), key=lambda e: e.key)
@@ -129,7 +127,6 @@ class MemoryStore:
     # --- writes ---------------------------------------------------------------------
 
     async def txn(self, compares: Sequence[Compare], ops: Sequence[Op], fence: Fence | None = None) -> int:
-        """See :class:`~phantom_bus.store.base.Store`."""
         self._check_open()
         check_txn(compares, ops)
         self.expire()
@@ -170,20 +167,10 @@ class MemoryStore:
         self._commit(changes)
         return rev
 
-    async def put(
-        self, key: str, value: bytes, *, expect: int | None = None, lease: int | None = None, fence: Fence | None = None
-    ) -> int:
-        """See :class:`~phantom_bus.store.base.Store`."""
-        return await self.txn(expect_compares(key, expect), [Put(key, value, lease)], fence)
-
-    async def delete(self, key: str, *, expect: int | None = None, fence: Fence | None = None) -> int:
-        """See :class:`~phantom_bus.store.base.Store`."""
-        return await self.txn(expect_compares(key, expect), [Delete(key)], fence)
-
     # --- history --------------------------------------------------------------------
 
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[Change]:
-        """See :class:`~phantom_bus.store.base.Store`."""
+        check_start_revision(start_revision)
         self._check_open()
         event = asyncio.Event()
         self._waiters.add(event)
@@ -214,7 +201,6 @@ class MemoryStore:
             self._waiters.discard(event)
 
     async def compact(self, revision: int) -> None:
-        """See :class:`~phantom_bus.store.base.Store`."""
         self._check_open()
         if revision > self._rev + 1:
             raise BadRequest(f"cannot compact to {revision}: the store is at revision {self._rev}")
@@ -224,16 +210,13 @@ class MemoryStore:
     # --- leases ---------------------------------------------------------------------
 
     async def grant(self, ttl: float) -> int:
-        """See :class:`~phantom_bus.store.base.Store`."""
         self._check_open()
-        if not (isinstance(ttl, int | float) and 0 < ttl < math.inf):
-            raise BadRequest(f"bad lease ttl {ttl!r}: expected a positive number of seconds")
+        check_ttl(ttl)
         lease_id = next(self._lease_ids)
         self._leases[lease_id] = _Lease(float(ttl), self._clock() + ttl)
         return lease_id
 
     async def keepalive(self, lease: int) -> float:
-        """See :class:`~phantom_bus.store.base.Store`."""
         self._check_open()
         self.expire()
         held = self._leases.get(lease)
@@ -243,12 +226,10 @@ class MemoryStore:
         return held.ttl
 
     async def revoke(self, lease: int) -> None:
-        """See :class:`~phantom_bus.store.base.Store`."""
         self._check_open()
         if lease in self._leases:
             self._end_lease(lease)
 
     async def close(self) -> None:
-        """See :class:`~phantom_bus.store.base.Store`."""
         self._closed = True
         self._notify()

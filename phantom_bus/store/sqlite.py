@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import math
 import secrets
 import sqlite3
 import time
@@ -41,17 +40,18 @@ from phantom_bus.store.base import (
     Change,
     Compacted,
     Compare,
-    Delete,
     Entry,
     Fence,
     LeaseExpired,
     Op,
     Put,
+    StoreBase,
     StoreError,
     cas_failed,
     check_key,
+    check_start_revision,
+    check_ttl,
     check_txn,
-    expect_compares,
     fence_failed,
     prefix_end,
 )
@@ -87,7 +87,7 @@ def boot_id() -> str:
         return ""
 
 
-class SqliteStore:
+class SqliteStore(StoreBase):
     """A :class:`~phantom_bus.store.base.Store` in one SQLite file, shared by the host's processes.
 
     ``timeout`` bounds every call; ``history`` is how many revisions of change
@@ -260,7 +260,6 @@ class SqliteStore:
     # --- reads ----------------------------------------------------------------------
 
     async def get(self, key: str) -> Entry | None:
-        """See :class:`~phantom_bus.store.base.Store`."""
         full = self._full(key)
 
         def run(conn: sqlite3.Connection) -> Entry | None:
@@ -271,7 +270,6 @@ class SqliteStore:
         return await self._call(run)
 
     async def range(self, prefix: str) -> tuple[list[Entry], int]:
-        """See :class:`~phantom_bus.store.base.Store`."""
         low = self.prefix + prefix
         high = prefix_end(low)
 
@@ -292,7 +290,6 @@ class SqliteStore:
     # --- writes ---------------------------------------------------------------------
 
     async def txn(self, compares: Sequence[Compare], ops: Sequence[Op], fence: Fence | None = None) -> int:
-        """See :class:`~phantom_bus.store.base.Store`."""
         check_txn(compares, ops)
         if fence is not None:
             check_key(fence.key)
@@ -340,22 +337,11 @@ class SqliteStore:
 
         return await self._call(run)
 
-    async def put(
-        self, key: str, value: bytes, *, expect: int | None = None, lease: int | None = None, fence: Fence | None = None
-    ) -> int:
-        """See :class:`~phantom_bus.store.base.Store`."""
-        return await self.txn(expect_compares(key, expect), [Put(key, value, lease)], fence)
-
-    async def delete(self, key: str, *, expect: int | None = None, fence: Fence | None = None) -> int:
-        """See :class:`~phantom_bus.store.base.Store`."""
-        return await self.txn(expect_compares(key, expect), [Delete(key)], fence)
-
     # --- history --------------------------------------------------------------------
 
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[Change]:
-        """See :class:`~phantom_bus.store.base.Store`. Polls the revision every ``poll`` seconds."""
-        if not isinstance(start_revision, int) or start_revision < 1:
-            raise BadRequest(f"bad watch start revision {start_revision!r}: expected a revision >= 1")
+        """As :class:`~phantom_bus.store.base.Store` says. Polls the revision every ``poll`` seconds."""
+        check_start_revision(start_revision)
         low = self.prefix + prefix
         high = prefix_end(low) or "\U0010ffff"
         cut = len(self.prefix)
@@ -406,7 +392,6 @@ class SqliteStore:
                 await asyncio.sleep(self.poll)
 
     async def compact(self, revision: int) -> None:
-        """See :class:`~phantom_bus.store.base.Store`."""
 
         def run(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
@@ -424,9 +409,7 @@ class SqliteStore:
     # --- leases ---------------------------------------------------------------------
 
     async def grant(self, ttl: float) -> int:
-        """See :class:`~phantom_bus.store.base.Store`."""
-        if isinstance(ttl, bool) or not (isinstance(ttl, int | float) and 0 < ttl < math.inf):
-            raise BadRequest(f"bad lease ttl {ttl!r}: expected a positive number of seconds")
+        check_ttl(ttl)
 
         def run(conn: sqlite3.Connection) -> int:
             while True:
@@ -440,7 +423,6 @@ class SqliteStore:
         return await self._call(run)
 
     async def keepalive(self, lease: int) -> float:
-        """See :class:`~phantom_bus.store.base.Store`."""
 
         def run(conn: sqlite3.Connection) -> float:
             conn.execute("BEGIN IMMEDIATE")
@@ -455,7 +437,6 @@ class SqliteStore:
         return await self._call(run)
 
     async def revoke(self, lease: int) -> None:
-        """See :class:`~phantom_bus.store.base.Store`."""
 
         def run(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
@@ -482,7 +463,6 @@ class SqliteStore:
         return await self._call(run)
 
     async def close(self) -> None:
-        """See :class:`~phantom_bus.store.base.Store`."""
         if self._closed:
             return
         self._closed = True

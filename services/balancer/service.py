@@ -232,9 +232,7 @@ class BalancerService:
     # --- events -----------------------------------------------------------------------
 
     async def _publish(self, events: list[Event]) -> None:
-        for event in events:
-            logger.bind(node=event.data.get("node")).info("{} ({})", event.kind, event.data.get("reason"))
-            await self.service.publish(event.kind, event.data)
+        await self.service.publish_events(events)
 
     def on_map_changed(self, event: dict[str, Any]) -> None:
         """A hint that a newer epoch exists: the follower reads it."""

@@ -85,9 +85,7 @@ class Discovery:
     # --- loops ------------------------------------------------------------------------
 
     async def _publish(self, events: list[Event]) -> None:
-        for event in events:
-            logger.bind(node=event.data.get("node")).info("{} ({})", event.kind, event.data.get("reason", ""))
-            await self.service.publish(event.kind, event.data)
+        await self.service.publish_events(events)
 
     async def beacon_loop(self) -> None:
         """Receive beacons until cancelled; bad ones are counted, never fatal."""

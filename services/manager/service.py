@@ -198,9 +198,7 @@ class ManagerService:
         return await self._apply(decision)
 
     async def _apply(self, decision: Decision) -> Any:
-        for event in decision.events:
-            logger.bind(node=event.data.get("node")).info("{}: {}", event.kind, event.data.get("reason"))
-            await self.service.publish(event.kind, event.data)
+        await self.service.publish_events(decision.events)
         for action in decision.actions:
             self._enqueue(action)
         return decision.value

@@ -235,18 +235,14 @@ class MembershipService:
             self.counters["withheld"] += len(events)
             return
         term = self.leadership.term
-        for event in events:
-            if event.kind != "member.load":
-                logger.bind(node=event.data.get("node")).info(
-                    "{} incarnation {} ({})",
-                    event.kind,
-                    event.data.get("incarnation"),
-                    event.data.get("reason"),
-                )
+
+        def with_term(event: Event) -> dict[str, Any]:
             data = {**event.data, "term": term}
             if isinstance(data.get("change"), int):
                 data["change"] = wire_change(term, data["change"])
-            await self.service.publish(event.kind, data)
+            return data
+
+        await self.service.publish_events(events, prepare=with_term, describe=_describe_verdict)
 
     def _answer(self, identity: bytes, frames: list[bytes], now: float, sender: str | None = None) -> list[Event]:
         if len(frames) != 2 or frames[0] != protocol.HEARTBEAT_HEADER:
@@ -350,3 +346,9 @@ class MembershipService:
         """The coroutines to run next to the service's own."""
         return [self.leadership.run(), self.heartbeat_loop(), self.tick_loop(), self.sync_loop()]
 
+
+def _describe_verdict(kind: str, data: dict[str, Any]) -> str | None:
+    """A verdict's log line; load reports (one per node every few seconds) get none."""
+    if kind == "member.load":
+        return None
+    return f"{kind} incarnation {data.get('incarnation')} ({data.get('reason')})"

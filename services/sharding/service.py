@@ -37,6 +37,7 @@ from loguru import logger
 
 from phantom_bus.config import Config
 from phantom_bus.errors import BadRequest, PhantomError, ServiceUnavailable
+from phantom_bus.events import Event
 from phantom_bus.protocol import Encoded
 from phantom_bus.security import ADMIN, READ, Rule
 from phantom_bus.service import Service
@@ -243,12 +244,15 @@ class ShardingService:
                 ) from None
             self._store_ok()
             self._adopt(committed)
-            for event in result.events:
+
+            def with_term(event: Event) -> dict[str, Any]:
                 data = {**event.data, "term": term}
-                if event.kind == CHANGED:
-                    data = _with_map(data, committed.blob)
-                logger.bind(epoch=data.get("epoch")).info("{} ({}, term {})", event.kind, data.get("reason"), term)
-                await self.service.publish(event.kind, data)
+                return _with_map(data, committed.blob) if event.kind == CHANGED else data
+
+            await self.service.publish_events(
+                result.events, prepare=with_term, bind="epoch",
+                describe=lambda kind, data: f"{kind} ({data.get('reason')}, term {term})",
+            )
             return result.value
 
     async def _rollback(self, *, reload: bool) -> None:
