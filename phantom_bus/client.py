@@ -65,6 +65,7 @@ from phantom_bus.errors import (
     Timeout,
     error_from_wire,
 )
+from phantom_bus.plan import advance
 from phantom_bus.routing.local import LocalRouter
 
 ROUTINGS = ("local", "broker")
@@ -166,15 +167,6 @@ _Step = _Attempt | _Sleep | _Request | str
 #: returns the call's result or raises its error. :class:`Client` and
 #: :class:`AsyncClient` each drive it with their own I/O (blocking or awaited).
 _Plan = Generator[_Step, tuple[Any, float], Any]
-
-
-def _advance(plan: _Plan, got: tuple[Any, float] | None) -> tuple[bool, Any]:
-    """Send ``got`` into ``plan``: (True, the call's result) when it is done, else
-    (False, its next step); the call's error propagates."""
-    try:
-        return False, plan.send(got)  # type: ignore[arg-type]  # None starts the generator
-    except StopIteration as done:
-        return True, done.value
 
 
 class Selection(NamedTuple):
@@ -634,9 +626,9 @@ class Client(_Base):
 
     def _drive(self, plan: _Plan) -> Any:
         """Run ``plan``, doing each of its steps with blocking I/O."""
-        done, step = _advance(plan, None)
+        done, step = advance(plan, None)
         while not done:
-            done, step = _advance(plan, (self._do(step), time.monotonic()))
+            done, step = advance(plan, (self._do(step), time.monotonic()))
         return step
 
     def _do(self, step: _Step) -> Any:
@@ -919,9 +911,9 @@ class AsyncClient(_Base):
 
     async def _drive(self, plan: _Plan) -> Any:
         """Run ``plan``, awaiting each of its steps."""
-        done, step = _advance(plan, None)
+        done, step = advance(plan, None)
         while not done:
-            done, step = _advance(plan, (await self._do(step), time.monotonic()))
+            done, step = advance(plan, (await self._do(step), time.monotonic()))
         return step
 
     async def _do(self, step: _Step) -> Any:

@@ -35,16 +35,17 @@ those services say themselves, and the one broker named is the one that
 answered.
 
 The functions take any object with the client's ``services()`` and
-``request()`` methods, so the blocking and the asyncio client share them.
+``request()`` methods; what they ask is one plan (:mod:`phantom_bus.plan`)
+that the blocking and the asyncio collector both drive.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Generator, Iterable
 from typing import Any, Protocol
 
 from phantom_bus.errors import BadRequest, BrokerUnreachable, PhantomError, Refused
+from phantom_bus.plan import advance
 
 #: The keys of the status document's ``services`` (a documented contract, so a fixed list).
 SERVICES = ("broker", "discovery", "membership", "sharding", "balancer", "manager")
@@ -245,12 +246,23 @@ def _why(err: PhantomError) -> str:
 _CALLER_FAULTS = (BadRequest, BrokerUnreachable, Refused)
 
 
-def collect(client: _SyncClient) -> dict[str, Any]:
-    """The status document through a blocking client (``Client.status()``)."""
-    services = client.services()
+#: The plan's step for the broker's service table (any other step is ``(service, op)``).
+_SERVICES = ("broker", "services")
+_Plan = Generator[tuple[str, str], Any, dict[str, Any]]
+
+
+def _plan() -> _Plan:
+    """What :func:`collect` asks, in order, without I/O: it yields ``(service,
+    op)`` and is sent the answer, or the :class:`PhantomError` it raised."""
+    services = yield _SERVICES
+    if isinstance(services, PhantomError):
+        raise services
     if _up(services, "manager"):
+        answer = yield ("manager", "status")
         try:
-            return from_manager(client.request("manager", "status"))
+            if isinstance(answer, PhantomError):
+                raise answer
+            return from_manager(answer)
         except _CALLER_FAULTS:
             raise
         except PhantomError as err:
@@ -259,52 +271,49 @@ def collect(client: _SyncClient) -> dict[str, Any]:
         reason = "it is not registered with the broker (stopped, restarting, or cut off)"
     nodes = members = None
     leaders: dict[str, Any] = {}
+    # Without the manager, each answer that fails is done without.
     if _up(services, "discovery"):
-        with contextlib.suppress(PhantomError):
-            nodes = client.request("discovery", "nodes")
+        answer = yield ("discovery", "nodes")
+        nodes = None if isinstance(answer, PhantomError) else answer
     if _up(services, "membership"):
-        with contextlib.suppress(PhantomError):
-            members = client.request("membership", "members")
-        with contextlib.suppress(PhantomError):
-            leaders["membership"] = _of(client.request("membership", "verdicts"))
+        answer = yield ("membership", "members")
+        members = None if isinstance(answer, PhantomError) else answer
+        answer = yield ("membership", "verdicts")
+        if not isinstance(answer, PhantomError):
+            leaders["membership"] = _of(answer)
     if _up(services, "sharding"):
-        with contextlib.suppress(PhantomError):
-            leaders["sharding"] = _of(client.request("sharding", "health"), "leader")
-    brokers: list[str] = []
-    with contextlib.suppress(PhantomError):
-        brokers = [str(_of(client.request("broker", "ping"), "instance") or "")]
+        answer = yield ("sharding", "health")
+        if not isinstance(answer, PhantomError):
+            leaders["sharding"] = _of(answer, "leader")
+    answer = yield ("broker", "ping")
+    brokers = [] if isinstance(answer, PhantomError) else [str(_of(answer, "instance") or "")]
     return fallback_status(services, reason, nodes, members, control_block(None, leaders, [services], brokers))
+
+
+def collect(client: _SyncClient) -> dict[str, Any]:
+    """The status document through a blocking client (``Client.status()``)."""
+    plan = _plan()
+    done, step = advance(plan, None)
+    while not done:
+        try:
+            got = client.services() if step is _SERVICES else client.request(*step)
+        except PhantomError as err:
+            got = err
+        done, step = advance(plan, got)
+    return step
 
 
 async def collect_async(client: _AsyncClient) -> dict[str, Any]:
     """The status document through an asyncio client (``AsyncClient.status()``)."""
-    services = await client.services()
-    if _up(services, "manager"):
+    plan = _plan()
+    done, step = advance(plan, None)
+    while not done:
         try:
-            return from_manager(await client.request("manager", "status"))
-        except _CALLER_FAULTS:
-            raise
+            got = await (client.services() if step is _SERVICES else client.request(*step))
         except PhantomError as err:
-            reason = f"it did not answer the status request ({_why(err)})"
-    else:
-        reason = "it is not registered with the broker (stopped, restarting, or cut off)"
-    nodes = members = None
-    leaders: dict[str, Any] = {}
-    if _up(services, "discovery"):
-        with contextlib.suppress(PhantomError):
-            nodes = await client.request("discovery", "nodes")
-    if _up(services, "membership"):
-        with contextlib.suppress(PhantomError):
-            members = await client.request("membership", "members")
-        with contextlib.suppress(PhantomError):
-            leaders["membership"] = _of(await client.request("membership", "verdicts"))
-    if _up(services, "sharding"):
-        with contextlib.suppress(PhantomError):
-            leaders["sharding"] = _of(await client.request("sharding", "health"), "leader")
-    brokers: list[str] = []
-    with contextlib.suppress(PhantomError):
-        brokers = [str(_of(await client.request("broker", "ping"), "instance") or "")]
-    return fallback_status(services, reason, nodes, members, control_block(None, leaders, [services], brokers))
+            got = err
+        done, step = advance(plan, got)
+    return step
 
 
 __all__ = [
