@@ -95,6 +95,15 @@ SHARD_COLUMNS = (
 )
 
 
+def _print_rows(args: argparse.Namespace, rows: Any, columns: Sequence[tuple[str, str]], none: str) -> int:
+    """A listing: ``rows`` as JSON with ``--json``, else as a table (``none`` when empty)."""
+    if args.json:
+        _print_json(rows)
+    else:
+        print(_table(rows, columns) if rows else none)
+    return EXIT_OK
+
+
 def _print_json(doc: Any) -> None:
     json.dump(doc, sys.stdout, indent=2, sort_keys=False, default=str)
     sys.stdout.write("\n")
@@ -149,12 +158,7 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
 def cmd_nodes(client: Client, args: argparse.Namespace) -> int:
     """``phantom nodes``: one row per node."""
     doc = client.status()
-    nodes = doc.get("nodes") or []
-    if args.json:
-        _print_json(nodes)
-    else:
-        print(_table(nodes, NODE_COLUMNS) if nodes else "no nodes")
-    return EXIT_OK
+    return _print_rows(args, doc.get("nodes") or [], NODE_COLUMNS, "no nodes")
 
 
 def cmd_shards(client: Client, args: argparse.Namespace) -> int:
@@ -162,11 +166,7 @@ def cmd_shards(client: Client, args: argparse.Namespace) -> int:
     shards = client.request("sharding", "shards")
     if isinstance(shards, list):
         shards.sort(key=lambda r: (natural_key(r.get("keyspace")), natural_key(r.get("shard"))))
-    if args.json:
-        _print_json(shards)
-    else:
-        print(_table(shards, SHARD_COLUMNS) if shards else "no shards")
-    return EXIT_OK
+    return _print_rows(args, shards, SHARD_COLUMNS, "no shards")
 
 
 def cmd_select(client: Client, args: argparse.Namespace) -> int:
@@ -332,8 +332,7 @@ def cmd_keyspaces(client: Client, args: argparse.Namespace) -> int:
             }
         )
     rows.sort(key=lambda r: natural_key(r["name"]))
-    _print_json(rows) if args.json else print(_table(rows, KEYSPACE_COLUMNS) if rows else "no key spaces")
-    return EXIT_OK
+    return _print_rows(args, rows, KEYSPACE_COLUMNS, "no key spaces")
 
 
 def cmd_create_keyspace(client: Client, args: argparse.Namespace) -> int:
@@ -389,8 +388,7 @@ def cmd_moves(client: Client, args: argparse.Namespace) -> int:
     """``phantom moves``: replica moves not finished yet."""
     rows = client.request("sharding", "moves") or []
     rows.sort(key=lambda r: (natural_key(r.get("shard")), natural_key(r.get("node"))))
-    _print_json(rows) if args.json else print(_table(rows, MOVE_COLUMNS) if rows else "no moves in flight")
-    return EXIT_OK
+    return _print_rows(args, rows, MOVE_COLUMNS, "no moves in flight")
 
 
 # --- events ---------------------------------------------------------------------

@@ -89,10 +89,18 @@ class _Lost:
 LOST = _Lost()
 
 
-def _failover_options(sock: Any) -> None:
-    sock.setsockopt(zmq.IMMEDIATE, 1)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, _PING_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _PING_TIMEOUT_MS)
+def _dealer(ctx: Any, hwm: int, multi: bool) -> Any:
+    """A client's DEALER to one broker, not connected yet; with several brokers it
+    hands requests only to a connection that is up and pings the broker."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    if multi:
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, _PING_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _PING_TIMEOUT_MS)
+    return sock
 
 
 def _connected(sock: Any) -> bool:
@@ -522,12 +530,7 @@ class Client(_Base):
     def _open(self, index: int = 0) -> zmq.Socket[Any]:
         sock = self._socks.get(index)
         if sock is None:
-            sock = self.ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 1000)
-            sock.setsockopt(zmq.RCVHWM, 1000)
-            if self.multi:
-                _failover_options(sock)
+            sock = _dealer(self.ctx, 1000, self.multi)
             self.security.client(sock)
             sock.connect(self.endpoints[index])
             self._socks[index] = sock
@@ -771,12 +774,7 @@ class AsyncClient(_Base):
     def _open(self, index: int = 0) -> zmq.asyncio.Socket:
         sock = self._socks.get(index)
         if sock is None:
-            sock = self.ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 10000)
-            sock.setsockopt(zmq.RCVHWM, 10000)
-            if self.multi:
-                _failover_options(sock)
+            sock = _dealer(self.ctx, 10000, self.multi)
             self.security.connect(sock, self.endpoints[index])
             self._socks[index] = sock
             self._readers[index] = asyncio.ensure_future(self._read(sock))

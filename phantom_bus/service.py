@@ -390,28 +390,25 @@ class Service:
             return
         try:
             body = protocol.encode_result(op.fn(**args))
-        except PhantomError as err:
-            self.counters["errors"] += 1
-            body = protocol.encode_error(err)
         except Exception as exc:
-            body = self._internal(op, exc)
+            body = self._failed(op, exc)
         self._reply(link, route, reqid, body)
 
     async def _run_async(
         self, link: BrokerLink, op: _Operation, args: dict[str, Any], route: bytes, reqid: bytes
     ) -> None:
         try:
-            result = await op.fn(**args)
-            body = protocol.encode_result(result)
-        except PhantomError as err:
-            self.counters["errors"] += 1
-            body = protocol.encode_error(err)
+            body = protocol.encode_result(await op.fn(**args))
         except Exception as exc:
-            body = self._internal(op, exc)
+            body = self._failed(op, exc)
         self._reply(link, route, reqid, body)
 
-    def _internal(self, op: _Operation, exc: Exception) -> bytes:
+    def _failed(self, op: _Operation, exc: Exception) -> bytes:
+        """The error reply of a handler that raised: a :class:`PhantomError` as it
+        is, anything else as ``internal`` (logged with its traceback: a bug)."""
         self.counters["errors"] += 1
+        if isinstance(exc, PhantomError):
+            return protocol.encode_error(exc)
         logger.opt(exception=exc).error("{}.{} failed", self.name, op.name)
         return protocol.encode_error(InternalError(f"{self.name}.{op.name} failed: {type(exc).__name__}: {exc}"))
 

@@ -25,7 +25,7 @@ answer.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -47,9 +47,11 @@ __all__ = [
     "StoreBase",
     "StoreError",
     "check_key",
+    "check_leases",
     "check_start_revision",
     "check_ttl",
     "open_store",
+    "precondition_failure",
     "prefix_end",
 ]
 
@@ -215,8 +217,10 @@ def check_key(key: str) -> str:
     return key
 
 
-def check_txn(compares: Sequence[Compare], ops: Sequence[Op]) -> None:
+def check_txn(compares: Sequence[Compare], ops: Sequence[Op], fence: Fence | None = None) -> None:
     """Refuse malformed transactions the same way on every backend (:class:`BadRequest`)."""
+    if fence is not None:
+        check_key(fence.key)
     for compare in compares:
         if not isinstance(compare, Compare) or not isinstance(compare.mod_revision, int) or compare.mod_revision < 0:
             raise BadRequest(f"bad compare {compare!r}: expected Compare(key, mod_revision >= 0)")
@@ -245,6 +249,29 @@ def check_ttl(ttl: float) -> float:
     if isinstance(ttl, bool) or not (isinstance(ttl, int | float) and 0 < ttl < math.inf):
         raise BadRequest(f"bad lease ttl {ttl!r}: expected a positive number of seconds")
     return ttl
+
+
+def precondition_failure(
+    compares: Sequence[Compare], fence: Fence | None, revision_of: Callable[[str], int]
+) -> CasFailed | Fenced | None:
+    """The error of a transaction whose compares do not all hold, given each key's
+    mod_revision now (``revision_of``, 0: absent), or None when they all do.
+
+    Every backend says the same: the fence first (:class:`Fenced`: this writer's
+    term is over, whatever else failed), then the first compare that fails."""
+    if fence is not None and (now := revision_of(fence.key)) != fence.revision:
+        return fence_failed(fence, now)
+    for compare in compares:
+        if (now := revision_of(compare.key)) != compare.mod_revision:
+            return cas_failed(compare.key, compare.mod_revision, now)
+    return None
+
+
+def check_leases(ops: Sequence[Op], alive: Callable[[int], bool]) -> None:
+    """:class:`LeaseExpired` for the first put attached to a lease that is gone."""
+    for op in ops:
+        if isinstance(op, Put) and op.lease is not None and not alive(op.lease):
+            raise LeaseExpired(f"lease {op.lease} not found (expired or revoked)", lease=op.lease)
 
 
 def expect_compares(key: str, expect: int | None) -> list[Compare]:

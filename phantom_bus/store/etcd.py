@@ -41,7 +41,7 @@ from phantom_bus.store.base import (
     check_start_revision,
     check_ttl,
     check_txn,
-    fence_failed,
+    precondition_failure,
     prefix_end,
 )
 
@@ -158,8 +158,8 @@ class EtcdStore(StoreBase):
     # --- writes ---------------------------------------------------------------------
 
     async def txn(self, compares: Sequence[Compare], ops: Sequence[Op], fence: Fence | None = None) -> int:
-        check_txn(compares, ops)
-        checks = ([Compare(check_key(fence.key), fence.revision)] if fence else []) + list(compares)
+        check_txn(compares, ops, fence)
+        checks = ([Compare(fence.key, fence.revision)] if fence else []) + list(compares)
         request = rpc.TxnRequest()
         for compare in checks:
             request.compare.append(
@@ -187,13 +187,13 @@ class EtcdStore(StoreBase):
         response = await self._call(run)
         if response.succeeded:
             return int(response.header.revision)
+        read = {}  # every compared key, read back in the same revision
         for i, compare in enumerate(checks):
             kvs = response.responses[i].response_range.kvs
-            current = kvs[0].mod_revision if kvs else 0
-            if current != compare.mod_revision:
-                if fence is not None and i == 0:
-                    raise fence_failed(fence, current)
-                raise cas_failed(compare.key, compare.mod_revision, current)
+            read[compare.key] = kvs[0].mod_revision if kvs else 0
+        failed = precondition_failure(compares, fence, read.__getitem__)
+        if failed is not None:
+            raise failed
         # Every compare holds when read back: a concurrent writer moved and restored nothing we can name.
         raise cas_failed(checks[0].key, checks[0].mod_revision, checks[0].mod_revision)
 

@@ -27,12 +27,12 @@ from phantom_bus.store.base import (
     Put,
     StoreBase,
     StoreError,
-    cas_failed,
     check_key,
+    check_leases,
     check_start_revision,
     check_ttl,
     check_txn,
-    fence_failed,
+    precondition_failure,
 )
 
 
@@ -128,21 +128,13 @@ class MemoryStore(StoreBase):
 
     async def txn(self, compares: Sequence[Compare], ops: Sequence[Op], fence: Fence | None = None) -> int:
         self._check_open()
-        check_txn(compares, ops)
+        check_txn(compares, ops, fence)
         self.expire()
-        if fence is not None:
-            record = self._kv.get(check_key(fence.key))
-            current = record.mod_revision if record else 0
-            if current != fence.revision:
-                raise fence_failed(fence, current)
-        for compare in compares:
-            entry = self._kv.get(compare.key)
-            current = entry.mod_revision if entry else 0
-            if current != compare.mod_revision:
-                raise cas_failed(compare.key, compare.mod_revision, current)
-        for op in ops:
-            if isinstance(op, Put) and op.lease is not None and op.lease not in self._leases:
-                raise LeaseExpired(f"lease {op.lease} not found (expired or revoked)", lease=op.lease)
+        kv = self._kv
+        failed = precondition_failure(compares, fence, lambda key: entry.mod_revision if (entry := kv.get(key)) else 0)
+        if failed is not None:
+            raise failed
+        check_leases(ops, self._leases.__contains__)
         changed = [op for op in ops if isinstance(op, Put) or op.key in self._kv]
         if not changed:
             return self._rev

@@ -47,12 +47,12 @@ from phantom_bus.store.base import (
     Put,
     StoreBase,
     StoreError,
-    cas_failed,
     check_key,
+    check_leases,
     check_start_revision,
     check_ttl,
     check_txn,
-    fence_failed,
+    precondition_failure,
     prefix_end,
 )
 
@@ -290,9 +290,7 @@ class SqliteStore(StoreBase):
     # --- writes ---------------------------------------------------------------------
 
     async def txn(self, compares: Sequence[Compare], ops: Sequence[Op], fence: Fence | None = None) -> int:
-        check_txn(compares, ops)
-        if fence is not None:
-            check_key(fence.key)
+        check_txn(compares, ops, fence)
         p = self.prefix
 
         def current(conn: sqlite3.Connection, key: str) -> int:
@@ -302,18 +300,11 @@ class SqliteStore(StoreBase):
         def run(conn: sqlite3.Connection) -> int:
             conn.execute("BEGIN IMMEDIATE")
             self._expire_in_txn(conn)
-            if fence is not None and (now := current(conn, fence.key)) != fence.revision:
-                raise fence_failed(fence, now)
-            for compare in compares:
-                if (now := current(conn, compare.key)) != compare.mod_revision:
-                    raise cas_failed(compare.key, compare.mod_revision, now)
-            for op in ops:
-                if (
-                    isinstance(op, Put)
-                    and op.lease is not None
-                    and conn.execute("SELECT 1 FROM leases WHERE id=?", (op.lease,)).fetchone() is None
-                ):
-                    raise LeaseExpired(f"lease {op.lease} not found (expired or revoked)", lease=op.lease)
+            failed = precondition_failure(compares, fence, lambda key: current(conn, key))
+            if failed is not None:
+                raise failed
+            check_leases(ops, lambda lease: conn.execute("SELECT 1 FROM leases WHERE id=?", (lease,)).fetchone()
+                         is not None)
             changes: list[tuple[str, str, bytes | None]] = []
             for op in ops:
                 if isinstance(op, Put) or current(conn, op.key):

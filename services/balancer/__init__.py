@@ -7,26 +7,7 @@ returns selections and events. This package re-exports it and adds the
 process around it (``service``).
 """
 
-from phantom_bus.routing import (
-    EJECTED,
-    LEASES_EXPIRED,
-    RESTORED,
-    STRATEGY_NAMES,
-    Balancer,
-    BalancerConfig,
-    Candidate,
-    LatencySketch,
-    Selection,
-)
+from phantom_bus import routing as _routing
+from phantom_bus.routing import *  # noqa: F403  (the core's public names, re-exported as they are)
 
-__all__ = [
-    "EJECTED",
-    "LEASES_EXPIRED",
-    "RESTORED",
-    "STRATEGY_NAMES",
-    "Balancer",
-    "BalancerConfig",
-    "Candidate",
-    "LatencySketch",
-    "Selection",
-]
+__all__ = list(_routing.__all__)
