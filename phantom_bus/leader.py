@@ -33,7 +33,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import msgpack
 from loguru import logger
@@ -262,9 +262,18 @@ def leader_key(service: str) -> str:
     return LEADER_PREFIX + service
 
 
+class LeaderRecord(TypedDict):
+    """The leader record's value (msgpack): who leads and since when (wall clock,
+    for people); the term is the record's create revision, not a field."""
+
+    instance: str
+    since: float
+
+
 def encode_record(instance: str, since: float) -> bytes:
     """The leader record's value: who leads and since when (wall clock, for people)."""
-    return msgpack.packb({"instance": instance, "since": since})
+    record: LeaderRecord = {"instance": instance, "since": since}
+    return msgpack.packb(record)
 
 
 def decode_holder(entry: Entry) -> Holder:

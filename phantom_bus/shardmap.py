@@ -28,7 +28,7 @@ import hashlib
 from bisect import bisect_right
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal, NotRequired, TypedDict, cast
 
 import msgpack
 
@@ -134,6 +134,53 @@ def key_hash(key: str | bytes) -> int:
     return _from_bytes(_blake2b(data, digest_size=8).digest(), "little")
 
 
+class ReplicaDoc(TypedDict):
+    """A replica on the wire (docs/shardmap.md)."""
+
+    node: str
+    role: Role
+
+
+class ShardDoc(TypedDict):
+    """A shard on the wire: ``slots`` in a hash key space, ``start``/``end`` in a range one."""
+
+    id: str
+    state: str
+    replicas: list[ReplicaDoc]
+    slots: NotRequired[list[list[int]]]
+    start: NotRequired[bytes]
+    end: NotRequired[bytes | None]
+
+
+class KeyspaceDoc(TypedDict):
+    """A key space on the wire."""
+
+    name: str
+    kind: Kind
+    rf: int
+    slots: int
+    shards: list[ShardDoc]
+
+
+class MapDoc(TypedDict):
+    """The shard map on the wire (format ``v``), as :meth:`ShardMap.to_wire` writes it."""
+
+    v: int
+    epoch: int
+    keyspaces: list[KeyspaceDoc]
+    down: list[str]
+
+
+class RouteDoc(TypedDict):
+    """One shard's route on the wire (:meth:`ShardRoute.to_wire`)."""
+
+    keyspace: str
+    shard: str
+    primary: str | None
+    readers: list[str]
+    epoch: int
+
+
 @dataclass(frozen=True, slots=True)
 class Replica:
     """One copy of a shard: the node that holds it and its role."""
@@ -141,7 +188,7 @@ class Replica:
     node: str
     role: Role
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> ReplicaDoc:
         """The replica as a wire map ``{"node", "role"}``."""
         return {"node": self.node, "role": self.role}
 
@@ -201,9 +248,9 @@ class Shard:
         """How many slots a hash shard owns (0 for a range shard)."""
         return sum(b - a for a, b in self.slots)
 
-    def to_wire(self, kind: Kind) -> dict[str, Any]:
+    def to_wire(self, kind: Kind) -> ShardDoc:
         """The shard as a wire map; ``kind`` says which bounds to write."""
-        doc: dict[str, Any] = {
+        doc: ShardDoc = {
             "id": self.id,
             "state": self.state,
             "replicas": [r.to_wire() for r in self.replicas],
@@ -231,7 +278,7 @@ class ShardRoute:
     readers: tuple[str, ...]
     epoch: int
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> RouteDoc:
         """The route as a wire map ``{"keyspace", "shard", "primary", "readers", "epoch"}``."""
         return {
             "keyspace": self.keyspace,
@@ -390,7 +437,7 @@ class Keyspace:
                 return i
         raise NotFound(f"key space {self.name} has no shard {shard_id}", shard=shard_id)
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> KeyspaceDoc:
         """The key space as a wire map."""
         return {
             "name": self.name,
@@ -488,7 +535,7 @@ class ShardMap:
 
     # -- wire format -----------------------------------------------------------
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> MapDoc:
         """The map as plain msgpack-able types (see docs/shardmap.md)."""
         return {
             "v": FORMAT_VERSION,

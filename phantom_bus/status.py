@@ -42,7 +42,7 @@ that the blocking and the asyncio collector both drive.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Generator, Iterable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 from phantom_bus.errors import BadRequest, BrokerUnreachable, PhantomError, Refused
 from phantom_bus.plan import advance
@@ -63,6 +63,32 @@ MANAGER_NOT_ANSWERING = "manager_not_answering"
 _DISCOVERY_STATES = {"alive": "alive", "lost": "dead", "left": "left"}
 
 
+class LeaderEntry(TypedDict):
+    """One entry of ``control.leaders``: who leads and in which term (None: unknown)."""
+
+    instance: str
+    term: int | None
+
+
+class NodeRow(TypedDict):
+    """One row of the document's ``nodes`` (``phantom nodes``); the manager's rows
+    also fill ``lifecycle``, ``replicas`` and ``primaries``."""
+
+    id: Any
+    state: Any
+    lifecycle: str | None
+    address: Any
+    zone: Any
+    cpu: Any
+    mem: Any
+    load: Any
+    phi: Any
+    heartbeat_age: Any
+    incarnation: Any
+    replicas: int | None
+    primaries: int | None
+
+
 class _SyncClient(Protocol):
     def services(self) -> dict[str, Any]: ...
 
@@ -75,7 +101,7 @@ class _AsyncClient(Protocol):
     def request(self, service: str, op: str, /, **args: Any) -> Awaitable[Any]: ...
 
 
-def node_row(discovered: dict[str, Any] | None, member: dict[str, Any] | None) -> dict[str, Any]:
+def node_row(discovered: dict[str, Any] | None, member: dict[str, Any] | None) -> NodeRow:
     """One node of the status document from discovery's and membership's views;
     membership's verdict on liveness wins over discovery's."""
     d, m = discovered or {}, member or {}
@@ -134,7 +160,7 @@ def instances(tables: Iterable[Any], brokers: Iterable[str] = ()) -> dict[str, l
     return {service: sorted(names) for service, names in seen.items()}
 
 
-def leader_entry(seen: Any) -> dict[str, Any] | None:
+def leader_entry(seen: Any) -> LeaderEntry | None:
     """``{"instance", "term"}`` from a leader description (a ``health`` reply's
     ``leader``, a ``verdicts`` reply); None when it names nobody."""
     if not isinstance(seen, dict):

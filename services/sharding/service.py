@@ -41,7 +41,7 @@ from phantom_bus.events import Event
 from phantom_bus.protocol import Encoded
 from phantom_bus.security import ADMIN, READ, Rule
 from phantom_bus.service import Service
-from phantom_bus.shardmap import ShardMap
+from phantom_bus.shardmap import KeyspaceDoc, RouteDoc, ShardMap
 from phantom_bus.store import CasFailed, Compacted, Fenced, Store, StoreError
 from services.leadership import Leadership
 from services.sharding.config import ShardingConfig
@@ -357,7 +357,7 @@ class ShardingService:
 
     # --- queries --------------------------------------------------------------------------
 
-    def op_lookup(self, key: str | bytes, keyspace: str = "default") -> dict[str, Any]:
+    def op_lookup(self, key: str | bytes, keyspace: str = "default") -> RouteDoc:
         """The shard owning ``key`` and its replicas (the leader's map: see :meth:`op_map`)."""
         core = self.core
         if core is None or not self.leadership.is_leader:
@@ -432,7 +432,7 @@ class ShardingService:
         split_points: list[str | bytes] | None = None,
         rf: int | None = None,
         slots: int | None = None,
-    ) -> dict[str, Any]:
+    ) -> KeyspaceDoc:
         """Create a key space at run time."""
         now = time.monotonic()
         ks = await self._commit(lambda c: c.create_keyspace(name, kind, shards, split_points, rf, slots, now))
