@@ -28,7 +28,7 @@ import hashlib
 from bisect import bisect_right
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, NotRequired, TypedDict, cast
+from typing import Any, Final, Literal, NotRequired, TypedDict, TypeVar, cast
 
 import msgpack
 
@@ -574,6 +574,9 @@ class ShardMap:
         return cls.from_wire(doc)
 
 
+_Word = TypeVar("_Word", bound=str)
+
+
 class _Reader:
     """Field access on untrusted wire maps that fails with BadRequest, naming the field."""
 
@@ -605,6 +608,13 @@ class _Reader:
             raise self._bad(f"field {key!r} must be a non-empty string, got {value!r}")
         return value
 
+    def choice(self, doc: Mapping[str, Any], key: str, allowed: tuple[_Word, ...]) -> _Word:
+        value = self.text(doc, key)
+        if value not in allowed:
+            said = " or ".join(allowed) if len(allowed) == 2 else f"one of {', '.join(allowed)}"
+            raise self._bad(f"{key} must be {said}, got {value!r}")
+        return cast(_Word, value)
+
     def seq(self, doc: Mapping[str, Any], key: str, optional: bool = False) -> list[Any]:
         if optional and key not in doc:
             return []
@@ -619,38 +629,32 @@ def _keyspace_from_wire(doc: object) -> Keyspace:
     d = r.mapping(doc)
     name = r.text(d, "name")
     r = _Reader(f"key space {name}")
-    kind = r.text(d, "kind")
-    if kind not in KINDS:
-        raise r._bad(f"kind must be hash or range, got {kind!r}")
+    kind = r.choice(d, "kind", KINDS)
     rf = r.integer(d, "rf", 1, 64)
     slots = r.integer(d, "slots", 0, MAX_SLOTS)
-    shards = tuple(_shard_from_wire(s, cast(Kind, kind), r) for s in r.seq(d, "shards"))
-    return Keyspace(name, cast(Kind, kind), rf, shards, slots)
+    shards = tuple(_shard_from_wire(s, kind, r) for s in r.seq(d, "shards"))
+    return Keyspace(name, kind, rf, shards, slots)
 
 
 def _shard_from_wire(doc: object, kind: Kind, parent: _Reader) -> Shard:
     d = parent.mapping(doc)
     sid = parent.text(d, "id")
     r = _Reader(f"{parent.where}, shard {sid}")
-    state = r.text(d, "state")
-    if state not in STATES:
-        raise r._bad(f"state must be active or moving, got {state!r}")
+    state = r.choice(d, "state", STATES)
     replicas = []
     for item in r.seq(d, "replicas"):
         rd = r.mapping(item)
-        role = r.text(rd, "role")
-        if role not in ROLES:
-            raise r._bad(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-        replicas.append(Replica(r.text(rd, "node"), cast(Role, role)))
+        role = r.choice(rd, "role", ROLES)
+        replicas.append(Replica(r.text(rd, "node"), role))
     if kind == "hash":
         ranges = []
         for pair in r.seq(d, "slots"):
             if not isinstance(pair, list | tuple) or len(pair) != 2 or any(type(v) is not int for v in pair):
                 raise r._bad(f"a slot range is a pair of integers, got {pair!r}")
             ranges.append((pair[0], pair[1]))
-        return Shard(sid, tuple(replicas), cast(ShardState, state), tuple(sorted(ranges)))
+        return Shard(sid, tuple(replicas), state, tuple(sorted(ranges)))
     start = r.get(d, "start")
     end = r.get(d, "end")
     if type(start) is not bytes or not (end is None or type(end) is bytes):
         raise r._bad(f"start and end must be bytes (end may be nil), got {start!r}, {end!r}")
-    return Shard(sid, tuple(replicas), cast(ShardState, state), (), start, end)
+    return Shard(sid, tuple(replicas), state, (), start, end)
