@@ -397,6 +397,21 @@ class _Base:
                 raise self._behind_error(sel)
             yield _Sleep(_BEHIND_PAUSE)
 
+    def _begin_select(
+        self, feed: Any, key: Any, write: bool, keyspace: str | None, strategy: str | None, lease: bool
+    ) -> Selection | _Plan:
+        """A select's first step: the local choice if it succeeds at once (the hot
+        path: no plan, no wait), else the plan that goes on (waiting for a newer
+        map; ``feed`` None: the brokered select)."""
+        if feed is None:
+            return self._select_plan(_select_args(key, write, keyspace, strategy, lease), time.monotonic())
+        router = self._router
+        assert router is not None
+        got = self._local_attempt(feed, router, key, write, keyspace, strategy, lease, None)
+        if isinstance(got, Selection):
+            return got
+        return self._local_wait(feed, router, key, write, keyspace, strategy, lease, got)
+
     def _local_wait(
         self, feed: Any, router: LocalRouter, key: Any, write: bool, keyspace: str | None,
         strategy: str | None, lease: bool, failed: tuple[_Budget, float],
@@ -699,19 +714,12 @@ class Client(_Base):
 
         Local routing answers from memory and never waits on the bus, except
         for the very first select, which waits up to ``timeout`` for the map."""
+        feed = None
         if self.routing == "local":
             self._check_key(key)
             feed = self._local()
-            router = self._router
-            assert router is not None
-            got = self._local_attempt(feed, router, key, write, keyspace, strategy, lease, None)
-            if isinstance(got, Selection):
-                return got
-            plan = self._local_wait(feed, router, key, write, keyspace, strategy, lease, got)
-        else:
-            plan = self._select_plan(_select_args(key, write, keyspace, strategy, lease), time.monotonic())
-        sel: Selection = self._drive(plan)
-        return sel
+        got = self._begin_select(feed, key, write, keyspace, strategy, lease)
+        return got if isinstance(got, Selection) else self._drive(got)
 
     def release(self, sel: Selection, latency_ms: float, ok: bool = True) -> None:
         """End the lease of ``sel``, reporting how the request to its node went."""
@@ -958,19 +966,12 @@ class AsyncClient(_Base):
         lease: bool = True,
     ) -> Selection:
         """Awaitable :meth:`Client.select`."""
+        feed = None
         if self.routing == "local":
             self._check_key(key)
             feed = await self._local()
-            router = self._router
-            assert router is not None
-            got = self._local_attempt(feed, router, key, write, keyspace, strategy, lease, None)
-            if isinstance(got, Selection):
-                return got
-            plan = self._local_wait(feed, router, key, write, keyspace, strategy, lease, got)
-        else:
-            plan = self._select_plan(_select_args(key, write, keyspace, strategy, lease), time.monotonic())
-        sel: Selection = await self._drive(plan)
-        return sel
+        got = self._begin_select(feed, key, write, keyspace, strategy, lease)
+        return got if isinstance(got, Selection) else await self._drive(got)
 
     async def release(self, sel: Selection, latency_ms: float, ok: bool = True) -> None:
         """Awaitable :meth:`Client.release`."""
