@@ -12,7 +12,10 @@ retryable (no worker yet, worker lost, not the leader, overloaded) are
 retried after a short back-off, for as long as the call's budget of
 ``timeout x retries`` seconds lasts. When the budget is spent the call raises a :class:`PhantomError`
 subclass; if the broker itself did not answer a ping either, it is
-:class:`BrokerUnreachable`.
+:class:`BrokerUnreachable`. That policy (and the failover below, and the
+epoch guard of brokered selects) is written once, as a sans-I/O plan
+(:mod:`phantom_bus.plan`) that :class:`Client` drives with blocking calls and
+:class:`AsyncClient` with awaited ones.
 
 Routing. With ``routing="local"`` (the default) ``select`` and ``release``
 make no request at all: the client loads the shard map and the node health
