@@ -3,18 +3,21 @@
 The oracle below restates the placement rules independently of the planner:
 ideals by bisection instead of sorted water-filling, and the least number of
 copies any plan within one of those ideals needs. That least number comes from
-a min-cost flow (fast enough for the large property tests), which is itself
-checked against an exhaustive search over every plan on small clusters, so the
-fewest-moves assertions do not rest on the planner's own method.
+a min-cost flow solved by networkx's network simplex (fast enough for the large
+property tests, and another algorithm and implementation than the planner's
+own successive shortest paths), which is itself checked against an exhaustive
+search over every plan on small clusters, so the fewest-moves assertions do
+not rest on the planner's own method.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, replace
 
+import networkx as nx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -166,72 +169,32 @@ class Oracle:
         return fills, excess - spared
 
 
-class Flow:
-    """Min-cost max-flow by successive shortest paths (SPFA, so costs may be negative)."""
-
-    def __init__(self) -> None:
-        self.graph: list[list[list[int]]] = []
-
-    def vertex(self) -> int:
-        self.graph.append([])
-        return len(self.graph) - 1
-
-    def edge(self, u: int, v: int, cap: int, cost: int = 0) -> None:
-        self.graph[u].append([v, cap, cost, len(self.graph[v])])
-        self.graph[v].append([u, 0, -cost, len(self.graph[u]) - 1])
-
-    def bounded(self, u: int, v: int, lo: int, hi: int) -> None:
-        """An edge that must carry at least ``lo``: that part costs -BIG."""
-        self.edge(u, v, lo, -BIG)
-        self.edge(u, v, hi - lo, 0)
-
-    def run(self, source: int, sink: int) -> tuple[int, int]:
-        graph = self.graph
-        flow = cost = 0
-        while True:
-            dist = [math.inf] * len(graph)
-            back: list[tuple[int, int]] = [(-1, -1)] * len(graph)
-            dist[source] = 0
-            queue = deque([source])
-            queued = {source}
-            while queue:
-                u = queue.popleft()
-                queued.discard(u)
-                for k, (v, cap, c, _) in enumerate(graph[u]):
-                    if cap > 0 and dist[u] + c < dist[v]:
-                        dist[v] = dist[u] + c
-                        back[v] = (u, k)
-                        if v not in queued:
-                            queued.add(v)
-                            queue.append(v)
-            if dist[sink] == math.inf:
-                return flow, cost
-            push = 1 << 62
-            v = sink
-            while v != source:
-                u, k = back[v]
-                push = min(push, graph[u][k][1])
-                v = u
-            v = sink
-            while v != source:
-                u, k = back[v]
-                e = graph[u][k]
-                e[1] -= push
-                graph[v][e[3]][1] += push
-                v = u
-            flow += push
-            cost += push * int(dist[sink])
-
-
-BIG = 10_000
-
-
 def within_one(x: float) -> tuple[int, int]:
     return math.floor(x + 1e-9), math.ceil(x - 1e-9)
 
 
+def least_cost_flow(graph: nx.DiGraph, bounds: dict[str, tuple[int, int]], total: int) -> int | None:
+    """Cost of the cheapest flow of ``total`` from "source" to "sink" in which node ``n``
+    passes between ``bounds[n]`` units on to the sink, or None if there is none.
+
+    networkx's network simplex, not the planner's successive shortest paths: a lower
+    bound ``lo`` on ``n -> sink`` becomes ``lo`` units of demand moved from the sink to ``n``.
+    """
+    g = graph.copy()
+    g.add_node("source", demand=-total)
+    g.add_node("sink", demand=total - sum(lo for lo, _ in bounds.values()))
+    for n, (lo, hi) in bounds.items():
+        g.add_node(("node", n), demand=lo)
+        g.add_edge(("node", n), "sink", capacity=hi - lo, weight=0)
+    try:
+        cost, _ = nx.network_simplex(g)
+    except nx.NetworkXUnfeasible:
+        return None
+    return int(cost)
+
+
 def fewest_copies(nodes: dict[str, NodeSpec], shards: list[ShardSpec]) -> int | None:
-    """The exact least number of copies of any valid plan, by min-cost flow (None: infeasible).
+    """The exact least number of copies of any valid plan, as a min-cost flow (None: infeasible).
 
     source -> shard (its wanted replicas) -> (shard, zone) (the zone's room) ->
     node (cost 0 if it holds the shard already, else 1) -> sink, where each
@@ -239,33 +202,21 @@ def fewest_copies(nodes: dict[str, NodeSpec], shards: list[ShardSpec]) -> int | 
     """
     o = Oracle(nodes, shards)
     ideal = o.ideal()
-    f = Flow()
-    source, sink = f.vertex(), f.vertex()
-    node_v = {n: f.vertex() for n in sorted(ideal)}
-    floors = 0
-    for n, v in node_v.items():
-        lo, hi = within_one(ideal[n])
-        floors += lo
-        f.bounded(v, sink, lo, hi)
+    g = nx.DiGraph()
     total = 0
     for sh in shards:
         want = o.replicas_wanted(sh)
         if not want:
             continue
         total += want
-        sv = f.vertex()
-        f.edge(source, sv, want)
+        g.add_edge("source", ("shard", sh.id), capacity=want, weight=0)
         for z, room in o.room(sh).items():
             if room:
-                zv = f.vertex()
-                f.edge(sv, zv, room)
-                for n, v in node_v.items():
+                g.add_edge(("shard", sh.id), ("zone", sh.id, z), capacity=room, weight=0)
+                for n in ideal:
                     if nodes[n].zone == z:
-                        f.edge(zv, v, 1, 0 if n in sh.holders else 1)
-    flow, cost = f.run(source, sink)
-    if flow != total or cost > -BIG * floors + BIG // 2:
-        return None
-    return cost + BIG * floors
+                        g.add_edge(("zone", sh.id, z), ("node", n), capacity=1, weight=0 if n in sh.holders else 1)
+    return least_cost_flow(g, {n: within_one(x) for n, x in ideal.items()}, total)
 
 
 def brute_fewest_copies(nodes: dict[str, NodeSpec], shards: list[ShardSpec]) -> int | None:
@@ -340,20 +291,12 @@ def test_flow_oracle_and_planner_match_an_exhaustive_search_on_small_clusters(
 
 def primaries_feasible(members: dict[str, list[str]], bounds: dict[str, tuple[int, int]]) -> bool:
     """Whether each shard can get a primary among ``members`` with every node within ``bounds``."""
-    f = Flow()
-    source, sink = f.vertex(), f.vertex()
-    node_v = {n: f.vertex() for n in bounds}
-    floors = 0
-    for n, (lo, hi) in bounds.items():
-        floors += lo
-        f.bounded(node_v[n], sink, lo, hi)
-    for nodes_ in members.values():
-        sv = f.vertex()
-        f.edge(source, sv, 1)
-        for n in nodes_:
-            f.edge(sv, node_v[n], 1)
-    flow, cost = f.run(source, sink)
-    return flow == len(members) and cost <= -BIG * floors + BIG // 2
+    g = nx.DiGraph()
+    for shard, holders in members.items():
+        g.add_edge("source", ("shard", shard), capacity=1, weight=0)
+        for n in holders:
+            g.add_edge(("shard", shard), ("node", n), capacity=1, weight=0)
+    return least_cost_flow(g, bounds, len(members)) is not None
 
 
 # -- checks ----------------------------------------------------------------------
