@@ -1,57 +1,51 @@
 """Shared plumbing for the process benchmarks: free ports, process groups, events, CPU.
 
-Not a benchmark itself. :class:`Cluster` starts Phantom processes (and any
-other command) on free ports of 127.0.0.1 with their own data directory, each
-in its own session so that the whole process group can be signalled, and
-stops every one of them in :meth:`Cluster.close`, which the benchmarks call
-from ``finally`` (SIGTERM and SIGHUP are turned into ``KeyboardInterrupt`` by
-:func:`interruptible` so that ``finally`` also runs when the bench is killed
-politely). :class:`EventWatch` records bus events with their arrival time on
+Not a benchmark itself. :class:`Cluster` is the harness the tests use too
+(tests/procs.py: Phantom processes and any other command on free ports of
+127.0.0.1 with their own data directory, each in its own session so that the
+whole process group can be signalled) in a fresh temporary directory that
+:meth:`Cluster.close` removes unless a run failed; it stops every process,
+and the benchmarks call it from ``finally`` (SIGTERM and SIGHUP are turned
+into ``KeyboardInterrupt`` by :func:`interruptible` so that ``finally`` also
+runs when the bench is killed politely). :class:`EventWatch` records bus events with their arrival time on
 this machine's monotonic clock, which is the same clock (CLOCK_MONOTONIC) the
 services use for ``since`` and ages, so times from both sides compare.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import psutil
 import zmq
 
-ROOT = Path(__file__).resolve().parent.parent
 # The benchmarks' clusters run without CURVE (see Cluster.env); so do their
 # in-process clients, even in a checkout where `make up` left keys in var/keys.
 os.environ.setdefault("PHANTOM_SECURITY", "off")
-RESULTS = ROOT / "bench" / "results"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+_CHECKOUT = str(Path(__file__).resolve().parent.parent)
+if _CHECKOUT not in sys.path:
+    sys.path.insert(0, _CHECKOUT)
 
 from phantom_bus import protocol  # noqa: E402
-from phantom_bus.client import Client  # noqa: E402
 from phantom_bus.errors import PhantomError  # noqa: E402
+from tests.procs import ROOT, Processes, free_port  # noqa: E402
 
-ENDPOINTS = ("broker", "backend", "events_in", "events_out", "beacon", "heartbeat")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = [
+    "ROOT", "Cluster", "CpuMeter", "EventWatch", "fmt_spread", "free_port", "host_info", "interruptible", "log",
+    "machine_busy", "summary", "table", "write_results",
+]  # fmt: skip
 
 
 def interruptible() -> None:
@@ -64,51 +58,20 @@ def interruptible() -> None:
         signal.signal(sig, _raise)
 
 
-class Cluster:
-    """A private set of processes on free ports; :meth:`close` stops all of them."""
+class Cluster(Processes):
+    """A private set of processes on free ports in a fresh temporary directory;
+    :meth:`close` stops all of them and removes the directory unless kept."""
+
+    # Brokered by default: most benches measure the balancer's own choices.
+    client_defaults: ClassVar[dict[str, Any]] = {"timeout": 2.0, "retries": 2, "routing": "broker"}
 
     def __init__(self, name: str, log_level: str = "INFO", keep: bool = False) -> None:
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"phantom-bench-{name}-"))
+        super().__init__(Path(tempfile.mkdtemp(prefix=f"phantom-bench-{name}-")), log_level)
         self.keep = keep
-        self.ports = {k: free_port() for k in ENDPOINTS}
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PHANTOM_")}
-        self.env.update({f"PHANTOM_{k.upper()}": f"tcp://127.0.0.1:{p}" for k, p in self.ports.items()})
-        self.env["PHANTOM_DATA"] = str(self.tmp / "var")
-        self.env["PHANTOM_SECURITY"] = "off"  # the figures are for the bus itself
-        self.env["PHANTOM_LOG_LEVEL"] = log_level
-        self.env["PYTHONPATH"] = str(ROOT)
-        self.env["PYTHONUNBUFFERED"] = "1"
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.logs: dict[int, Path] = {}
         self.failed = False
 
     def endpoint(self, name: str) -> str:
         return self.env[f"PHANTOM_{name.upper()}"]
-
-    # --- starting ----------------------------------------------------------------
-
-    def spawn(
-        self, argv: Sequence[str], label: str, *, stdout_pipe: bool = False, **env: str
-    ) -> subprocess.Popen[bytes]:
-        """Start ``argv`` in its own session; stderr (and stdout unless piped) to a log file."""
-        log = self.tmp / f"{label}-{len(self.procs)}.log"
-        out = log.open("wb")
-        proc = subprocess.Popen(
-            list(argv),
-            cwd=ROOT,
-            env={**self.env, **env},
-            stdout=subprocess.PIPE if stdout_pipe else out,
-            stderr=out,
-            start_new_session=True,
-        )
-        out.close()
-        self.procs.append(proc)
-        self.logs[proc.pid] = log
-        return proc
-
-    def start(self, module: str, *args: str, label: str | None = None, **env: str) -> subprocess.Popen[bytes]:
-        """``python -m module args`` with this cluster's environment."""
-        return self.spawn([sys.executable, "-m", module, *args], label or module.rsplit(".", 1)[-1], **env)
 
     def agent(self, node: str, n: int, **env: str) -> subprocess.Popen[bytes]:
         return self.start(
@@ -119,7 +82,7 @@ class Cluster:
             f"z{n % 3 + 1}",
             "--address",
             f"127.0.0.1:{7000 + n % 1000}",
-            label=node,
+            name=node,
             **env,
         )
 
@@ -127,41 +90,16 @@ class Cluster:
         """``count`` pure-Python busy loops, one core each."""
         return [self.spawn([sys.executable, "-c", "while True: pass"], "spin") for _ in range(count)]
 
-    # --- stopping ------------------------------------------------------------------
-
-    @staticmethod
-    def kill(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
-        """Signal one process (not its group) and reap it if the signal ends it."""
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
-        if sig in (signal.SIGKILL, signal.SIGTERM):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(10)
-
-    def stop(self, procs: Iterable[subprocess.Popen[bytes]], grace: float = 5.0) -> None:
-        """SIGTERM each process group, then SIGKILL whatever is left after ``grace``."""
-        procs = [p for p in procs if p.poll() is None]
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGCONT)
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for proc in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(max(0.05, deadline - time.monotonic()))
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(5)
-        for proc in procs:
-            # A group may outlive its leader (a child it started); leave nothing behind.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
+    def wait_service(self, service: str, timeout: float = 20.0) -> None:
+        try:
+            super().wait_service(service, timeout)
+        except RuntimeError:
+            self.failed = True
+            raise
 
     def close(self) -> None:
         """Stop every process this cluster started; keep the logs if something failed."""
-        self.stop(self.procs)
+        super().close()
         if self.keep or self.failed:
             print(f"(process logs kept in {self.tmp})", file=sys.stderr)
         else:
@@ -170,39 +108,10 @@ class Cluster:
     def __enter__(self) -> Cluster:
         return self
 
-    def __exit__(self, exc_type: Any, *_: Any) -> None:
-        if exc_type is not None:
+    def __exit__(self, *exc: object) -> None:
+        if exc and exc[0] is not None:
             self.failed = True
         self.close()
-
-    # --- the bus -------------------------------------------------------------------
-
-    def client(self, timeout: float = 2.0, retries: int = 2, routing: str = "broker") -> Client:
-        # Brokered by default: most benches measure the balancer's own choices.
-        return Client(self.endpoint("broker"), timeout=timeout, retries=retries, routing=routing,
-                      events=self.endpoint("events_out"))
-
-    def request(self, service: str, op: str, **args: Any) -> Any:
-        with self.client() as c:
-            return c.request(service, op, **args)
-
-    def wait_service(self, service: str, timeout: float = 20.0) -> None:
-        """Until ``service`` answers a ping through the broker."""
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        with self.client(timeout=0.5, retries=1) as c:
-            while time.monotonic() < deadline:
-                try:
-                    c.request(service, "ping")
-                    return
-                except PhantomError as exc:
-                    last = exc
-                    time.sleep(0.1)
-        self.failed = True
-        raise RuntimeError(f"service {service} did not come up within {timeout:g} s: {last}")
-
-    def log_text(self, proc: subprocess.Popen[bytes]) -> str:
-        return self.logs[proc.pid].read_text(errors="replace")
 
 
 class EventWatch:
@@ -349,8 +258,9 @@ def table(title: str, header: list[str], rows: list[list[Any]]) -> None:
 
 
 def write_results(name: str, doc: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{name}.json"
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    out = results / f"{name}.json"
     out.write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
     return out
 

@@ -1,4 +1,10 @@
-"""Selection strategies under heterogeneous nodes and stale load information.
+"""Selection strategies in a simulated cluster (heterogeneous, stale, degrading nodes) and the core's throughput.
+
+Three questions. 1: which strategy gives the lowest latency and the evenest
+load when nodes differ in speed, when load information is stale, and when
+every client balances on its own (below)? 2: the same when one node degrades
+for a while (the degradation scenario, further below)? 3: how many
+select+release pairs per second does the core sustain in one process?
 
 A discrete-event simulation in virtual time (seconds) that drives the real
 balancer core (:class:`services.balancer.Balancer` with its default
@@ -58,6 +64,22 @@ each with its own core (its own random source, in-flight counts, EWMA and
 ejection, fed only by its own releases), as locally routing clients choose;
 loads reach every client. Goal: p99 within 1.1 x the single central core's.
 
+Degradation scenario: Poisson arrivals, each request for a random shard
+with three replicas; every node serves ``DEG_WORKERS`` requests at once from
+a FIFO queue with exponential service times; nodes report their CPU busy
+fraction every second as load. Node ``n5`` is as fast as the best node, then
+``DEG_SLOWDOWN`` times slower for the middle third of the run, then recovers.
+The baseline in the same run is a least-connections oracle: it picks the
+replica with the fewest outstanding requests as the simulator itself counts
+them (ground truth, no leases, no core). Ratios are against it; every figure
+is the median over the seeds (one with ``--quick``), with the spread of the
+p99 ratio.
+
+Core throughput (goal: 50,000 select+release pairs per second), per strategy,
+median of several runs, next to a floor measured in the same run (a lock, one
+random draw and a dict insert/remove per pair: about the least any
+lease-keeping selector must do in Python).
+
 Run: ``python bench/balancer_sim.py [--quick]``; writes
 ``bench/results/balancer_sim.json``.
 """
@@ -70,8 +92,10 @@ import multiprocessing as mp
 import random
 import statistics
 import sys
+import threading
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +302,207 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
     }
 
 
+# -- the degradation scenario: n5 slows down for the middle third ----------------------------
+
+DEG_WORKERS = 4
+# mean service time per node in ms; n5 degrades during the middle third
+DEG_SPEEDS_MS = {"n1": 2.0, "n2": 2.0, "n3": 3.0, "n4": 4.0, "n5": 2.0}
+DEG_SLOWDOWN = 8.0
+DEG_SHARDS = 10
+DEG_REPLICAS = 3
+
+
+@dataclass
+class DegNode:
+    """A simulated database node: DEG_WORKERS servers and a FIFO queue."""
+
+    name: str
+    mean_ms: float
+    free: int = DEG_WORKERS
+    queue: deque[tuple[float, str | None]] = field(default_factory=deque)
+    outstanding: int = 0
+    busy_s: float = 0.0
+    busy_window_s: float = 0.0
+    served: int = 0
+    served_degraded: int = 0
+
+
+def deg_placement() -> dict[str, list[Candidate]]:
+    names = list(DEG_SPEEDS_MS)
+    shards = {}
+    for s in range(DEG_SHARDS):
+        members = [names[(s + k) % len(names)] for k in range(DEG_REPLICAS)]
+        shards[f"s{s}"] = [Candidate(n, "primary" if k == 0 else "replica")
+                           for k, n in enumerate(members)]
+    return shards
+
+
+def simulate_degraded(strategy: str, seed: int, duration: float, rate: float) -> dict[str, Any]:
+    """One run of the degradation scenario; ``strategy`` is a core strategy name or ORACLE."""
+    rng = random.Random(seed)
+    nodes = {n: DegNode(n, ms) for n, ms in DEG_SPEEDS_MS.items()}
+    shards = deg_placement()
+    shard_ids = list(shards)
+    oracle = strategy == ORACLE
+    bal = Balancer(BalancerConfig(default_strategy="performance" if oracle else strategy),
+                   random.Random(seed + 1))
+    for n, ms in DEG_SPEEDS_MS.items():
+        # Operators declare nominal capacity as weight; n5 keeps its weight when it degrades.
+        bal.node_update(n, state="alive", lifecycle="active", weight=2.0 / ms, now=-100.0)
+    degrade_from, degrade_to = duration / 3, 2 * duration / 3
+    events: list[tuple[float, int, int, Any]] = []
+    seq = 0
+    arrival, completion, report = 0, 1, 2
+
+    def push(at: float, kind: int, payload: Any) -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(events, (at, seq, kind, payload))
+
+    def start(node: DegNode, now: float, began: float, lease: str | None) -> None:
+        slow = DEG_SLOWDOWN if node.name == "n5" and degrade_from <= now < degrade_to else 1.0
+        service = rng.expovariate(1.0 / (node.mean_ms * slow / 1000.0))
+        node.free -= 1
+        node.busy_s += service
+        node.busy_window_s += service
+        push(now + service, completion, (node, began, lease))
+
+    latencies: list[float] = []
+    degraded_latencies: list[float] = []
+    push(rng.expovariate(rate), arrival, None)
+    push(1.0, report, None)
+    while events:
+        now, _, kind, payload = heapq.heappop(events)
+        if now > duration and kind != completion:
+            continue
+        if kind == arrival:
+            push(now + rng.expovariate(rate), arrival, None)
+            sid = shard_ids[int(rng.random() * DEG_SHARDS)]
+            if oracle:
+                cands = shards[sid]
+                start_at = int(rng.random() * DEG_REPLICAS)
+                order = [cands[(start_at + k) % DEG_REPLICAS].node for k in range(DEG_REPLICAS)]
+                target = nodes[min(order, key=lambda n: nodes[n].outstanding)]
+                lease = None
+            else:
+                sel = bal.select(sid, shards[sid], now=now)
+                target, lease = nodes[sel.node], sel.lease
+            target.outstanding += 1
+            target.served += 1
+            if degrade_from <= now < degrade_to:
+                target.served_degraded += 1
+            if target.free:
+                start(target, now, now, lease)
+            else:
+                target.queue.append((now, lease))
+        elif kind == completion:
+            node, began, lease = payload
+            node.free += 1
+            node.outstanding -= 1
+            latency_ms = (now - began) * 1000.0
+            latencies.append(latency_ms)
+            if degrade_from <= began < degrade_to:
+                degraded_latencies.append(latency_ms)
+            if lease is not None:
+                bal.release(lease, latency_ms, True, now=now)
+            if node.queue:
+                queued_at, queued_lease = node.queue.popleft()
+                start(node, now, queued_at, queued_lease)
+        else:
+            for node in nodes.values():
+                cpu = min(100.0, 100.0 * node.busy_window_s / DEG_WORKERS)
+                node.busy_window_s = 0.0
+                bal.node_update(node.name, load={"cpu": cpu, "mem": 50.0}, now=now)
+            bal.tick(now)
+            push(now + 1.0, report, None)
+    utilization = [n.busy_s / (DEG_WORKERS * duration) for n in nodes.values()]
+    degraded_total = sum(n.served_degraded for n in nodes.values())
+    return {
+        "requests": len(latencies),
+        "mean_ms": statistics.fmean(latencies),
+        "p99_ms": pct(sorted(latencies), 0.99),
+        "p99_degraded_ms": pct(sorted(degraded_latencies), 0.99),
+        "n5_share_degraded": nodes["n5"].served_degraded / max(1, degraded_total),
+        "util_spread": max(utilization) - min(utilization),
+        "utilization": {n: round(u, 3) for n, u in zip(nodes, utilization, strict=True)},
+    }
+
+
+def compare_degraded(seeds: int, duration: float, rate: float) -> list[dict[str, Any]]:
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for seed in range(seeds):
+        oracle = simulate_degraded(ORACLE, seed, duration, rate)
+        runs.setdefault(ORACLE, []).append({**oracle, "mean_ratio": 1.0, "p99_ratio": 1.0})
+        for name in STRATEGY_NAMES:
+            result = simulate_degraded(name, seed, duration, rate)
+            result["mean_ratio"] = result["mean_ms"] / oracle["mean_ms"]
+            result["p99_ratio"] = result["p99_ms"] / oracle["p99_ms"]
+            runs.setdefault(name, []).append(result)
+    rows = []
+    for name, results in runs.items():
+        row: dict[str, Any] = {"strategy": name}
+        for metric in ("mean_ms", "p99_ms", "p99_degraded_ms", "n5_share_degraded",
+                       "util_spread", "mean_ratio", "p99_ratio"):
+            row[metric] = statistics.median(r[metric] for r in results)
+        ratios = [r["p99_ratio"] for r in results]
+        row["p99_ratio_spread"] = [min(ratios), max(ratios)]
+        row["requests"] = sum(r["requests"] for r in results)
+        row["utilization_seed0"] = results[0]["utilization"]
+        rows.append(row)
+    return rows
+
+
+def throughput(pairs: int, repeats: int) -> list[dict[str, Any]]:
+    node_names = [f"node-{i:02d}" for i in range(12)]
+    shard_cands = [
+        [Candidate(node_names[(s + k) % 12], "primary" if k == 0 else "replica")
+         for k in range(3)]
+        for s in range(64)
+    ]
+    shard_ids = [f"ks/{s}" for s in range(64)]
+
+    def floor_run() -> float:
+        lock = threading.Lock()
+        rng = random.Random(1)
+        table: dict[int, int] = {}
+        t = time.perf_counter()
+        for i in range(pairs):
+            with lock:
+                table[i] = int(rng.random() * 3)
+            with lock:
+                del table[i]
+        return pairs / (time.perf_counter() - t)
+
+    def core_run(strategy: str, lease: bool) -> float:
+        bal = Balancer(BalancerConfig(default_strategy=strategy), random.Random(1))
+        for n in node_names:
+            bal.node_update(n, state="alive", lifecycle="active", load={"cpu": 20, "mem": 40},
+                            now=0.0)
+        now = 100.0
+        select, release = bal.select, bal.release
+        t = time.perf_counter()
+        for i in range(pairs):
+            now += 1e-5
+            k = i & 63
+            sel = select(shard_ids[k], shard_cands[k], lease=lease, now=now)
+            if lease:
+                release(sel.lease, 1.5, True, now=now)  # type: ignore[arg-type]
+        return pairs / (time.perf_counter() - t)
+
+    cases: list[tuple[str, Any]] = [("floor: lock + draw + dict", floor_run)]
+    cases += [(f"{s} select+release", lambda s=s: core_run(s, True)) for s in STRATEGY_NAMES]
+    cases.append(("performance lookup (lease=False)", lambda: core_run("performance", False)))
+    rows = []
+    for case, fn in cases:
+        results = [fn() for _ in range(repeats)]
+        rows.append({"case": case, "per_s": statistics.median(results),
+                     "spread": [min(results), max(results)]})
+    floor = rows[0]["per_s"]
+    for row in rows:
+        row["vs_floor"] = row["per_s"] / floor
+    return rows
+
+
 def _job(args: tuple[Any, ...]) -> dict[str, Any]:
     return simulate(*args)
 
@@ -425,11 +650,50 @@ def main() -> int:
         goals["per_client"] = {"clients": args.clients, "p99_ms": pc_p99, "central_p99_ms": c_p99,
                                "ratio": ratio, "ratios": ratios, "ok": ok, "max_mean": pc_load}
     print(f"\n({len(runs) + len(per_client)} runs in {elapsed:.0f} s wall on {args.jobs} processes)")
+
+    deg_seeds, duration, rate = (1, 3.0, 3000.0) if args.quick else (args.seeds, 12.0, 4000.0)
+    sim = compare_degraded(deg_seeds, duration, rate)
+    print(f"\nDegradation: {len(DEG_SPEEDS_MS)} nodes x {DEG_WORKERS} workers, service ms "
+          f"{DEG_SPEEDS_MS}, n5 x{DEG_SLOWDOWN:g} slower in the middle third; {DEG_SHARDS} shards x "
+          f"{DEG_REPLICAS} replicas; {rate:g} req/s for {duration:g} s; median of {deg_seeds} seed(s)")
+    header = (f"{'strategy':<26} {'mean ms':>8} {'p99 ms':>8} {'p99 deg':>8} "
+              f"{'n5 share':>9} {'util spr':>9} {'mean/or':>8} {'p99/or':>8} {'p99/or spread':>14}")
+    print(header)
+    print("-" * len(header))
+    for r in sim:
+        lo, hi = r["p99_ratio_spread"]
+        name = "oracle (LC, ground truth)" if r["strategy"] == ORACLE else r["strategy"]
+        print(f"{name:<26} {r['mean_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+              f"{r['p99_degraded_ms']:>8.2f} {r['n5_share_degraded']:>9.1%} "
+              f"{r['util_spread']:>9.2f} {r['mean_ratio']:>8.2f} {r['p99_ratio']:>8.2f} "
+              f"{lo:>6.2f}..{hi:<6.2f}")
+    print("p99 deg: p99 of requests sent while n5 was degraded; n5 share: its share of those; "
+          "util spr: max - min node utilisation")
+
+    pairs, repeats = (20_000, 2) if args.quick else (100_000, 5)
+    tput = throughput(pairs, repeats)
+    print(f"\nCore throughput, one thread, 64 shards x 3 replicas over 12 nodes, "
+          f"{pairs} pairs, median of {repeats}")
+    header = f"{'case':<36} {'per s':>10} {'spread':>21} {'vs floor':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in tput:
+        lo, hi = r["spread"]
+        print(f"{r['case']:<36} {r['per_s']:>10,.0f} {lo:>10,.0f}..{hi:<9,.0f} "
+              f"{r['vs_floor']:>9.2f}")
+    worst = min(r["per_s"] for r in tput if "select+release" in r["case"])
+    verdict = "met" if worst >= 50_000 else "NOT met"
+    print(f"goal >= 50,000 select+release/s: {verdict} (slowest strategy {worst:,.0f}/s)")
+
     out = write_results("balancer_sim", {
         "params": {"nodes": MEAN_MS, "load": LOAD, "rate": RATE, "capacity": CAPACITY,
                    "mean_service_s": MEAN_SERVICE_S, "requests": requests, "seeds": seeds,
                    "stale_levels": levels, "shards": SHARDS, "warmup": WARMUP, "quick": args.quick},
         "rows": rows, "goals": goals, "runs": runs + per_client, "host": host_info(), "elapsed_s": elapsed,
+        "degradation": {"seeds": deg_seeds, "duration_s": duration, "rate": rate, "speeds_ms": DEG_SPEEDS_MS,
+                        "slowdown": DEG_SLOWDOWN, "workers": DEG_WORKERS, "rows": sim},
+        "throughput": {"pairs": pairs, "repeats": repeats, "rows": tput,
+                       "goal_per_s": 50_000, "goal_met": worst >= 50_000},
     })
     print(f"wrote {out}")
     return 0

@@ -28,7 +28,6 @@ import json
 import multiprocessing as mp
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,14 +43,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from phantom_bus import protocol  # noqa: E402
+from tests.procs import free_port  # noqa: E402
 
 PAYLOAD = {"op": "echo", "args": {"key": "user:42", "write": False, "n": 12345, "pad": "x" * 64}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def raw_echo_server(endpoint: str) -> None:

@@ -215,7 +215,7 @@ def import_floor(cluster: Cluster, trials: int) -> list[float]:
 def start_to_discovered(cluster: Cluster, watch: EventWatch, interval: float, trials: int) -> dict[str, Any]:
     expiry = interval * EXPIRY_MULTIPLE
     env = {"PHANTOM_BEACON_INTERVAL": str(interval), "PHANTOM_BEACON_EXPIRY": str(expiry)}
-    disc = cluster.start("services.discovery", label=f"discovery-{interval:g}", **env)
+    disc = cluster.start("services.discovery", name=f"discovery-{interval:g}", **env)
     rows: list[dict[str, Any]] = []
     try:
         cluster.wait_service("discovery")
@@ -387,7 +387,7 @@ def scale_point(
             procs.append(target)
             time.sleep(0.5)
         else:
-            target = cluster.start("services.discovery", label=f"discovery-{tag}")
+            target = cluster.start("services.discovery", name=f"discovery-{tag}")
             procs.append(target)
             cluster.wait_service("discovery")
         senders = []
@@ -528,7 +528,7 @@ def scale_point(
         if not raw:
             # The broker logs each time it drops a worker that stopped heartbeating.
             window_wall = t_window + (time.time() - time.monotonic())
-            drops = [broker_log_time(line) for line in cluster.log_text(cluster.procs[0]).splitlines()
+            drops = [broker_log_time(line) for line in cluster.log(cluster.procs[0]).splitlines()
                      if f"(pid {target.pid}) stopped heartbeating" in line]
             in_windows = sum(1 for t in drops if t >= window_wall)
             result["worker_dropped_by_broker"] = {"cold_start": len(drops) - in_windows, "steady": in_windows}

@@ -1,7 +1,20 @@
-"""Failure detection with real processes: detection time, false positives under load, scale.
+"""Failure detection: the membership core in virtual time, then real processes under load and at scale.
 
-Three questions, on free ports of 127.0.0.1, membership at its
-default settings unless said otherwise:
+Membership at its default settings unless said otherwise.
+
+S. **The core in simulation** (no processes, no sockets: the virtual-time
+   simulator of services.membership.simulate drives the real core).
+   S1: how long after a kill is a node declared dead at the default settings
+   (typical jitter; heavy jitter with GC stalls of membership)? S2: does
+   anyone get convicted over 10 simulated minutes (2 with ``--quick``) of
+   heavy jitter, GC-like stalls of membership itself and two 3 s SIGSTOPs,
+   and does the stall protection matter (control runs with it disabled)?
+   S3: how do detection time and false positives move with acceptable_pause
+   and min_std_dev (the evidence behind the defaults)? S4: what does the core
+   cost per heartbeat and per tick with 10,000 nodes at 1 Hz, against a naive
+   tick that evaluates phi for every node?
+
+Then three questions on free ports of 127.0.0.1:
 
 A. **Detection after SIGKILL.** broker + discovery + membership + 3 real
    agents (heartbeat 0.25 s). One agent at a time is SIGKILLed once it has
@@ -35,6 +48,7 @@ membership; their CPU is reported too.
 
     .venv/bin/python bench/failure_detection.py [--quick] [--minutes 3] [--counts 0,2000,5000,10000,20000]
     .venv/bin/python bench/failure_detection.py --parts b --minutes 10     # the issue's full 10-minute goal
+    .venv/bin/python bench/failure_detection.py --parts s [--quick]        # the simulation alone
 
 Prints tables and writes ``bench/results/failure_detection.json`` (a partial run:
 ``failure_detection-<parts>.json``).
@@ -44,11 +58,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -74,8 +90,11 @@ from _procs import (
 
 from phantom_bus import protocol
 from phantom_bus.client import AsyncClient
+from services.membership import Membership, PhiDetector
 from services.membership.config import MembershipConfig
 from services.membership.detector import tail_phi_inverse
+from services.membership.simulate import Jitter, Observer, Scenario, detection_trials
+from services.membership.simulate import run as simulate
 
 NODES_PER_SIM = 5000
 MEMBER_EVENTS = ["member.alive", "member.suspect", "member.dead", "member.left"]
@@ -737,6 +756,212 @@ def part_c(counts: list[int], warmup: float, windows: int, window: float, probes
             "largest_kept_up": max(ok) if ok else None, "sim_stats": sim_stats}
 
 
+# --- S: the core in simulation -------------------------------------------------------------------
+
+
+def quantiles(xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+    if not xs:
+        return {"n": 0}
+    return {
+        "n": len(xs),
+        "min": xs[0],
+        "median": statistics.median(xs),
+        "p90": xs[int(0.9 * (len(xs) - 1))],
+        "p99": xs[int(0.99 * (len(xs) - 1))],
+        "max": xs[-1],
+    }
+
+
+def sim_detection(trials: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    rows = []
+    for label, jitter, observer in (
+        ("typical jitter", Jitter.typical(), Observer()),
+        ("heavy jitter + GC stalls", Jitter.heavy(), Observer.gc_heavy()),
+    ):
+        times, undetected, fps = detection_trials(
+            trials, nodes=20, kills_per_trial=3, jitter=jitter, observer=observer, seed=1000
+        )
+        q = quantiles(times)
+        out[label] = {**q, "undetected": undetected, "false_positives": fps}
+        rows.append([label, q["n"], q["min"], q["median"], q["p90"], q["max"], undetected, fps])
+    table(
+        f"S1. Detection time after a kill, defaults ({trials} trials x 3 kills, seconds)",
+        ["scenario", "kills", "min", "median", "p90", "max", "missed", "false+"],
+        rows,
+    )
+    return out
+
+
+def sim_false_positives(duration: float) -> dict[str, Any]:
+    stops = ((duration / 3, 3.0), (2 * duration / 3, 3.0))
+    runs = [
+        ("defaults, drain then tick", MembershipConfig(), True),
+        ("defaults, tick then drain", MembershipConfig(), False),
+        ("control: stall protection off, drain then tick",
+         MembershipConfig(stall_threshold=1e9), True),
+        ("control: stall protection off, tick then drain",
+         MembershipConfig(stall_threshold=1e9), False),
+    ]
+    out: dict[str, Any] = {}
+    rows = []
+    for label, cfg, drain_first in runs:
+        rep = simulate(
+            Scenario(
+                nodes=100,
+                duration=duration,
+                jitter=Jitter.heavy(),
+                observer=Observer(pauses=stops, gc_rate=0.2, gc_max=0.3,
+                                  drain_before_tick=drain_first),
+                config=cfg,
+                seed=7,
+            )
+        )
+        stats = rep.core.stats()
+        out[label] = {
+            "false_suspects": len(rep.false_suspects),
+            "false_deads": len(rep.false_deads),
+            "heartbeats": rep.heartbeats,
+            "observer_stalls": rep.stalls,
+            "stalled_seconds": rep.stalled_seconds,
+            "gaps_dropped": stats["gaps_dropped"],
+        }
+        rows.append([label, rep.heartbeats, len(rep.false_suspects), len(rep.false_deads),
+                     stats["stalls"], round(rep.stalled_seconds, 1)])
+    table(
+        f"S2. False positives: 100 nodes x {duration:.0f} s, heavy jitter, GC stalls of "
+        "membership (0.2/s, <=0.3 s), two 3 s SIGSTOPs",
+        ["run", "heartbeats", "false suspect", "false dead", "stalls", "stalled s"],
+        rows,
+    )
+    return out
+
+
+def sim_sweep(trials: int, duration: float) -> list[dict[str, Any]]:
+    out = []
+    rows = []
+    extreme = dataclasses.replace(Jitter.heavy(), pause_rate=1 / 20, pause_max=1.0,
+                                  spike_probability=0.05, spike_max=0.5)
+    for pause in (0.25, 0.5, 1.0):
+        for min_std in (0.05, 0.1, 0.2):
+            cfg = MembershipConfig(acceptable_pause=pause, min_std_dev=min_std)
+            times, _, _ = detection_trials(trials, nodes=10, kills_per_trial=3, config=cfg,
+                                           seed=2000)
+            q = quantiles(times)
+            fp = {}
+            for name, jit in (("heavy", Jitter.heavy()), ("extreme", extreme)):
+                rep = simulate(Scenario(nodes=100, duration=duration, jitter=jit,
+                                   observer=Observer.gc_heavy(), config=cfg, seed=8))
+                fp[name] = (len(rep.false_suspects), len(rep.false_deads))
+            mark = " *" if (pause, min_std) == (0.5, 0.1) else ""
+            out.append({"acceptable_pause": pause, "min_std_dev": min_std,
+                        "detection": q, "false_positives": fp})
+            rows.append([f"{pause}{mark}", min_std, q["median"], q["max"],
+                         f"{fp['heavy'][0]}/{fp['heavy'][1]}",
+                         f"{fp['extreme'][0]}/{fp['extreme'][1]}"])
+    table(
+        f"S3. Sweep (* = default): detection over {trials}x3 kills; false suspect/dead over "
+        f"100 nodes x {duration:.0f} s",
+        ["accept_pause", "min_std", "det median", "det max", "heavy s/d", "extreme s/d"],
+        rows,
+    )
+    print("   extreme = agents pause up to 1.0 s every ~20 s and 5 % of heartbeats are "
+          "up to 0.5 s late")
+    return out
+
+
+def sim_cost(repeats: int, seconds: int) -> dict[str, Any]:
+    n = 10_000
+    hz_tick = 10
+    names = [f"node-{i:05d}" for i in range(n)]
+    per_tick = n // hz_tick
+    hb_us: list[float] = []
+    tick_ms: list[float] = []
+    fraction: list[float] = []
+    naive_ms: list[float] = []
+    members_ms: list[float] = []
+    for _ in range(repeats):
+        core = Membership(MembershipConfig(heartbeat_interval=1.0))
+        for name in names:
+            core.admit(name, 0.0)
+        seqs = [0] * n
+        hb_total = tick_total = 0.0
+        calls = ticks = 0
+        for step in range(seconds * hz_tick):
+            t = step / hz_tick
+            lo = (step % hz_tick) * per_tick
+            loads = [{"cpu": float((step + i) % 97), "mem": 40.0} for i in range(lo, lo + per_tick)]
+            a = time.perf_counter()
+            for k, i in enumerate(range(lo, lo + per_tick)):
+                seqs[i] += 1
+                core.heartbeat(names[i], 1, seqs[i], loads[k], t + k * 1e-5)
+            b = time.perf_counter()
+            core.tick(t + 0.099, 0.0)
+            c = time.perf_counter()
+            hb_total += b - a
+            tick_total += c - b
+            calls += per_tick
+            ticks += 1
+        hb_us.append(hb_total / calls * 1e6)
+        tick_ms.append(tick_total / ticks * 1e3)
+        fraction.append((hb_total + tick_total) / seconds)
+        a = time.perf_counter()
+        core.members(float(seconds))
+        members_ms.append((time.perf_counter() - a) * 1e3)
+        # Baseline: a tick that evaluates phi for every node.
+        dets = [PhiDetector(1.0) for _ in range(n)]
+        for d in dets:
+            for k in range(30):
+                d.heartbeat(k * 1.0)
+        a = time.perf_counter()
+        for d in dets:
+            d.phi(30.5)
+        naive_ms.append((time.perf_counter() - a) * 1e3)
+    med = statistics.median
+    out: dict[str, Any] = {
+        "nodes": n,
+        "heartbeat_hz": 1,
+        "tick_hz": hz_tick,
+        "repeats": repeats,
+        "heartbeat_us": {"median": med(hb_us), "min": min(hb_us), "max": max(hb_us)},
+        "tick_ms": {"median": med(tick_ms), "min": min(tick_ms), "max": max(tick_ms)},
+        "core_cpu_fraction": {"median": med(fraction), "min": min(fraction),
+                              "max": max(fraction)},
+        "naive_full_scan_tick_ms": {"median": med(naive_ms), "min": min(naive_ms),
+                                    "max": max(naive_ms)},
+        "members_ms": {"median": med(members_ms)},
+    }
+    rows = [
+        ["heartbeat() per call, us", med(hb_us), min(hb_us), max(hb_us)],
+        ["tick() at 10 Hz (1,000 arrivals folded), ms", med(tick_ms), min(tick_ms),
+         max(tick_ms)],
+        ["phi of all 10,000 nodes (what a scan adds), ms", med(naive_ms), min(naive_ms),
+         max(naive_ms)],
+        ["members() of 10,000 nodes, ms", med(members_ms), min(members_ms), max(members_ms)],
+        ["core CPU, fraction of one core", med(fraction), min(fraction), max(fraction)],
+    ]
+    table(f"S4. Cost with 10,000 nodes at 1 Hz, ticks at 10 Hz ({repeats} runs x {seconds} s)",
+          ["measure", "median", "min", "max"], rows)
+    # A scanning tick would fold the same arrivals and then evaluate every node.
+    ratio = (med(tick_ms) + med(naive_ms)) / med(tick_ms)
+    print(f"   a tick that scans every node would cost {ratio:.1f}x the heap-scheduled one; "
+          f"the scan alone is {med(naive_ms) * hz_tick / 10:.1f} % of a core at {hz_tick} Hz")
+    out["scanning_tick_over_heap_tick"] = ratio
+    return out
+
+
+def part_s(quick: bool) -> dict[str, Any]:
+    """The membership core alone in virtual time (services.membership.simulate): S1..S4."""
+    return {
+        "defaults": dataclasses.asdict(MembershipConfig()),
+        "detection": sim_detection(30 if quick else 200),
+        "false_positives": sim_false_positives(120.0 if quick else 600.0),
+        "sweep": sim_sweep(10 if quick else 40, 60.0 if quick else 300.0),
+        "cost": sim_cost(2 if quick else 5, 10 if quick else 30),
+    }
+
+
 # --- main ------------------------------------------------------------------------------------------
 
 
@@ -747,8 +972,8 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, help="length of the saturated run in part B (default 3)")
     parser.add_argument("--counts", help="simulated node counts for part C, comma-separated, first is the baseline")
     parser.add_argument("--no-load", action="store_true", help="part C heartbeats without load documents")
-    parser.add_argument("--parts", default="abc",
-                        help="which parts to run (default abc); a partial run writes failure_detection-<parts>.json")
+    parser.add_argument("--parts", default="sabc",
+                        help="which parts to run (default sabc); a partial run writes failure_detection-<parts>.json")
     parser.add_argument("--keep", action="store_true", help="keep the process logs")
     args = parser.parse_args()
     quick = args.quick
@@ -770,6 +995,9 @@ def main() -> int:
             "heartbeat_interval", "window_size", "min_std_dev", "acceptable_pause", "suspect_phi", "dead_phi",
             "suspicion_timeout", "tick_interval", "stall_threshold", "backlog_grace")},
     }
+    if "s" in args.parts:
+        log("S: the membership core in virtual time")
+        doc["simulation"] = part_s(quick)
     if "a" in args.parts:
         log(f"A: SIGKILL of a real agent, {trials} trials")
         doc["kill"] = part_a(trials, args.keep)
@@ -847,7 +1075,7 @@ def main() -> int:
               f"unloaded): {c['largest_kept_up']} (goal 10,000)")
     print(f"elapsed {doc['elapsed_s']:.0f} s")
     # A partial run (--parts) gets its own file so it never hides the last full run.
-    name = "failure_detection" if set(args.parts) >= set("abc") else f"failure_detection-{args.parts}"
+    name = "failure_detection" if set(args.parts) >= set("sabc") else f"failure_detection-{args.parts}"
     out = write_results(name, doc)
     print(f"wrote {out}")
     return 0

@@ -76,7 +76,7 @@ class Brokers:
         c = self.cluster
         for i, ports in enumerate(self.ports, 1):
             own = {f"PHANTOM_{k.upper()}": f"tcp://127.0.0.1:{v}" for k, v in ports.items()}
-            self.brokers.append(c.start("phantom_bus.broker", label=f"broker{i}", PHANTOM_INSTANCE=f"b{i}", **own))
+            self.brokers.append(c.start("phantom_bus.broker", name=f"broker{i}", PHANTOM_INSTANCE=f"b{i}", **own))
         for name in SERVICES:
             c.start(f"services.{name}")
         for n in (1, 2, 3):

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.net import free_port
+from tests.procs import free_port
 
 
 def find_etcd() -> tuple[str | None, str]:

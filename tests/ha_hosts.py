@@ -15,7 +15,7 @@ caller, every selection whose epoch is lower than one the same client saw
 before, and the times of its successes (so the longest gap between two
 successful selects is the stall a host loss caused).
 
-No pytest here and nothing from tests.conftest, so the bench can use it.
+Built on tests/procs.py; no pytest here and nothing from tests.conftest, so the bench can use it.
 """
 
 from __future__ import annotations
@@ -35,11 +35,9 @@ from typing import Any
 
 from phantom_bus.client import Client
 from phantom_bus.errors import NotFound, PhantomError
-from tests.net import free_port, wait_for
+from tests.procs import ENDPOINTS, free_port, phantom_env, spawn, stop, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 HOSTS = ("h1", "h2", "h3")
-ENDPOINTS = ("broker", "backend", "events_in", "events_out", "beacon", "heartbeat")
 SERVICES = ("discovery", "membership", "sharding", "balancer", "manager")
 #: The services with one leader, and the operation whose reply names it.
 LEADING = ("sharding", "manager", "membership")
@@ -61,19 +59,13 @@ class Hosts:
         self.tmp = tmp
         self.hosts = tuple(hosts)
         self.ports = {h: {k: free_port() for k in ENDPOINTS} for h in self.hosts}
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PHANTOM_")}
-        for kind in ENDPOINTS:
-            self.env[f"PHANTOM_{kind.upper()}"] = ",".join(self.endpoint(h, kind) for h in self.hosts)
+        lists = {kind: ",".join(self.endpoint(h, kind) for h in self.hosts) for kind in ENDPOINTS}
+        self.env = phantom_env(lists, tmp / "var", log_level)
         self.env.update(
             {
-                "PHANTOM_DATA": str(tmp / "var"),
                 "PHANTOM_STORE": store,
                 "PHANTOM_STORE_PREFIX": f"/ha-{os.getpid()}-{time.time_ns()}/",
                 "PHANTOM_LEADER_TTL": str(ttl),
-                "PHANTOM_SECURITY": "off",
-                "PHANTOM_LOG_LEVEL": log_level,
-                "PYTHONPATH": str(ROOT),
-                "PYTHONUNBUFFERED": "1",
                 **{f"PHANTOM_{k.upper()}": v for k, v in settings.items()},
             }
         )
@@ -94,10 +86,7 @@ class Hosts:
 
     def _spawn(self, group: str, label: str, argv: list[str], **env: str) -> subprocess.Popen[bytes]:
         log = self.tmp / f"{group}-{label}.log"
-        with log.open("ab") as out:
-            proc = subprocess.Popen(
-                argv, cwd=ROOT, env={**self.env, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        proc = spawn(argv, {**self.env, **env}, log, append=True)
         self.procs.setdefault(group, {})[label] = proc
         self.logs[f"{group}-{label}"] = log
         return proc
@@ -146,20 +135,7 @@ class Hosts:
 
     def close(self) -> None:
         """Stop every process: thaw, SIGTERM, then SIGKILL what is left."""
-        everything = [p for group in self.procs.values() for p in group.values()]
-        for proc in everything:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGCONT)
-                    os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        for proc in everything:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(max(0.05, deadline - time.monotonic()))
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)  # the group, even if its leader is gone
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
+        stop([p for group in self.procs.values() for p in group.values()])
 
     # --- asking the cluster ----------------------------------------------------------
 

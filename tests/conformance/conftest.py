@@ -28,7 +28,7 @@ import msgpack
 import pytest
 import zmq
 
-from tests.net import free_port
+from tests.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 HEARTBEAT = 0.1
