@@ -48,18 +48,23 @@ from tests.procs import free_port  # noqa: E402
 PAYLOAD = {"op": "echo", "args": {"key": "user:42", "write": False, "n": 12345, "pad": "x" * 64}}
 
 
-def raw_echo_server(endpoint: str) -> None:
-    """A bare ROUTER that decodes each request and answers it: the floor."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.bind(endpoint)
+def echo_forever(sock: zmq.Socket[bytes]) -> None:
+    """Answer every request on ``sock`` with its own arguments until SIGTERM ends the process."""
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     while True:
         frames = sock.recv_multipart()
         doc = msgpack.unpackb(frames[-1], raw=False)
         frames[-1] = msgpack.packb({"ok": True, "result": doc["args"]}, use_bin_type=True)
         sock.send_multipart(frames)
+
+
+def raw_echo_server(endpoint: str) -> None:
+    """A bare ROUTER that decodes each request and answers it: the floor."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(endpoint)
+    echo_forever(sock)
 
 
 def floor_worker(endpoint: str) -> None:
@@ -69,12 +74,7 @@ def floor_worker(endpoint: str) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     sock.send_multipart([b"ready"])
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    while True:
-        frames = sock.recv_multipart()
-        doc = msgpack.unpackb(frames[-1], raw=False)
-        frames[-1] = msgpack.packb({"ok": True, "result": doc["args"]}, use_bin_type=True)
-        sock.send_multipart(frames)
+    echo_forever(sock)
 
 
 def floor_forwarder(front: str, back: str) -> None:

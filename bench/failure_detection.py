@@ -759,18 +759,13 @@ def part_c(counts: list[int], warmup: float, windows: int, window: float, probes
 # --- S: the core in simulation -------------------------------------------------------------------
 
 
-def quantiles(xs: list[float]) -> dict[str, float]:
-    xs = sorted(xs)
-    if not xs:
-        return {"n": 0}
-    return {
-        "n": len(xs),
-        "min": xs[0],
-        "median": statistics.median(xs),
-        "p90": xs[int(0.9 * (len(xs) - 1))],
-        "p99": xs[int(0.99 * (len(xs) - 1))],
-        "max": xs[-1],
-    }
+def quantiles(xs: list[float]) -> dict[str, Any]:
+    """:func:`summary` plus p99, both tails by the simulation's own rank rule (rounded down)."""
+    q = summary(xs)
+    if q["n"]:
+        xs = sorted(xs)
+        q["p90"], q["p99"] = (xs[int(f * (len(xs) - 1))] for f in (0.9, 0.99))
+    return q
 
 
 def sim_detection(trials: int) -> dict[str, Any]:

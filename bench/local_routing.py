@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,8 @@ def raw_rate(endpoint: str, seconds: float) -> float:
         ctx.destroy(0)
 
 
-def local_rate(client: Client, seconds: float) -> float:
+def keyed_rate(op: Callable[[str], Any], seconds: float) -> float:
+    """Calls of ``op`` per second on keys drawn from KEYS (the same draws every time)."""
     rng = random.Random(1)
     keys = KEYS
     size = len(keys)
@@ -98,18 +100,24 @@ def local_rate(client: Client, seconds: float) -> float:
     end = start + seconds
     while True:
         for _ in range(1000):
-            sel = client.select(keys[int(rng.random() * size)])
-            client.release(sel, latency_ms=0.5, ok=True)
+            op(keys[int(rng.random() * size)])
         n += 1000
         now = time.perf_counter()
         if now >= end:
             return n / (now - start)
 
 
+def local_rate(client: Client, seconds: float) -> float:
+    def select_release(key: str) -> None:
+        client.release(client.select(key), latency_ms=0.5, ok=True)
+
+    return keyed_rate(select_release, seconds)
+
+
 def floor_rate(shard_map: ShardMap, seconds: float) -> float:
     """The cheapest CPython code a local select could be: the contract's key hash,
     one table lookup, a result returned (no health, no strategy, no lease, no
-    release), in the same loop as :func:`local_rate`. No Python client can beat
+    release), in the same loop as :func:`local_rate` (:func:`keyed_rate`). No Python client can beat
     this, so floor / raw is the best ratio local routing in CPython can reach."""
     ks = shard_map.keyspace("default")
     slots = ks.slots
@@ -123,19 +131,7 @@ def floor_rate(shard_map: ShardMap, seconds: float) -> float:
     def route(key: str) -> Any:
         return table[from_bytes(blake2b(key.encode(), digest_size=8).digest(), "little") % slots]
 
-    rng = random.Random(1)
-    keys = KEYS
-    size = len(keys)
-    n = 0
-    start = time.perf_counter()
-    end = start + seconds
-    while True:
-        for _ in range(1000):
-            route(keys[int(rng.random() * size)])
-        n += 1000
-        now = time.perf_counter()
-        if now >= end:
-            return n / (now - start)
+    return keyed_rate(route, seconds)
 
 
 # --- propagation ------------------------------------------------------------------------

@@ -65,11 +65,7 @@ KEYS = [f"user:{i}" for i in range(4096)]
 
 
 def status(cluster: Cluster) -> dict[str, Any]:
-    try:
-        with cluster.client(timeout=2.0, retries=1) as c:
-            return c.status()
-    except PhantomError:
-        return {}
+    return cluster.status()
 
 
 def wait_green(cluster: Cluster, timeout: float = 90.0) -> float:

@@ -12,7 +12,6 @@ import contextlib
 import importlib.util
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -21,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.procs import free_port
+from tests.procs import free_port, spawn, stop
 
 
 def find_etcd() -> tuple[str | None, str]:
@@ -80,7 +79,7 @@ def running_etcd(binary: str, timeout: float = 20.0) -> Iterator[Etcd]:
     data_dir = Path(tempfile.mkdtemp(prefix="phantom-etcd-"))
     client, peer = free_port(), free_port()
     log = data_dir / "etcd.log"
-    proc = subprocess.Popen(
+    proc = spawn(
         [
             binary,
             "--name=test",
@@ -92,9 +91,8 @@ def running_etcd(binary: str, timeout: float = 20.0) -> Iterator[Etcd]:
             f"--initial-cluster=test=http://127.0.0.1:{peer}",
             "--log-level=warn",
         ],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        os.environ,
+        log,
     )
     try:
         deadline = time.monotonic() + timeout
@@ -106,14 +104,5 @@ def running_etcd(binary: str, timeout: float = 20.0) -> Iterator[Etcd]:
             time.sleep(0.1)
         yield Etcd(proc, client, data_dir, log)
     finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGCONT)
-                proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        stop([proc])
         shutil.rmtree(data_dir, ignore_errors=True)

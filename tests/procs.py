@@ -10,9 +10,12 @@ thaw, SIGTERM the group, SIGKILL what is left after a grace period, then
 SIGKILL the group again for children that outlived their leader.
 
 tests/conftest.py builds the ``bus`` fixture on it, bench/_procs.py the
-benchmarks' ``Cluster``, tests/ha_hosts.py its several hosts on
-:func:`phantom_env`, :func:`spawn` and :func:`stop`. Nothing here uses
-pytest, so a benchmark imports it as it is.
+benchmarks' ``Cluster``, tests/ha_hosts.py its several hosts and
+tests/conformance/conftest.py its raw peer on :func:`phantom_env`,
+:func:`spawn` and :func:`stop`, tests/etcd_fixture.py its etcd on the last
+two. Nothing here uses pytest, so a benchmark imports it as it is, and nothing
+of Phantom is imported until a client is asked for, so the conformance
+harness (raw pyzmq against the processes under test) stays free of it.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from phantom_bus.client import Client
-from phantom_bus.errors import PhantomError
+import zmq
+
+if TYPE_CHECKING:
+    from phantom_bus.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Every endpoint a bus has, as in PHANTOM_<NAME>.
@@ -166,15 +171,36 @@ class Processes:
 
     def client(self, **kw: Any) -> Client:
         """A client of this bus's broker, subscribed to its events; ``client_defaults`` unless given."""
+        from phantom_bus.client import Client
+
         kw = {**self.client_defaults, "events": self.env["PHANTOM_EVENTS_OUT"], **kw}
         return Client(self.env["PHANTOM_BROKER"], **kw)
+
+    def subscriber(self, *prefixes: bytes) -> zmq.Socket[bytes]:
+        """A SUB socket on this bus's events, subscribed to ``prefixes``; the caller closes it."""
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        for prefix in prefixes:
+            sock.setsockopt(zmq.SUBSCRIBE, prefix)
+        sock.connect(self.env["PHANTOM_EVENTS_OUT"])
+        return sock
 
     def request(self, service: str, op: str, **args: Any) -> Any:
         with self.client() as c:
             return c.request(service, op, **args)
 
+    def status(self) -> dict[str, Any]:
+        """The status document, or {} if nobody answers (any failure reads as no document)."""
+        try:
+            with self.client(timeout=2.0, retries=1) as c:
+                return c.status()
+        except Exception:
+            return {}
+
     def wait_service(self, service: str, timeout: float = 20.0) -> None:
         """Until ``service`` answers a ping through the broker; RuntimeError after ``timeout``."""
+        from phantom_bus.errors import PhantomError
+
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         with self.client(timeout=0.5, retries=1) as c:

@@ -127,11 +127,7 @@ def test_events_reach_subscribers_through_the_relay(bus: Bus) -> None:
     bus.broker()
     bus.echo()
     bus.wait_workers("echo")
-    ctx = zmq.Context.instance()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.setsockopt(zmq.SUBSCRIBE, b"test.")
-    sub.connect(bus.env["PHANTOM_EVENTS_OUT"])
+    sub = bus.subscriber(b"test.")
     try:
         with bus.client() as c:
             # PUB/SUB joins take a moment; publish until one arrives.

@@ -116,11 +116,7 @@ def test_garbage_on_the_beacon_port_is_counted_and_survived(bus: Bus) -> None:
 
 def test_events_are_published_on_the_bus(bus: Bus) -> None:
     start(bus)
-    ctx = zmq.Context.instance()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.setsockopt(zmq.SUBSCRIBE, b"node.")
-    sub.connect(bus.env["PHANTOM_EVENTS_OUT"])
+    sub = bus.subscriber(b"node.")
     try:
         import time
 

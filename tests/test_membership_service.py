@@ -39,10 +39,7 @@ class Watch:
     """Collects member.* events from the bus."""
 
     def __init__(self, bus: Bus) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.SUB)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SUBSCRIBE, b"member.")
-        self.sock.connect(bus.env["PHANTOM_EVENTS_OUT"])
+        self.sock = bus.subscriber(b"member.")
         self.events: list[dict] = []
         time.sleep(0.3)
 

@@ -10,12 +10,11 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from tests.conftest import ROOT, Bus, free_port, phantom, wait_until
-from tests.test_cluster import settled
+from tests.test_cluster import settled, status
 
 pytestmark = pytest.mark.processes
 
@@ -41,12 +40,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Bus, str
         bus.close()
 
 
-def status(bus: Bus) -> dict[str, Any]:
-    try:
-        with bus.client(timeout=2.0, retries=1) as c:
-            return c.status()
-    except Exception:
-        return {}
 
 
 

@@ -15,22 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 import zmq
 
-from tests.procs import free_port
+from tests.procs import ENDPOINTS, free_port, phantom_env, spawn, stop
 
-ROOT = Path(__file__).resolve().parents[2]
 HEARTBEAT = 0.1
 #: How long after the broker starts an unregistered name becomes unknown:
 #: 5 liveness periods of 3 heartbeats (docs/protocol.md, *Unknown or unavailable service*).
@@ -110,30 +107,13 @@ def peer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         p.ctx.destroy(0)
         return
     tmp = tmp_path_factory.mktemp("conformance")
-    ports = {name: free_port() for name in ("broker", "backend", "events_in", "events_out", "beacon", "heartbeat")}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PHANTOM_")}
-    env.update({f"PHANTOM_{k.upper()}": f"tcp://127.0.0.1:{v}" for k, v in ports.items()})
-    env.update(
-        PHANTOM_DATA=str(tmp / "var"),
-        PHANTOM_WORKER_HEARTBEAT=str(HEARTBEAT),
-        PHANTOM_MAX_MESSAGE="65536",
-        PHANTOM_SECURITY="off",  # the plain protocol; CURVE is the transport's concern
-        PYTHONPATH=str(ROOT),
-    )
+    ports = {name: f"tcp://127.0.0.1:{free_port()}" for name in ENDPOINTS}
+    env = phantom_env(ports, tmp / "var", "INFO")  # security off: the plain protocol; CURVE is the transport's concern
+    env.update(PHANTOM_WORKER_HEARTBEAT=str(HEARTBEAT), PHANTOM_MAX_MESSAGE="65536")
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for module in ("phantom_bus.broker", *(f"services.{s}" for s in services)):
-            log = (tmp / f"{module}.log").open("wb")
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", module],
-                    cwd=ROOT,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
+            procs.append(spawn([sys.executable, "-m", module], env, tmp / f"{module}.log"))
             if module == "phantom_bus.broker":
                 started = time.monotonic()
         p = Peer(env["PHANTOM_BROKER"], started)
@@ -143,16 +123,7 @@ def peer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         yield p
         p.ctx.destroy(0)
     finally:
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        stop(procs)
 
 
 def packb(obj: Any) -> bytes:
