@@ -189,6 +189,16 @@ class Processes:
         with self.client() as c:
             return c.request(service, op, **args)
 
+    def answer(self, service: str, op: str, *, timeout: float = 1.0, retries: int = 4, **args: Any) -> Any:
+        """``service``'s reply to ``op``, or None if it did not answer (for polling)."""
+        from phantom_bus.errors import PhantomError
+
+        with self.client(timeout=timeout, retries=retries) as c:
+            try:
+                return c.request(service, op, **args)
+            except PhantomError:
+                return None
+
     def status(self) -> dict[str, Any]:
         """The status document, or {} if nobody answers (any failure reads as no document)."""
         try:

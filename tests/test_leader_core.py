@@ -197,6 +197,15 @@ def test_terms_strictly_increase(seed: int, instances: int, pauses: list) -> Non
     assert sim.terms == sorted(set(sim.terms))
 
 
+def campaigning() -> LeaderCore:
+    """A core that found no leader at 0 and sent its campaign at 0."""
+    core = LeaderCore("a", TTL)
+    core.next(0.0)
+    core.checked(0.0, None)
+    core.next(0.0)
+    return core
+
+
 def test_a_paused_leader_that_wakes_past_its_lease_does_not_act() -> None:
     core = LeaderCore("a", TTL)
     assert isinstance(core.next(0.0), Check)
@@ -213,10 +222,7 @@ def test_a_paused_leader_that_wakes_past_its_lease_does_not_act() -> None:
 
 
 def test_an_election_heard_after_the_safe_time_is_not_taken() -> None:
-    core = LeaderCore("a", TTL)
-    core.next(0.0)
-    core.checked(0.0, None)
-    core.next(0.0)
+    core = campaigning()
     core.won(0.0, 3.5, term=9, lease=4)  # sent at 0, answer read at 3.5 (> ttl - margin)
     assert not core.is_leader(3.5)
     assert core.drain() == []
@@ -224,10 +230,7 @@ def test_an_election_heard_after_the_safe_time_is_not_taken() -> None:
 
 
 def test_leadership_is_measured_from_the_send_time_of_the_renewal() -> None:
-    core = LeaderCore("a", TTL)
-    core.next(0.0)
-    core.checked(0.0, None)
-    core.next(0.0)
+    core = campaigning()
     core.won(0.0, 0.0, term=3, lease=1)
     action = core.next(core.renew_every)
     assert action == Renew(1, 3)
@@ -237,10 +240,7 @@ def test_leadership_is_measured_from_the_send_time_of_the_renewal() -> None:
 
 
 def test_a_failed_renewal_is_retried_and_deposes_only_when_time_runs_out() -> None:
-    core = LeaderCore("a", TTL)
-    core.next(0.0)
-    core.checked(0.0, None)
-    core.next(0.0)
+    core = campaigning()
     core.won(0.0, 0.0, term=3, lease=1)
     core.drain()
     t = core.renew_every

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from phantom_bus.errors import Conflict, NotFound, Refused
-from phantom_bus.shardmap import ShardMap
+from phantom_bus.shardmap import Replica, ShardMap
 from services.sharding.config import ShardingConfig
 from services.sharding.core import ShardingCore
 from services.sharding.migration import Change, Migrations
@@ -314,6 +314,11 @@ def test_random_histories_never_lose_live_replicas_nor_show_two_primaries(ops: l
         assert health["moving"] == 0 and health["unavailable"] == 0 and health["under_replicated"] == 0, health
 
 
+def replicas_since(sim: Simulation, mark: int, role: str) -> list[Replica]:
+    """Every replica in ``role`` in the maps published from epoch index ``mark`` on."""
+    return [r for ep in sim.epochs[mark:] for _, sh in ep.shard_map.shards() for r in sh.replicas if r.role == role]
+
+
 def test_join_moves_half_of_its_zone_and_nothing_else() -> None:
     sim = Simulation(small_core(max_moves_per_node=2))
     core = sim.core
@@ -328,20 +333,8 @@ def test_join_moves_half_of_its_zone_and_nothing_else() -> None:
     sim.settle()
     # Three zones and RF 3: zone a keeps one replica of each shard, now split over two nodes.
     assert {n: c["replicas"] for n, c in core.node_counts().items()} == {"n0": 6, "n1": 12, "n2": 12, "n3": 6}
-    joined = {
-        r.node
-        for ep in sim.epochs[mark:]
-        for _, sh in ep.shard_map.shards()
-        for r in sh.replicas
-        if r.role == "joining"
-    }
-    left = {
-        r.node
-        for ep in sim.epochs[mark:]
-        for _, sh in ep.shard_map.shards()
-        for r in sh.replicas
-        if r.role == "leaving"
-    }
+    joined = {r.node for r in replicas_since(sim, mark, "joining")}
+    left = {r.node for r in replicas_since(sim, mark, "leaving")}
     assert joined == {"n3"} and left == {"n0"}
     check_epochs(sim)
 
@@ -370,9 +363,7 @@ def test_dead_node_replicas_move_only_after_the_delay_and_a_quick_return_costs_n
     sim.call("node_alive", core.node_alive, "n1", sim.now)
     sim.settle()
     assert roles_of(core, "n1") == held
-    joining = [
-        r for ep in sim.epochs[mark:] for _, sh in ep.shard_map.shards() for r in sh.replicas if r.role == "joining"
-    ]
+    joining = replicas_since(sim, mark, "joining")
     assert joining == [], "a return within the delay copies nothing"
     assert core.node_counts()["n1"]["primaries"] > 0, "primaries are handed back"
     # Dead past the delay: its replicas are re-created on the others.

@@ -272,14 +272,23 @@ def test_restored_control_plane_counts_from_its_start() -> None:
     assert PrimaryLeases(2.0, 0.5).may_promote("s", "never-renewed", 0.0)
 
 
-def test_sharding_waits_for_the_lease_before_promoting_after_a_death() -> None:
-    core = ShardingCore(ShardingConfig(default_shards=1, default_rf=3, primary_lease=2.0, lease_drift=0.5))
+LEASED = ShardingConfig(default_shards=1, default_rf=3, primary_lease=2.0, lease_drift=0.5)
+
+
+def one_confirmed_shard() -> tuple[ShardingCore, str]:
+    """A sharding core (LEASED) with one shard on nodes a, b, c in their own zones, every copy confirmed at 0.5."""
+    core = ShardingCore(LEASED)
     for n in ("a", "b", "c"):
         core.add_node(n, zone=n, now=0.0)
     (shard,) = [s.id for _, s in core.map().value.shards()]  # type: ignore[union-attr]
     for r in core.map().value.shard(shard).replicas:  # type: ignore[union-attr]
         if r.role == "joining":
             core.confirm(shard, r.node, 0.5)
+    return core, shard
+
+
+def test_sharding_waits_for_the_lease_before_promoting_after_a_death() -> None:
+    core, shard = one_confirmed_shard()
     old = next(r.node for r in core.map().value.shard(shard).replicas if r.role == "primary")  # type: ignore[union-attr]
     reply = core.renew(old, 1, 1, [], 1.0).value
     assert reply["primaries"] == [shard]
@@ -295,20 +304,13 @@ def test_sharding_waits_for_the_lease_before_promoting_after_a_death() -> None:
 
 
 def test_a_restored_core_waits_for_the_deposed_primary_it_recorded_and_not_longer() -> None:
-    cfg = ShardingConfig(default_shards=1, default_rf=3, primary_lease=2.0, lease_drift=0.5)
-    core = ShardingCore(cfg)
-    for n in ("a", "b", "c"):
-        core.add_node(n, zone=n, now=0.0)
-    (shard,) = [s.id for _, s in core.map().value.shards()]  # type: ignore[union-attr]
-    for r in core.map().value.shard(shard).replicas:  # type: ignore[union-attr]
-        if r.role == "joining":
-            core.confirm(shard, r.node, 0.5)
+    core, shard = one_confirmed_shard()
     old = core.map().value.shard(shard).primary  # type: ignore[union-attr]
     assert old is not None
     core.renew(old, 1, 1, [shard], 1.0)
     core.node_dead(old, 2.0)
     shard_map, state = core.snapshot(2.0)
-    again = ShardingCore.restore(shard_map, state, 10.0, cfg)
+    again = ShardingCore.restore(shard_map, state, 10.0, LEASED)
     again.tick(10.5)
     assert again.map().value.shard(shard).primary is None, "it may hold a lease the first core granted"  # type: ignore[union-attr]
     again.renew(old, 2, 1, [], 10.6)  # it came back and let go

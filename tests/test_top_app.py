@@ -3,15 +3,18 @@ against in-process sockets; its command line without a cluster."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC
 from typing import Any
 
 import pytest
 import zmq
 from rich.text import Text
+from textual.pilot import Pilot
 from textual.widgets import DataTable, Static
 
 from phantom_bus import protocol
@@ -81,6 +84,17 @@ def make_app(doc: Any = SAMPLE, events: list[dict[str, Any]] | None = None) -> t
     return PhantomTop(feed, tz=UTC), feed
 
 
+@contextlib.asynccontextmanager
+async def running(
+    doc: Any = SAMPLE, events: list[dict[str, Any]] | None = None
+) -> AsyncIterator[tuple[PhantomTop, FakeFeed, Pilot[None]]]:
+    """:func:`make_app` running headless at SIZE, past its first refresh."""
+    app, feed = make_app(doc, events)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        yield app, feed, pilot
+
+
 def nodes_table(app: PhantomTop) -> DataTable[Any]:
     return app.query_one("#nodes", DataTable)
 
@@ -99,9 +113,7 @@ def static_text(app: PhantomTop, selector: str) -> str:
 
 @pytest.mark.asyncio
 async def test_table_fills_from_a_status_document():
-    app, _ = make_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+    async with running() as (app, _, _pilot):
         table = nodes_table(app)
         assert table.row_count == 5
         assert column(table, "id") == ["node-1", "node-2", "node-3", "node-4", "node-10"]
@@ -115,9 +127,7 @@ async def test_table_fills_from_a_status_document():
 
 @pytest.mark.asyncio
 async def test_state_cells_are_coloured_by_state():
-    app, _ = make_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+    async with running() as (app, _, _pilot):
         table = nodes_table(app)
         styles = {}
         for key in ("node-1", "node-2", "node-10", "node-4"):
@@ -129,9 +139,7 @@ async def test_state_cells_are_coloured_by_state():
 
 @pytest.mark.asyncio
 async def test_table_follows_new_documents_and_keeps_the_selected_node():
-    app, feed = make_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+    async with running() as (app, feed, pilot):
         await pilot.press("down", "down")  # node-3
         assert app.selected_node().id == "node-3"  # type: ignore[union-attr]
         doc = copy.deepcopy(SAMPLE)
@@ -147,9 +155,7 @@ async def test_table_follows_new_documents_and_keeps_the_selected_node():
 
 @pytest.mark.asyncio
 async def test_sort_key_is_chosen_from_the_columns_and_r_reverses():
-    app, _ = make_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+    async with running() as (app, _, pilot):
         await pilot.press("s")
         assert isinstance(app.screen, SortChooser)
         await pilot.press("down", "enter")  # from NODE to STATE
@@ -166,9 +172,7 @@ async def test_sort_key_is_chosen_from_the_columns_and_r_reverses():
 
 @pytest.mark.asyncio
 async def test_filter_narrows_rows_and_escape_clears_it():
-    app, _ = make_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+    async with running() as (app, _, pilot):
         await pilot.press("slash", *"z1")
         assert column(nodes_table(app), "id") == ["node-1", "node-10"]
         await pilot.press("enter")  # keeps the filter, back to the table
@@ -182,9 +186,7 @@ async def test_filter_narrows_rows_and_escape_clears_it():
 
 @pytest.mark.asyncio
 async def test_keys_typed_into_the_filter_are_text_not_commands():
-    app, _ = make_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+    async with running() as (app, _, pilot):
         await pilot.press("slash", *"state:dead", "q", "p")
         assert app.is_running and not app.paused
         assert app.filter_text == "state:deadqp"
@@ -193,9 +195,7 @@ async def test_keys_typed_into_the_filter_are_text_not_commands():
 
 @pytest.mark.asyncio
 async def test_pause_stops_updates_and_resume_shows_the_latest():
-    app, feed = make_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+    async with running() as (app, feed, pilot):
         await pilot.press("p")
         assert "PAUSED" in static_text(app, "#header")
         for n in (1, 2):
@@ -218,9 +218,7 @@ async def test_pause_stops_updates_and_resume_shows_the_latest():
 
 @pytest.mark.asyncio
 async def test_drain_asks_for_confirmation_then_sends_the_request():
-    app, feed = make_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+    async with running() as (app, feed, pilot):
         await pilot.press("down", "d")
         assert isinstance(app.screen, ConfirmDrain)
         assert app.screen.node == "node-2"
@@ -235,9 +233,7 @@ async def test_drain_asks_for_confirmation_then_sends_the_request():
 
 @pytest.mark.asyncio
 async def test_drain_cancelled_sends_nothing():
-    app, feed = make_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+    async with running() as (app, feed, pilot):
         await pilot.press("d")
         assert isinstance(app.screen, ConfirmDrain)
         await pilot.press("enter")  # the focused button is Cancel
@@ -249,9 +245,7 @@ async def test_drain_cancelled_sends_nothing():
 
 @pytest.mark.asyncio
 async def test_view_keys_do_nothing_while_a_dialog_is_open():
-    app, feed = make_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+    async with running() as (app, feed, pilot):
         await pilot.press("d")
         dialog = app.screen
         await pilot.press("tab", "d", "s", "p")
@@ -262,9 +256,7 @@ async def test_view_keys_do_nothing_while_a_dialog_is_open():
 
 @pytest.mark.asyncio
 async def test_clicking_a_column_heading_sorts_by_it_and_again_reverses():
-    app, _ = make_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+    async with running() as (app, _, pilot):
         table = nodes_table(app)
         cpu = table.get_column_index("cpu")
         table.post_message(DataTable.HeaderSelected(table, list(table.columns)[cpu], cpu, Text("CPU%")))
@@ -295,9 +287,7 @@ async def test_drain_failure_is_a_notification_not_a_crash():
 
 @pytest.mark.asyncio
 async def test_unreachable_broker_shows_a_banner_that_goes_away_on_recovery():
-    app, feed = make_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+    async with running() as (app, feed, pilot):
         banner = app.query_one("#banner", Static)
         assert not banner.display
         assert feed.sink is not None
@@ -313,9 +303,7 @@ async def test_unreachable_broker_shows_a_banner_that_goes_away_on_recovery():
 
 @pytest.mark.asyncio
 async def test_malformed_documents_never_crash_the_app():
-    app, feed = make_app(doc=None)
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+    async with running(doc=None) as (app, feed, pilot):
         assert "waiting for status" in static_text(app, "#header")
         weird: list[Any] = [
             {},
@@ -342,9 +330,7 @@ async def test_malformed_documents_never_crash_the_app():
 
 @pytest.mark.asyncio
 async def test_tab_shows_shards_with_their_roles_and_asks_the_feed_for_them():
-    app, feed = make_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+    async with running() as (app, feed, pilot):
         await pilot.press("tab")
         assert feed.shards_wanted == [True] and feed.polls == 1
         assert "waiting for the shard list" in static_text(app, "#shards-message")
@@ -376,9 +362,7 @@ async def test_shards_view_says_so_when_the_sharding_service_is_down():
 
 @pytest.mark.asyncio
 async def test_events_pane_shows_the_latest_events_newest_first():
-    app, _ = make_app(events=EVENTS)
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+    async with running(events=EVENTS) as (app, _, _pilot):
         lines = static_text(app, "#events").splitlines()
         assert lines[0].startswith("10:00:05  shardmap.changed")
         assert lines[1] == "10:00:04  member.dead         node-10  phi 16.0 > 12.0  previous=suspect"
@@ -387,9 +371,7 @@ async def test_events_pane_shows_the_latest_events_newest_first():
 
 @pytest.mark.asyncio
 async def test_enter_opens_the_details_of_the_selected_node():
-    app, _ = make_app(events=EVENTS)
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+    async with running(events=EVENTS) as (app, _, pilot):
         await pilot.press("down", "enter")
         assert isinstance(app.screen, NodeDetails)
         assert app.screen.row.id == "node-2"
@@ -424,9 +406,7 @@ async def test_footer_follows_the_view_and_the_dialog():
 
 @pytest.mark.asyncio
 async def test_header_says_stale_when_the_broker_is_down_and_rows_dim():
-    app, feed = make_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+    async with running() as (app, feed, pilot):
         assert feed.sink is not None
         feed.sink.trouble("the broker at tcp://127.0.0.1:5555 does not answer")
         await pilot.pause()
@@ -610,9 +590,7 @@ def test_bad_settings_exit_2(capsys):
 async def test_header_shows_the_leaders_and_instances_of_the_control_plane():
     control = {"store": "etcd", "leaders": {"sharding": {"instance": "h2", "term": 7}},
                "instances": {"broker": ["h1", "h2", "h3"], "sharding": ["h1", "h3"]}}  # fmt: skip
-    app, _ = make_app({**SAMPLE, "control": control})
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+    async with running({**SAMPLE, "control": control}) as (app, _, _pilot):
         header = static_text(app, "#header")
         assert "control etcd" in header and "sharding h2 t7" in header and "sharding 2 (no h2)" in header
         assert "nodes 5: 2 alive" in header  # the other lines are still there
