@@ -32,6 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._procs import ROOT, Cluster, EventWatch, host_info, interruptible, write_results
+from tests.procs import example_participant_env
 
 SERVICES = ("discovery", "membership", "sharding", "balancer", "manager")
 NODES = ("node-1", "node-2", "node-3")
@@ -103,11 +104,7 @@ def run(lease: float, trials: int) -> dict[str, Any]:
         log = c.tmp / "transitions.log"
         c.env.update(
             {
-                "PHANTOM_PARTICIPANT": "exec",
-                "PHANTOM_PARTICIPANT_EXEC": f"sh {ROOT / 'deploy/examples/participant.sh'}",
-                "PARTICIPANT_DIR": str(c.tmp / "participant"),
-                "PARTICIPANT_LOG": str(log),
-                "COPY_SECONDS": "0.05",
+                **example_participant_env(c.tmp, log),
                 "PHANTOM_PRIMARY_LEASE": str(lease),
                 "PHANTOM_LEASE_DRIFT": str(DRIFT),
                 "PHANTOM_DEAD_DELAY": "600",

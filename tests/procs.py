@@ -74,6 +74,18 @@ def phantom_env(endpoints: Mapping[str, str], data: Path, log_level: str) -> dic
     return env
 
 
+def example_participant_env(tmp: Path, log: Path) -> dict[str, str]:
+    """Settings for agents that run deploy/examples/participant.sh as their participant,
+    keeping its data under ``tmp`` and writing its transitions to ``log``; copies take 0.05 s."""
+    return {
+        "PHANTOM_PARTICIPANT": "exec",
+        "PHANTOM_PARTICIPANT_EXEC": f"sh {ROOT / 'deploy/examples/participant.sh'}",
+        "PARTICIPANT_DIR": str(tmp / "participant"),
+        "PARTICIPANT_LOG": str(log),
+        "COPY_SECONDS": "0.05",
+    }
+
+
 def spawn(
     argv: Sequence[str], env: Mapping[str, str], log: Path, *, stdout_pipe: bool = False, append: bool = False
 ) -> subprocess.Popen[bytes]:

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Bus, free_port, wait_until
+from tests.conftest import Bus, free_port, wait_until
+from tests.procs import example_participant_env
 from tests.test_cluster import SERVICES, status, wait_green
 
 pytestmark = pytest.mark.processes
@@ -150,11 +151,7 @@ def test_transitions_keep_one_primary_and_drop_only_after_a_copy(bus: Bus, relay
     log = bus.tmp / "transitions.log"
     bus.env.update(
         {
-            "PHANTOM_PARTICIPANT": "exec",
-            "PHANTOM_PARTICIPANT_EXEC": f"sh {ROOT / 'deploy/examples/participant.sh'}",
-            "PARTICIPANT_DIR": str(bus.tmp / "participant"),
-            "PARTICIPANT_LOG": str(log),
-            "COPY_SECONDS": "0.05",
+            **example_participant_env(bus.tmp, log),
             "PHANTOM_PRIMARY_LEASE": str(LEASE),
             "PHANTOM_LEASE_DRIFT": "0.25",
             "PHANTOM_DEAD_DELAY": "600",

@@ -53,7 +53,9 @@ def make(tmp_path: Path, store: MemoryStore, instance: str) -> ShardingService:
     return ShardingService(cfg, store=store)
 
 
+@contextlib.asynccontextmanager
 async def running(svc: ShardingService) -> AsyncIterator[None]:
+    """``svc``'s loops running until the block ends."""
     tasks = [asyncio.ensure_future(c) for c in svc.loops()]
     try:
         yield
@@ -89,7 +91,7 @@ def test_a_failed_commit_is_rolled_back_retryable_and_says_why(tmp_path: Path) -
     svc = make(tmp_path, store, "s1")
 
     async def scenario() -> None:
-        async with contextlib.asynccontextmanager(running)(svc):
+        async with running(svc):
             await until(lambda: svc.core is not None)
             await svc.op_add_node("n1", "z1")
             before = epoch_of(svc.op_map())
@@ -119,7 +121,7 @@ def test_the_map_reply_is_the_committed_encoding_made_once_per_epoch(tmp_path: P
     svc = make(tmp_path, store, "s1")
 
     async def scenario() -> None:
-        async with contextlib.asynccontextmanager(running)(svc):
+        async with running(svc):
             await until(lambda: svc.core is not None)
             first = svc.op_map()
             assert first is svc.op_map() or bytes(first or b"") == bytes(svc.op_map() or b"")
@@ -140,7 +142,7 @@ def test_only_one_of_two_instances_leads_and_the_follower_serves_the_committed_m
     a, b = make(tmp_path, store, "s1"), make(tmp_path, store, "s2")
 
     async def scenario() -> None:
-        async with contextlib.asynccontextmanager(running)(a), contextlib.asynccontextmanager(running)(b):
+        async with running(a), running(b):
             await until(lambda: a.core is not None or b.core is not None)
             leader, follower = (a, b) if a.core is not None else (b, a)
             assert follower.core is None
@@ -166,7 +168,7 @@ def test_a_store_restored_to_an_older_epoch_never_takes_the_map_back(tmp_path: P
     svc = make(tmp_path, store, "s1")
 
     async def scenario() -> None:
-        async with contextlib.asynccontextmanager(running)(svc):
+        async with running(svc):
             await until(lambda: svc.core is not None)
             old = await MapStore(store).load()
             assert old is not None
