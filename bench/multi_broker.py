@@ -27,7 +27,6 @@ import argparse
 import signal
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from bench._procs import (  # noqa: E402
 )
 from phantom_bus.client import Client  # noqa: E402
 from phantom_bus.errors import PhantomError  # noqa: E402
+from tests.procs import BrokeredLoad  # noqa: E402
 
 SERVICES = ("discovery", "membership", "sharding", "balancer", "manager")
 BUS = ("broker", "backend", "events_in", "events_out")
@@ -124,46 +124,9 @@ def select_round(endpoint: str, seconds: float) -> dict[str, Any]:
     }
 
 
-class Load(threading.Thread):
-    """Brokered selects until stopped: failures and the longest gap between successes."""
-
-    def __init__(self, endpoint: str) -> None:
-        super().__init__(daemon=True)
-        self.endpoint = endpoint
-        self.halt = threading.Event()
-        self.ok = self.failed = 0
-        self.longest_gap = 0.0
-        self.gap_after_kill = 0.0
-        self.killed_at: float | None = None
-
-    def mark(self, at: float) -> None:
-        """A fault happens at ``at``: measure the longest gap from here on."""
-        self.gap_after_kill, self.killed_at = 0.0, at
-
-    def run(self) -> None:
-        with Client(self.endpoint, timeout=2.0, retries=3, routing="broker") as client:
-            last = time.monotonic()
-            i = 0
-            while not self.halt.is_set():
-                i += 1
-                try:
-                    sel = client.select(f"user:{i % 500}", write=i % 5 == 0)
-                    client.release(sel, latency_ms=1.0)
-                except PhantomError:
-                    self.failed += 1
-                    continue
-                now = time.monotonic()
-                gap, last = now - last, now
-                self.longest_gap = max(self.longest_gap, gap)
-                if self.killed_at is not None and now - gap <= self.killed_at + 5.0:
-                    self.gap_after_kill = max(self.gap_after_kill, gap)
-                self.ok += 1
-                time.sleep(0.002)
-
-
 def faults(three: Brokers, clients: int, seconds: float) -> list[dict[str, Any]]:
     """SIGKILL the broker every client prefers, then SIGSTOP the next, under load."""
-    loads = [Load(three.endpoint) for _ in range(clients)]
+    loads = [BrokeredLoad(three.endpoint, keys=500) for _ in range(clients)]
     for load in loads:
         load.start()
     out = []

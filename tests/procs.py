@@ -26,7 +26,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -244,3 +246,59 @@ class Processes:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+class BrokeredLoad(threading.Thread):
+    """Brokered selects (every fifth one a write) and releases on ``keys`` keys until
+    ``halt`` is set: every failure that reached the caller (``errors``), the successes
+    (``ok``) and the broker each went through (``brokers``), the longest gap between two
+    successes, and the longest one within 5 s after a fault :meth:`mark` ed. ``slow``
+    counts selects that took a whole attempt timeout or more: one of their attempts may
+    have been given up on after the balancer opened its lease (a loaded machine does that)."""
+
+    #: The client's timeout per attempt.
+    attempt_timeout: ClassVar[float] = 2.0
+
+    def __init__(self, endpoint: str, keys: int = 200) -> None:
+        super().__init__(daemon=True)
+        self.endpoint, self.keys = endpoint, keys
+        self.halt = threading.Event()
+        self.errors: list[str] = []
+        self.ok = 0
+        self.brokers: Counter[int] = Counter()
+        self.longest_gap = self.gap_after_kill = 0.0
+        self.killed_at: float | None = None
+        self.slow = 0
+
+    @property
+    def failed(self) -> int:
+        return len(self.errors)
+
+    def mark(self, at: float) -> None:
+        """A fault happens at ``at``: measure the longest gap from here on."""
+        self.gap_after_kill, self.killed_at = 0.0, at
+
+    def run(self) -> None:
+        from phantom_bus.client import Client
+
+        with Client(self.endpoint, timeout=self.attempt_timeout, retries=3, routing="broker") as c:
+            last = time.monotonic()
+            i = 0
+            while not self.halt.is_set():
+                i += 1
+                try:
+                    started = time.monotonic()
+                    sel = c.select(f"user:{i % self.keys}", write=i % 5 == 0)
+                    self.slow += time.monotonic() - started >= self.attempt_timeout
+                    c.release(sel, latency_ms=1.0)
+                except Exception as exc:  # every failure is the finding
+                    self.errors.append(repr(exc))
+                    continue
+                now = time.monotonic()
+                gap, last = now - last, now
+                self.longest_gap = max(self.longest_gap, gap)
+                if self.killed_at is not None and now - gap <= self.killed_at + 5.0:
+                    self.gap_after_kill = max(self.gap_after_kill, gap)
+                self.ok += 1
+                self.brokers[c.preferred] += 1
+                time.sleep(0.002)

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from phantom_bus.events import Deduplicator
 from phantom_bus.shardmap import Keyspace, Replica, Shard, ShardMap
 from services.balancer.service import RELEASE_FORWARD, BalancerService
 from tests.conftest import Bus, free_port, wait_until
+from tests.procs import BrokeredLoad
 
 # --- endpoint lists ----------------------------------------------------------------------
 
@@ -411,47 +411,7 @@ def test_a_membership_follower_takes_over_warm_and_suspects_nobody(three: Cluste
     assert [e for e in seen if e["kind"] in ("member.suspect", "member.dead")] == []
 
 
-ATTEMPT_TIMEOUT = 2.0
-
-
-class Load(threading.Thread):
-    """Brokered selects and releases until stopped, recording every failure and the
-    longest gap between two successful selects."""
-
-    def __init__(self, endpoint: str) -> None:
-        super().__init__(daemon=True)
-        self.endpoint = endpoint
-        self.halt = threading.Event()
-        self.errors: list[str] = []
-        self.ok = 0
-        self.longest_gap = 0.0
-        self.brokers: Counter[int] = Counter()
-        # Selects that took a whole attempt timeout or more: one of their attempts may have
-        # been given up on after the balancer opened its lease (a loaded machine does that).
-        self.slow = 0
-
-    def run(self) -> None:
-        with Client(self.endpoint, timeout=ATTEMPT_TIMEOUT, retries=3, routing="broker") as c:
-            last = time.monotonic()
-            i = 0
-            while not self.halt.is_set():
-                i += 1
-                try:
-                    started = time.monotonic()
-                    sel = c.select(f"user:{i % 200}", write=i % 5 == 0)
-                    self.slow += time.monotonic() - started >= ATTEMPT_TIMEOUT
-                    c.release(sel, latency_ms=1.0)
-                except Exception as exc:  # every failure is the finding
-                    self.errors.append(repr(exc))
-                    continue
-                now = time.monotonic()
-                self.longest_gap, last = max(self.longest_gap, now - last), now
-                self.ok += 1
-                self.brokers[c.preferred] += 1
-                time.sleep(0.002)
-
-
-class AsyncLoad(Load):
+class AsyncLoad(BrokeredLoad):
     """The same from many tasks sharing one AsyncClient."""
 
     def run(self) -> None:
@@ -462,7 +422,7 @@ class AsyncLoad(Load):
                 try:
                     started = time.monotonic()
                     sel = await c.select(f"user:{n}:{i % 50}")
-                    self.slow += time.monotonic() - started >= ATTEMPT_TIMEOUT
+                    self.slow += time.monotonic() - started >= self.attempt_timeout
                     await c.release(sel, latency_ms=1.0)
                     self.ok += 1
                 except Exception as exc:  # every failure is the finding
@@ -470,7 +430,7 @@ class AsyncLoad(Load):
                 await asyncio.sleep(0.005)
 
         async def main() -> None:
-            async with AsyncClient(self.endpoint, timeout=ATTEMPT_TIMEOUT, retries=3, routing="broker") as c:
+            async with AsyncClient(self.endpoint, timeout=self.attempt_timeout, retries=3, routing="broker") as c:
                 await asyncio.gather(*(worker(c, n) for n in range(8)))
                 self.brokers[c.preferred] += 1
 
@@ -479,7 +439,7 @@ class AsyncLoad(Load):
 
 @pytestmark_processes
 def test_killing_one_of_three_brokers_under_select_load_fails_no_operation(three: Cluster) -> None:
-    loads = [Load(three.bus.env["PHANTOM_BROKER"]) for _ in range(3)]
+    loads = [BrokeredLoad(three.bus.env["PHANTOM_BROKER"]) for _ in range(3)]
     loads.append(AsyncLoad(three.bus.env["PHANTOM_BROKER"]))
     for load in loads:
         load.start()
