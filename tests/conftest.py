@@ -20,7 +20,7 @@ import pytest
 from phantom_bus.errors import PhantomError
 from tests.procs import ROOT, Processes, free_port, wait_for
 
-__all__ = ["ROOT", "Bus", "free_port", "phantom", "wait_until"]
+__all__ = ["ROOT", "Bus", "command", "free_port", "phantom", "wait_until"]
 
 # Security is on by default and finds the keys `make up` leaves in this checkout's
 # var/keys: the test process itself (its in-process clients) runs without unless a
@@ -28,19 +28,20 @@ __all__ = ["ROOT", "Bus", "free_port", "phantom", "wait_until"]
 os.environ["PHANTOM_SECURITY"] = "off"
 
 
+def command(
+    bus: Bus | Mapping[str, str], argv: list[str], *, timeout: float = 120.0, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` from the checkout with ``bus``'s environment (or the environment given)
+    plus ``env``, its output captured as text."""
+    base = bus.env if isinstance(bus, Bus) else bus
+    return subprocess.run(argv, cwd=ROOT, env={**base, **env}, capture_output=True, text=True, timeout=timeout)
+
+
 def phantom(
     bus: Bus | Mapping[str, str], *args: str, timeout: float = 120.0, **env: str
 ) -> subprocess.CompletedProcess[str]:
-    """Run the ``phantom`` CLI with ``bus``'s environment (or the environment given) plus ``env``."""
-    base = bus.env if isinstance(bus, Bus) else bus
-    return subprocess.run(
-        [sys.executable, "-m", "phantom_bus.cli", *args],
-        cwd=ROOT,
-        env={**base, **env},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """Run the ``phantom`` CLI (see :func:`command`)."""
+    return command(bus, [sys.executable, "-m", "phantom_bus.cli", *args], timeout=timeout, **env)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import ROOT, Bus, free_port, phantom, wait_until
+from tests.conftest import ROOT, Bus, command, free_port, phantom, wait_until
 from tests.test_cluster import settled, status
 
 pytestmark = pytest.mark.processes
@@ -76,10 +76,7 @@ def test_version_and_json_errors_and_empty_key(cluster: tuple[Bus, str]) -> None
 
 def test_output_into_a_closed_pipe_has_no_traceback(cluster: tuple[Bus, str]) -> None:
     bus, _ = cluster
-    result = subprocess.run(
-        f"{sys.executable} -m phantom_bus.cli shards | head -2",
-        shell=True, cwd=ROOT, env=bus.env, capture_output=True, text=True, timeout=60,
-    )
+    result = command(bus, ["sh", "-c", f"{sys.executable} -m phantom_bus.cli shards | head -2"], timeout=60)
     assert len(result.stdout.splitlines()) == 2
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
 

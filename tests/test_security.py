@@ -344,9 +344,7 @@ def test_a_client_without_keys_is_refused_at_the_handshake_and_told_why(secured_
     assert broker_stats(keys, bus)["requests"] == before + 1  # only this stats call got through
     # The CLI without keys says so too, and exits 69.
     env = {k: v for k, v in bus.env.items() if k != "PHANTOM_CURVE_DIR"}
-    result = subprocess.run(
-        [sys.executable, "-m", "phantom_bus.cli", "status"], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+    result = phantom(env, "status")
     assert result.returncode == 69 and "PHANTOM_CURVE_DIR" in result.stderr
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, Bus, free_port, wait_until
+from tests.conftest import Bus, command, free_port, wait_until
 from tests.test_cluster import cluster, node, status
 
 pytestmark = pytest.mark.processes
@@ -20,14 +20,7 @@ NODES = ("node-1", "node-2", "node-3")
 
 
 def top(bus: Bus, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "bin/phantom-top", *args],
-        cwd=ROOT,
-        env={**bus.env, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return command(bus, [sys.executable, "bin/phantom-top", *args], timeout=60, **env)
 
 
 def row(text: str, node_id: str) -> str:
