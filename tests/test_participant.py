@@ -343,6 +343,22 @@ class _World:
         self.n += 1
         heapq.heappush(self.queue, (t, self.n, fn))
 
+    def start(self) -> None:
+        """Nodes a, b, c join at 0, each agent renewing and polling first at a random moment."""
+        for n in ("a", "b", "c"):
+            self.publish(self.core.add_node(n, zone=n, now=0.0).events)
+            self.at(self.rng.uniform(0.0, 0.5), lambda n=n: self.renew(n))
+            self.at(self.rng.uniform(0.0, 2.0), lambda n=n: self.poll(n))
+        self.at(0.1, self.tick_agents)
+        self.at(0.5, self.tick_sharding)
+
+    def join(self, node: str) -> None:
+        """``node`` joins now (once), its agent renewing and polling at once."""
+        if node not in self.core._nodes:
+            self.publish(self.core.add_node(node, zone=node, now=self.now).events)
+            self.at(self.now, lambda: self.renew(node))
+            self.at(self.now, lambda: self.poll(node))
+
     def on_agent(self, node: str, fn: Callable[[], None]) -> None:
         """Run ``fn`` on ``node``'s agent now, or when it resumes; never if it was killed."""
         if node in self.killed:
@@ -463,12 +479,7 @@ def test_never_two_unexpired_primary_leases_for_one_shard(seed: int, faults: lis
     w = _World(rng, ["a", "b", "c", "d"], LEASE, drift)
     if rng.random() < 0.3:
         w.hanging = {rng.choice("abc")}  # a database that takes long to step down
-    for n in ("a", "b", "c"):
-        w.publish(w.core.add_node(n, zone=n, now=0.0).events)
-        w.at(rng.uniform(0.0, 0.5), lambda n=n: w.renew(n))
-        w.at(rng.uniform(0.0, 2.0), lambda n=n: w.poll(n))
-    w.at(0.1, w.tick_agents)
-    w.at(0.5, w.tick_sharding)
+    w.start()
 
     def fault(kind: str, node: str, length: float) -> None:
         if kind == "kill":
@@ -484,10 +495,8 @@ def test_never_two_unexpired_primary_leases_for_one_shard(seed: int, faults: lis
             w.at(w.now + length, lambda: w.publish(w.core.node_alive(node, w.now).events))
         elif kind == "drain":
             w.publish(w.core.drain_node(node, w.now).events)
-        elif kind == "join" and "d" not in w.core._nodes:
-            w.publish(w.core.add_node("d", zone="d", now=w.now).events)
-            w.at(w.now, lambda: w.renew("d"))
-            w.at(w.now, lambda: w.poll("d"))
+        elif kind == "join":
+            w.join("d")
 
     for t, kind, idx, length in faults:
         node = "abcd"[idx] if kind != "join" else "d"
@@ -520,20 +529,9 @@ def test_planned_hand_offs_never_leave_a_shard_without_a_primary_past_lease_and_
     drift = 0.5
     w = _World(rng, ["a", "b", "c", "d"], LEASE, drift)
     w.hanging = hanging
-    for n in ("a", "b", "c"):
-        w.publish(w.core.add_node(n, zone=n, now=0.0).events)
-        w.at(rng.uniform(0.0, 0.5), lambda n=n: w.renew(n))
-        w.at(rng.uniform(0.0, 2.0), lambda n=n: w.poll(n))
-    w.at(0.1, w.tick_agents)
-    w.at(0.5, w.tick_sharding)
+    w.start()
 
-    def join() -> None:
-        if "d" not in w.core._nodes:
-            w.publish(w.core.add_node("d", zone="d", now=w.now).events)
-            w.at(w.now, lambda: w.renew("d"))
-            w.at(w.now, lambda: w.poll("d"))
-
-    w.at(2.0, join)
+    w.at(2.0, lambda: w.join("d"))
     for t, idx in plan:
         w.at(t, lambda node="abc"[idx]: w.publish(w.core.drain_node(node, w.now).events))
     lost: dict[str, float] = {}
