@@ -103,13 +103,19 @@ def _write_stat(path: str, count: int) -> None:
     os.replace(tmp, path)
 
 
+def _role_socket(kind: int, hwm_option: int, hwm: int) -> tuple[zmq.Context[Any], zmq.Socket[Any]]:
+    """For a role process: SIGTERM ends it cleanly, and its own context and socket."""
+    signal.signal(signal.SIGTERM, _on_term)
+    ctx: zmq.Context[Any] = zmq.Context()
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(hwm_option, hwm)
+    return ctx, sock
+
+
 def role_sender(spec: dict[str, Any]) -> None:
     """Beacon ``count`` node ids at ``1/interval`` Hz each, phases spread over the interval."""
-    signal.signal(signal.SIGTERM, _on_term)
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PUB)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 1_000_000)
+    ctx, sock = _role_socket(zmq.PUB, zmq.SNDHWM, 1_000_000)
     sock.connect(spec["endpoint"])
     instance = secrets.token_hex(8)
     first, count, interval = spec["first"], spec["count"], spec["interval"]
@@ -154,11 +160,7 @@ def role_raw(spec: dict[str, Any]) -> None:
     """The floor: a bare SUB that receives and msgpack-decodes beacons, nothing else."""
     import msgpack
 
-    signal.signal(signal.SIGTERM, _on_term)
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.SUB)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVHWM, 100_000)
+    ctx, sock = _role_socket(zmq.SUB, zmq.RCVHWM, 100_000)
     sock.setsockopt(zmq.SUBSCRIBE, b"")
     sock.bind(spec["endpoint"])
     received = 0
