@@ -35,7 +35,7 @@ from typing import Any
 
 from phantom_bus.client import Client
 from phantom_bus.errors import NotFound, PhantomError
-from tests.procs import ENDPOINTS, free_port, phantom_env, spawn, stop, wait_for
+from tests.procs import ENDPOINTS, free_port, phantom_env, spawn, status_of, stop, wait_for
 
 HOSTS = ("h1", "h2", "h3")
 SERVICES = ("discovery", "membership", "sharding", "balancer", "manager")
@@ -145,11 +145,7 @@ class Hosts:
 
     def status(self) -> dict[str, Any]:
         """The status document, or {} if nobody answers."""
-        try:
-            with self.client(timeout=2.0, retries=2) as c:
-                return c.status()
-        except PhantomError:
-            return {}
+        return status_of(lambda: self.client(timeout=2.0, retries=2))
 
     def wait_green(self, timeout: float) -> dict[str, Any]:
         """Until green with no move in flight."""

@@ -135,6 +135,16 @@ def stop(procs: Iterable[subprocess.Popen[bytes]], grace: float = 5.0) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def status_of(client: Callable[[], Client]) -> dict[str, Any]:
+    """The status document through the client ``client()`` makes (and this closes), or {} if
+    nobody answers (any failure reads as no document)."""
+    try:
+        with client() as c:
+            return c.status()
+    except Exception:
+        return {}
+
+
 class Processes:
     """A private bus on free ports of 127.0.0.1 and every process started on it."""
 
@@ -214,12 +224,8 @@ class Processes:
                 return None
 
     def status(self) -> dict[str, Any]:
-        """The status document, or {} if nobody answers (any failure reads as no document)."""
-        try:
-            with self.client(timeout=2.0, retries=1) as c:
-                return c.status()
-        except Exception:
-            return {}
+        """The status document, or {} if nobody answers."""
+        return status_of(lambda: self.client(timeout=2.0, retries=1))
 
     def wait_service(self, service: str, timeout: float = 20.0) -> None:
         """Until ``service`` answers a ping through the broker; RuntimeError after ``timeout``."""
