@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -199,21 +200,28 @@ class Traffic(threading.Thread):
     """Selects (and write selects) under load until stopped, as a database client would.
 
     ``errors``: every exception that reached the caller (after the client's own
-    retries). ``regressions``: selections whose epoch was lower than the highest
-    this client had seen. ``times``: monotonic time of each successful select.
+    retries), and every write selection that did not name a primary.
+    ``regressions``: selections whose epoch was lower than the highest this client
+    had seen. ``times``: monotonic time of each successful round (a select and, with
+    ``writes``, a write select). ``reads``, ``written``: selections made;
+    ``nodes``: how many reads each node got. A lease that its balancer lost (it died
+    with its host) is counted in ``lost_leases``, or is an error without ``lost_leases_ok``.
     """
 
-    def __init__(self, brokers: str, events: str, *, routing: str = "broker", writes: bool = True,
-                 keys: int = 200, timeout: float = 1.0, retries: int = 5, pause: float = 0.005) -> None:  # fmt: skip
+    def __init__(self, brokers: str, events: str | None, *, routing: str = "broker", writes: bool = True,
+                 keys: int = 200, timeout: float = 1.0, retries: int = 5, pause: float = 0.005,
+                 lost_leases_ok: bool = True) -> None:  # fmt: skip
         super().__init__(daemon=True)
         self.brokers, self.events, self.routing, self.writes = brokers, events, routing, writes
         self.keys, self.timeout, self.retries, self.pause = keys, timeout, retries, pause
+        self.lost_leases_ok = lost_leases_ok
         self.halt = threading.Event()
         self.errors: list[str] = []
         self.regressions: list[tuple[str, int, int]] = []
         self.times: list[float] = []
         self.highest = 0
-        self.lost_leases = 0
+        self.reads = self.written = self.lost_leases = 0
+        self.nodes: Counter[str] = Counter()
 
     @property
     def ops(self) -> int:
@@ -228,6 +236,8 @@ class Traffic(threading.Thread):
                 i += 1
                 try:
                     sel = c.select(key)
+                    self.reads += 1
+                    self.nodes[sel.node] += 1
                     self._saw(key, sel.epoch)
                     self._release(c, sel)
                     if self.writes:
@@ -235,6 +245,7 @@ class Traffic(threading.Thread):
                         self._saw(key, w.epoch)
                         if w.role != "primary":
                             self.errors.append(f"{key}: a write selection with role {w.role}")
+                        self.written += 1
                         self._release(c, w)
                     self.times.append(time.monotonic())
                 except Exception as exc:  # every failure is the finding
@@ -250,7 +261,10 @@ class Traffic(threading.Thread):
         try:
             c.release(sel, latency_ms=1.0, ok=True)
         except NotFound:
-            self.lost_leases += 1  # a lease of a balancer that died with its host
+            # A lease of a balancer that died with its host is gone with its soft state.
+            if not self.lost_leases_ok:
+                raise
+            self.lost_leases += 1
 
     def longest_gap(self, start: float, end: float) -> float:
         """The longest time between two successful selects within [start, end] (its ends count)."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,12 +15,12 @@ from typing import Any
 import pytest
 
 from phantom_bus.client import Client
-from phantom_bus.errors import NotFound
 from phantom_bus.routing.config import BalancerConfig
 from phantom_bus.shardmap import ShardMap
 from phantom_bus.store.sqlite import SqliteStore
 from services.sharding.store import Committed, MapStore
 from tests.conftest import Bus, phantom, wait_until
+from tests.ha_hosts import Traffic
 from tests.test_cluster import cluster, node, settled, status, wait_green
 
 pytestmark = pytest.mark.processes
@@ -51,49 +50,14 @@ def start_agent(bus: Bus, n: int, zone: str) -> Any:
     return bus.start("services.agent", *args, name=f"agent-{n}")
 
 
-class SelectLoad(threading.Thread):
+class SelectLoad(Traffic):
     """Selects (and optionally writes) over many keys until stopped, recording every
     exception that reaches the caller. Its client is generous: a select may be
     retried inside the library, but none may fail."""
 
     def __init__(self, bus: Bus, *, writes: bool = False, keys: int = 300, lost_leases_ok: bool = False) -> None:
-        super().__init__(daemon=True)
-        self.bus, self.writes, self.keys, self.lost_leases_ok = bus, writes, keys, lost_leases_ok
-        self.halt = threading.Event()
-        self.errors: list[str] = []
-        self.reads = self.written = self.lost_leases = 0
-        self.nodes: Counter[str] = Counter()
-
-    def run(self) -> None:
-        with Client(self.bus.endpoint, timeout=2.0, retries=5) as c:
-            i = 0
-            while not self.halt.is_set():
-                key = f"user:{i % self.keys}"
-                i += 1
-                try:
-                    sel = c.select(key)
-                    self.reads += 1
-                    self.nodes[sel.node] += 1
-                    self.release(c, sel)
-                    if self.writes:
-                        w = c.select(key, write=True)
-                        if w.role != "primary":
-                            self.errors.append(f"{key}: write selection has role {w.role}")
-                        self.written += 1
-                        self.release(c, w)
-                except Exception as exc:  # every failure is the finding
-                    self.errors.append(f"{key}: {exc!r}")
-                time.sleep(0.002)
-
-    def release(self, c: Client, sel: Any) -> None:
-        try:
-            c.release(sel, latency_ms=1.0, ok=True)
-        except NotFound:
-            # A lease issued by a balancer that was SIGKILLed since is gone with its
-            # soft state: not a failed select.
-            if not self.lost_leases_ok:
-                raise
-            self.lost_leases += 1
+        super().__init__(bus.endpoint, None, routing="local", writes=writes, keys=keys, timeout=2.0, retries=5,
+                         pause=0.002, lost_leases_ok=lost_leases_ok)  # fmt: skip
 
     def __enter__(self) -> SelectLoad:
         self.start()
