@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from phantom_bus.errors import Conflict, NotFound, Refused
@@ -266,6 +266,11 @@ op_st = st.one_of(
 
 
 @given(st.lists(op_st, min_size=1, max_size=20))
+@example(  # one confirmation of a round ended another copy of that round (n6's)
+    [("add", "b"), ("run", 1.0), ("add", "a"), ("dead", 4), ("add", "c"), ("run", 3.0), ("drain", 6),
+     ("run", 10.0), ("add", "a"), ("add", "a"), ("mute", 6), ("add", "c"), ("add", "c"), ("add", "a"),
+     ("unmute", 2), ("add", "c"), ("add", "b"), ("add", "c"), ("unmute", 6), ("run", 30.0)]
+)
 @settings(max_examples=30, deadline=None)
 def test_random_histories_never_lose_live_replicas_nor_show_two_primaries(ops: list[tuple]) -> None:
     sim = Simulation(small_core(), copy_time=2.0)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from phantom_bus.errors import NotFound
 from phantom_bus.shardmap import SERVING, ShardMap
 from services.sharding.core import CHANGED, Result, ShardingCore
 
@@ -63,11 +64,23 @@ class Simulation:
                 self._seen.setdefault(key, self.now)
             for key in sorted(joining):
                 sid, node = key
-                if node not in self.silent and self.now - self._seen[key] >= self.copy_time:
+                if node in self.silent or self.now - self._seen[key] < self.copy_time:
+                    continue
+                # An earlier confirmation of this round may have ended this copy (the shard
+                # has its replicas now): an agent reads that from the map and stops.
+                if self._role(sid, node) == "joining":
                     self.call("confirm", self.core.confirm, sid, node, self.now)
             for key in [k for k in self._seen if k not in joining]:
                 del self._seen[key]
             self.call("tick", self.core.tick, self.now)
+
+    def _role(self, shard_id: str, node: str) -> str | None:
+        m = self.core.map().value
+        assert m is not None
+        try:
+            return m.shard(shard_id).role_of(node)
+        except NotFound:
+            return None
 
     def settle(self, limit: float = 3600.0) -> float:
         """Run until nothing is moving; returns the virtual seconds it took."""
