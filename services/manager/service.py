@@ -99,6 +99,9 @@ _FAILOVER = ("node_dead", "node_alive")
 # fetches of what /metrics shows from other services: displays, not decisions.
 _CONTROL_POLL = 2.0
 _METRICS_POLL = 5.0
+# How long a scrape waits for the event loop to read the core: below Prometheus's
+# default scrape timeout (10 s), so a stuck loop fails the scrape instead of hanging it.
+_METRICS_READ_TIMEOUT = 5.0
 
 
 def _already_done(action: Action, err: PhantomError) -> bool:
@@ -153,6 +156,8 @@ class ManagerService:
         # Replaced whole by metrics_loop, read by the metrics thread.
         self._select_seconds: Any = None
         self._moves: int | None = None
+        # The loop the core lives on, for the metrics thread (set by metrics_loop).
+        self._loop: asyncio.AbstractEventLoop | None = None
         svc = self.service
         for name, allow in (
             ("status", READ), ("nodes", READ), ("node", READ), ("register", ADMIN), ("approve", ADMIN),
@@ -595,6 +600,7 @@ class ManagerService:
     async def metrics_loop(self) -> None:
         """What /metrics shows beyond the core's state: the balancer's select
         histogram and sharding's moves in flight, fetched now and then."""
+        self._loop = asyncio.get_running_loop()
         while True:
             with contextlib.suppress(PhantomError):
                 stats = await self.client.request("balancer", "stats")
@@ -606,10 +612,18 @@ class ManagerService:
                 self._moves = None
             await asyncio.sleep(_METRICS_POLL)
 
+    async def _cluster_view(self) -> tuple[Health, list[NodeRecord], int | None]:
+        return self.core.health, self.core.nodes(), self.core.epoch
+
     def metrics(self) -> list[Any]:
-        """The cluster view for /metrics (called from the metrics thread: the core is thread-safe)."""
-        return cluster_metrics(self.core.health, self.core.nodes(), self.core.epoch, self._moves,
-                               self._select_seconds)
+        """The cluster view for /metrics. Called from the metrics thread: the core is
+        single-threaded, so its state is read on the event loop, not from this thread."""
+        loop = self._loop
+        if loop is None:
+            return []  # metrics_loop has not started: no cluster view yet
+        view = asyncio.run_coroutine_threadsafe(self._cluster_view(), loop)
+        health, nodes, epoch = view.result(timeout=_METRICS_READ_TIMEOUT)
+        return cluster_metrics(health, nodes, epoch, self._moves, self._select_seconds)
 
     def loops(self) -> list[Any]:
         """The coroutines to run next to the service's own."""
