@@ -459,9 +459,9 @@ class ShardingProc(Proc):
             "nodes": lambda: self._reader().nodes(),
             "sole_replicas": lambda node: self._reader().sole_replicas(node),
             "add_node": lambda node, zone="default", weight=1.0: self._commit(
-                lambda c: c.add_node(node, zone, weight, self.monotonic())),
-            "drain_node": lambda node: self._commit(lambda c: c.drain_node(node, self.monotonic())),
-            "remove_node": lambda node: self._commit(lambda c: c.remove_node(node, self.monotonic())),
+                lambda c: c.add_node(node, zone, weight, now=self.monotonic())),
+            "drain_node": lambda node: self._commit(lambda c: c.drain_node(node, now=self.monotonic())),
+            "remove_node": lambda node: self._commit(lambda c: c.remove_node(node, now=self.monotonic())),
             "node_dead": lambda node: self._commit(lambda c: c.node_dead(node, self.monotonic())),
             "node_alive": lambda node: self._commit(lambda c: c.node_alive(node, self.monotonic())),
             # The simulated agent names the epoch of the map that asked for the copy.

@@ -435,21 +435,21 @@ class ShardingService:
     ) -> KeyspaceDoc:
         """Create a key space at run time."""
         now = time.monotonic()
-        ks = await self._commit(lambda c: c.create_keyspace(name, kind, shards, split_points, rf, slots, now))
+        ks = await self._commit(lambda c: c.create_keyspace(name, kind, shards, split_points, rf, slots, now=now))
         return ks.to_wire()
 
     async def op_split(self, shard: str, at: str | bytes | int | None = None, keyspace: str | None = None) -> Any:
         """Split a shard (range: at a key or the middle of observed keys; hash: at a slot)."""
         now = time.monotonic()
         name = keyspace or self._keyspace_of(shard)
-        low, high = await self._commit(lambda c: c.split(name, shard, at, now))
+        low, high = await self._commit(lambda c: c.split(name, shard, at, now=now))
         return {"shards": [low.id, high.id], "epoch": self.published.epoch}
 
     async def op_merge(self, shard: str, other: str, keyspace: str | None = None) -> Any:
         """Merge two adjacent shards (at once if colocated, else after moving replicas)."""
         now = time.monotonic()
         name = keyspace or self._keyspace_of(shard)
-        merged = await self._commit(lambda c: c.merge(name, shard, other, now))
+        merged = await self._commit(lambda c: c.merge(name, shard, other, now=now))
         return {"shard": merged.shard, "absorbed": merged.absorbed, "done": merged.done, "epoch": self.published.epoch}
 
     def _keyspace_of(self, shard: str) -> str:
@@ -458,17 +458,17 @@ class ShardingService:
     async def op_add_node(self, node: str, zone: str = "default", weight: float = 1.0) -> dict[str, Any]:
         """Place replicas on a node (or update its zone/weight)."""
         now = time.monotonic()
-        return await self._commit(lambda c: c.add_node(node, zone, weight, now))
+        return await self._commit(lambda c: c.add_node(node, zone, weight, now=now))
 
     async def op_drain_node(self, node: str) -> dict[str, Any]:
         """Move every replica off a node, safely, under the move caps."""
         now = time.monotonic()
-        return await self._commit(lambda c: c.drain_node(node, now))
+        return await self._commit(lambda c: c.drain_node(node, now=now))
 
     async def op_remove_node(self, node: str) -> dict[str, Any]:
         """Forget a node; refused while it holds the only live replica of a shard."""
         now = time.monotonic()
-        return await self._commit(lambda c: c.remove_node(node, now))
+        return await self._commit(lambda c: c.remove_node(node, now=now))
 
     async def op_node_dead(self, node: str) -> dict[str, Any]:
         """Fail over the node's primaries now; re-create its replicas after the delay."""
