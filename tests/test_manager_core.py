@@ -21,6 +21,7 @@ from services.manager.core import (
     Action,
     Decision,
     ManagerCore,
+    MembershipTerm,
 )
 from services.manager.health import ShardInfo, assess
 from services.manager.registry import (
@@ -556,6 +557,14 @@ def test_a_decision_carries_its_registry_changes_once_for_the_shell_to_commit() 
     # Only what this input changed, the newest record last: nothing is handed out twice.
     assert d.changes and d.changes[-1] == core.node("n1") and core.node("n1").lifecycle == ACTIVE
     assert core.drift(down=[]) == [] and core.reconcile(3.0) and core.registry.take_changes() == []
+
+
+def test_verdicts_of_an_older_membership_term_are_stale() -> None:
+    terms = MembershipTerm()
+    assert terms.fresh(3) and terms.term == 3
+    assert terms.fresh(3) and not terms.fresh(2) and terms.term == 3
+    assert terms.fresh(None) and terms.fresh(True) and terms.term == 3  # no term: a membership without leaders
+    assert terms.fresh(7) and not terms.fresh(3) and terms.term == 7
 
 
 def test_a_failed_commit_rolls_the_core_back_and_the_next_commit_carries_on() -> None:

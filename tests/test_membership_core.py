@@ -170,6 +170,21 @@ def test_announced_interval_seeds_the_detector_of_a_slow_node() -> None:
         core.admit("x", T0, interval=0.0)
 
 
+def test_a_discovery_document_admits_its_node_with_the_hints_it_announces() -> None:
+    core = Membership()
+    assert core.admit_discovered({"id": "a", "hb": {"interval": 1.0}, "incarnation": 4}, T0)
+    assert core.admit_discovered({"node": "b", "hb": {"interval": True}, "incarnation": -1}, T0)
+    assert not core.admit_discovered({"kind": "node.updated", "node": "b", "incarnation": 2}, T0)
+    assert core._intervals == {"a": 1.0}  # a hint of the wrong type is ignored
+    for bad in ({"kind": "node.discovered"}, {"id": ""}, {"node": "a b"}):
+        with pytest.raises(BadRequest):
+            core.admit_discovered(bad, T0)
+    # Never heard from: declared dead at the highest incarnation discovery announced.
+    late = T0 + core.config.first_heartbeat_timeout + 1.0
+    verdicts = {e.data["node"]: e.data["incarnation"] for e in core.tick(late) if e.kind == "member.dead"}
+    assert verdicts == {"a": 4, "b": 2}
+
+
 def test_heartbeats_between_ticks_count_before_a_deadline_expires() -> None:
     d = make(1)
     d.run(T0 + 30)

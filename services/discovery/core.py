@@ -574,12 +574,7 @@ class DiscoveryTable:
         data: dict[str, Any] = {
             "node": entry.node,
             "reason": reason,
-            "address": entry.address,
-            "zone": entry.zone,
-            "weight": entry.weight,
-            "incarnation": entry.incarnation,
-            "instance": entry.instance,
-            "version": entry.version,
+            **_announced(entry),
             "state": entry.state,
             "source": entry.source,
             "pinned": entry.pinned,
@@ -596,12 +591,7 @@ class DiscoveryTable:
         ]
         return {
             "id": entry.node,
-            "address": entry.address,
-            "zone": entry.zone,
-            "weight": entry.weight,
-            "incarnation": entry.incarnation,
-            "instance": entry.instance,
-            "version": entry.version,
+            **_announced(entry),
             "started": entry.started,
             "hb": dict(entry.hb) if entry.hb is not None else None,
             "state": entry.state,
@@ -616,3 +606,15 @@ class DiscoveryTable:
             "in_conflict": entry.in_conflict and bool(claims),
             "claims": claims,
         }
+
+
+def _announced(entry: _Entry) -> dict[str, Any]:
+    """What the node's beacon (or its registration) says of it, as events and rows show it."""
+    return {
+        "address": entry.address,
+        "zone": entry.zone,
+        "weight": entry.weight,
+        "incarnation": entry.incarnation,
+        "instance": entry.instance,
+        "version": entry.version,
+    }

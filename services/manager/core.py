@@ -65,7 +65,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from phantom_bus.errors import BadRequest, Conflict, Refused
+from phantom_bus.errors import BadRequest, Conflict, NotFound, PhantomError, Refused
 from phantom_bus.events import Event
 
 from .config import ManagerConfig
@@ -104,6 +104,12 @@ DISCOVERY: Final = "discovery"
 SHARDING: Final = "sharding"
 BALANCER: Final = "balancer"
 
+#: Sharding operations retried for as long as the verdict behind them stands.
+FAILOVER: Final = ("node_dead", "node_alive")
+#: Attempts of an action that is not a failover before it is given up (count);
+#: with the shell's back-off that is about half a minute, the reconcile period.
+MAX_ATTEMPTS: Final = 10
+
 _DOWN = ("dead", "left")
 # Lifecycles whose node is known to sharding and may hold replicas.
 _PLACED = (ACTIVE, DRAINING, *AWAY)
@@ -131,6 +137,27 @@ class Action:
     def to_dict(self) -> dict[str, Any]:
         """The action as a plain map (for logs and tests)."""
         return {"service": self.service, "op": self.op, "args": dict(self.args), "reason": self.reason}
+
+    @property
+    def failover(self) -> bool:
+        """A failover (``sharding.node_dead`` / ``node_alive``): retried whatever the error."""
+        return self.service == SHARDING and self.op in FAILOVER
+
+    def done_by(self, err: PhantomError) -> bool:
+        """Whether ``err`` means the action had already taken effect (it is idempotent)."""
+        if isinstance(err, NotFound) and self.op in ("forget", "remove", "remove_node", "forget_node"):
+            return True
+        if isinstance(err, NotFound) and self.failover:
+            return True  # sharding does not hold the node: nothing to fail over or back
+        return isinstance(err, Conflict) and self.service == DISCOVERY and self.op == "register"
+
+    def gives_up(self, err: PhantomError, attempt: int) -> bool:
+        """Whether attempt number ``attempt``, answered ``err``, is the last: a definitive
+        answer (bad request, refused, not found, conflict) ends a non-failover action at
+        once, anything else (store_unavailable, timeout, internal) after MAX_ATTEMPTS.
+        A failover is never given up while its verdict stands."""
+        definitive = isinstance(err, BadRequest | Refused | NotFound | Conflict)
+        return not self.failover and (definitive or attempt >= MAX_ATTEMPTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +188,29 @@ class _Out:
 
     def act(self, service: str, op: str, reason: str, **args: Any) -> None:
         self.actions.append(Action(service, op, args, reason))
+
+
+class MembershipTerm:
+    """The newest membership leader term whose verdicts the manager has heard.
+
+    A verdict (a ``member.*`` event or a ``verdicts`` reply) carrying an older
+    term comes from a deposed membership leader and is stale. A verdict without
+    a term comes from a membership that predates leaders and counts as current.
+    """
+
+    __slots__ = ("term",)
+
+    def __init__(self) -> None:
+        self.term = 0
+
+    def fresh(self, term: Any) -> bool:
+        """Whether a verdict of ``term`` counts; a newer term becomes the one held."""
+        if isinstance(term, bool) or not isinstance(term, int):
+            return True
+        if term < self.term:
+            return False
+        self.term = term
+        return True
 
 
 def _time(now: Any) -> float:

@@ -352,6 +352,26 @@ class Membership:
             self._silent[node] = self._stalls.effective(self._now)
         return True
 
+    def admit_discovered(self, doc: Mapping[str, Any], now: float) -> bool:
+        """:meth:`admit` the node of a discovery document (a ``node.discovered`` or
+        ``node.updated`` event, or a row of discovery's ``nodes`` reply), with the
+        heartbeat interval (``hb.interval``) and incarnation it announces; hints of
+        the wrong type are ignored. ``BadRequest`` if it names no valid node."""
+        if "id" in doc:
+            node = doc["id"]
+        elif "node" in doc:
+            node = doc["node"]
+        else:
+            raise BadRequest("a discovery document names its node in 'id' or 'node'")
+        hints = doc.get("hb")
+        interval = hints.get("interval") if isinstance(hints, Mapping) else None
+        if not isinstance(interval, int | float) or isinstance(interval, bool):
+            interval = None
+        incarnation = doc.get("incarnation")
+        if not isinstance(incarnation, int) or isinstance(incarnation, bool) or incarnation < 0:
+            incarnation = None
+        return self.admit(str(node), now, interval, incarnation)
+
     def forget(self, node: str, now: float) -> list[Event]:
         """Remove ``node`` entirely; further heartbeats get ``unknown_node``.
 

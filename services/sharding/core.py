@@ -230,8 +230,8 @@ class ShardingCore:
         for sid, target in result.targets.items():
             eng.set_target(sid, target.nodes, target.primary)
         for absorbed, into in self._merges.items():
-            nodes_, primary = eng.target(into)
-            eng.set_target(absorbed, nodes_, primary)
+            members, primary = eng.target(into)
+            eng.set_target(absorbed, members, primary)
         eng.set_evacuating(n for n, r in self._nodes.items() if r.planner_state() in ("draining", "dead"))
         self._plan = result
 
