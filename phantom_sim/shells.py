@@ -142,23 +142,19 @@ def memo() -> Iterator[None]:
             _put(_UNPACKED, blob, self)
         return blob
 
-    def memo_unpack(cls: type[ShardMap], data: bytes) -> ShardMap:
-        m: ShardMap | None = _hit(_UNPACKED, data)
-        if m is None:
-            m = unpack.__func__(cls, data)
-            _put(_UNPACKED, data, m)
-        return m
+    def decoder(decode: Any, cache: dict[int, tuple[Any, Any]]) -> Any:
+        def memo_decode(cls: type[ShardMap], source: Any) -> ShardMap:
+            m: ShardMap | None = _hit(cache, source)
+            if m is None:
+                m = decode.__func__(cls, source)
+                _put(cache, source, m)
+            return m
 
-    def memo_from_wire(cls: type[ShardMap], doc: object) -> ShardMap:
-        m: ShardMap | None = _hit(_MAPS, doc)
-        if m is None:
-            m = from_wire.__func__(cls, doc)
-            _put(_MAPS, doc, m)
-        return m
+        return classmethod(memo_decode)
 
     ShardMap.pack = memo_pack  # type: ignore[method-assign]
-    ShardMap.unpack = classmethod(memo_unpack)  # type: ignore[assignment, method-assign]
-    ShardMap.from_wire = classmethod(memo_from_wire)  # type: ignore[assignment, method-assign]
+    ShardMap.unpack = decoder(unpack, _UNPACKED)  # type: ignore[method-assign]
+    ShardMap.from_wire = decoder(from_wire, _MAPS)  # type: ignore[method-assign]
     try:
         yield
     finally:
