@@ -21,14 +21,10 @@ from typing import Any
 
 from phantom_bus import protocol
 from phantom_bus.errors import (
-    BadRequest,
     CasFailed,
-    Conflict,
     Fenced,
     NoLiveReplica,
-    NotFound,
     PhantomError,
-    Refused,
     ServiceUnavailable,
     StoreError,
 )
@@ -42,7 +38,7 @@ from services.agent.incarnation import refutation
 from services.discovery.beacon import Beacon, encode_beacon
 from services.discovery.core import DiscoveryConfig, DiscoveryTable
 from services.manager.config import ManagerConfig
-from services.manager.core import Action, Decision, ManagerCore
+from services.manager.core import Action, Decision, ManagerCore, MembershipTerm
 from services.manager.health import shards_from_map
 from services.manager.registry import Registry
 from services.manager.store import PREFIX as REGISTRY_PREFIX
@@ -52,7 +48,7 @@ from services.membership.core import Membership
 from services.membership.service import wire_change, wire_members
 from services.sharding.config import ShardingConfig
 from services.sharding.core import CHANGED, Result, ShardingCore
-from services.sharding.service import _with_map, resume
+from services.sharding.service import _with_map, map_reply, resume
 from services.sharding.store import PREFIX as MAP_PREFIX
 from services.sharding.store import Committed, MapStore
 
@@ -115,17 +111,22 @@ def _put(cache: dict[int, tuple[Any, Any]], key: Any, value: Any) -> None:
     cache[id(key)] = (key, value)
 
 
+def _hit(cache: dict[int, tuple[Any, Any]], key: Any) -> Any:
+    """What ``cache`` holds for this very object (not one that reused its id), or None."""
+    hit = cache.get(id(key))
+    return hit[1] if hit is not None and hit[0] is key else None
+
+
 def _doc(blob: bytes) -> Any:
     """The wire document of a packed map (what a client decodes from the ``map`` reply)."""
-    hit = _DOCS.get(id(blob))
-    if hit is None or hit[0] is not blob:
+    doc = _hit(_DOCS, blob)
+    if doc is None:
         doc = protocol.unpack(blob, max_size=len(blob) + 1)
         _put(_DOCS, blob, doc)
-        known = _UNPACKED.get(id(blob))
-        if known is not None and known[0] is blob:
-            _put(_MAPS, doc, known[1])
-        return doc
-    return hit[1]
+        known = _hit(_UNPACKED, blob)
+        if known is not None:
+            _put(_MAPS, doc, known)
+    return doc
 
 
 @contextlib.contextmanager
@@ -134,33 +135,26 @@ def memo() -> Iterator[None]:
     pack, unpack, from_wire = (ShardMap.__dict__[n] for n in ("pack", "unpack", "from_wire"))
 
     def memo_pack(self: ShardMap) -> bytes:
-        hit = _PACKED.get(id(self))
-        if hit is None or hit[0] is not self:
+        blob: bytes | None = _hit(_PACKED, self)
+        if blob is None:
             blob = pack(self)
             _put(_PACKED, self, blob)
             _put(_UNPACKED, blob, self)
-            return blob
-        return hit[1]
+        return blob
 
-    def memo_unpack(cls: type[ShardMap], data: bytes) -> ShardMap:
-        hit = _UNPACKED.get(id(data))
-        if hit is None or hit[0] is not data:
-            m = unpack.__func__(cls, data)
-            _put(_UNPACKED, data, m)
+    def decoder(decode: Any, cache: dict[int, tuple[Any, Any]]) -> Any:
+        def memo_decode(cls: type[ShardMap], source: Any) -> ShardMap:
+            m: ShardMap | None = _hit(cache, source)
+            if m is None:
+                m = decode.__func__(cls, source)
+                _put(cache, source, m)
             return m
-        return hit[1]
 
-    def memo_from_wire(cls: type[ShardMap], doc: object) -> ShardMap:
-        hit = _MAPS.get(id(doc))
-        if hit is None or hit[0] is not doc:
-            m = from_wire.__func__(cls, doc)
-            _put(_MAPS, doc, m)
-            return m
-        return hit[1]
+        return classmethod(memo_decode)
 
     ShardMap.pack = memo_pack  # type: ignore[method-assign]
-    ShardMap.unpack = classmethod(memo_unpack)  # type: ignore[assignment, method-assign]
-    ShardMap.from_wire = classmethod(memo_from_wire)  # type: ignore[assignment, method-assign]
+    ShardMap.unpack = decoder(unpack, _UNPACKED)  # type: ignore[method-assign]
+    ShardMap.from_wire = decoder(from_wire, _MAPS)  # type: ignore[method-assign]
     try:
         yield
     finally:
@@ -366,15 +360,8 @@ class MembershipProc(Proc):
         return {"node": node, "forgotten": True}
 
     def _admit_from(self, doc: dict[str, Any]) -> None:
-        hints = doc.get("hb")
-        interval = hints.get("interval") if isinstance(hints, dict) else None
-        if not isinstance(interval, int | float) or isinstance(interval, bool):
-            interval = None
-        incarnation = doc.get("incarnation")
-        if not isinstance(incarnation, int) or isinstance(incarnation, bool) or incarnation < 0:
-            incarnation = None
-        with contextlib.suppress(PhantomError, KeyError):
-            self.core.admit(str(doc["id"] if "id" in doc else doc["node"]), self.monotonic(), interval, incarnation)
+        with contextlib.suppress(PhantomError):
+            self.core.admit_discovered(doc, self.monotonic())
 
     def on_node_event(self, event: dict[str, Any]) -> None:
         kind = event.get("kind")
@@ -459,9 +446,9 @@ class ShardingProc(Proc):
             "nodes": lambda: self._reader().nodes(),
             "sole_replicas": lambda node: self._reader().sole_replicas(node),
             "add_node": lambda node, zone="default", weight=1.0: self._commit(
-                lambda c: c.add_node(node, zone, weight, self.monotonic())),
-            "drain_node": lambda node: self._commit(lambda c: c.drain_node(node, self.monotonic())),
-            "remove_node": lambda node: self._commit(lambda c: c.remove_node(node, self.monotonic())),
+                lambda c: c.add_node(node, zone, weight, now=self.monotonic())),
+            "drain_node": lambda node: self._commit(lambda c: c.drain_node(node, now=self.monotonic())),
+            "remove_node": lambda node: self._commit(lambda c: c.remove_node(node, now=self.monotonic())),
             "node_dead": lambda node: self._commit(lambda c: c.node_dead(node, self.monotonic())),
             "node_alive": lambda node: self._commit(lambda c: c.node_alive(node, self.monotonic())),
             # The simulated agent names the epoch of the map that asked for the copy.
@@ -652,17 +639,8 @@ class ShardingProc(Proc):
     # -- reads -----------------------------------------------------------------------------
 
     def op_map(self, since_epoch: int | None = None) -> Any:
-        if since_epoch is not None and (type(since_epoch) is not int or since_epoch < 0):
-            raise BadRequest(f"since_epoch must be a non-negative integer, got {since_epoch!r}")
-        committed = self.committed
-        leading = self.leading
-        if committed is None or (not leading and (since_epoch is None or committed.epoch <= since_epoch)):
-            if not leading:
-                raise self.leadership.not_leader()
-            raise ServiceUnavailable("sharding has not read the shard map from the store yet; retry")
-        if since_epoch is not None and committed.epoch <= since_epoch:
-            return None
-        return _doc(committed.blob)
+        blob = map_reply(self.committed, since_epoch, self.leading, self.leadership.not_leader)
+        return None if blob is None else _doc(blob)
 
 
 # --- balancer ---------------------------------------------------------------------------
@@ -749,16 +727,6 @@ class BalancerProc(Proc):
 # --- manager ----------------------------------------------------------------------------
 
 _BACKOFF_MAX = 5.0
-_FAILOVER = ("node_dead", "node_alive")
-MAX_ATTEMPTS = 10
-
-
-def _already_done(action: Action, err: PhantomError) -> bool:
-    if isinstance(err, NotFound) and action.op in ("forget", "remove", "remove_node", "forget_node"):
-        return True
-    if isinstance(err, NotFound) and action.service == "sharding" and action.op in _FAILOVER:
-        return True
-    return isinstance(err, Conflict) and action.service == "discovery" and action.op == "register"
 
 
 class ManagerProc(Proc):
@@ -780,7 +748,7 @@ class ManagerProc(Proc):
         self._pending: set[tuple[str, str, str | None]] = set()
         self._workers: list[Any] = []
         self._loaded_revision = 0
-        self._member_term = 0
+        self._member_term = MembershipTerm()
         self._map: ShardMap | None = None
         self._map_stale = self.flag()
         self._inbox: list[dict[str, Any]] = []
@@ -827,7 +795,7 @@ class ManagerProc(Proc):
 
     def _enqueue(self, action: Action) -> None:
         key = (action.service, action.op, action.node)
-        if key in self._pending and action.service == "sharding" and action.op in _FAILOVER:
+        if key in self._pending and action.failover:
             return
         queue = self._queues.get(action.service)
         if queue is None:
@@ -859,7 +827,7 @@ class ManagerProc(Proc):
 
     def _carry_out(self, action: Action) -> Loop:
         p = _params(self)
-        failover = action.service == "sharding" and action.op in _FAILOVER
+        failover = action.failover
         delay, attempt = 0.1, 0
         while self.leadership.is_leader:
             if failover and self._superseded(action):
@@ -868,11 +836,10 @@ class ManagerProc(Proc):
                 yield Call(action.service, action.op, dict(action.args), p.timeout)
                 return
             except PhantomError as err:
-                if _already_done(action, err):
+                if action.done_by(err):
                     return
                 attempt += 1
-                definitive = isinstance(err, BadRequest | Refused | NotFound | Conflict)
-                if not failover and (definitive or attempt >= MAX_ATTEMPTS):
+                if action.gives_up(err, attempt):
                     return
                 yield Sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
@@ -890,14 +857,6 @@ class ManagerProc(Proc):
     def op_drain(self, node: str) -> Loop:
         return self._decide_and_apply(lambda: self.core.drain(node, now=self.wall()))
 
-    def _fresh_term(self, term: Any) -> bool:
-        if isinstance(term, bool) or not isinstance(term, int):
-            return True
-        if term < self._member_term:
-            return False
-        self._member_term = term
-        return True
-
     def on_event(self, event: dict[str, Any]) -> None:
         if event.get("kind") != "member.load" and self.leadership.is_leader:
             self._inbox.append(event)
@@ -913,7 +872,7 @@ class ManagerProc(Proc):
             kind = str(event.get("kind"))
             if not self.leadership.is_leader:
                 continue
-            if kind.startswith("member.") and not self._fresh_term(event.get("term")):
+            if kind.startswith("member.") and not self._member_term.fresh(event.get("term")):
                 continue
             with contextlib.suppress(PhantomError):
                 yield from self._decide_and_apply(lambda e=event: self.core.on_event(e, self.wall()))  # type: ignore[misc]
@@ -933,7 +892,7 @@ class ManagerProc(Proc):
             except StoreError:
                 yield Sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
-        self._member_term = 0
+        self._member_term = MembershipTerm()
         self.world.log(self, f"leads the manager, term {self.leadership.term}")
         p = _params(self)
         self.follower = Follower(self, self.name, p.follower_poll)
@@ -983,7 +942,8 @@ class ManagerProc(Proc):
         while True:
             try:
                 doc = yield Call("membership", "verdicts", {}, p.timeout)
-                if isinstance(doc, dict) and isinstance(doc.get("members"), list) and self._fresh_term(doc.get("term")):
+                if (isinstance(doc, dict) and isinstance(doc.get("members"), list)
+                        and self._member_term.fresh(doc.get("term"))):
                     yield from self._decide_and_apply(lambda d=doc: self.core.sync_members(  # type: ignore[misc]
                         d["members"], self.wall()))
             except PhantomError:

@@ -3,16 +3,15 @@ drains, removal, restart reconciliation, and a property test over random histori
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from phantom_bus.errors import BadRequest, Conflict, NotFound, PhantomError, Refused
-from phantom_bus.events import Event, EventHooks
+from phantom_bus.errors import BadRequest, Conflict, NotFound, Refused
+from phantom_bus.events import Event
 from services.manager.config import ManagerConfig
 from services.manager.core import (
     EVENT_FAILOVER,
@@ -22,6 +21,7 @@ from services.manager.core import (
     Action,
     Decision,
     ManagerCore,
+    MembershipTerm,
 )
 from services.manager.health import ShardInfo, assess
 from services.manager.registry import (
@@ -70,10 +70,37 @@ class FakeStore:
         return Registry.restore(self.nodes.values(), self.tombs.values())
 
 
-def make(auto_join: bool = True, store: FakeStore | None = None, hooks: EventHooks | None = None) -> ManagerCore:
+class Committing:
+    """A core driven the way the manager's shell drives it: every decision's changes are
+    committed to the store before the decision is handed on; a failed commit rolls the
+    core back to the committed registry and raises."""
+
+    def __init__(self, core: ManagerCore, store: FakeStore) -> None:
+        self.core = core
+        self.store = store
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.core, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = attr(*args, **kwargs)
+            if isinstance(result, Decision) and result.changes:
+                try:
+                    self.store.apply(result.changes)
+                except OSError:
+                    self.core.reset_registry(self.store.registry())
+                    raise
+            return result
+
+        return cast(Callable[..., Any], call)
+
+
+def make(auto_join: bool = True, store: FakeStore | None = None) -> ManagerCore:
     store = store if store is not None else FakeStore()
-    return ManagerCore(ManagerConfig(auto_join=auto_join, rereplication_delay=DELAY), store.registry(),
-                       persist=store.apply, hooks=hooks)
+    core = ManagerCore(ManagerConfig(auto_join=auto_join, rereplication_delay=DELAY), store.registry())
+    return cast(ManagerCore, Committing(core, store))
 
 
 def tick(core: ManagerCore, now: float) -> Decision:
@@ -522,28 +549,37 @@ def test_register_refuses_bad_values(args: tuple[Any, ...]) -> None:
 # -- plumbing -----------------------------------------------------------------------------
 
 
-def test_changes_are_persisted_before_the_decision_is_returned() -> None:
-    store = FakeStore()
-    seen: list[Any] = []
-    hooks = EventHooks()
-    hooks.on("*", lambda e: seen.append((e.kind, dict(store.nodes))))
-    core = make(store=store, hooks=hooks)
+def test_a_decision_carries_its_registry_changes_once_for_the_shell_to_commit() -> None:
+    core = ManagerCore(ManagerConfig(rereplication_delay=DELAY))
     d = core.on_event(disc("n1"), 1.0)
-    assert store.nodes == {"n1": core.node("n1")} and d.changes == (core.node("n1"),)
-    # The hook ran after persistence: it saw the node on "disk".
-    assert seen and seen[0][0] == "cluster.node_registered" and "n1" in seen[0][1]
+    assert kinds(d)[0] == "cluster.node_registered" and d.changes == (core.node("n1"),)
+    d = core.on_event(mem("alive", "n1"), 2.0)
+    # Only what this input changed, the newest record last: nothing is handed out twice.
+    assert d.changes and d.changes[-1] == core.node("n1") and core.node("n1").lifecycle == ACTIVE
+    assert core.drift(down=[]) == [] and core.reconcile(3.0) and core.registry.take_changes() == []
 
 
-def test_a_failed_save_raises_and_the_changes_are_written_by_the_next_save() -> None:
+def test_verdicts_of_an_older_membership_term_are_stale() -> None:
+    terms = MembershipTerm()
+    assert terms.fresh(3) and terms.term == 3
+    assert terms.fresh(3) and not terms.fresh(2) and terms.term == 3
+    assert terms.fresh(None) and terms.fresh(True) and terms.term == 3  # no term: a membership without leaders
+    assert terms.fresh(7) and not terms.fresh(3) and terms.term == 7
+
+
+def test_a_failed_commit_rolls_the_core_back_and_the_next_commit_carries_on() -> None:
     store = FakeStore()
     core = make(store=store)
     store.fail = True
     with pytest.raises(OSError):
         core.on_event(disc("n1"), 1.0)
     assert "n1" not in store.nodes
+    with pytest.raises(NotFound):
+        core.node("n1")  # rolled back: memory holds what the store holds
     store.fail = False
     core.on_event(disc("n2"), 2.0)
-    assert set(store.nodes) == {"n1", "n2"}
+    core.on_event(disc("n1"), 3.0)  # discovery's beacons (or sync_discovery) bring it again
+    assert set(store.nodes) == {"n1", "n2"} and store.nodes == {r.id: r for r in core.nodes()}
 
 
 def test_malformed_events_are_bad_requests_and_unknown_kinds_decide_nothing() -> None:
@@ -718,30 +754,6 @@ def test_dead_timer_survives_a_restart() -> None:
     again = make(store=store)
     assert not tick(again, 10.0 + DELAY - 1)
     assert kinds(tick(again, 10.0 + DELAY)) == ["cluster.node_failed"]
-
-
-def test_concurrent_inputs_never_double_a_node_and_persist_every_change() -> None:
-    store = FakeStore()
-    core = make(store=store)
-    barrier = threading.Barrier(6)
-
-    def worker(i: int) -> None:
-        barrier.wait()
-        for k in range(40):
-            node = f"n{k % 8}"
-            try:
-                core.on_event(disc(node), float(k))
-                core.on_event(mem("alive" if (k + i) % 3 else "suspect", node), float(k))
-            except PhantomError:
-                pass
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(core.nodes()) == 8
-    assert store.nodes == {r.id: r for r in core.nodes()}
 
 
 # -- property: random histories -----------------------------------------------------------------

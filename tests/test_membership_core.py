@@ -7,8 +7,8 @@ import contextlib
 import dataclasses
 import itertools
 import random
-import threading
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from phantom_bus.errors import BadRequest, Conflict, NotFound
-from phantom_bus.events import Event, EventHooks
+from phantom_bus.events import Event
 from services.membership import (
     ALIVE,
     DEAD,
@@ -168,6 +168,21 @@ def test_announced_interval_seeds_the_detector_of_a_slow_node() -> None:
     assert [e.kind for e in events] == ["member.alive"]
     with pytest.raises(BadRequest, match="interval"):
         core.admit("x", T0, interval=0.0)
+
+
+def test_a_discovery_document_admits_its_node_with_the_hints_it_announces() -> None:
+    core = Membership()
+    assert core.admit_discovered({"id": "a", "hb": {"interval": 1.0}, "incarnation": 4}, T0)
+    assert core.admit_discovered({"node": "b", "hb": {"interval": True}, "incarnation": -1}, T0)
+    assert not core.admit_discovered({"kind": "node.updated", "node": "b", "incarnation": 2}, T0)
+    assert core._intervals == {"a": 1.0}  # a hint of the wrong type is ignored
+    for bad in ({"kind": "node.discovered"}, {"id": ""}, {"node": "a b"}):
+        with pytest.raises(BadRequest):
+            core.admit_discovered(bad, T0)
+    # Never heard from: declared dead at the highest incarnation discovery announced.
+    late = T0 + core.config.first_heartbeat_timeout + 1.0
+    verdicts = {e.data["node"]: e.data["incarnation"] for e in core.tick(late) if e.kind == "member.dead"}
+    assert verdicts == {"a": 4, "b": 2}
 
 
 def test_heartbeats_between_ticks_count_before_a_deadline_expires() -> None:
@@ -549,37 +564,27 @@ def test_default_config_is_valid_and_meets_the_detection_budget() -> None:
     assert dead_silence + cfg.tick_interval < 2.0
 
 
-# -- events and hooks -----------------------------------------------------------
+# -- events -----------------------------------------------------------------------
 
 
-def test_hooks_receive_every_event_in_order() -> None:
-    hooks = EventHooks()
-    seen: list[tuple[str, str]] = []
-    hooks.on("*", lambda e: seen.append((e.kind, e.data["node"])))
-    d = Driver(Membership(hooks=hooks), ["a", "b"])
+def test_returned_events_come_in_the_order_the_state_changed() -> None:
+    d = Driver(Membership(), ["a", "b"])
     d.run(T0 + 10)
     d.run(T0 + 15, silent={"b"})
-    d.core.leave("a", 1, d.now)
-    assert seen == [(e.kind, e.data["node"]) for _, e in d.events] + [("member.left", "a")]
+    seen = [(e.kind, e.data["node"]) for _, e in d.events]
+    seen += [(e.kind, e.data["node"]) for e in d.core.leave("a", 1, d.now)]
+    assert seen[:2] == [("member.alive", "a"), ("member.alive", "b")]
     assert seen[-3:] == [("member.suspect", "b"), ("member.dead", "b"), ("member.left", "a")]
 
 
-def test_callback_may_call_back_into_the_core() -> None:
+def test_a_caller_may_act_on_a_verdict_at_once() -> None:
     core = Membership()
-    seen: list[str] = []
-
-    def on_dead(e: Event) -> None:
-        # Re-entrant: read the list and act on it from inside a callback.
-        seen.append(core.member(e.data["node"], T0 + 10)["state"])
-        core.forget(e.data["node"], T0 + 10)
-
-    core.hooks.on("member.dead", on_dead)
-    core.hooks.on("member.left", lambda e: seen.append(e.data["reason"]))
     core.admit("a", T0)
     core.heartbeat("a", 1, 1, None, T0)
     core.tick(T0 + 0.1)
-    core.tick(T0 + 10)
-    assert seen == [DEAD, "removed"]
+    dead = [e for e in core.tick(T0 + 10) if e.kind == "member.dead"]
+    assert [e.data["node"] for e in dead] == ["a"] and core.member("a", T0 + 10)["state"] == DEAD
+    assert [(e.kind, e.data["reason"]) for e in core.forget("a", T0 + 10)] == [("member.left", "removed")]
     assert core.members(T0 + 10) == []
 
 
@@ -642,10 +647,7 @@ op = st.one_of(
 def test_dead_or_left_never_comes_back_without_a_higher_incarnation(
     ops: list[tuple[str, str, int, int, float]],
 ) -> None:
-    hooks = EventHooks()
-    fired: list[Event] = []
-    hooks.on("*", fired.append)
-    core = Membership(hooks=hooks)
+    core = Membership()
     for n in NODES:
         core.admit(n, T0)
     now = T0
@@ -685,7 +687,6 @@ def test_dead_or_left_never_comes_back_without_a_higher_incarnation(
             assert state in STATES
         assert "stranger" not in current
         view = current
-    assert fired == returned
     # Every event chains from the state the previous one left.
     last: dict[str, str | None] = {}
     for e in returned:
@@ -694,23 +695,16 @@ def test_dead_or_left_never_comes_back_without_a_higher_incarnation(
         last[node] = e.kind.split(".")[1]
 
 
-# -- threads --------------------------------------------------------------------
+# -- interleaved callers ------------------------------------------------------------
 
 
-def test_concurrent_use_from_many_threads_keeps_invariants() -> None:
+def test_interleaved_heartbeats_ticks_reads_and_churn_keep_invariants() -> None:
+    """Four heartbeaters, a ticker, a reader and an admin interleaved at random, one
+    call at a time (the shell's loop interleaves its tasks the same way)."""
     core = Membership()
     fired: list[Event] = []
-    fired_lock = threading.Lock()
-
-    def record(e: Event) -> None:
-        with fired_lock:
-            fired.append(e)
-
-    core.hooks.on("*", record)
     clock = itertools.count()
-    errors: list[BaseException] = []
     calls = {"hb": 0}
-    calls_lock = threading.Lock()
     stable = [f"s{i}" for i in range(40)]
     churn = [f"c{i}" for i in range(10)]
     for n in stable:
@@ -719,25 +713,14 @@ def test_concurrent_use_from_many_threads_keeps_invariants() -> None:
     def now() -> float:
         return T0 + next(clock) * 0.0005
 
-    def guarded(fn: Any) -> Any:
-        def wrapper(*args: Any) -> None:
-            try:
-                fn(*args)
-            except BaseException as exc:
-                errors.append(exc)
-
-        return wrapper
-
-    @guarded
-    def heartbeater(nodes: list[str], seed: int) -> None:
+    def heartbeater(nodes: list[str], seed: int) -> Iterator[None]:
         rng = random.Random(seed)
         inc = dict.fromkeys(nodes, 1)
         seqs = dict.fromkeys(nodes, 0)
-        n_calls = 0
         for k in range(20000):
             node = rng.choice(nodes)
             # One node at a time goes quiet for a while, so suspicions,
-            # convictions and rejoins happen while the other threads run.
+            # convictions and rejoins happen while the others run.
             if node == nodes[(k // 2000) % len(nodes)]:
                 continue
             r = rng.random()
@@ -746,25 +729,25 @@ def test_concurrent_use_from_many_threads_keeps_invariants() -> None:
                 seqs[node] = 0
             elif r < 0.015:
                 with contextlib.suppress(Conflict, NotFound):
-                    core.leave(node, inc[node], now())
+                    fired.extend(core.leave(node, inc[node], now()))
+                yield
                 continue
             seqs[node] += 1
             res = core.heartbeat(node, inc[node], seqs[node], {"cpu": rng.random()}, now())
-            n_calls += 1
+            fired.extend(res.events)
+            calls["hb"] += 1
             if res.refute:
                 inc[node] = (res.incarnation or inc[node]) + 1
                 seqs[node] = 0
-        with calls_lock:
-            calls["hb"] += n_calls
+            yield
 
-    @guarded
-    def ticker() -> None:
+    def ticker() -> Iterator[None]:
         rng = random.Random(99)
         for _ in range(10000):
-            core.tick(now(), observer_lag=0.5 if rng.random() < 0.01 else 0.0)
+            fired.extend(core.tick(now(), observer_lag=0.5 if rng.random() < 0.01 else 0.0))
+            yield
 
-    @guarded
-    def reader() -> None:
+    def reader() -> Iterator[None]:
         for _ in range(300):
             t = now()
             for m in core.members(t):
@@ -773,17 +756,18 @@ def test_concurrent_use_from_many_threads_keeps_invariants() -> None:
             assert sum(counts.values()) <= len(stable) + len(churn)
             core.load_digest(t)
             core.stats()
+            yield
 
-    @guarded
-    def admin() -> None:
+    def admin() -> Iterator[None]:
         rng = random.Random(5)
         for _ in range(3000):
             node = rng.choice(churn)
             if rng.random() < 0.5:
                 core.admit(node, now())
             else:
-                core.forget(node, now())
+                fired.extend(core.forget(node, now()))
             res = core.heartbeat(node, 1, rng.randint(0, 1000), None, now())
+            fired.extend(res.events)
             assert res.code in (
                 "ok",
                 "duplicate",
@@ -792,24 +776,21 @@ def test_concurrent_use_from_many_threads_keeps_invariants() -> None:
                 "declared_dead",
                 "has_left",
             )
-            with calls_lock:
-                calls["hb"] += 1
+            calls["hb"] += 1
+            yield
 
-    threads = [threading.Thread(target=heartbeater, args=(stable[k::4], k)) for k in range(4)] + [
-        threading.Thread(target=ticker),
-        threading.Thread(target=reader),
-        threading.Thread(target=admin),
-    ]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=60)
-    assert not any(th.is_alive() for th in threads)
-    assert errors == []
+    callers = [heartbeater(stable[k::4], k) for k in range(4)] + [ticker(), reader(), admin()]
+    schedule = random.Random(1)
+    while callers:
+        caller = schedule.choice(callers)
+        try:
+            next(caller)
+        except StopIteration:
+            callers.remove(caller)
     assert core.stats()["heartbeats"] == calls["hb"]
     members = core.members(now())
     assert sum(core.counts().values()) == len(members)
-    # Callbacks saw the state changes in the order they happened, per node.
+    # The returned events tell the state changes in the order they happened, per node.
     last: dict[str, str | None] = {}
     for e in fired:
         node = e.data["node"]

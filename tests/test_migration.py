@@ -276,14 +276,14 @@ def test_random_histories_never_lose_live_replicas_nor_show_two_primaries(ops: l
     sim = Simulation(small_core(), copy_time=2.0)
     core = sim.core
     for i, z in enumerate("abc"):
-        sim.call("add_node", core.add_node, f"n{i}", z, 1.0, sim.now)
+        sim.call("add_node", core.add_node, f"n{i}", z, 1.0, now=sim.now)
     sim.settle()
     serial = 3
     for op in ops:
         names = sorted(n["node"] for n in core.nodes())
         kind = op[0]
         if kind == "add":
-            sim.call("add_node", core.add_node, f"n{serial}", op[1], 1.0, sim.now)
+            sim.call("add_node", core.add_node, f"n{serial}", op[1], 1.0, now=sim.now)
             serial += 1
         elif kind == "run":
             sim.run(op[1])
@@ -294,14 +294,14 @@ def test_random_histories_never_lose_live_replicas_nor_show_two_primaries(ops: l
             elif kind == "alive":
                 sim.call("node_alive", core.node_alive, name, sim.now)
             elif kind == "drain":
-                sim.call("drain_node", core.drain_node, name, sim.now)
+                sim.call("drain_node", core.drain_node, name, now=sim.now)
             elif kind == "mute":
                 sim.silent.add(name)
             elif kind == "unmute":
                 sim.silent.discard(name)
             elif kind == "remove":
                 try:
-                    sim.call("remove_node", core.remove_node, name, sim.now)
+                    sim.call("remove_node", core.remove_node, name, now=sim.now)
                 except Refused:
                     assert core.sole_replicas(name)
     check_epochs(sim)
@@ -328,12 +328,12 @@ def test_join_moves_half_of_its_zone_and_nothing_else() -> None:
     sim = Simulation(small_core(max_moves_per_node=2))
     core = sim.core
     for i, z in enumerate("abc"):
-        sim.call("add_node", core.add_node, f"n{i}", z, 1.0, sim.now)
+        sim.call("add_node", core.add_node, f"n{i}", z, 1.0, now=sim.now)
     sim.settle()
     assert {n: c["replicas"] for n, c in core.node_counts().items()} == {"n0": 12, "n1": 12, "n2": 12}
     mark = len(sim.epochs)
-    sim.call("add_node", core.add_node, "n3", "a", 1.0, sim.now)
-    copying = [p for p in core.pending_moves() if p["state"] == "copying"]
+    sim.call("add_node", core.add_node, "n3", "a", 1.0, now=sim.now)
+    copying = [p for p in core.pending_moves(sim.now) if p["state"] == "copying"]
     assert len(copying) == 2, "two copies at a time into the new node"
     sim.settle()
     # Three zones and RF 3: zone a keeps one replica of each shard, now split over two nodes.
@@ -354,7 +354,7 @@ def test_dead_node_replicas_move_only_after_the_delay_and_a_quick_return_costs_n
     sim = Simulation(small_core())
     core = sim.core
     for i, z in enumerate("abcd"):
-        sim.call("add_node", core.add_node, f"n{i}", z, 1.0, sim.now)
+        sim.call("add_node", core.add_node, f"n{i}", z, 1.0, now=sim.now)
     sim.settle()
     held = roles_of(core, "n1")
     mark = len(sim.epochs)

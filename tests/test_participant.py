@@ -494,7 +494,7 @@ def test_never_two_unexpired_primary_leases_for_one_shard(seed: int, faults: lis
             w.publish(w.core.node_dead(node, w.now).events)
             w.at(w.now + length, lambda: w.publish(w.core.node_alive(node, w.now).events))
         elif kind == "drain":
-            w.publish(w.core.drain_node(node, w.now).events)
+            w.publish(w.core.drain_node(node, now=w.now).events)
         elif kind == "join":
             w.join("d")
 
@@ -533,7 +533,7 @@ def test_planned_hand_offs_never_leave_a_shard_without_a_primary_past_lease_and_
 
     w.at(2.0, lambda: w.join("d"))
     for t, idx in plan:
-        w.at(t, lambda node="abc"[idx]: w.publish(w.core.drain_node(node, w.now).events))
+        w.at(t, lambda node="abc"[idx]: w.publish(w.core.drain_node(node, now=w.now).events))
     lost: dict[str, float] = {}
     worst = 0.0
     while w.queue and w.now < 40.0:

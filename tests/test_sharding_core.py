@@ -19,7 +19,7 @@ from services.sharding.simulate import Simulation
 def cluster(nodes: int = 3, **cfg: Any) -> Simulation:
     sim = Simulation(ShardingCore(ShardingConfig(**cfg)))
     for i in range(nodes):
-        sim.call("add_node", sim.core.add_node, f"n{i}", "abc"[i % 3], 1.0, sim.now)
+        sim.call("add_node", sim.core.add_node, f"n{i}", "abc"[i % 3], 1.0, now=sim.now)
     sim.settle()
     return sim
 
@@ -58,7 +58,7 @@ def test_fresh_core_has_the_default_hash_keyspace() -> None:
 @settings(max_examples=50, deadline=None)
 def test_hash_and_range_lookups_agree_with_brute_force(keys: list[str | bytes]) -> None:
     core = ShardingCore(ShardingConfig(default_shards=7))
-    core.create_keyspace("r", "range", split_points=["g", b"m\x00", "t"])
+    core.create_keyspace("r", "range", split_points=["g", b"m\x00", "t"], now=0.0)
     m = current(core)
     for key in keys:
         for name in ("default", "r"):
@@ -98,13 +98,13 @@ def test_create_keyspace_refuses_bad_arguments(args: tuple, error: type[Exceptio
     core = ShardingCore()
     before = core.epoch
     with pytest.raises(error):
-        core.create_keyspace(*args)
+        core.create_keyspace(*args, now=0.0)
     assert core.epoch == before and "x" not in current(core)
 
 
 def test_range_keyspace_without_split_points_cuts_the_first_two_bytes_evenly() -> None:
     core = ShardingCore()
-    ks = core.create_keyspace("r", "range", shards=4).value
+    ks = core.create_keyspace("r", "range", shards=4, now=0.0).value
     assert [sh.start for sh in ks.shards] == [b"", b"\x40\x00", b"\x80\x00", b"\xc0\x00"]
 
 
@@ -140,7 +140,7 @@ def test_node_operation_errors() -> None:
     core = ShardingCore()
     for fn in (core.drain_node, core.remove_node):
         with pytest.raises(NotFound):
-            fn("ghost")
+            fn("ghost", now=0.0)
     with pytest.raises(NotFound):
         core.node_dead("ghost", 1.0)
     with pytest.raises(NotFound):
@@ -149,7 +149,7 @@ def test_node_operation_errors() -> None:
         core.confirm("default/999", "ghost", 1.0)
     for bad in [("", "a", 1.0), ("a b", "a", 1.0), ("n", "a", -1.0), ("n", "a", float("nan")), ("n", 3, 1.0)]:
         with pytest.raises(BadRequest):
-            core.add_node(*bad)  # type: ignore[arg-type]
+            core.add_node(*bad, now=0.0)  # type: ignore[arg-type]
     with pytest.raises(BadRequest):
         core.tick(float("inf"))
 
@@ -159,12 +159,12 @@ def test_removing_a_node_with_the_only_live_copy_is_refused() -> None:
     core = sim.core
     assert len(core.sole_replicas("n0")) == 64
     with pytest.raises(Refused) as err:
-        core.remove_node("n0")
+        core.remove_node("n0", now=sim.now)
     assert err.value.details["shards"][:1] == ["default/0"]
-    sim.call("add_node", core.add_node, "n1", "b", 1.0, sim.now)
+    sim.call("add_node", core.add_node, "n1", "b", 1.0, now=sim.now)
     sim.settle()
     assert core.sole_replicas("n0") == []
-    sim.call("remove_node", core.remove_node, "n0", sim.now)
+    sim.call("remove_node", core.remove_node, "n0", now=sim.now)
     assert "n0" not in {n["node"] for n in core.nodes()}
     assert not any("n0" in sh.nodes for _, sh in current(core).shards())
 
@@ -182,7 +182,7 @@ def test_losing_every_holder_makes_shards_unavailable_not_silently_recreated() -
     core = sim.core
     for n in ("n0", "n1", "n2"):
         sim.call("node_dead", core.node_dead, n, sim.now)
-    sim.call("add_node", core.add_node, "n3", "a", 1.0, sim.now)
+    sim.call("add_node", core.add_node, "n3", "a", 1.0, now=sim.now)
     sim.run(30.0)
     assert core.health()["unavailable"] == 64
     assert not any(r.role == "joining" for _, sh in current(core).shards() for r in sh.replicas)
@@ -194,7 +194,7 @@ def test_losing_every_holder_makes_shards_unavailable_not_silently_recreated() -
 def test_drain_moves_everything_off_when_there_is_room() -> None:
     sim = cluster(4)
     core = sim.core
-    sim.call("drain_node", core.drain_node, "n3", sim.now)
+    sim.call("drain_node", core.drain_node, "n3", now=sim.now)
     sim.settle()
     assert core.node_counts()["n3"]["replicas"] == 0
     assert core.health()["under_replicated"] == 0
@@ -203,7 +203,7 @@ def test_drain_moves_everything_off_when_there_is_room() -> None:
 def test_weight_change_rebalances_toward_the_heavier_node() -> None:
     sim = cluster(4)
     core = sim.core
-    sim.call("add_node", core.add_node, "n3", "a", 3.0, sim.now)
+    sim.call("add_node", core.add_node, "n3", "a", 3.0, now=sim.now)
     sim.settle()
     counts = core.node_counts()
     # zone a (n0, n3) keeps one replica per shard: 64 split 1:3
@@ -215,39 +215,39 @@ def test_weight_change_rebalances_toward_the_heavier_node() -> None:
 
 def test_split_requires_a_point_or_enough_sampled_keys() -> None:
     core = ShardingCore()
-    core.create_keyspace("r", "range")
+    core.create_keyspace("r", "range", now=0.0)
     with pytest.raises(Refused):
-        core.split("r", "r/0")
+        core.split("r", "r/0", now=0.0)
     core.report_keys("r", [f"user:{i:04d}" for i in range(100)])
-    left, right = core.split("r", "r/0").value
+    left, right = core.split("r", "r/0", now=0.0).value
     assert left.id == "r/0" and right.start == b"user:0050", "the median of the sampled keys"
     assert left.end == right.start and right.end is None
     with pytest.raises(BadRequest):
-        core.split("r", "r/0", at=b"")  # not inside
+        core.split("r", "r/0", at=b"", now=0.0)  # not inside
     with pytest.raises(BadRequest):
-        core.split("r", "r/0", at=7)
+        core.split("r", "r/0", at=7, now=0.0)
     with pytest.raises(NotFound):
-        core.split("r", "default/0")
+        core.split("r", "default/0", now=0.0)
     with pytest.raises(NoSuchKeyspace):
-        core.split("zz", "r/0")
+        core.split("zz", "r/0", now=0.0)
 
 
 def test_split_of_a_moving_shard_is_refused() -> None:
     sim = cluster(3)
     core = sim.core
-    sim.call("add_node", core.add_node, "n3", "a", 1.0, sim.now)
+    sim.call("add_node", core.add_node, "n3", "a", 1.0, now=sim.now)
     busy = next(sh.id for _, sh in current(core).shards() if sh.state == "moving")
     with pytest.raises(Refused):
-        core.split("default", busy)
+        core.split("default", busy, now=sim.now)
 
 
 def test_merge_rules() -> None:
     core = ShardingCore(ShardingConfig(default_shards=4))
     with pytest.raises(BadRequest):
-        core.merge("default", "default/0", "default/2")
+        core.merge("default", "default/0", "default/2", now=0.0)
     with pytest.raises(BadRequest):
-        core.merge("default", "default/0", "default/0")
-    res = core.merge("default", "default/1", "default/0").value
+        core.merge("default", "default/0", "default/0", now=0.0)
+    res = core.merge("default", "default/1", "default/0", now=0.0).value
     assert (res.shard, res.absorbed, res.done) == ("default/0", "default/1", True)
     assert current(core).shard("default/0").slots == ((0, 2048),)
 
@@ -274,10 +274,10 @@ def test_splits_and_merges_keep_every_key_routable(ops: list[tuple], keys: list[
             try:
                 if op[0] == "split":
                     at = op[2] if name == "r" else None
-                    sim.call("split", core.split, name, order[idx], at, sim.now)
+                    sim.call("split", core.split, name, order[idx], at, now=sim.now)
                 elif op[0] == "merge" and len(order) > 1:
                     a, b = order[idx - 1], order[idx] if idx else order[1]
-                    sim.call("merge", core.merge, name, a, b, sim.now)
+                    sim.call("merge", core.merge, name, a, b, now=sim.now)
                 else:
                     sim.run(3.0)
             except (Refused, BadRequest, Conflict):
@@ -298,7 +298,7 @@ def test_merge_of_shards_on_different_nodes_colocates_first() -> None:
     shards = current(core).keyspace("default").shards
     i = next(i for i in range(5) if set(shards[i].nodes) != set(shards[i + 1].nodes))
     low, high = shards[i], shards[i + 1]
-    res = sim.call("merge", core.merge, "default", low.id, high.id, sim.now)
+    res = sim.call("merge", core.merge, "default", low.id, high.id, now=sim.now)
     assert not res.done
     assert current(core).shard(high.id).state == "moving"
     sim.settle()
@@ -337,7 +337,7 @@ def test_hot_range_shard_splits_after_the_window_and_only_then() -> None:
 def test_snapshot_and_restore_resume_moves_in_flight_on_a_new_clock() -> None:
     sim = cluster(3, default_shards=8)
     core = sim.core
-    sim.call("add_node", core.add_node, "n3", "a", 1.0, sim.now)
+    sim.call("add_node", core.add_node, "n3", "a", 1.0, now=sim.now)
     sim.run(1.0)
     shard_map, state = core.snapshot(sim.now)
     assert any(r.role == "joining" for _, sh in shard_map.shards() for r in sh.replicas)
@@ -392,8 +392,8 @@ def test_confirm_of_a_cancelled_assignment_does_not_promote_the_next_one() -> No
     and then made again must not promote the new joining replica (phantom_sim seed 286)."""
     core = ShardingCore(ShardingConfig(default_shards=2, default_rf=3, dead_delay=60.0))
     for i, zone in enumerate("abc"):
-        core.add_node(f"n{i}", zone, 1.0, 0.0)
-    core.add_node("n3", "a", 1.0, 0.0)  # a fourth node: moves copy replicas to it
+        core.add_node(f"n{i}", zone, 1.0, now=0.0)
+    core.add_node("n3", "a", 1.0, now=0.0)  # a fourth node: moves copy replicas to it
     joining = [(sh.id, r.node) for _, sh in current(core).shards() for r in sh.replicas if r.role == "joining"]
     assert joining, "the new node should be given a copy"
     shard, node = joining[0]

@@ -63,20 +63,20 @@ class Database:
     def renewed(self, lease_until: float, primaries: list[str]) -> None:
         """The lease of ``primaries`` now ends at ``lease_until`` (``time.time()``) unless renewed again."""
 
-    async def run(self, t: Transition, lease_until: float) -> None:
-        """Carry out ``t`` by calling the method of its kind."""
-        if t.kind == "join":
-            await self.join(t.shard, t.epoch, t.sources)
-        elif t.kind == "replica":
-            await self.replica(t.shard, t.epoch, t.sources)
-        elif t.kind == "primary":
-            await self.primary(t.shard, t.epoch, lease_until)
-        elif t.kind == "demote":
-            await self.demote(t.shard, t.epoch)
-        elif t.kind == "fence":
-            await self.fence(t.shard, t.epoch)
+    async def run(self, transition: Transition, lease_until: float) -> None:
+        """Carry out ``transition`` by calling the method of its kind."""
+        if transition.kind == "join":
+            await self.join(transition.shard, transition.epoch, transition.sources)
+        elif transition.kind == "replica":
+            await self.replica(transition.shard, transition.epoch, transition.sources)
+        elif transition.kind == "primary":
+            await self.primary(transition.shard, transition.epoch, lease_until)
+        elif transition.kind == "demote":
+            await self.demote(transition.shard, transition.epoch)
+        elif transition.kind == "fence":
+            await self.fence(transition.shard, transition.epoch)
         else:
-            await self.drop(t.shard, t.epoch)
+            await self.drop(transition.shard, transition.epoch)
 
 
 class SimulatedCopy(Database):
@@ -89,17 +89,17 @@ class SimulatedCopy(Database):
         await asyncio.sleep(self.copy_time)
 
 
-def transition_env(node: str, t: Transition, lease_until: float, lease_file: str) -> dict[str, str]:
+def transition_env(node: str, transition: Transition, lease_until: float, lease_file: str) -> dict[str, str]:
     """The environment variables a callback gets (documented in docs/integrating.md)."""
     return {
         "PHANTOM_NODE": node,
-        "PHANTOM_TRANSITION": t.kind,
-        "PHANTOM_SHARD": t.shard,
-        "PHANTOM_EPOCH": str(t.epoch),
-        "PHANTOM_FROM": t.before,
-        "PHANTOM_TO": t.after,
-        "PHANTOM_SOURCES": ",".join(t.sources),
-        "PHANTOM_LEASE_UNTIL": f"{lease_until:.3f}" if t.kind == "primary" else "",
+        "PHANTOM_TRANSITION": transition.kind,
+        "PHANTOM_SHARD": transition.shard,
+        "PHANTOM_EPOCH": str(transition.epoch),
+        "PHANTOM_FROM": transition.before,
+        "PHANTOM_TO": transition.after,
+        "PHANTOM_SOURCES": ",".join(transition.sources),
+        "PHANTOM_LEASE_UNTIL": f"{lease_until:.3f}" if transition.kind == "primary" else "",
         "PHANTOM_LEASE_FILE": lease_file,
     }
 
@@ -115,8 +115,8 @@ class ExecCallbacks(Database):
         self.lease_file = lease_file
         self.timeout = timeout
 
-    async def run(self, t: Transition, lease_until: float) -> None:
-        env = {**os.environ, **transition_env(self.node, t, lease_until, str(self.lease_file))}
+    async def run(self, transition: Transition, lease_until: float) -> None:
+        env = {**os.environ, **transition_env(self.node, transition, lease_until, str(self.lease_file))}
         proc = await asyncio.create_subprocess_exec(*self.argv, env=env, stdin=asyncio.subprocess.DEVNULL)
         try:
             code = await asyncio.wait_for(proc.wait(), self.timeout)
@@ -124,13 +124,15 @@ class ExecCallbacks(Database):
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
-            raise RuntimeError(f"{t.kind} of {t.shard} ran past {self.timeout:g} s and was killed") from None
+            raise RuntimeError(
+                f"{transition.kind} of {transition.shard} ran past {self.timeout:g} s and was killed"
+            ) from None
         except asyncio.CancelledError:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             raise
         if code != 0:
-            raise RuntimeError(f"{t.kind} of {t.shard}: {self.argv[0]} exited with {code}")
+            raise RuntimeError(f"{transition.kind} of {transition.shard}: {self.argv[0]} exited with {code}")
 
     def renewed(self, lease_until: float, primaries: list[str]) -> None:
         # Atomic replace: a reader never sees half a file. Small, so cheap every renewal.

@@ -13,7 +13,9 @@ periodic loop and it needs root on some systems).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 from loguru import logger
@@ -82,19 +84,11 @@ class PsutilProbe:
         except OSError as exc:
             self._warn_once("disk_usage", f"disk usage of {self.data_dir} not readable: {exc}")
         read_bytes = write_bytes = recv_bytes = sent_bytes = None
-        try:
-            disk_io = psutil.disk_io_counters()
-        except (OSError, NotImplementedError) as exc:
-            # Containers often lack /proc/diskstats and /sys/block.
-            self._warn_once("disk_io", f"disk I/O counters not available: {exc}")
-            disk_io = None
+        # Containers often lack /proc/diskstats and /sys/block.
+        disk_io = self._counters(psutil.disk_io_counters, "disk_io", "disk I/O counters")
         if disk_io is not None:
             read_bytes, write_bytes = disk_io.read_bytes, disk_io.write_bytes
-        try:
-            net_io = psutil.net_io_counters()
-        except (OSError, NotImplementedError) as exc:
-            self._warn_once("net_io", f"network I/O counters not available: {exc}")
-            net_io = None
+        net_io = self._counters(psutil.net_io_counters, "net_io", "network I/O counters")
         if net_io is not None:
             recv_bytes, sent_bytes = net_io.bytes_recv, net_io.bytes_sent
         proc_alive, proc_cpu, proc_rss = self._read_process()
@@ -116,6 +110,14 @@ class PsutilProbe:
             proc_cpu_percent=proc_cpu,
             proc_rss=proc_rss,
         )
+
+    def _counters(self, read: Callable[[], Any], key: str, what: str) -> Any:
+        """``read()``, or None (warned about once) where the host does not provide it."""
+        try:
+            return read()
+        except (OSError, NotImplementedError) as exc:
+            self._warn_once(key, f"{what} not available: {exc}")
+            return None
 
     def _read_process(self) -> tuple[bool | None, float | None, int | None]:
         if self._watch_pid is None:

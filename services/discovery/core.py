@@ -3,9 +3,8 @@
 The shell hands every beacon payload to :meth:`DiscoveryTable.receive` (or a
 parsed :class:`Beacon` to :meth:`DiscoveryTable.observe`) and calls
 :meth:`DiscoveryTable.tick` on a timer; both take ``now`` from the shell's
-monotonic clock and return the events to publish. The same events are fired
-through ``table.hooks`` for code that embeds the core, so the shell publishes
-the returned events and must not fire them a second time.
+monotonic clock and return the events to publish, in the order the table
+changed. Single-threaded: the shell calls it from its one event loop.
 
 Rules:
 
@@ -55,13 +54,12 @@ node.removed        :meth:`DiscoveryTable.remove`
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from phantom_bus.errors import BadRequest, Conflict, NotFound, Refused, TooLarge, UnsupportedVersion
-from phantom_bus.events import Event, EventHooks
+from phantom_bus.events import Event
 from services.discovery.beacon import (
     Beacon,
     check_address,
@@ -200,18 +198,13 @@ class _Entry:
 class DiscoveryTable:
     """The table of nodes seen by their beacons or registered by hand.
 
-    Thread-safe: every method takes the table's lock. Callbacks registered on
-    :attr:`hooks` run after the lock is released, in the caller's thread, so
-    they may read the table. ``now`` is the caller's monotonic clock in
-    seconds; a value lower than one already seen is treated as that one.
+    ``now`` is the caller's monotonic clock in seconds; a value lower than one
+    already seen is treated as that one.
     """
 
-    def __init__(self, config: DiscoveryConfig | None = None,
-                 hooks: EventHooks | None = None) -> None:
+    def __init__(self, config: DiscoveryConfig | None = None) -> None:
         self.config = config if config is not None else DiscoveryConfig()
         self.config.validate()
-        self.hooks = hooks if hooks is not None else EventHooks()
-        self._lock = threading.Lock()
         self._nodes: dict[str, _Entry] = {}
         # Unpinned alive nodes in order of their last beacon, so tick() looks
         # only at the ones that may have expired instead of scanning the table.
@@ -245,23 +238,20 @@ class DiscoveryTable:
                 reason = DROP_VERSION
             else:
                 reason = DROP_MALFORMED
-            with self._lock:
-                self._received += 1
-                self._drop(reason, exc.message)
+            self._received += 1
+            self._drop(reason, exc.message)
             return []
         return self.observe(beacon, now)
 
     def observe(self, beacon: Beacon, now: float) -> list[Event]:
-        """Apply one beacon; returns (and fires) the events it causes.
+        """Apply one beacon; returns the events it causes.
 
         ``beacon`` must come from :func:`parse_beacon` / :func:`decode_beacon`
         or from trusted code: it is not validated again.
         """
-        with self._lock:
-            now = self._advance(now)
-            self._received += 1
-            events = self._observe(beacon, now)
-        self._emit(events)
+        now = self._advance(now)
+        self._received += 1
+        events = self._observe(beacon, now)
         return events
 
     def tick(self, now: float) -> list[Event]:
@@ -271,30 +261,28 @@ class DiscoveryTable:
         size of the table; call it a few times per beacon interval.
         """
         events: list[Event] = []
-        with self._lock:
-            now = self._advance(now)
-            expiry = self.config.expiry
-            while self._alive:
-                node = next(iter(self._alive))
-                entry = self._nodes[node]
-                assert entry.last_beacon is not None  # only beaconing nodes are in _alive
-                if now - entry.last_beacon < expiry:
-                    break
-                del self._alive[node]
-                entry.state = LOST
-                entry.changed_at = now
-                self._tombstones[node] = None
-                events.append(self._event(NODE_LOST, entry, "no beacon within expiry", now,
-                                          silent_for=round(now - entry.last_beacon, 3)))
-            cutoff = now - self.config.forget_after
-            while self._tombstones:
-                node = next(iter(self._tombstones))
-                if self._nodes[node].changed_at > cutoff:
-                    break
-                del self._tombstones[node]
-                del self._nodes[node]
-                self._forgotten += 1
-        self._emit(events)
+        now = self._advance(now)
+        expiry = self.config.expiry
+        while self._alive:
+            node = next(iter(self._alive))
+            entry = self._nodes[node]
+            assert entry.last_beacon is not None  # only beaconing nodes are in _alive
+            if now - entry.last_beacon < expiry:
+                break
+            del self._alive[node]
+            entry.state = LOST
+            entry.changed_at = now
+            self._tombstones[node] = None
+            events.append(self._event(NODE_LOST, entry, "no beacon within expiry", now,
+                                      silent_for=round(now - entry.last_beacon, 3)))
+        cutoff = now - self.config.forget_after
+        while self._tombstones:
+            node = next(iter(self._tombstones))
+            if self._nodes[node].changed_at > cutoff:
+                break
+            del self._tombstones[node]
+            del self._nodes[node]
+            self._forgotten += 1
         return events
 
     def register(self, node: str, address: str, zone: str, weight: float,
@@ -311,46 +299,44 @@ class DiscoveryTable:
         address = check_address(address, "address")
         zone = check_zone(zone, "zone")
         weight = check_weight(weight, "weight")
-        with self._lock:
-            now = self._advance(now)
-            entry = self._nodes.get(node)
-            same = entry is not None and (entry.address, entry.zone, entry.weight) == (
-                address, zone, weight)
-            if entry is None:
-                if not self._make_room():
-                    raise Refused(f"discovery table is full ({self.config.max_nodes} nodes); "
-                                  "remove nodes or raise max_nodes", node=node)
-                entry = _Entry(node=node, address=address, zone=zone, weight=weight,
-                               incarnation=0, instance=None, version="", started=0.0, hb=None,
-                               state=ALIVE, source=SOURCE_MANUAL, pinned=True, first_seen=now,
-                               last_seen=now, last_beacon=None, changed_at=now)
-                self._nodes[node] = entry
-                events = [self._event(NODE_DISCOVERED, entry, "manual registration", now)]
-            elif entry.pinned:
-                if not same:
-                    raise Conflict(
-                        f"node {node} is already registered at {entry.address} zone "
-                        f"{entry.zone} weight {entry.weight}; remove it first to change it",
-                        node=node)
-                events = []
-            elif entry.state == ALIVE:
-                if not same:
-                    raise Conflict(
-                        f"node {node} is alive and beaconing {entry.address} zone "
-                        f"{entry.zone} weight {entry.weight}; its beacons are authoritative, "
-                        "register it with those values or fix the agent's settings",
-                        node=node)
-                # Pinning a beaconing node only stops it from expiring.
-                entry.pinned = True
-                self._alive.pop(node, None)
-                events = []
-            else:
-                self._tombstones.pop(node, None)
-                entry.address, entry.zone, entry.weight = address, zone, weight
-                entry.state, entry.source, entry.pinned = ALIVE, SOURCE_MANUAL, True
-                entry.last_seen = entry.changed_at = now
-                events = [self._event(NODE_DISCOVERED, entry, "manual registration", now)]
-        self._emit(events)
+        now = self._advance(now)
+        entry = self._nodes.get(node)
+        same = entry is not None and (entry.address, entry.zone, entry.weight) == (
+            address, zone, weight)
+        if entry is None:
+            if not self._make_room():
+                raise Refused(f"discovery table is full ({self.config.max_nodes} nodes); "
+                              "remove nodes or raise max_nodes", node=node)
+            entry = _Entry(node=node, address=address, zone=zone, weight=weight,
+                           incarnation=0, instance=None, version="", started=0.0, hb=None,
+                           state=ALIVE, source=SOURCE_MANUAL, pinned=True, first_seen=now,
+                           last_seen=now, last_beacon=None, changed_at=now)
+            self._nodes[node] = entry
+            events = [self._event(NODE_DISCOVERED, entry, "manual registration", now)]
+        elif entry.pinned:
+            if not same:
+                raise Conflict(
+                    f"node {node} is already registered at {entry.address} zone "
+                    f"{entry.zone} weight {entry.weight}; remove it first to change it",
+                    node=node)
+            events = []
+        elif entry.state == ALIVE:
+            if not same:
+                raise Conflict(
+                    f"node {node} is alive and beaconing {entry.address} zone "
+                    f"{entry.zone} weight {entry.weight}; its beacons are authoritative, "
+                    "register it with those values or fix the agent's settings",
+                    node=node)
+            # Pinning a beaconing node only stops it from expiring.
+            entry.pinned = True
+            self._alive.pop(node, None)
+            events = []
+        else:
+            self._tombstones.pop(node, None)
+            entry.address, entry.zone, entry.weight = address, zone, weight
+            entry.state, entry.source, entry.pinned = ALIVE, SOURCE_MANUAL, True
+            entry.last_seen = entry.changed_at = now
+            events = [self._event(NODE_DISCOVERED, entry, "manual registration", now)]
         return events
 
     def remove(self, node: str, now: float) -> list[Event]:
@@ -359,29 +345,25 @@ class DiscoveryTable:
         A node that keeps beaconing is discovered again by its next beacon:
         removal forgets, it does not ban.
         """
-        with self._lock:
-            now = self._advance(now)
-            entry = self._nodes.pop(node, None) if isinstance(node, str) else None
-            if entry is None:
-                raise NotFound(f"node {node!r} is not in the discovery table", node=node)
-            self._alive.pop(node, None)
-            self._tombstones.pop(node, None)
-            events = [self._event(NODE_REMOVED, entry, "manual removal", now)]
-        self._emit(events)
+        now = self._advance(now)
+        entry = self._nodes.pop(node, None) if isinstance(node, str) else None
+        if entry is None:
+            raise NotFound(f"node {node!r} is not in the discovery table", node=node)
+        self._alive.pop(node, None)
+        self._tombstones.pop(node, None)
+        events = [self._event(NODE_REMOVED, entry, "manual removal", now)]
         return events
 
     def count_dropped(self, reason: str, detail: str = "") -> None:
         """Count a beacon the shell dropped before it reached the core (e.g. bad frames)."""
-        with self._lock:
-            self._received += 1
-            self._drop(reason, detail)
+        self._received += 1
+        self._drop(reason, detail)
 
     # -- reads ---------------------------------------------------------------
 
     def nodes(self, now: float) -> list[dict[str, Any]]:
         """Every node in the table as plain dicts (see :meth:`node`), sorted by id."""
-        with self._lock:
-            return [self._describe(self._nodes[n], now) for n in sorted(self._nodes)]
+        return [self._describe(self._nodes[n], now) for n in sorted(self._nodes)]
 
     def node(self, node: str, now: float) -> dict[str, Any]:
         """One node as a plain dict; :class:`NotFound` if the id is unknown.
@@ -392,41 +374,37 @@ class DiscoveryTable:
         clock, ``age`` is ``now - last_seen`` in seconds, ``claims`` lists the
         other processes heard for this id within ``expiry``.
         """
-        with self._lock:
-            entry = self._nodes.get(node) if isinstance(node, str) else None
-            if entry is None:
-                raise NotFound(f"node {node!r} is not in the discovery table", node=node)
-            return self._describe(entry, now)
+        entry = self._nodes.get(node) if isinstance(node, str) else None
+        if entry is None:
+            raise NotFound(f"node {node!r} is not in the discovery table", node=node)
+        return self._describe(entry, now)
 
     def stats(self) -> dict[str, Any]:
         """Counters for monitoring: nodes per state, beacons received/accepted/dropped."""
-        with self._lock:
-            states = {ALIVE: 0, LOST: 0, LEFT: 0}
-            pinned = 0
-            for entry in self._nodes.values():
-                states[entry.state] += 1
-                pinned += entry.pinned
-            return {
-                "nodes": len(self._nodes),
-                **states,
-                "manual": pinned,
-                "beacons": self._received,
-                "accepted": self._accepted,
-                "dropped": dict(self._dropped),
-                "dropped_total": sum(self._dropped.values()),
-                "last_drop": dict(self._last_drop) if self._last_drop else None,
-                "conflicts": self._events[NODE_CONFLICT],
-                "forgotten": self._forgotten,
-                "events": dict(self._events),
-            }
+        states = {ALIVE: 0, LOST: 0, LEFT: 0}
+        pinned = 0
+        for entry in self._nodes.values():
+            states[entry.state] += 1
+            pinned += entry.pinned
+        return {
+            "nodes": len(self._nodes),
+            **states,
+            "manual": pinned,
+            "beacons": self._received,
+            "accepted": self._accepted,
+            "dropped": dict(self._dropped),
+            "dropped_total": sum(self._dropped.values()),
+            "last_drop": dict(self._last_drop) if self._last_drop else None,
+            "conflicts": self._events[NODE_CONFLICT],
+            "forgotten": self._forgotten,
+            "events": dict(self._events),
+        }
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._nodes)
+        return len(self._nodes)
 
     def __contains__(self, node: object) -> bool:
-        with self._lock:
-            return node in self._nodes
+        return node in self._nodes
 
     # -- internals (lock held) -----------------------------------------------
 
@@ -596,12 +574,7 @@ class DiscoveryTable:
         data: dict[str, Any] = {
             "node": entry.node,
             "reason": reason,
-            "address": entry.address,
-            "zone": entry.zone,
-            "weight": entry.weight,
-            "incarnation": entry.incarnation,
-            "instance": entry.instance,
-            "version": entry.version,
+            **_announced(entry),
             "state": entry.state,
             "source": entry.source,
             "pinned": entry.pinned,
@@ -618,12 +591,7 @@ class DiscoveryTable:
         ]
         return {
             "id": entry.node,
-            "address": entry.address,
-            "zone": entry.zone,
-            "weight": entry.weight,
-            "incarnation": entry.incarnation,
-            "instance": entry.instance,
-            "version": entry.version,
+            **_announced(entry),
             "started": entry.started,
             "hb": dict(entry.hb) if entry.hb is not None else None,
             "state": entry.state,
@@ -639,6 +607,14 @@ class DiscoveryTable:
             "claims": claims,
         }
 
-    def _emit(self, events: list[Event]) -> None:
-        if events:
-            self.hooks.fire(events)
+
+def _announced(entry: _Entry) -> dict[str, Any]:
+    """What the node's beacon (or its registration) says of it, as events and rows show it."""
+    return {
+        "address": entry.address,
+        "zone": entry.zone,
+        "weight": entry.weight,
+        "incarnation": entry.incarnation,
+        "instance": entry.instance,
+        "version": entry.version,
+    }

@@ -2,8 +2,7 @@
 
 The shell binds a SUB socket for beacons, feeds every beacon to
 :class:`DiscoveryTable` with the monotonic clock, ticks it a few times per
-beacon interval, and publishes the events the table returns. The table fires
-its own callbacks (``table.hooks``) for embedding code.
+beacon interval, and publishes the events the table returns.
 """
 
 from __future__ import annotations

@@ -1,20 +1,21 @@
 """The manager core: node events, member verdicts and operator commands in, decisions out.
 
-Sans-I/O, deterministic, thread-safe. Each input method takes ``now`` and
+Sans-I/O, deterministic, single-threaded (the shell calls it from its one
+event loop). Each input method takes ``now`` and
 returns a :class:`Decision`: the :class:`Action` values the shell carries out
 (requests to other services, in order), the ``cluster.*`` events it publishes
 and logs, and the registry changes. Nothing here reads a clock or talks to
 anybody.
 
-**Persistence.** The core is built with ``persist=store.apply`` (see
-:mod:`.store`). Every call hands its registry changes to ``persist`` under
-the core's lock, before it returns: so when the shell gets a decision, the
-state it came from is on disk, and a SIGKILL at any later moment loses no
-decision — :meth:`ManagerCore.reconcile` re-derives every action still owed
-from the durable registry. If ``persist`` raises, the call raises too, the
-unsaved changes are kept for the next save and the decision's actions are not
-returned (reconcile will re-issue them). Without ``persist`` (tests) the
-changes are only in :attr:`Decision.changes`.
+**Persistence.** The core does no I/O: every decision carries the registry
+changes it made (:attr:`Decision.changes`, taken from the registry once, in
+order). The shell commits them to the store (see :mod:`.store`) before it
+publishes an event or sends an action, so nothing is acted on before the
+state it came from is durable, and a SIGKILL at any later moment loses no
+decision: :meth:`ManagerCore.reconcile` re-derives every action still owed
+from the durable registry. If the commit fails, the shell rolls the core back
+to the committed registry (:meth:`ManagerCore.reset_registry`) and acts on
+nothing of that decision.
 
 **Shell loop.** For every decision: publish and log each event (one line per
 event: it carries ``node`` and ``reason``), then carry out the actions in
@@ -59,14 +60,13 @@ events over PUB/SUB can be lost.
 from __future__ import annotations
 
 import math
-import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from phantom_bus.errors import BadRequest, Conflict, Refused
-from phantom_bus.events import Event, EventHooks
+from phantom_bus.errors import BadRequest, Conflict, NotFound, PhantomError, Refused
+from phantom_bus.events import Event
 
 from .config import ManagerConfig
 from .health import Health, HealthTracker, ShardInfo, assess, sole_replicas, status_document
@@ -104,6 +104,12 @@ DISCOVERY: Final = "discovery"
 SHARDING: Final = "sharding"
 BALANCER: Final = "balancer"
 
+#: Sharding operations retried for as long as the verdict behind them stands.
+FAILOVER: Final = ("node_dead", "node_alive")
+#: Attempts of an action that is not a failover before it is given up (count);
+#: with the shell's back-off that is about half a minute, the reconcile period.
+MAX_ATTEMPTS: Final = 10
+
 _DOWN = ("dead", "left")
 # Lifecycles whose node is known to sharding and may hold replicas.
 _PLACED = (ACTIVE, DRAINING, *AWAY)
@@ -131,6 +137,27 @@ class Action:
     def to_dict(self) -> dict[str, Any]:
         """The action as a plain map (for logs and tests)."""
         return {"service": self.service, "op": self.op, "args": dict(self.args), "reason": self.reason}
+
+    @property
+    def failover(self) -> bool:
+        """A failover (``sharding.node_dead`` / ``node_alive``): retried whatever the error."""
+        return self.service == SHARDING and self.op in FAILOVER
+
+    def done_by(self, err: PhantomError) -> bool:
+        """Whether ``err`` means the action had already taken effect (it is idempotent)."""
+        if isinstance(err, NotFound) and self.op in ("forget", "remove", "remove_node", "forget_node"):
+            return True
+        if isinstance(err, NotFound) and self.failover:
+            return True  # sharding does not hold the node: nothing to fail over or back
+        return isinstance(err, Conflict) and self.service == DISCOVERY and self.op == "register"
+
+    def gives_up(self, err: PhantomError, attempt: int) -> bool:
+        """Whether attempt number ``attempt``, answered ``err``, is the last: a definitive
+        answer (bad request, refused, not found, conflict) ends a non-failover action at
+        once, anything else (store_unavailable, timeout, internal) after MAX_ATTEMPTS.
+        A failover is never given up while its verdict stands."""
+        definitive = isinstance(err, BadRequest | Refused | NotFound | Conflict)
+        return not self.failover and (definitive or attempt >= MAX_ATTEMPTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +190,27 @@ class _Out:
         self.actions.append(Action(service, op, args, reason))
 
 
-Persist = Callable[[Sequence[Change]], None]
+class MembershipTerm:
+    """The newest membership leader term whose verdicts the manager has heard.
+
+    A verdict (a ``member.*`` event or a ``verdicts`` reply) carrying an older
+    term comes from a deposed membership leader and is stale. A verdict without
+    a term comes from a membership that predates leaders and counts as current.
+    """
+
+    __slots__ = ("term",)
+
+    def __init__(self) -> None:
+        self.term = 0
+
+    def fresh(self, term: Any) -> bool:
+        """Whether a verdict of ``term`` counts; a newer term becomes the one held."""
+        if isinstance(term, bool) or not isinstance(term, int):
+            return True
+        if term < self.term:
+            return False
+        self.term = term
+        return True
 
 
 def _time(now: Any) -> float:
@@ -187,26 +234,19 @@ def _secs(seconds: float) -> str:
 class ManagerCore:
     """The manager's decisions over a :class:`Registry`; see the module docstring.
 
-    ``registry`` is a restored registry (from the store) or a new one;
-    ``persist`` receives every batch of registry changes before the decision
-    is returned; ``hooks`` get the decisions' events after the lock is
-    released, in order.
+    ``registry`` is a restored registry (from the store) or a new one. Each
+    decision carries the registry changes the shell must commit before it
+    acts on the decision.
     """
 
     def __init__(
         self,
         config: ManagerConfig | None = None,
         registry: Registry | None = None,
-        *,
-        persist: Persist | None = None,
-        hooks: EventHooks | None = None,
     ) -> None:
         self.config = config if config is not None else ManagerConfig()
         self.config.validate()
         self.registry = registry if registry is not None else Registry(self.config.max_tombstones)
-        self.hooks = hooks if hooks is not None else EventHooks()
-        self._persist = persist
-        self._lock = threading.RLock()
         # Member verdicts for nodes that are not registered yet (soft state).
         self._heard: OrderedDict[str, tuple[str, int | None, float]] = OrderedDict()
         self._shards: list[ShardInfo] | None = None
@@ -245,13 +285,12 @@ class ManagerCore:
         if source not in SOURCES:
             source = SOURCE_BEACON
         why = str(data.get("reason") or kind)
-        with self._lock:
-            out = _Out()
-            self._discovered(out, node, address, zone, weight, incarnation, source, why, t)
-            # A new record may bring a member verdict heard before it registered.
-            self._health(out, node)
-            decision = self._finish(out)
-        return self._fire(decision)
+        out = _Out()
+        self._discovered(out, node, address, zone, weight, incarnation, source, why, t)
+        # A new record may bring a member verdict heard before it registered.
+        self._health(out, node)
+        decision = self._finish(out)
+        return decision
 
     def on_member_event(self, kind: str, data: Mapping[str, Any], now: float) -> Decision:
         """``member.alive|suspect|dead|left``: routing, failover, recovery, activation."""
@@ -263,14 +302,13 @@ class ManagerCore:
         inc = data.get("incarnation")
         incarnation = check_incarnation(inc) if inc is not None else None
         why = str(data.get("reason") or "")
-        with self._lock:
-            out = _Out()
-            old = self.registry.find(node)
-            self._member(out, node, state, incarnation, why, t)
-            if old is not None and old.member != state:
-                self._health(out, node)
-            decision = self._finish(out)
-        return self._fire(decision)
+        out = _Out()
+        old = self.registry.find(node)
+        self._member(out, node, state, incarnation, why, t)
+        if old is not None and old.member != state:
+            self._health(out, node)
+        decision = self._finish(out)
+        return decision
 
     # -- operator commands -----------------------------------------------------
 
@@ -289,21 +327,20 @@ class ManagerCore:
         check_address(address)
         check_zone(zone)
         weight = check_weight(weight)
-        with self._lock:
-            out = _Out()
-            record = self.registry.find(node)
-            if record is not None and record.lifecycle == DECOMMISSIONED:
-                raise Conflict(
-                    f"node {node} is decommissioned; `phantom remove {node}` first, then register it again",
-                    node=node,
-                    lifecycle=record.lifecycle,
-                )
-            source = SOURCE_MANUAL if record is None else record.source
-            self._join(out, node, address, zone, weight, None, source, True, "registered by operator", t,
-                       operator=True)
-            self._health(out, node)
-            decision = self._finish(out, self.registry.get(node).to_dict())
-        return self._fire(decision)
+        out = _Out()
+        record = self.registry.find(node)
+        if record is not None and record.lifecycle == DECOMMISSIONED:
+            raise Conflict(
+                f"node {node} is decommissioned; `phantom remove {node}` first, then register it again",
+                node=node,
+                lifecycle=record.lifecycle,
+            )
+        source = SOURCE_MANUAL if record is None else record.source
+        self._join(out, node, address, zone, weight, None, source, True, "registered by operator", t,
+                   operator=True)
+        self._health(out, node)
+        decision = self._finish(out, self.registry.get(node).to_dict())
+        return decision
 
     def approve(self, node: str, *, now: float) -> Decision:
         """Approve a node waiting in ``joining`` (auto-join off) with the values it has.
@@ -311,16 +348,15 @@ class ManagerCore:
         :class:`NotFound` for an unknown node; approving twice changes nothing.
         """
         t = _time(now)
-        with self._lock:
-            record = self.registry.get(node)
-            out = _Out()
-            if not record.approved:
-                self._join(
-                    out, node, record.address, record.zone, record.weight, None, record.source, True,
-                    "approved by operator", t, operator=True,
-                )
-            decision = self._finish(out, self.registry.get(node).to_dict())
-        return self._fire(decision)
+        record = self.registry.get(node)
+        out = _Out()
+        if not record.approved:
+            self._join(
+                out, node, record.address, record.zone, record.weight, None, record.source, True,
+                "approved by operator", t, operator=True,
+            )
+        decision = self._finish(out, self.registry.get(node).to_dict())
+        return decision
 
     def drain(self, node: str, *, now: float) -> Decision:
         """``phantom drain NODE``: move its replicas away, then decommission it.
@@ -329,42 +365,40 @@ class ManagerCore:
         :class:`NotFound` for an unknown node.
         """
         t = _time(now)
-        with self._lock:
-            record = self.registry.get(node)
-            out = _Out()
-            if record.lifecycle == JOINING:
-                self._decommission(out, record, "drained before it held any replica", t)
-            elif record.lifecycle in (ACTIVE, *AWAY):
-                reason = "drain requested by operator: its replicas move away under the move cap"
-                out.act(SHARDING, "drain_node", reason, node=node)
-                out.act(BALANCER, "node_update", reason, node=node, lifecycle=DRAINING)
-                record, event = self.registry.transition(node, DRAINING, reason, t)
-                out.events.append(event)
-                # Not judged on the map held now: it may predate replicas placed
-                # on the node a moment ago. The next observe_shards finishes it.
-            decision = self._finish(out, self.registry.get(node).to_dict())
-        return self._fire(decision)
+        record = self.registry.get(node)
+        out = _Out()
+        if record.lifecycle == JOINING:
+            self._decommission(out, record, "drained before it held any replica", t)
+        elif record.lifecycle in (ACTIVE, *AWAY):
+            reason = "drain requested by operator: its replicas move away under the move cap"
+            out.act(SHARDING, "drain_node", reason, node=node)
+            out.act(BALANCER, "node_update", reason, node=node, lifecycle=DRAINING)
+            record, event = self.registry.transition(node, DRAINING, reason, t)
+            out.events.append(event)
+            # Not judged on the map held now: it may predate replicas placed
+            # on the node a moment ago. The next observe_shards finishes it.
+        decision = self._finish(out, self.registry.get(node).to_dict())
+        return decision
 
     def check_remove(self, node: str, sole_shards: Iterable[str]) -> NodeRecord:
         """Raise what :meth:`remove` would raise, changing nothing; returns the record.
 
         The shell uses it as the first step of a removal (see :meth:`remove`).
         """
-        with self._lock:
-            record = self.registry.get(node)
-            sole = sorted({str(s) for s in sole_shards})
-            if sole:
-                n = self.config.refusal_names
-                more = f" and {len(sole) - n} more" if len(sole) > n else ""
-                raise Refused(
-                    f"node {node} holds the only live replica of {len(sole)} shard(s): "
-                    f"{', '.join(sole[:n])}{more}; drain it first (`phantom drain {node}`) "
-                    "and remove it once it is decommissioned",
-                    node=node,
-                    shards=sole[:n],
-                    count=len(sole),
-                )
-            return record
+        record = self.registry.get(node)
+        sole = sorted({str(s) for s in sole_shards})
+        if sole:
+            n = self.config.refusal_names
+            more = f" and {len(sole) - n} more" if len(sole) > n else ""
+            raise Refused(
+                f"node {node} holds the only live replica of {len(sole)} shard(s): "
+                f"{', '.join(sole[:n])}{more}; drain it first (`phantom drain {node}`) "
+                "and remove it once it is decommissioned",
+                node=node,
+                shards=sole[:n],
+                count=len(sole),
+            )
+        return record
 
     def remove(self, node: str, sole_shards: Iterable[str] = (), *, now: float) -> Decision:
         """``phantom remove NODE``: forget the node everywhere.
@@ -381,23 +415,22 @@ class ManagerCore:
         in membership, discovery and the balancer.
         """
         t = _time(now)
-        with self._lock:
-            self.check_remove(node, sole_shards)
-            out = _Out()
-            reason = "removed by operator"
-            # Routing stops first, then the data owner lets go, then the liveness
-            # and discovery tables, then the balancer's statistics.
-            out.act(BALANCER, "node_update", reason, node=node, lifecycle=DECOMMISSIONED)
-            out.act(SHARDING, "remove_node", reason, node=node)
-            out.act(MEMBERSHIP, "forget", reason, node=node)
-            out.act(DISCOVERY, "remove", reason, node=node)
-            out.act(BALANCER, "forget_node", reason, node=node)
-            tomb, event = self.registry.remove(node, reason, t)
-            out.events.append(event)
-            self._heard.pop(node, None)
-            self._health(out)
-            decision = self._finish(out, {"removed": node, "incarnation": tomb.incarnation})
-        return self._fire(decision)
+        self.check_remove(node, sole_shards)
+        out = _Out()
+        reason = "removed by operator"
+        # Routing stops first, then the data owner lets go, then the liveness
+        # and discovery tables, then the balancer's statistics.
+        out.act(BALANCER, "node_update", reason, node=node, lifecycle=DECOMMISSIONED)
+        out.act(SHARDING, "remove_node", reason, node=node)
+        out.act(MEMBERSHIP, "forget", reason, node=node)
+        out.act(DISCOVERY, "remove", reason, node=node)
+        out.act(BALANCER, "forget_node", reason, node=node)
+        tomb, event = self.registry.remove(node, reason, t)
+        out.events.append(event)
+        self._heard.pop(node, None)
+        self._health(out)
+        decision = self._finish(out, {"removed": node, "incarnation": tomb.incarnation})
+        return decision
 
     # -- progress from sharding ------------------------------------------------
 
@@ -410,13 +443,12 @@ class ManagerCore:
         t = _time(now)
         if isinstance(replicas_left, bool) or not isinstance(replicas_left, int) or replicas_left < 0:
             raise BadRequest(f"replicas_left must be an integer >= 0, got {replicas_left!r}")
-        with self._lock:
-            out = _Out()
-            record = self.registry.find(node)
-            if record is not None and record.lifecycle == DRAINING and replicas_left == 0:
-                self._decommission(out, record, "drain finished: it holds no replica", t)
-            decision = self._finish(out)
-        return self._fire(decision)
+        out = _Out()
+        record = self.registry.find(node)
+        if record is not None and record.lifecycle == DRAINING and replicas_left == 0:
+            self._decommission(out, record, "drain finished: it holds no replica", t)
+        decision = self._finish(out)
+        return decision
 
     def observe_shards(
         self, shards: Iterable[ShardInfo], *, now: float, down: Iterable[str] = (), epoch: int | None = None
@@ -430,19 +462,18 @@ class ManagerCore:
         """
         t = _time(now)
         summary = list(shards)
-        with self._lock:
-            self._shards = summary
-            self._down = frozenset(down)
-            if epoch is not None:
-                self._epoch = epoch
-            out = _Out()
-            health = self._assess()
-            for record in self.registry.records():
-                if record.lifecycle == DRAINING and health.holdings(record.id) == 0:
-                    self._decommission(out, record, "drain finished: it holds no replica", t)
-            self._health(out)
-            decision = self._finish(out)
-        return self._fire(decision)
+        self._shards = summary
+        self._down = frozenset(down)
+        if epoch is not None:
+            self._epoch = epoch
+        out = _Out()
+        health = self._assess()
+        for record in self.registry.records():
+            if record.lifecycle == DRAINING and health.holdings(record.id) == 0:
+                self._decommission(out, record, "drain finished: it holds no replica", t)
+        self._health(out)
+        decision = self._finish(out)
+        return decision
 
     def tick(self, now: float, expired: Iterable[str] = ()) -> Decision:
         """Sharding says the nodes in ``expired`` have been dead (or left) for its
@@ -456,22 +487,21 @@ class ManagerCore:
         t = _time(now)
         gone_for = set(expired)
         delay = self.config.rereplication_delay
-        with self._lock:
-            out = _Out()
-            for record in self.registry.records():
-                if record.id in gone_for and record.lifecycle == ACTIVE and record.member in _DOWN:
-                    gone = t - record.member_since if record.member_since is not None else delay
-                    _, event = self.registry.transition(
-                        record.id,
-                        LEFT if record.member == "left" else FAILED,
-                        f"{record.member} for {_secs(gone)} (re-replication delay {delay:g} s): "
-                        "its replicas are re-created elsewhere",
-                        t,
-                        down_for=round(gone, 3),
-                    )
-                    out.events.append(event)
-            decision = self._finish(out)
-        return self._fire(decision)
+        out = _Out()
+        for record in self.registry.records():
+            if record.id in gone_for and record.lifecycle == ACTIVE and record.member in _DOWN:
+                gone = t - record.member_since if record.member_since is not None else delay
+                _, event = self.registry.transition(
+                    record.id,
+                    LEFT if record.member == "left" else FAILED,
+                    f"{record.member} for {_secs(gone)} (re-replication delay {delay:g} s): "
+                    "its replicas are re-created elsewhere",
+                    t,
+                    down_for=round(gone, 3),
+                )
+                out.events.append(event)
+        decision = self._finish(out)
+        return decision
 
     def drift(self, down: Iterable[str]) -> list[Action]:
         """Actions that bring sharding's ``down`` set (from its map) in line with the
@@ -479,32 +509,29 @@ class ManagerCore:
         that sharding still holds up, ``node_alive`` for one recorded up that sharding
         holds down. Level-triggered repair of a lost or dropped action; idempotent."""
         held_down = set(down)
-        with self._lock:
-            out = _Out()
-            for rec in self.registry.records():
-                if rec.lifecycle not in _PLACED or rec.member is None:
-                    continue
-                if rec.member in _DOWN and rec.id not in held_down:
-                    out.act(SHARDING, "node_dead", f"membership says {rec.member}; sharding's map does not",
-                            node=rec.id)
-                elif rec.member in ("alive", "suspect") and rec.id in held_down:
-                    out.act(SHARDING, "node_alive", f"membership says {rec.member}; sharding's map holds it down",
-                            node=rec.id)
-            return out.actions
+        out = _Out()
+        for rec in self.registry.records():
+            if rec.lifecycle not in _PLACED or rec.member is None:
+                continue
+            if rec.member in _DOWN and rec.id not in held_down:
+                out.act(SHARDING, "node_dead", f"membership says {rec.member}; sharding's map does not",
+                        node=rec.id)
+            elif rec.member in ("alive", "suspect") and rec.id in held_down:
+                out.act(SHARDING, "node_alive", f"membership says {rec.member}; sharding's map holds it down",
+                        node=rec.id)
+        return out.actions
 
     def reset_registry(self, registry: Registry) -> None:
         """Replace the registry (the shell rolls back to the committed one after a failed
         commit, and follows the store's while it does not lead)."""
-        with self._lock:
-            self.registry = registry
+        self.registry = registry
 
     def is_down(self, node: str) -> bool | None:
         """Whether the recorded verdict for ``node`` is dead or left (None: unknown node or no verdict)."""
-        with self._lock:
-            rec = self.registry.find(node)
-            if rec is None or rec.member is None:
-                return None
-            return rec.member in _DOWN
+        rec = self.registry.find(node)
+        if rec is None or rec.member is None:
+            return None
+        return rec.member in _DOWN
 
     # -- anti-entropy ----------------------------------------------------------
 
@@ -512,25 +539,24 @@ class ManagerCore:
         """Membership's full list (``members`` reply): any verdict that differs from the
         one recorded is handled as if its event had arrived (events can be lost)."""
         t = _time(now)
-        with self._lock:
-            out = _Out()
-            seen: set[str] = set()
-            for view in members:
-                node, state = view.get("id"), view.get("state")
-                if not isinstance(node, str) or state not in MEMBER_STATES:
-                    continue
-                inc = view.get("incarnation")
-                incarnation = inc if isinstance(inc, int) and not isinstance(inc, bool) and inc >= 0 else None
-                record = self.registry.find(node)
-                if record is None:
-                    self._hear(node, str(state), incarnation, t)
-                elif record.member != state:
-                    self._member(out, node, str(state), incarnation, "membership list", t)
-                seen.add(node)
-            self._readmit(out, seen)
-            self._health(out)
-            decision = self._finish(out)
-        return self._fire(decision)
+        out = _Out()
+        seen: set[str] = set()
+        for view in members:
+            node, state = view.get("id"), view.get("state")
+            if not isinstance(node, str) or state not in MEMBER_STATES:
+                continue
+            inc = view.get("incarnation")
+            incarnation = inc if isinstance(inc, int) and not isinstance(inc, bool) and inc >= 0 else None
+            record = self.registry.find(node)
+            if record is None:
+                self._hear(node, str(state), incarnation, t)
+            elif record.member != state:
+                self._member(out, node, str(state), incarnation, "membership list", t)
+            seen.add(node)
+        self._readmit(out, seen)
+        self._health(out)
+        decision = self._finish(out)
+        return decision
 
     def _readmit(self, out: _Out, known: set[str]) -> None:
         # A node the registry holds and membership's leader does not know (a restarted
@@ -546,26 +572,25 @@ class ManagerCore:
         other values are handled as ``node.discovered`` (events can be lost). Lost and
         left entries are skipped: discovery is a hint, membership decides."""
         t = _time(now)
-        with self._lock:
-            out = _Out()
-            for doc in nodes:
-                if doc.get("state") not in (None, "alive"):
-                    continue
-                try:
-                    node = check_node_id(doc.get("id", doc.get("node")))
-                    address = check_address(doc.get("address"))
-                    zone = check_zone(doc.get("zone"))
-                    weight = check_weight(doc.get("weight", 1.0))
-                    incarnation = check_incarnation(doc.get("incarnation", 0))
-                except BadRequest:
-                    continue
-                source = doc.get("source", SOURCE_BEACON)
-                if source not in SOURCES:
-                    source = SOURCE_BEACON
-                self._discovered(out, node, address, zone, weight, incarnation, source, "discovery table", t)
-            self._health(out)
-            decision = self._finish(out)
-        return self._fire(decision)
+        out = _Out()
+        for doc in nodes:
+            if doc.get("state") not in (None, "alive"):
+                continue
+            try:
+                node = check_node_id(doc.get("id", doc.get("node")))
+                address = check_address(doc.get("address"))
+                zone = check_zone(doc.get("zone"))
+                weight = check_weight(doc.get("weight", 1.0))
+                incarnation = check_incarnation(doc.get("incarnation", 0))
+            except BadRequest:
+                continue
+            source = doc.get("source", SOURCE_BEACON)
+            if source not in SOURCES:
+                source = SOURCE_BEACON
+            self._discovered(out, node, address, zone, weight, incarnation, source, "discovery table", t)
+        self._health(out)
+        decision = self._finish(out)
+        return decision
 
     def reconcile(self, now: float, *, removals: bool = True) -> list[Action]:
         """Every action the durable registry implies, for a shell that just (re)started.
@@ -581,37 +606,36 @@ class ManagerCore:
         re-sending after a restart.
         """
         _time(now)
-        with self._lock:
-            out = _Out()
-            why = "reconcile after restart"
-            for rec in self.registry.records():
-                node = rec.id
-                if not rec.approved:
-                    continue
-                if rec.lifecycle != DECOMMISSIONED:
-                    out.act(MEMBERSHIP, "admit", why, node=node)
-                update: dict[str, Any] = {"node": node, "address": rec.address, "weight": rec.weight}
-                if rec.lifecycle not in AWAY:
-                    update["lifecycle"] = rec.lifecycle
-                if rec.member is not None:
-                    update["state"] = rec.member
-                out.actions.append(Action(BALANCER, "node_update", update, why))
-                if rec.lifecycle == ACTIVE:
-                    out.act(SHARDING, "add_node", why, node=node, zone=rec.zone, weight=rec.weight)
-                elif rec.lifecycle == DRAINING:
-                    out.act(SHARDING, "drain_node", why, node=node)
-                if rec.lifecycle in _PLACED:
-                    if rec.member in _DOWN:
-                        out.act(SHARDING, "node_dead", why, node=node)
-                    elif rec.member in ("alive", "suspect"):
-                        out.act(SHARDING, "node_alive", why, node=node)
-            for tomb in self.registry.tombstones() if removals else ():
-                reason = "reconcile after restart: finish removal"
-                out.act(SHARDING, "remove_node", reason, node=tomb.id)
-                out.act(MEMBERSHIP, "forget", reason, node=tomb.id)
-                out.act(DISCOVERY, "remove", reason, node=tomb.id)
-                out.act(BALANCER, "forget_node", reason, node=tomb.id)
-            return out.actions
+        out = _Out()
+        why = "reconcile after restart"
+        for rec in self.registry.records():
+            node = rec.id
+            if not rec.approved:
+                continue
+            if rec.lifecycle != DECOMMISSIONED:
+                out.act(MEMBERSHIP, "admit", why, node=node)
+            update: dict[str, Any] = {"node": node, "address": rec.address, "weight": rec.weight}
+            if rec.lifecycle not in AWAY:
+                update["lifecycle"] = rec.lifecycle
+            if rec.member is not None:
+                update["state"] = rec.member
+            out.actions.append(Action(BALANCER, "node_update", update, why))
+            if rec.lifecycle == ACTIVE:
+                out.act(SHARDING, "add_node", why, node=node, zone=rec.zone, weight=rec.weight)
+            elif rec.lifecycle == DRAINING:
+                out.act(SHARDING, "drain_node", why, node=node)
+            if rec.lifecycle in _PLACED:
+                if rec.member in _DOWN:
+                    out.act(SHARDING, "node_dead", why, node=node)
+                elif rec.member in ("alive", "suspect"):
+                    out.act(SHARDING, "node_alive", why, node=node)
+        for tomb in self.registry.tombstones() if removals else ():
+            reason = "reconcile after restart: finish removal"
+            out.act(SHARDING, "remove_node", reason, node=tomb.id)
+            out.act(MEMBERSHIP, "forget", reason, node=tomb.id)
+            out.act(DISCOVERY, "remove", reason, node=tomb.id)
+            out.act(BALANCER, "forget_node", reason, node=tomb.id)
+        return out.actions
 
     # -- reads -----------------------------------------------------------------
 
@@ -626,48 +650,31 @@ class ManagerCore:
     @property
     def epoch(self) -> int | None:
         """Epoch of the last shard map observed (``None`` before the first)."""
-        with self._lock:
-            return self._epoch
+        return self._epoch
 
     @property
     def health(self) -> Health:
         """Health from the last shard map observed and the recorded member states."""
-        with self._lock:
-            return self._assess()
+        return self._assess()
 
     def sole_shards(self, node: str) -> list[str]:
         """Shards that removing ``node`` would leave without a live copy, per the last map."""
-        with self._lock:
-            if self._shards is None:
-                return []
-            return sole_replicas(self._shards, node, self._states(), self._down)
+        if self._shards is None:
+            return []
+        return sole_replicas(self._shards, node, self._states(), self._down)
 
     def status(self, members: Iterable[Mapping[str, Any]] | None, services: Mapping[str, Any]) -> dict[str, Any]:
         """The status document from the registry, the last map and ``members`` (see
         :func:`.health.status_document`)."""
-        with self._lock:
-            records = self.registry.records()
-            shards, down, epoch = self._shards, self._down, self._epoch
+        records = self.registry.records()
+        shards, down, epoch = self._shards, self._down, self._epoch
         return status_document(records, members, shards, services, epoch, down)
 
-    # -- internals (lock held) -------------------------------------------------
+    # -- internals ----------------------------------------------------------
 
     def _finish(self, out: _Out, value: Any = None) -> Decision:
         changes = self.registry.take_changes()
-        if changes and self._persist is not None:
-            try:
-                self._persist(changes)
-            except BaseException:
-                self.registry.requeue(changes)
-                raise
         return Decision(tuple(out.actions), tuple(out.events), tuple(changes), value)
-
-    def _fire(self, decision: Decision) -> Decision:
-        # Outside the lock, like the other cores: a callback may call back in
-        # or take its time without blocking other threads.
-        if decision.events:
-            self.hooks.fire(decision.events)
-        return decision
 
     def _states(self) -> dict[str, str | None]:
         return {r.id: r.member for r in self.registry.records()}

@@ -1,6 +1,6 @@
 """The node registry: every database node the cluster knows and where it is in its life.
 
-Sans-I/O and thread-safe. A node goes through
+Sans-I/O and single-threaded. A node goes through
 
 ::
 
@@ -36,7 +36,6 @@ Every change is recorded in the order it happened and handed out once by
 from __future__ import annotations
 
 import math
-import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
@@ -246,7 +245,7 @@ def node_event(kind: str, record: NodeRecord, reason: str, **extra: Any) -> Even
 
 
 class Registry:
-    """The node records and the lifecycle state machine (sans-I/O, thread-safe).
+    """The node records and the lifecycle state machine (sans-I/O, single-threaded).
 
     ``max_tombstones`` bounds the removed nodes remembered (oldest forgotten
     first).
@@ -256,7 +255,6 @@ class Registry:
         if max_tombstones < 1:
             raise ValueError("max_tombstones must be at least 1")
         self.max_tombstones = max_tombstones
-        self._lock = threading.RLock()
         self._nodes: dict[str, NodeRecord] = {}
         self._tombstones: OrderedDict[str, Tombstone] = OrderedDict()
         self._changes: list[Change] = []
@@ -282,39 +280,32 @@ class Registry:
 
     def get(self, node: str) -> NodeRecord:
         """The record of ``node``; :class:`NotFound` if it is not registered."""
-        with self._lock:
-            record = self._nodes.get(node) if isinstance(node, str) else None
-            if record is None:
-                raise NotFound(f"node {node!r} is not registered with the manager", node=str(node))
-            return record
+        record = self._nodes.get(node) if isinstance(node, str) else None
+        if record is None:
+            raise NotFound(f"node {node!r} is not registered with the manager", node=str(node))
+        return record
 
     def find(self, node: str) -> NodeRecord | None:
         """The record of ``node`` or ``None``."""
-        with self._lock:
-            return self._nodes.get(node)
+        return self._nodes.get(node)
 
     def records(self) -> list[NodeRecord]:
         """Every record, sorted by id."""
-        with self._lock:
-            return [self._nodes[n] for n in sorted(self._nodes)]
+        return [self._nodes[n] for n in sorted(self._nodes)]
 
     def tombstone(self, node: str) -> Tombstone | None:
         """The tombstone of a removed node, or ``None``."""
-        with self._lock:
-            return self._tombstones.get(node)
+        return self._tombstones.get(node)
 
     def tombstones(self) -> list[Tombstone]:
         """Every tombstone, oldest first."""
-        with self._lock:
-            return list(self._tombstones.values())
+        return list(self._tombstones.values())
 
     def __contains__(self, node: object) -> bool:
-        with self._lock:
-            return node in self._nodes
+        return node in self._nodes
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._nodes)
+        return len(self._nodes)
 
     # -- changes -------------------------------------------------------------
 
@@ -352,58 +343,57 @@ class Registry:
             raise BadRequest(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
         if member is not None and member not in MEMBER_STATES:
             raise BadRequest(f"member state must be one of {', '.join(MEMBER_STATES)}, got {member!r}")
-        with self._lock:
-            old = self._nodes.get(node)
-            if old is None:
-                record = NodeRecord(
-                    id=node,
-                    address=address,
-                    zone=zone,
-                    weight=weight,
-                    incarnation=incarnation,
-                    lifecycle=JOINING,
-                    member=member,
-                    member_since=None if member is None else now,
-                    first_seen=now,
-                    last_change=now,
-                    reason=reason,
-                    approved=approved,
-                    source=source,
-                )
-                self._put(record)
-                if node in self._tombstones:
-                    # The upsert clears it in the store as well.
-                    del self._tombstones[node]
-                event = node_event(EVENT_REGISTERED, record, reason, source=source, previous=None)
-                return Registration(record, True, {}, (event,))
-            changed: dict[str, list[Any]] = {
-                f: [getattr(old, f), v]
-                for f, v in (("address", address), ("zone", zone), ("weight", weight))
-                if getattr(old, f) != v
-            }
-            updates: dict[str, Any] = {f: new for f, (_, new) in changed.items()}
-            if approved and not old.approved:
-                changed["approved"] = [False, True]
-                updates["approved"] = True
-            if incarnation > old.incarnation:
-                updates["incarnation"] = incarnation
-            if source == SOURCE_BEACON and old.source != SOURCE_BEACON:
-                # The agent beacons now: from here on its beacons are the truth.
-                updates["source"] = SOURCE_BEACON
-            if not updates:
-                return Registration(old, False, {}, ())
-            events: list[Event] = []
-            if changed:
-                updates["last_change"] = now
-                updates["reason"] = reason
-            record = replace(old, **updates)
+        old = self._nodes.get(node)
+        if old is None:
+            record = NodeRecord(
+                id=node,
+                address=address,
+                zone=zone,
+                weight=weight,
+                incarnation=incarnation,
+                lifecycle=JOINING,
+                member=member,
+                member_since=None if member is None else now,
+                first_seen=now,
+                last_change=now,
+                reason=reason,
+                approved=approved,
+                source=source,
+            )
             self._put(record)
-            if "approved" in changed:
-                events.append(node_event(EVENT_APPROVED, record, reason))
-            watched = {f: v for f, v in changed.items() if f in WATCHED}
-            if watched:
-                events.append(node_event(EVENT_UPDATED, record, reason, changed=watched))
-            return Registration(record, False, changed, tuple(events))
+            if node in self._tombstones:
+                # The upsert clears it in the store as well.
+                del self._tombstones[node]
+            event = node_event(EVENT_REGISTERED, record, reason, source=source, previous=None)
+            return Registration(record, True, {}, (event,))
+        changed: dict[str, list[Any]] = {
+            f: [getattr(old, f), v]
+            for f, v in (("address", address), ("zone", zone), ("weight", weight))
+            if getattr(old, f) != v
+        }
+        updates: dict[str, Any] = {f: new for f, (_, new) in changed.items()}
+        if approved and not old.approved:
+            changed["approved"] = [False, True]
+            updates["approved"] = True
+        if incarnation > old.incarnation:
+            updates["incarnation"] = incarnation
+        if source == SOURCE_BEACON and old.source != SOURCE_BEACON:
+            # The agent beacons now: from here on its beacons are the truth.
+            updates["source"] = SOURCE_BEACON
+        if not updates:
+            return Registration(old, False, {}, ())
+        events: list[Event] = []
+        if changed:
+            updates["last_change"] = now
+            updates["reason"] = reason
+        record = replace(old, **updates)
+        self._put(record)
+        if "approved" in changed:
+            events.append(node_event(EVENT_APPROVED, record, reason))
+        watched = {f: v for f, v in changed.items() if f in WATCHED}
+        if watched:
+            events.append(node_event(EVENT_UPDATED, record, reason, changed=watched))
+        return Registration(record, False, changed, tuple(events))
 
     def transition(self, node: str, lifecycle: str, reason: str, now: float, **extra: Any) -> tuple[NodeRecord, Event]:
         """Move ``node`` to ``lifecycle``; :class:`Conflict` if that is not a legal step.
@@ -413,27 +403,26 @@ class Registry:
         """
         if lifecycle not in LIFECYCLES:
             raise BadRequest(f"lifecycle must be one of {', '.join(LIFECYCLES)}, got {lifecycle!r}")
-        with self._lock:
-            old = self.get(node)
-            if lifecycle not in TRANSITIONS[old.lifecycle]:
-                allowed = ", ".join(sorted(TRANSITIONS[old.lifecycle])) or "nothing (remove it)"
-                raise Conflict(
-                    f"node {node} is {old.lifecycle} and cannot become {lifecycle}; "
-                    f"from {old.lifecycle} it may become: {allowed}",
-                    node=node,
-                    lifecycle=old.lifecycle,
-                    wanted=lifecycle,
-                )
-            if lifecycle == ACTIVE and not old.approved:
-                raise Conflict(
-                    f"node {node} is waiting for approval; `phantom register {node}` approves it",
-                    node=node,
-                    lifecycle=old.lifecycle,
-                    wanted=lifecycle,
-                )
-            record = replace(old, lifecycle=lifecycle, last_change=now, reason=reason)
-            self._put(record)
-            return record, node_event(EVENT_FOR[lifecycle], record, reason, previous=old.lifecycle, **extra)
+        old = self.get(node)
+        if lifecycle not in TRANSITIONS[old.lifecycle]:
+            allowed = ", ".join(sorted(TRANSITIONS[old.lifecycle])) or "nothing (remove it)"
+            raise Conflict(
+                f"node {node} is {old.lifecycle} and cannot become {lifecycle}; "
+                f"from {old.lifecycle} it may become: {allowed}",
+                node=node,
+                lifecycle=old.lifecycle,
+                wanted=lifecycle,
+            )
+        if lifecycle == ACTIVE and not old.approved:
+            raise Conflict(
+                f"node {node} is waiting for approval; `phantom register {node}` approves it",
+                node=node,
+                lifecycle=old.lifecycle,
+                wanted=lifecycle,
+            )
+        record = replace(old, lifecycle=lifecycle, last_change=now, reason=reason)
+        self._put(record)
+        return record, node_event(EVENT_FOR[lifecycle], record, reason, previous=old.lifecycle, **extra)
 
     def set_member(self, node: str, state: str, now: float, incarnation: int | None = None) -> NodeRecord:
         """Record membership's verdict on ``node`` (and a higher incarnation, if given).
@@ -444,21 +433,20 @@ class Registry:
         """
         if state not in MEMBER_STATES:
             raise BadRequest(f"member state must be one of {', '.join(MEMBER_STATES)}, got {state!r}")
-        with self._lock:
-            old = self.get(node)
-            updates: dict[str, Any] = {}
-            if state != old.member:
-                updates["member"] = state
-                down = ("dead", "left")
-                if not (state in down and old.member in down):
-                    updates["member_since"] = now
-            if incarnation is not None and incarnation > old.incarnation:
-                updates["incarnation"] = incarnation
-            if not updates:
-                return old
-            record = replace(old, **updates)
-            self._put(record)
-            return record
+        old = self.get(node)
+        updates: dict[str, Any] = {}
+        if state != old.member:
+            updates["member"] = state
+            down = ("dead", "left")
+            if not (state in down and old.member in down):
+                updates["member_since"] = now
+        if incarnation is not None and incarnation > old.incarnation:
+            updates["incarnation"] = incarnation
+        if not updates:
+            return old
+        record = replace(old, **updates)
+        self._put(record)
+        return record
 
     def remove(self, node: str, reason: str, now: float) -> tuple[Tombstone, Event]:
         """Delete ``node`` (any lifecycle) and remember it with a tombstone.
@@ -466,29 +454,21 @@ class Registry:
         :class:`NotFound` if it is not registered. Whether removing is safe
         (no shard loses its only live replica) is the caller's check.
         """
-        with self._lock:
-            old = self.get(node)
-            del self._nodes[node]
-            tomb = Tombstone(node, old.incarnation, now, reason)
-            self._tombstones.pop(node, None)
-            self._tombstones[node] = tomb
-            self._changes.append(tomb)
-            while len(self._tombstones) > self.max_tombstones:
-                dropped, _ = self._tombstones.popitem(last=False)
-                self._changes.append(TombstoneDropped(dropped))
-            return tomb, node_event(EVENT_REMOVED, old, reason, previous=old.lifecycle)
-
-    def requeue(self, changes: Iterable[Change]) -> None:
-        """Put back changes a failed save did not write, ahead of newer ones, so the
-        next save writes them first and the store never misses a change."""
-        with self._lock:
-            self._changes[:0] = list(changes)
+        old = self.get(node)
+        del self._nodes[node]
+        tomb = Tombstone(node, old.incarnation, now, reason)
+        self._tombstones.pop(node, None)
+        self._tombstones[node] = tomb
+        self._changes.append(tomb)
+        while len(self._tombstones) > self.max_tombstones:
+            dropped, _ = self._tombstones.popitem(last=False)
+            self._changes.append(TombstoneDropped(dropped))
+        return tomb, node_event(EVENT_REMOVED, old, reason, previous=old.lifecycle)
 
     def take_changes(self) -> list[Change]:
         """The changes since the previous call, in order (each handed out once)."""
-        with self._lock:
-            changes, self._changes = self._changes, []
-            return changes
+        changes, self._changes = self._changes, []
+        return changes
 
     def _put(self, record: NodeRecord) -> None:
         self._nodes[record.id] = record

@@ -46,10 +46,10 @@ from loguru import logger
 
 from phantom_bus.client import AsyncClient
 from phantom_bus.config import Config
-from phantom_bus.errors import BadRequest, Conflict, NotFound, Overloaded, PhantomError, Refused
+from phantom_bus.errors import NotFound, Overloaded, PhantomError, Refused
 from phantom_bus.follower import REGRESSED, AsyncMapFollower, Regression
 from phantom_bus.leader import read_leader
-from phantom_bus.security import ADMIN, READ
+from phantom_bus.security import ADMIN, READ, Rule
 from phantom_bus.service import Service
 from phantom_bus.shardmap import ShardMap
 from phantom_bus.status import LEADING, control_block
@@ -57,7 +57,7 @@ from phantom_bus.store import CasFailed, Compacted, Fenced, Store, StoreError
 from services.leadership import Leadership
 from services.manager.config import ManagerConfig
 from services.manager.control import ControlWatch, apply_reasons
-from services.manager.core import Action, Decision, ManagerCore
+from services.manager.core import Action, Decision, ManagerCore, MembershipTerm
 from services.manager.health import Health, shards_from_map
 from services.manager.registry import LIFECYCLES, NodeRecord, Registry
 from services.manager.store import LEGACY_FILE, PREFIX, RegistryStore
@@ -90,24 +90,14 @@ _BACKOFF_MAX = 5.0
 # (a few per node) fits many times over; beyond it the queue is stuck, and new
 # work is refused loudly rather than piling up without bound.
 QUEUE_LIMIT = 4096
-# Attempts of an action that is not a failover before it is given up (count);
-# with the back-off that is about half a minute, the reconcile period.
-MAX_ATTEMPTS = 10
-# Sharding operations retried for as long as the verdict behind them stands.
-_FAILOVER = ("node_dead", "node_alive")
 # Seconds between looks at the broker's workers and sharding's store, and between
 # fetches of what /metrics shows from other services: displays, not decisions.
 _CONTROL_POLL = 2.0
 _METRICS_POLL = 5.0
+# How long a scrape waits for the event loop to read the core: below Prometheus's
+# default scrape timeout (10 s), so a stuck loop fails the scrape instead of hanging it.
+_METRICS_READ_TIMEOUT = 5.0
 
-
-def _already_done(action: Action, err: PhantomError) -> bool:
-    """Replies that mean an idempotent action had already taken effect."""
-    if isinstance(err, NotFound) and action.op in ("forget", "remove", "remove_node", "forget_node"):
-        return True
-    if isinstance(err, NotFound) and action.service == "sharding" and action.op in _FAILOVER:
-        return True  # sharding does not hold the node: nothing to fail over or back
-    return isinstance(err, Conflict) and action.service == "discovery" and action.op == "register"
 
 
 def _key(action: Action) -> tuple[str, str, str | None]:
@@ -144,7 +134,7 @@ class ManagerService:
         self._pending: set[tuple[str, str, str | None]] = set()
         self._workers: list[asyncio.Task[None]] = []
         self._loaded_revision = 0
-        self._member_term = 0
+        self._member_term = MembershipTerm()
         self._map: ShardMap | None = None
         self._map_stale = asyncio.Event()
         self.counters = {"overloaded": 0, "dropped": 0, "stale_verdicts": 0}
@@ -153,12 +143,18 @@ class ManagerService:
         # Replaced whole by metrics_loop, read by the metrics thread.
         self._select_seconds: Any = None
         self._moves: int | None = None
+        # The loop the core lives on, for the metrics thread (set by metrics_loop).
+        self._loop: asyncio.AbstractEventLoop | None = None
         svc = self.service
-        for name, allow in (
-            ("status", READ), ("nodes", READ), ("node", READ), ("register", ADMIN), ("approve", ADMIN),
-            ("drain", ADMIN), ("remove", ADMIN), ("health", READ),
-        ):  # fmt: skip
-            svc.add_operation(name, getattr(self, f"op_{name}"), allow=allow)
+        operations: tuple[tuple[Rule, dict[str, Callable[..., Any]]], ...] = (
+            (READ, {"status": self.op_status, "nodes": self.op_nodes, "node": self.op_node,
+                    "health": self.op_health}),
+            (ADMIN, {"register": self.op_register, "approve": self.op_approve, "drain": self.op_drain,
+                     "remove": self.op_remove}),
+        )  # fmt: skip
+        for allow, handlers in operations:
+            for name, handler in handlers.items():
+                svc.add_operation(name, handler, allow=allow)
         svc.subscribe("node.", self.on_event)
         svc.subscribe("member.", self.on_event)
         svc.subscribe("shardmap.changed", self.on_map_changed)
@@ -207,7 +203,7 @@ class ManagerService:
         """Queue ``action`` behind the others for its service; the same action already
         waiting is not queued twice. :class:`Overloaded` when the queue is full."""
         key = _key(action)
-        if key in self._pending and action.service == "sharding" and action.op in _FAILOVER:
+        if key in self._pending and action.failover:
             return
         queue = self._queues.get(action.service)
         if queue is None:
@@ -248,7 +244,7 @@ class ManagerService:
 
     async def _carry_out(self, action: Action) -> None:
         """Send ``action`` until it is done; see the module docstring for when it gives up."""
-        failover = action.service == "sharding" and action.op in _FAILOVER
+        failover = action.failover
         delay = 0.1
         attempt = 0
         while self.leadership.is_leader:
@@ -260,14 +256,11 @@ class ManagerService:
                 logger.debug("{}.{} {} done", action.service, action.op, dict(action.args))
                 return
             except PhantomError as err:
-                if _already_done(action, err):
+                if action.done_by(err):
                     return
                 attempt += 1
                 what = f"{action.service}.{action.op} {dict(action.args)}"
-                # A definitive answer ends a non-failover action at once; anything else
-                # (store_unavailable, timeout, internal: a service's own failure) is retried.
-                definitive = isinstance(err, BadRequest | Refused | NotFound | Conflict)
-                if not failover and (definitive or attempt >= MAX_ATTEMPTS):
+                if action.gives_up(err, attempt):
                     self.counters["dropped"] += 1
                     logger.warning("{} given up after {} attempt(s): {} ({}) ({})", what, attempt, err, err.code,
                                    action.reason)
@@ -365,7 +358,7 @@ class ManagerService:
             "store": self.store_health.to_wire(time.monotonic()),
             "queues": {name: q.qsize() for name, q in self._queues.items()},
             "queue_limit": QUEUE_LIMIT,
-            "membership_term": self._member_term,
+            "membership_term": self._member_term.term,
             **self.counters,
         }
 
@@ -412,13 +405,10 @@ class ManagerService:
 
     def _fresh_term(self, term: Any) -> bool:
         """False for a verdict of an older membership term than one already seen."""
-        if isinstance(term, bool) or not isinstance(term, int):
-            return True  # a membership that predates leaders; counted as the current term
-        if term < self._member_term:
-            self.counters["stale_verdicts"] += 1
-            return False
-        self._member_term = term
-        return True
+        if self._member_term.fresh(term):
+            return True
+        self.counters["stale_verdicts"] += 1
+        return False
 
     async def on_event(self, event: dict[str, Any]) -> None:
         """Discovery and membership events become decisions (leader only)."""
@@ -427,7 +417,7 @@ class ManagerService:
             return
         if isinstance(kind, str) and kind.startswith("member.") and not self._fresh_term(event.get("term")):
             logger.info("ignored {} for {} from membership term {} (term {} leads)", kind, event.get("node"),
-                        event.get("term"), self._member_term)
+                        event.get("term"), self._member_term.term)
             return
         try:
             await self._decide_and_apply(lambda: self.core.on_event(event, time.time()))
@@ -543,7 +533,7 @@ class ManagerService:
                     logger.error("store: cannot read the registry to take over: {}", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
-        self._member_term = 0
+        self._member_term = MembershipTerm()
         loops = (self.reconcile_loop(), self.map_loop(), self.level_loop(), self.control_loop())
         tasks = [asyncio.ensure_future(c) for c in loops]
         try:
@@ -595,6 +585,7 @@ class ManagerService:
     async def metrics_loop(self) -> None:
         """What /metrics shows beyond the core's state: the balancer's select
         histogram and sharding's moves in flight, fetched now and then."""
+        self._loop = asyncio.get_running_loop()
         while True:
             with contextlib.suppress(PhantomError):
                 stats = await self.client.request("balancer", "stats")
@@ -606,10 +597,18 @@ class ManagerService:
                 self._moves = None
             await asyncio.sleep(_METRICS_POLL)
 
+    async def _cluster_view(self) -> tuple[Health, list[NodeRecord], int | None]:
+        return self.core.health, self.core.nodes(), self.core.epoch
+
     def metrics(self) -> list[Any]:
-        """The cluster view for /metrics (called from the metrics thread: the core is thread-safe)."""
-        return cluster_metrics(self.core.health, self.core.nodes(), self.core.epoch, self._moves,
-                               self._select_seconds)
+        """The cluster view for /metrics. Called from the metrics thread: the core is
+        single-threaded, so its state is read on the event loop, not from this thread."""
+        loop = self._loop
+        if loop is None:
+            return []  # metrics_loop has not started: no cluster view yet
+        view = asyncio.run_coroutine_threadsafe(self._cluster_view(), loop)
+        health, nodes, epoch = view.result(timeout=_METRICS_READ_TIMEOUT)
+        return cluster_metrics(health, nodes, epoch, self._moves, self._select_seconds)
 
     def loops(self) -> list[Any]:
         """The coroutines to run next to the service's own."""

@@ -7,9 +7,9 @@ Keys (relative to the store prefix)::
 
 Tombstones are ordered oldest first by their key's create revision.
 
-The manager's leader builds its core with ``persist=None`` and commits each
-decision's :attr:`~services.manager.core.Decision.changes` with
-:meth:`RegistryStore.apply` before it publishes an event or sends an action.
+The manager's leader commits each decision's
+:attr:`~services.manager.core.Decision.changes` with :meth:`RegistryStore.apply`
+before it publishes an event or sends an action.
 One ``apply`` is one transaction carrying the leader's fence and a
 compare-and-swap on every key it touches (the ``mod_revision`` this process
 last read or wrote), so a deposed leader, or one that missed a write, changes

@@ -2,8 +2,7 @@
 
 Sans-I/O: every method takes ``now`` (seconds on the shell's monotonic clock)
 and returns results and events; nothing here reads a clock, sleeps or touches a
-socket. One lock serialises all state, so embedding code may call it from any
-thread.
+socket. Single-threaded: the shell calls it from its one event loop.
 
 How the pieces fit:
 
@@ -47,7 +46,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import threading
 from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -55,7 +53,7 @@ from typing import Any, Final
 
 from phantom_bus import ids
 from phantom_bus.errors import BadRequest, Conflict, NotFound, PhantomError
-from phantom_bus.events import Event, EventHooks
+from phantom_bus.events import Event
 from phantom_bus.protocol import wire_type
 
 from .config import MembershipConfig
@@ -273,23 +271,17 @@ def _check_time(name: str, value: object) -> float:
 
 
 class Membership:
-    """Membership list and failure detection for every admitted node (sans-I/O, thread-safe).
+    """Membership list and failure detection for every admitted node (sans-I/O).
 
     The shell calls :meth:`heartbeat` for each heartbeat, :meth:`tick` every
     ``config.tick_interval`` with the measured lateness of its timer,
     :meth:`admit` / :meth:`forget` as discovery or an operator adds and removes
-    nodes, and publishes the events these return. Callbacks registered on
-    :attr:`hooks` run for every event, in the order the state changed, outside
-    the core's lock (a callback may call back into the core).
+    nodes, and publishes the events these return, in the order it got them.
     """
 
-    def __init__(
-        self, config: MembershipConfig | None = None, hooks: EventHooks | None = None
-    ) -> None:
+    def __init__(self, config: MembershipConfig | None = None) -> None:
         self.config = config if config is not None else MembershipConfig()
         self.config.validate()
-        self.hooks = hooks if hooks is not None else EventHooks()
-        self._lock = threading.Lock()
         self._admitted: set[str] = set()
         self._intervals: dict[str, float] = {}  # heartbeat interval announced per node
         # The highest incarnation discovery reported per admitted node: a node that never
@@ -325,8 +317,6 @@ class Membership:
             ),
             0,
         )
-        self._outbox: list[Event] = []
-        self._delivering = threading.Lock()
 
     # -- registration ---------------------------------------------------------
 
@@ -350,18 +340,37 @@ class Membership:
                 raise BadRequest(f"interval must be in (0, 3600] seconds, got {interval!r}")
         if incarnation is not None:
             incarnation = _check_count("incarnation", incarnation)
-        with self._lock:
-            self._clock(now)
-            if interval is not None:
-                self._intervals[node] = interval
-            if incarnation is not None and incarnation > self._announced.get(node, -1):
-                self._announced[node] = incarnation
-            if node in self._admitted:
-                return False
-            self._admitted.add(node)
-            if node not in self._members:
-                self._silent[node] = self._stalls.effective(self._now)
-            return True
+        self._clock(now)
+        if interval is not None:
+            self._intervals[node] = interval
+        if incarnation is not None and incarnation > self._announced.get(node, -1):
+            self._announced[node] = incarnation
+        if node in self._admitted:
+            return False
+        self._admitted.add(node)
+        if node not in self._members:
+            self._silent[node] = self._stalls.effective(self._now)
+        return True
+
+    def admit_discovered(self, doc: Mapping[str, Any], now: float) -> bool:
+        """:meth:`admit` the node of a discovery document (a ``node.discovered`` or
+        ``node.updated`` event, or a row of discovery's ``nodes`` reply), with the
+        heartbeat interval (``hb.interval``) and incarnation it announces; hints of
+        the wrong type are ignored. ``BadRequest`` if it names no valid node."""
+        if "id" in doc:
+            node = doc["id"]
+        elif "node" in doc:
+            node = doc["node"]
+        else:
+            raise BadRequest("a discovery document names its node in 'id' or 'node'")
+        hints = doc.get("hb")
+        interval = hints.get("interval") if isinstance(hints, Mapping) else None
+        if not isinstance(interval, int | float) or isinstance(interval, bool):
+            interval = None
+        incarnation = doc.get("incarnation")
+        if not isinstance(incarnation, int) or isinstance(incarnation, bool) or incarnation < 0:
+            incarnation = None
+        return self.admit(str(node), now, interval, incarnation)
 
     def forget(self, node: str, now: float) -> list[Event]:
         """Remove ``node`` entirely; further heartbeats get ``unknown_node``.
@@ -371,30 +380,25 @@ class Membership:
         """
         node = _check_node(node)
         events: list[Event] = []
-        with self._lock:
-            now = self._clock(now)
-            self._admitted.discard(node)
-            self._silent.pop(node, None)
-            self._intervals.pop(node, None)
-            self._announced.pop(node, None)
-            rec = self._members.pop(node, None)
-            self._dirty.pop(node, None)
-            self._load_changed.pop(node, None)
-            if rec is not None and rec.state != LEFT:
-                events.append(self._event(EVENT_LEFT, rec, "removed", 0.0, rec.state))
-            self._outbox.extend(events)
-        self._deliver()
+        now = self._clock(now)
+        self._admitted.discard(node)
+        self._silent.pop(node, None)
+        self._intervals.pop(node, None)
+        self._announced.pop(node, None)
+        rec = self._members.pop(node, None)
+        self._dirty.pop(node, None)
+        self._load_changed.pop(node, None)
+        if rec is not None and rec.state != LEFT:
+            events.append(self._event(EVENT_LEFT, rec, "removed", 0.0, rec.state))
         return events
 
     def is_admitted(self, node: str) -> bool:
         """Whether ``node`` may heartbeat."""
-        with self._lock:
-            return node in self._admitted
+        return node in self._admitted
 
     def pending(self) -> list[str]:
         """Admitted nodes that have not sent a heartbeat yet, sorted."""
-        with self._lock:
-            return sorted(n for n in self._admitted if n not in self._members)
+        return sorted(n for n in self._admitted if n not in self._members)
 
     # -- heartbeats -----------------------------------------------------------
 
@@ -423,13 +427,8 @@ class Membership:
             wall_ms = _check_count("wall_ms", wall_ms)
         if load is not None and not isinstance(load, Mapping):
             raise BadRequest(f"load must be a map or nil, got {wire_type(load)}")
-        with self._lock:
-            now = self._clock(now)
-            result = self._heartbeat(node, incarnation, seq, load, now, wall_ms)
-            if result.events:
-                self._outbox.extend(result.events)
-        if result.events:
-            self._deliver()
+        now = self._clock(now)
+        result = self._heartbeat(node, incarnation, seq, load, now, wall_ms)
         return result
 
     def _heartbeat(
@@ -581,38 +580,35 @@ class Membership:
         node = _check_node(node)
         incarnation = _check_count("incarnation", incarnation)
         events: list[Event] = []
-        with self._lock:
-            now = self._clock(now)
-            rec = self._members.get(node)
-            if rec is None:
-                if node not in self._admitted:
-                    raise NotFound(
-                        f"node {node!r} is not registered with membership; nothing to leave",
-                        node=node,
-                        reason=UNKNOWN_NODE,
-                    )
-                rec = _Member(node, incarnation, self._detector(node), since=now)
-                rec.state = LEFT
-                rec.changes = 1
-                self._members[node] = rec
-                self._silent.pop(node, None)
-                events.append(self._event(EVENT_LEFT, rec, "leave", 0.0, None))
-            elif incarnation < rec.incarnation:
-                raise Conflict(
-                    f"leave of {node!r} at incarnation {incarnation} is older than the "
-                    f"current incarnation {rec.incarnation}; ignored",
+        now = self._clock(now)
+        rec = self._members.get(node)
+        if rec is None:
+            if node not in self._admitted:
+                raise NotFound(
+                    f"node {node!r} is not registered with membership; nothing to leave",
                     node=node,
-                    reason=STALE_INCARNATION,
-                    incarnation=rec.incarnation,
+                    reason=UNKNOWN_NODE,
                 )
-            elif rec.state != LEFT or incarnation > rec.incarnation:
-                rec.incarnation = incarnation
-                rec.pending.clear()
-                self._dirty.pop(node, None)
-                if rec.state != LEFT:
-                    events.append(self._transition(rec, LEFT, "leave", 0.0, now))
-            self._outbox.extend(events)
-        self._deliver()
+            rec = _Member(node, incarnation, self._detector(node), since=now)
+            rec.state = LEFT
+            rec.changes = 1
+            self._members[node] = rec
+            self._silent.pop(node, None)
+            events.append(self._event(EVENT_LEFT, rec, "leave", 0.0, None))
+        elif incarnation < rec.incarnation:
+            raise Conflict(
+                f"leave of {node!r} at incarnation {incarnation} is older than the "
+                f"current incarnation {rec.incarnation}; ignored",
+                node=node,
+                reason=STALE_INCARNATION,
+                incarnation=rec.incarnation,
+            )
+        elif rec.state != LEFT or incarnation > rec.incarnation:
+            rec.incarnation = incarnation
+            rec.pending.clear()
+            self._dirty.pop(node, None)
+            if rec.state != LEFT:
+                events.append(self._transition(rec, LEFT, "leave", 0.0, now))
         return events
 
     # -- time -----------------------------------------------------------------
@@ -628,32 +624,29 @@ class Membership:
         lag = _check_time("observer_lag", observer_lag)
         cfg = self.config
         events: list[Event] = []
-        with self._lock:
-            now = self._clock(now_checked)
-            self._counters["ticks"] += 1
-            if lag >= cfg.stall_threshold:
-                # The loop was demonstrably alive at the previous tick, so the
-                # stall cannot have begun before it.
-                start = now - lag
-                if self._last_tick is not None:
-                    start = max(start, self._last_tick)
-                # The backlog queued during a stall drains in a time proportional
-                # to the stall (unless the observer is over half busy), so a short
-                # GC pause needs a short grace, a SIGSTOP up to backlog_grace.
-                grace = min(cfg.backlog_grace, now - start)
-                if self._stalls.add(start, now, grace) > 0.0:
-                    self._counters["stalls"] += 1
-                    self._amnesty_until = max(self._amnesty_until, now + grace)
-                self._stalls.prune(now)
-            self._last_tick = now
-            self._fold_arrivals()
-            if now >= self._amnesty_until:
-                self._expire(now, events)
-                self._expire_silent(now, events)
-            if len(self._heap) > 2 * len(self._members) + 1024:
-                self._compact_heap()
-            self._outbox.extend(events)
-        self._deliver()
+        now = self._clock(now_checked)
+        self._counters["ticks"] += 1
+        if lag >= cfg.stall_threshold:
+            # The loop was demonstrably alive at the previous tick, so the
+            # stall cannot have begun before it.
+            start = now - lag
+            if self._last_tick is not None:
+                start = max(start, self._last_tick)
+            # The backlog queued during a stall drains in a time proportional
+            # to the stall (unless the observer is over half busy), so a short
+            # GC pause needs a short grace, a SIGSTOP up to backlog_grace.
+            grace = min(cfg.backlog_grace, now - start)
+            if self._stalls.add(start, now, grace) > 0.0:
+                self._counters["stalls"] += 1
+                self._amnesty_until = max(self._amnesty_until, now + grace)
+            self._stalls.prune(now)
+        self._last_tick = now
+        self._fold_arrivals()
+        if now >= self._amnesty_until:
+            self._expire(now, events)
+            self._expire_silent(now, events)
+        if len(self._heap) > 2 * len(self._members) + 1024:
+            self._compact_heap()
         return events
 
     def _fold_arrivals(self) -> None:
@@ -747,9 +740,8 @@ class Membership:
 
     def members(self, now: float) -> list[dict[str, Any]]:
         """Every member as a plain dict (see :meth:`member`), sorted by id."""
-        with self._lock:
-            now = max(_check_time("now", now), self._now)
-            return [self._describe(self._members[n], now) for n in sorted(self._members)]
+        now = max(_check_time("now", now), self._now)
+        return [self._describe(self._members[n], now) for n in sorted(self._members)]
 
     def member(self, node: str, now: float) -> dict[str, Any]:
         """One member: ``id, state, incarnation, change, phi, last_heartbeat_age, seq, load,
@@ -759,52 +751,48 @@ class Membership:
         caller's clock. Raises ``NotFound`` for a node with no membership record.
         """
         node = _check_node(node)
-        with self._lock:
-            now = max(_check_time("now", now), self._now)
-            rec = self._members.get(node)
-            if rec is None:
-                if node in self._admitted:
-                    raise NotFound(
-                        f"node {node!r} is registered but has not sent a heartbeat yet",
-                        node=node,
-                        reason="no_heartbeat",
-                    )
-                raise NotFound(f"node {node!r} is not a member", node=node, reason=UNKNOWN_NODE)
-            return self._describe(rec, now)
+        now = max(_check_time("now", now), self._now)
+        rec = self._members.get(node)
+        if rec is None:
+            if node in self._admitted:
+                raise NotFound(
+                    f"node {node!r} is registered but has not sent a heartbeat yet",
+                    node=node,
+                    reason="no_heartbeat",
+                )
+            raise NotFound(f"node {node!r} is not a member", node=node, reason=UNKNOWN_NODE)
+        return self._describe(rec, now)
 
     def counts(self) -> dict[str, int]:
         """Members per state."""
-        with self._lock:
-            out = dict.fromkeys(STATES, 0)
-            for rec in self._members.values():
-                out[rec.state] += 1
-            return out
+        out = dict.fromkeys(STATES, 0)
+        for rec in self._members.values():
+            out[rec.state] += 1
+        return out
 
     def stats(self) -> dict[str, Any]:
         """Counters (heartbeats, refusals by reason, lost seqs, dropped gaps, stalls...)."""
-        with self._lock:
-            out: dict[str, Any] = dict(self._counters)
-            out["stalled_seconds"] = self._stalls.total
-            out["members"] = len(self._members)
-            out["admitted"] = len(self._admitted)
-            return out
+        out: dict[str, Any] = dict(self._counters)
+        out["stalled_seconds"] = self._stalls.total
+        out["members"] = len(self._members)
+        out["admitted"] = len(self._admitted)
+        return out
 
     def load_digest(self, now: float) -> dict[str, dict[str, Any]]:
         """Latest load of every member whose load changed since the previous digest."""
-        with self._lock:
-            self._clock(now)
-            out: dict[str, dict[str, Any]] = {}
-            for node in self._load_changed:
-                rec = self._members.get(node)
-                if rec is not None and rec.load is not None:
-                    out[node] = dict(rec.load)
-            self._load_changed.clear()
-            return out
+        self._clock(now)
+        out: dict[str, dict[str, Any]] = {}
+        for node in self._load_changed:
+            rec = self._members.get(node)
+            if rec is not None and rec.load is not None:
+                out[node] = dict(rec.load)
+        self._load_changed.clear()
+        return out
 
     def load_events(self, now: float, chunk: int = LOAD_CHUNK) -> list[Event]:
         """The periodic ``member.load`` events (``{"loads": {node: load}}``), at most
-        ``chunk`` nodes each; none when no load changed. Not passed to hooks: they
-        are a digest, not state changes. One event for every node passed the
+        ``chunk`` nodes each; none when no load changed. They are a digest, not
+        state changes. One event for every node passed the
         4 MiB message limit near 11,500 nodes (bench/failure_detection.py) and
         subscribers dropped it; 1,000 agent load documents are about 0.4 MB."""
         items = sorted(self.load_digest(now).items())
@@ -813,8 +801,9 @@ class Membership:
     # -- internals ------------------------------------------------------------
 
     def _clock(self, now: float) -> float:
-        # Several threads may hand in times read a moment apart; the core's
-        # clock never goes backwards, so arrivals stay ordered.
+        # Callers may hand in times read a moment apart (a heartbeat stamped
+        # before a tick that ran first); the core's clock never goes backwards,
+        # so arrivals stay ordered.
         now = _check_time("now", now)
         if now > self._now:
             self._now = now
@@ -935,25 +924,3 @@ class Membership:
             "state_age": now - rec.since,
             "heartbeats": rec.heartbeats,
         }
-
-    def _deliver(self) -> None:
-        # Callbacks run outside the state lock, in the order the state changed.
-        # Only one thread delivers at a time; a thread that finds delivery busy
-        # leaves its events in the outbox for the deliverer, which keeps
-        # draining until the outbox is empty. A callback re-entering the core
-        # lands in the same branch, so it cannot deadlock.
-        while True:
-            if not self._delivering.acquire(blocking=False):
-                return
-            try:
-                while True:
-                    with self._lock:
-                        batch, self._outbox = self._outbox, []
-                    if not batch:
-                        break
-                    self.hooks.fire(batch)
-            finally:
-                self._delivering.release()
-            with self._lock:
-                if not self._outbox:
-                    return

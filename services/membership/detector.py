@@ -43,24 +43,24 @@ _LN_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 _ERFC_LIMIT = 30.0
 
 
-def tail_phi(y: float) -> float:
-    """``-log10 P(Z > y)`` for a standard normal ``Z``: phi at ``y`` sigmas.
+def tail_phi(sigmas: float) -> float:
+    """``-log10 P(Z > sigmas)`` for a standard normal ``Z``: phi at ``sigmas`` standard deviations.
 
     Finite for every input (capped at :data:`MAX_PHI`), never negative, and
-    monotonically non-decreasing in ``y``.
+    monotonically non-decreasing in ``sigmas``.
     """
-    if math.isnan(y):
+    if math.isnan(sigmas):
         return 0.0
-    if y < _ERFC_LIMIT:
-        q = 0.5 * math.erfc(y / _SQRT2)
+    if sigmas < _ERFC_LIMIT:
+        q = 0.5 * math.erfc(sigmas / _SQRT2)
         # q is at most 1, so the log is <= 0; max() turns -0.0 into 0.0.
         return max(0.0, min(-math.log10(q), MAX_PHI))
-    if math.isinf(y):
+    if math.isinf(sigmas):
         return MAX_PHI
     # ln Q(y) ~ -y^2/2 - ln(y sqrt(2 pi)) + ln(1 - 1/y^2 + 3/y^4): accurate far
     # out in the tail, where it is only ever needed.
-    inv2 = 1.0 / (y * y)
-    ln_q = -0.5 * y * y - math.log(y) - _LN_SQRT_2PI + math.log1p(-inv2 + 3.0 * inv2 * inv2)
+    inv2 = 1.0 / (sigmas * sigmas)
+    ln_q = -0.5 * sigmas * sigmas - math.log(sigmas) - _LN_SQRT_2PI + math.log1p(-inv2 + 3.0 * inv2 * inv2)
     return min(-ln_q * _LOG10_E, MAX_PHI)
 
 

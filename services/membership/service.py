@@ -193,16 +193,9 @@ class MembershipService:
     # --- discovery -> admission ------------------------------------------------------
 
     def _admit_from(self, doc: dict[str, Any]) -> None:
-        hints = doc.get("hb")
-        interval = hints.get("interval") if isinstance(hints, dict) else None
-        if not isinstance(interval, int | float) or isinstance(interval, bool):
-            interval = None
-        incarnation = doc.get("incarnation")
-        if not isinstance(incarnation, int) or isinstance(incarnation, bool) or incarnation < 0:
-            incarnation = None
         try:
-            self.core.admit(str(doc["id"] if "id" in doc else doc["node"]), time.monotonic(), interval, incarnation)
-        except (PhantomError, KeyError) as exc:
+            self.core.admit_discovered(doc, time.monotonic())
+        except PhantomError as exc:
             logger.warning("could not admit a node from discovery: {}", exc)
 
     async def on_node_event(self, event: dict[str, Any]) -> None:

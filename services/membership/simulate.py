@@ -136,9 +136,9 @@ class SimReport:
     core: Membership
 
 
-def node_name(i: int) -> str:
-    """The id the simulator gives node ``i``."""
-    return f"node-{i:05d}"
+def node_name(index: int) -> str:
+    """The id the simulator gives node ``index``."""
+    return f"node-{index:05d}"
 
 
 def _arrivals(sc: Scenario, rng: random.Random) -> list[tuple[float, int, int]]:

@@ -6,10 +6,10 @@ publish; every change to the map bumps the epoch and yields exactly one
 ``shardmap.changed`` event ``{"epoch", "reason"}`` per call. Queries
 (``health``, ``node_counts``, ``sole_replicas``, ...) return plain values.
 
-Time is a parameter. ``node_dead``, ``node_alive``, ``confirm``,
-``report_load`` and ``tick`` require ``now`` (the shell's monotonic clock,
-seconds); the other operations accept an optional ``now`` and otherwise use
-the latest time the core was given. The core never reads a clock.
+Time is a parameter: every operation that changes nodes, key spaces or moves
+(and ``pending_moves``, ``snapshot``, ``restore``) takes ``now``, the shell's
+monotonic clock in seconds (the simulator's virtual time). The core never
+reads a clock and keeps no "last time seen" to stand in for one.
 
 Persistence: before publishing the events of a call, the shell commits
 :meth:`ShardingCore.snapshot` to the store (see :mod:`services.sharding.store`);
@@ -141,7 +141,6 @@ class ShardingCore:
         # confirmation names the epoch its copy was asked for, so one from an earlier
         # assignment (cancelled, then assigned again) cannot promote the new one.
         self._joined: dict[tuple[str, str], int] = {}
-        self._now = 0.0
         self._plan: Plan | None = None
         if default_keyspace:
             cfg = self.config
@@ -151,16 +150,15 @@ class ShardingCore:
                 shards=cfg.default_shards,
                 rf=cfg.default_rf,
                 slots=cfg.hash_slots,
+                # Before any input: there is no node to place on, so nothing in
+                # this first step depends on time.
+                now=0.0,
             )
 
     # -- plumbing ----------------------------------------------------------------
 
-    def _time(self, now: float | None) -> float:
-        if now is None:
-            return self._now
-        t = _number(now, "now")
-        self._now = max(self._now, t)
-        return t
+    def _time(self, now: float) -> float:
+        return _number(now, "now")
 
     def _space(self, name: Any) -> _Space:
         space = self._spaces.get(name) if isinstance(name, str) else None
@@ -232,8 +230,8 @@ class ShardingCore:
         for sid, target in result.targets.items():
             eng.set_target(sid, target.nodes, target.primary)
         for absorbed, into in self._merges.items():
-            nodes_, primary = eng.target(into)
-            eng.set_target(absorbed, nodes_, primary)
+            members, primary = eng.target(into)
+            eng.set_target(absorbed, members, primary)
         eng.set_evacuating(n for n, r in self._nodes.items() if r.planner_state() in ("draining", "dead"))
         self._plan = result
 
@@ -302,7 +300,8 @@ class ShardingCore:
         split_points: Iterable[str | bytes] | None = None,
         rf: int | None = None,
         slots: int | None = None,
-        now: float | None = None,
+        *,
+        now: float,
     ) -> Result[Keyspace]:
         """Create a key space and place its shards.
 
@@ -385,7 +384,7 @@ class ShardingCore:
         return sid
 
     def split(
-        self, keyspace: str, shard: str, at: str | bytes | int | None = None, now: float | None = None
+        self, keyspace: str, shard: str, at: str | bytes | int | None = None, *, now: float
     ) -> Result[tuple[Shard, Shard]]:
         """Split a shard in two; the lower half keeps the id, the upper gets a new one.
 
@@ -470,7 +469,7 @@ class ShardingCore:
             raise BadRequest("a hash shard splits at a slot number (int) or in the middle (None)")
         return (_ranges(s for s in owned if s < cut), _ranges(s for s in owned if s >= cut))
 
-    def merge(self, keyspace: str, shard_a: str, shard_b: str, now: float | None = None) -> Result[MergeResult]:
+    def merge(self, keyspace: str, shard_a: str, shard_b: str, *, now: float) -> Result[MergeResult]:
         """Merge two adjacent shards; the lower one keeps its id.
 
         If their replicas are on the same nodes the merge is immediate.
@@ -549,7 +548,7 @@ class ShardingCore:
     # -- nodes ---------------------------------------------------------------------
 
     def add_node(
-        self, node: str, zone: str = "", weight: float = 1.0, now: float | None = None
+        self, node: str, zone: str = "", weight: float = 1.0, *, now: float
     ) -> Result[dict[str, Any]]:
         """Register a node, or update its zone and weight; a draining node becomes active."""
         with self._lock:
@@ -573,7 +572,7 @@ class ShardingCore:
             self._publish("node.added", events)
             return Result(self._view(node), tuple(events))
 
-    def drain_node(self, node: str, now: float | None = None) -> Result[dict[str, Any]]:
+    def drain_node(self, node: str, *, now: float) -> Result[dict[str, Any]]:
         """Move every replica off ``node`` (safely, over time) and give it no new ones."""
         with self._lock:
             t = self._time(now)
@@ -586,7 +585,7 @@ class ShardingCore:
                 self._publish("node.draining", events)
             return Result(self._view(node), tuple(events))
 
-    def remove_node(self, node: str, now: float | None = None) -> Result[dict[str, Any]]:
+    def remove_node(self, node: str, *, now: float) -> Result[dict[str, Any]]:
         """Forget ``node`` now, dropping its replicas; :class:`Refused` if that loses data.
 
         Refused while the node holds the only live replica of any shard (drain
@@ -616,7 +615,7 @@ class ShardingCore:
     def node_dead(self, node: str, now: float) -> Result[dict[str, Any]]:
         """``node`` is dead: its primaries move at once, its replicas after ``dead_delay``."""
         with self._lock:
-            t = self._time(_number(now, "now"))
+            t = self._time(now)
             rec = self._node(node)
             events: list[Event] = []
             if rec.alive:
@@ -635,7 +634,7 @@ class ShardingCore:
     def node_alive(self, node: str, now: float) -> Result[dict[str, Any]]:
         """``node`` is back: within the delay it keeps its replicas and nothing is copied."""
         with self._lock:
-            t = self._time(_number(now, "now"))
+            t = self._time(now)
             rec = self._node(node)
             events: list[Event] = []
             if not rec.alive:
@@ -676,7 +675,7 @@ class ShardingCore:
         cancelled since, and the agent must copy again.
         """
         with self._lock:
-            t = self._time(_number(now, "now"))
+            t = self._time(now)
             self._shard_space(shard)
             self._node(node)
             if epoch is not None:
@@ -707,7 +706,7 @@ class ShardingCore:
         seq)`` not newer than one seen) grants nothing.
         """
         with self._lock:
-            t = self._time(_number(now, "now"))
+            t = self._time(now)
             _node_id(node)
             for name, v in (("incarnation", incarnation), ("seq", seq)):
                 if type(v) is not int or v < 0:
@@ -734,7 +733,7 @@ class ShardingCore:
     def tick(self, now: float) -> Result[None]:
         """Advance timers: dead-node delays, copy timeouts, leaving replicas, hand-offs."""
         with self._lock:
-            t = self._time(_number(now, "now"))
+            t = self._time(now)
             replan = False
             for pair, until in list(self._avoid.items()):
                 if until <= t:
@@ -763,7 +762,7 @@ class ShardingCore:
         in the reply rather than failing the whole report.
         """
         with self._lock:
-            t = self._time(_number(now, "now"))
+            t = self._time(now)
             if not isinstance(rates, Mapping):
                 raise BadRequest("rates must be a map of shard id to requests per second")
             cfg = self.config
@@ -865,10 +864,10 @@ class ShardingCore:
             )
         return rows
 
-    def pending_moves(self, now: float | None = None) -> list[dict[str, Any]]:
+    def pending_moves(self, now: float) -> list[dict[str, Any]]:
         """Unfinished moves: ``copying``, ``queued`` (waiting for a slot) or ``backoff``."""
         with self._lock:
-            return self._engine.pending(self._now if now is None else _number(now, "now"))
+            return self._engine.pending(_number(now, "now"))
 
     def shortfall(self) -> dict[str, int]:
         """Replicas per shard the last plan could not place (too few active nodes or zones)."""
@@ -877,10 +876,10 @@ class ShardingCore:
 
     # -- persistence -----------------------------------------------------------------
 
-    def snapshot(self, now: float | None = None) -> tuple[ShardMap, dict[str, Any]]:
+    def snapshot(self, now: float) -> tuple[ShardMap, dict[str, Any]]:
         """The map and everything else needed to resume (msgpack-able; times relative to now)."""
         with self._lock:
-            t = self._now if now is None else _number(now, "now")
+            t = _number(now, "now")
             nodes = [
                 {
                     "id": n,
@@ -912,7 +911,6 @@ class ShardingCore:
         """A core that resumes from :meth:`snapshot` output saved at any earlier time."""
         core = cls(config, default_keyspace=False)
         t = _number(now, "now")
-        core._now = t
         try:
             if state.get("v") != STATE_VERSION:
                 raise BadRequest(f"stored sharding state version {state.get('v')!r} is not {STATE_VERSION}")

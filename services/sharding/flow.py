@@ -25,16 +25,16 @@ class MinCostFlow:
         self.graph.append([])
         return len(self.graph) - 1
 
-    def edge(self, u: int, v: int, cap: int, cost: int = 0) -> tuple[int, int]:
-        """Add ``u -> v``; returns a handle for :meth:`used`."""
-        self.graph[u].append([v, cap, cost, len(self.graph[v])])
-        self.graph[v].append([u, 0, -cost, len(self.graph[u]) - 1])
-        return u, len(self.graph[u]) - 1
+    def edge(self, tail: int, head: int, cap: int, cost: int = 0) -> tuple[int, int]:
+        """Add ``tail -> head``; returns a handle for :meth:`used`."""
+        self.graph[tail].append([head, cap, cost, len(self.graph[head])])
+        self.graph[head].append([tail, 0, -cost, len(self.graph[tail]) - 1])
+        return tail, len(self.graph[tail]) - 1
 
-    def bounded(self, u: int, v: int, lo: int, hi: int) -> None:
-        """``u -> v`` carrying between ``lo`` and ``hi``; the ``lo`` part costs ``-FORCE`` each."""
-        self.edge(u, v, lo, -FORCE)
-        self.edge(u, v, hi - lo, 0)
+    def bounded(self, tail: int, head: int, lo: int, hi: int) -> None:
+        """``tail -> head`` carrying between ``lo`` and ``hi``; the ``lo`` part costs ``-FORCE`` each."""
+        self.edge(tail, head, lo, -FORCE)
+        self.edge(tail, head, hi - lo, 0)
 
     def used(self, handle: tuple[int, int]) -> int:
         """Flow on the edge behind ``handle`` (its reverse edge's residual)."""

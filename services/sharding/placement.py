@@ -281,44 +281,44 @@ class _Planner:
             self._caps[rf] = cap
         return cap
 
-    def valid(self, s: int, i: int, leaving: int = -1) -> bool:
-        """Whether node ``i`` may take a replica of shard ``s`` (``leaving`` gives one up)."""
-        if i in self.member_set[s] or (s, i) in self.avoid:
+    def valid(self, shard: int, node: int, leaving: int = -1) -> bool:
+        """Whether node ``node`` may take a replica of shard ``shard`` (``leaving`` gives one up)."""
+        if node in self.member_set[shard] or (shard, node) in self.avoid:
             return False
-        z = self.zone[i]
-        used = self.zc[s].get(z, 0)
+        z = self.zone[node]
+        used = self.zc[shard].get(z, 0)
         if leaving >= 0 and self.zone[leaving] == z:
             used -= 1
-        return used < self.cap[s]
+        return used < self.cap[shard]
 
-    def add(self, s: int, i: int) -> None:
-        self.members[s].append(i)
-        self.member_set[s].add(i)
-        z = self.zone[i]
-        self.zc[s][z] = self.zc[s].get(z, 0) + 1
-        self.count[i] += 1
-        self.node_shards[i].add(s)
-        if i not in self.cand_set[s]:
-            self.new[s].add(i)
-        self.push(i)
+    def add(self, shard: int, node: int) -> None:
+        self.members[shard].append(node)
+        self.member_set[shard].add(node)
+        z = self.zone[node]
+        self.zc[shard][z] = self.zc[shard].get(z, 0) + 1
+        self.count[node] += 1
+        self.node_shards[node].add(shard)
+        if node not in self.cand_set[shard]:
+            self.new[shard].add(node)
+        self.push(node)
 
-    def remove(self, s: int, i: int) -> None:
-        self.members[s].remove(i)
-        self.member_set[s].discard(i)
-        z = self.zone[i]
-        self.zc[s][z] -= 1
-        self.count[i] -= 1
-        self.node_shards[i].discard(s)
-        self.new[s].discard(i)
-        self.push(i)
+    def remove(self, shard: int, node: int) -> None:
+        self.members[shard].remove(node)
+        self.member_set[shard].discard(node)
+        z = self.zone[node]
+        self.zc[shard][z] -= 1
+        self.count[node] -= 1
+        self.node_shards[node].discard(shard)
+        self.new[shard].discard(node)
+        self.push(node)
 
-    def push(self, i: int) -> None:
-        d = self.quota[i] - self.count[i] if self.quota else 0
+    def push(self, node: int) -> None:
+        d = self.quota[node] - self.count[node] if self.quota else 0
         if d > 0:
-            heapq.heappush(self.heap, (-d, i))
+            heapq.heappush(self.heap, (-d, node))
 
-    def pick(self, s: int, leaving: int = -1) -> int:
-        """A node with one of the largest deficits that may take shard ``s``; -1 if none.
+    def pick(self, shard: int, leaving: int = -1) -> int:
+        """A node with one of the largest deficits that may take shard ``shard``; -1 if none.
 
         Among the first few candidates the choice is a hash of (shard, node):
         always taking the lowest node id would put shards on the same node
@@ -332,14 +332,14 @@ class _Planner:
             if -d != self.quota[i] - self.count[i]:
                 continue  # stale entry; a current one is in the heap
             held.append((d, i))
-            if i != leaving and self.valid(s, i, leaving):
+            if i != leaving and self.valid(shard, i, leaving):
                 found.append(i)
         for entry in held:
             heapq.heappush(self.heap, entry)
         if not found:
             return -1
         best = max(self.quota[i] - self.count[i] for i in found)
-        return max((i for i in found if self.quota[i] - self.count[i] >= best - 1), key=lambda i: _mix(s, i))
+        return max((i for i in found if self.quota[i] - self.count[i] >= best - 1), key=lambda i: _mix(shard, i))
 
     # -- the run -----------------------------------------------------------------
 
@@ -483,7 +483,7 @@ class _Planner:
         self.quota: list[int] = []  # rounded once keep() knows which replicas stay
 
     def round(
-        self, x: list[float], cur: list[int], total: int, node_cap: list[int], cap_z: list[int] | None
+        self, ideals: list[float], cur: list[int], total: int, node_cap: list[int], cap_z: list[int] | None
     ) -> list[int]:
         """Round ideals to integers summing to ``total``: floor or ceil of each, never more.
 
@@ -495,12 +495,12 @@ class _Planner:
         q = [0] * N
         zsum = [0] * len(self.zones)
         for i in self.act:
-            q[i] = min(math.floor(x[i] + _EPS), node_cap[i])
+            q[i] = min(math.floor(ideals[i] + _EPS), node_cap[i])
             zsum[self.zone[i]] += q[i]
         extra = total - sum(q)
         order = sorted(
-            (i for i in self.act if x[i] - q[i] > _EPS and q[i] < node_cap[i]),
-            key=lambda i: (0 if cur[i] > q[i] else 1 if cur[i] < q[i] else 2, -(x[i] - q[i]), i),
+            (i for i in self.act if ideals[i] - q[i] > _EPS and q[i] < node_cap[i]),
+            key=lambda i: (0 if cur[i] > q[i] else 1 if cur[i] < q[i] else 2, -(ideals[i] - q[i]), i),
         )
         for i in order:
             if extra <= 0:
@@ -520,12 +520,12 @@ class _Planner:
             ]
             if not room:
                 break
-            i = max(room, key=lambda j: (x[j] - q[j], -j))
+            i = max(room, key=lambda j: (ideals[j] - q[j], -j))
             q[i] += 1
             zsum[self.zone[i]] += 1
             extra -= 1
         while extra < 0:
-            i = min((j for j in self.act if q[j] > 0), key=lambda j: (x[j] - q[j], j))
+            i = min((j for j in self.act if q[j] > 0), key=lambda j: (ideals[j] - q[j], j))
             q[i] -= 1
             zsum[self.zone[i]] -= 1
             extra += 1
@@ -647,26 +647,26 @@ class _Planner:
                     continue
                 self.add(s, i)
 
-    def make_room(self, s: int) -> int:
-        """A node for shard ``s`` after shifting copies this plan makes anyway, or -1.
+    def make_room(self, shard: int) -> int:
+        """A node for shard ``shard`` after shifting copies this plan makes anyway, or -1.
 
-        When every node with a deficit already holds ``s``, a new copy placed
-        on some node ``m`` that ``s`` could use may move on to a node with a
+        When every node with a deficit already holds ``shard``, a new copy placed
+        on some node ``m`` that ``shard`` could use may move on to a node with a
         deficit, freeing ``m`` (breadth first, so the chain is the shortest).
         Only copies made by this plan move, so this costs no extra copy.
         """
         parent: dict[int, tuple[int, int]] = {}
         queue: list[int] = []
         for m in self.act:
-            if self.valid(s, m):
-                parent[m] = (s, -1)
+            if self.valid(shard, m):
+                parent[m] = (shard, -1)
                 queue.append(m)
         head = 0
         while head < len(queue) and head < _AUGMENT_WIDTH:
             m = queue[head]
             head += 1
             for t in sorted(t for t in self.node_shards[m] if m in self.new[t]):
-                if t == s:
+                if t == shard:
                     continue
                 for v in self.act:
                     if v in parent or not self.valid(t, v, m):
@@ -683,7 +683,7 @@ class _Planner:
                     queue.append(v)
         return -1
 
-    def least_loaded(self, s: int) -> int:
+    def least_loaded(self, shard: int) -> int:
         """Any valid node, least over its quota; used only when no node with a deficit fits.
 
         Nodes that stay within one of their ideal come first: balance() can
@@ -692,17 +692,17 @@ class _Planner:
         best = -1
         best_key = (0, 0, 0)
         for i in self.act:
-            if self.valid(s, i):
+            if self.valid(shard, i):
                 key = (max(0, self.count[i] + 1 - math.ceil(self.x[i] - _EPS)), self.count[i] - self.quota[i], i)
                 if best < 0 or key < best_key:
                     best, best_key = i, key
         return best
 
-    def candidates(self, o: int) -> list[int]:
-        """Shards node ``o`` could give up, cheapest first: new copies, replicas, primaries."""
+    def candidates(self, giver: int) -> list[int]:
+        """Shards node ``giver`` could give up, cheapest first: new copies, replicas, primaries."""
         return sorted(
-            self.node_shards[o],
-            key=lambda s: (0 if o in self.new[s] else (2 if self.old_primary[s] == o else 1), s),
+            self.node_shards[giver],
+            key=lambda s: (0 if giver in self.new[s] else (2 if self.old_primary[s] == giver else 1), s),
         )
 
     def balance(self) -> list[int]:
@@ -758,60 +758,60 @@ class _Planner:
                 work, stuck = stuck, []
         return stuck
 
-    def options(self, o: int, limit: int = 8) -> int:
-        """How many of ``o``'s shards some node under quota could take (counted up to ``limit``)."""
+    def options(self, giver: int, limit: int = 8) -> int:
+        """How many of ``giver``'s shards some node under quota could take (counted up to ``limit``)."""
         under = [u for u in self.act if self.count[u] < self.quota[u]]
         found = 0
-        for s in self.node_shards[o]:
-            if any(self.valid(s, u, o) for u in under):
+        for s in self.node_shards[giver]:
+            if any(self.valid(s, u, giver) for u in under):
                 found += 1
                 if found >= limit:
                     break
         return found
 
-    def shed(self, o: int, shards: list[int]) -> bool:
-        """Transfer the first of ``shards`` still on ``o`` that a node under quota can take."""
+    def shed(self, giver: int, shards: list[int]) -> bool:
+        """Transfer the first of ``shards`` still on ``giver`` that a node under quota can take."""
         while shards:
             s = shards.pop(0)
-            if o not in self.member_set[s]:
+            if giver not in self.member_set[s]:
                 continue
-            u = self.pick(s, leaving=o)
+            u = self.pick(s, leaving=giver)
             if u >= 0:
-                self.transfer(s, o, u)
+                self.transfer(s, giver, u)
                 return True
         return False
 
-    def shed_flex(self, o: int) -> bool:
-        """Move one of ``o``'s replicas to a node at quota that may still grow to its ceiling,
+    def shed_flex(self, giver: int) -> bool:
+        """Move one of ``giver``'s replicas to a node at quota that may still grow to its ceiling,
         paid for by a unit of quota from a node under quota."""
         x, quota, count = self.x, self.quota, self.count
         donors = [d for d in self.act if count[d] < quota[d] and quota[d] - 1 >= math.floor(x[d] + _EPS)]
         if not donors:
             return False
-        growable = [v for v in self.act if v != o and quota[v] + 1 <= math.ceil(x[v] - _EPS)]
-        for s in self.candidates(o):
+        growable = [v for v in self.act if v != giver and quota[v] + 1 <= math.ceil(x[v] - _EPS)]
+        for s in self.candidates(giver):
             for v in growable:
-                if not self.valid(s, v, o):
+                if not self.valid(s, v, giver):
                     continue
                 d = next((d for d in donors if d != v), -1)
                 if d < 0:
                     continue
                 quota[d] -= 1
                 quota[v] += 1
-                self.transfer(s, o, v)
+                self.transfer(s, giver, v)
                 return True
         return False
 
     def relax(
         self,
-        o: int,
-        x: list[float],
+        giver: int,
+        ideals: list[float],
         quota: list[int],
         count: list[int],
         under_only: bool = False,
         direct: bool = False,
     ) -> int:
-        """Trade one unit of quota from another node to ``o``, both staying within one.
+        """Trade one unit of quota from another node to ``giver``, both staying within one.
 
         Rounding picks the ceilings before it knows which replicas are pinned
         in place (the replacement for a lost replica can only go where the
@@ -820,12 +820,12 @@ class _Planner:
         replica to shed. Returns the donor, or -1 if no trade keeps both
         within one of their ideal.
         """
-        if quota[o] + 1 > math.ceil(x[o] - _EPS):
+        if quota[giver] + 1 > math.ceil(ideals[giver] - _EPS):
             return -1
         best = -1
         best_key = (0, 0, 0)
         for u in self.act:
-            if u == o or quota[u] - 1 < math.floor(x[u] + _EPS):
+            if u == giver or quota[u] - 1 < math.floor(ideals[u] + _EPS):
                 continue
             if under_only and count[u] >= quota[u]:
                 continue
@@ -837,28 +837,28 @@ class _Planner:
         if best < 0:
             return -1
         quota[best] -= 1
-        quota[o] += 1
+        quota[giver] += 1
         self.push(best)
         return best
 
-    def transfer(self, s: int, o: int, u: int) -> None:
-        # When o's replica is itself a new copy in this plan, this retargets the
+    def transfer(self, shard: int, giver: int, taker: int) -> None:
+        # When the giver's replica is itself a new copy in this plan, this retargets the
         # copy and costs no extra move; candidates() offers those first.
-        self.remove(s, o)
-        self.add(s, u)
+        self.remove(shard, giver)
+        self.add(shard, taker)
 
-    def chain(self, o: int, fresh_only: bool = False) -> bool:
-        """Two-hop transfer o -> m -> u when no node under quota can take any of o's shards.
+    def chain(self, giver: int, fresh_only: bool = False) -> bool:
+        """Two-hop transfer giver -> m -> u when no node under quota can take any of the giver's shards.
 
         With ``fresh_only`` both hops retarget copies this plan makes anyway.
         """
-        mids = sorted((i for i in self.act if i != o), key=lambda i: (self.count[i] - self.quota[i], i))
-        for s in self.candidates(o):
-            if fresh_only and o not in self.new[s]:
+        mids = sorted((i for i in self.act if i != giver), key=lambda i: (self.count[i] - self.quota[i], i))
+        for s in self.candidates(giver):
+            if fresh_only and giver not in self.new[s]:
                 break  # candidates() lists the fresh ones first
             tried = 0
             for m in mids:
-                if not self.valid(s, m, o):
+                if not self.valid(s, m, giver):
                     continue
                 tried += 1
                 for t in self.candidates(m):
@@ -869,7 +869,7 @@ class _Planner:
                     u = self.pick(t, leaving=m)
                     if u >= 0:
                         self.transfer(t, m, u)
-                        self.transfer(s, o, m)
+                        self.transfer(s, giver, m)
                         return True
                 if tried >= _CHAIN_WIDTH:
                     break
@@ -929,22 +929,22 @@ class _Planner:
             while pcount[u] < lo[u] and self.raise_primaries(u):
                 pass
 
-    def set_primary(self, s: int, i: int) -> None:
-        old = self.prim[s]
+    def set_primary(self, shard: int, node: int) -> None:
+        old = self.prim[shard]
         if old >= 0:
-            self.owned[old].discard(s)
+            self.owned[old].discard(shard)
             self.pcount[old] -= 1
-        self.prim[s] = i
-        self.owned[i].add(s)
-        self.pcount[i] += 1
+        self.prim[shard] = node
+        self.owned[node].add(shard)
+        self.pcount[node] += 1
 
-    def augment(self, s: int) -> bool:
-        """Make room for shard ``s`` under every ceiling via a chain of reassignments."""
+    def augment(self, shard: int) -> bool:
+        """Make room for shard ``shard`` under every ceiling via a chain of reassignments."""
         parent: dict[int, tuple[int, int]] = {}
         queue: list[int] = []
-        for i in self.members[s]:
+        for i in self.members[shard]:
             if i not in parent:
-                parent[i] = (s, -1)
+                parent[i] = (shard, -1)
                 queue.append(i)
         head = 0
         while head < len(queue):
@@ -965,10 +965,10 @@ class _Planner:
                         queue.append(m2)
         return False
 
-    def raise_primaries(self, u: int) -> bool:
-        """Give node ``u`` one more primary from a node above its floor, by the shortest chain."""
-        parent: dict[int, tuple[int, int]] = {u: (-1, -1)}
-        queue = [u]
+    def raise_primaries(self, receiver: int) -> bool:
+        """Give node ``receiver`` one more primary from a node above its floor, by the shortest chain."""
+        parent: dict[int, tuple[int, int]] = {receiver: (-1, -1)}
+        queue = [receiver]
         head = 0
         while head < len(queue):
             v = queue[head]
@@ -980,7 +980,7 @@ class _Planner:
                 parent[m] = (t, v)
                 if self.pcount[m] > self.plo[m]:
                     node = m
-                    while node != u:
+                    while node != receiver:
                         t2, taker = parent[node]
                         self.set_primary(t2, taker)
                         node = taker

@@ -107,14 +107,19 @@ class ShardingService:
         self._loaded = asyncio.Event()
         self.service = Service("sharding", cfg)
         self.service.leader_probe = lambda: self.leadership.is_leader
-        for allow, names in (
-            (READ, ("lookup", "map", "shards", "moves", "nodes", "health", "sole_replicas")),
-            (ADMIN, ("create_keyspace", "split", "merge", "add_node", "remove_node", "drain_node",
-                     "node_dead", "node_alive", "report_load", "report_keys")),
-            (OWN_NODE, ("confirm", "renew")),
-        ):  # fmt: skip
-            for name in names:
-                self.service.add_operation(name, getattr(self, f"op_{name}"), allow=allow)
+        operations: tuple[tuple[Rule, dict[str, Callable[..., Any]]], ...] = (
+            (READ, {"lookup": self.op_lookup, "map": self.op_map, "shards": self.op_shards, "moves": self.op_moves,
+                    "nodes": self.op_nodes, "health": self.op_health, "sole_replicas": self.op_sole_replicas}),
+            (ADMIN, {"create_keyspace": self.op_create_keyspace, "split": self.op_split, "merge": self.op_merge,
+                     "add_node": self.op_add_node, "remove_node": self.op_remove_node,
+                     "drain_node": self.op_drain_node, "node_dead": self.op_node_dead,
+                     "node_alive": self.op_node_alive, "report_load": self.op_report_load,
+                     "report_keys": self.op_report_keys}),
+            (OWN_NODE, {"confirm": self.op_confirm, "renew": self.op_renew}),
+        )  # fmt: skip
+        for allow, handlers in operations:
+            for name, handler in handlers.items():
+                self.service.add_operation(name, handler, allow=allow)
 
     # --- the committed map -----------------------------------------------------------
 
@@ -378,17 +383,9 @@ class ShardingService:
         else (no ``since_epoch``, or nothing newer here) is ``not_leader``, and
         the retry reaches the leader.
         """
-        if since_epoch is not None and (type(since_epoch) is not int or since_epoch < 0):
-            raise BadRequest(f"since_epoch must be a non-negative integer, got {since_epoch!r}")
-        committed = self.committed
         leading = self.core is not None and self.leadership.is_leader
-        if committed is None or (not leading and (since_epoch is None or committed.epoch <= since_epoch)):
-            if not leading:
-                raise self.leadership.not_leader()
-            raise ServiceUnavailable("sharding has not read the shard map from the store yet; retry")
-        if since_epoch is not None and committed.epoch <= since_epoch:
-            return None
-        return Encoded(committed.blob)
+        blob = map_reply(self.committed, since_epoch, leading, self.leadership.not_leader)
+        return None if blob is None else Encoded(blob)
 
     def op_shards(self) -> list[dict[str, Any]]:
         """One row per shard (``phantom shards``), with each replica's role."""
@@ -435,21 +432,21 @@ class ShardingService:
     ) -> KeyspaceDoc:
         """Create a key space at run time."""
         now = time.monotonic()
-        ks = await self._commit(lambda c: c.create_keyspace(name, kind, shards, split_points, rf, slots, now))
+        ks = await self._commit(lambda c: c.create_keyspace(name, kind, shards, split_points, rf, slots, now=now))
         return ks.to_wire()
 
     async def op_split(self, shard: str, at: str | bytes | int | None = None, keyspace: str | None = None) -> Any:
         """Split a shard (range: at a key or the middle of observed keys; hash: at a slot)."""
         now = time.monotonic()
         name = keyspace or self._keyspace_of(shard)
-        low, high = await self._commit(lambda c: c.split(name, shard, at, now))
+        low, high = await self._commit(lambda c: c.split(name, shard, at, now=now))
         return {"shards": [low.id, high.id], "epoch": self.published.epoch}
 
     async def op_merge(self, shard: str, other: str, keyspace: str | None = None) -> Any:
         """Merge two adjacent shards (at once if colocated, else after moving replicas)."""
         now = time.monotonic()
         name = keyspace or self._keyspace_of(shard)
-        merged = await self._commit(lambda c: c.merge(name, shard, other, now))
+        merged = await self._commit(lambda c: c.merge(name, shard, other, now=now))
         return {"shard": merged.shard, "absorbed": merged.absorbed, "done": merged.done, "epoch": self.published.epoch}
 
     def _keyspace_of(self, shard: str) -> str:
@@ -458,17 +455,17 @@ class ShardingService:
     async def op_add_node(self, node: str, zone: str = "default", weight: float = 1.0) -> dict[str, Any]:
         """Place replicas on a node (or update its zone/weight)."""
         now = time.monotonic()
-        return await self._commit(lambda c: c.add_node(node, zone, weight, now))
+        return await self._commit(lambda c: c.add_node(node, zone, weight, now=now))
 
     async def op_drain_node(self, node: str) -> dict[str, Any]:
         """Move every replica off a node, safely, under the move caps."""
         now = time.monotonic()
-        return await self._commit(lambda c: c.drain_node(node, now))
+        return await self._commit(lambda c: c.drain_node(node, now=now))
 
     async def op_remove_node(self, node: str) -> dict[str, Any]:
         """Forget a node; refused while it holds the only live replica of a shard."""
         now = time.monotonic()
-        return await self._commit(lambda c: c.remove_node(node, now))
+        return await self._commit(lambda c: c.remove_node(node, now=now))
 
     async def op_node_dead(self, node: str) -> dict[str, Any]:
         """Fail over the node's primaries now; re-create its replicas after the delay."""
@@ -502,6 +499,25 @@ class ShardingService:
     async def op_report_keys(self, keys: list[str | bytes], keyspace: str = "default") -> int:
         """Keys seen elsewhere, for split-point sampling."""
         return await self._commit(lambda c: c.report_keys(keyspace, keys))
+
+
+def map_reply(
+    committed: Committed | None, since_epoch: int | None, leading: bool, not_leader: Callable[[], PhantomError]
+) -> bytes | None:
+    """What the ``map`` operation answers (see :meth:`ShardingService.op_map`): the
+    committed map's bytes, or None when it is not newer than ``since_epoch``.
+    ``bad_request`` for a malformed ``since_epoch``; ``not_leader()`` on a
+    follower that has nothing newer to give; ``service_unavailable`` on a leader
+    that has not read the map yet."""
+    if since_epoch is not None and (type(since_epoch) is not int or since_epoch < 0):
+        raise BadRequest(f"since_epoch must be a non-negative integer, got {since_epoch!r}")
+    if committed is None or (not leading and (since_epoch is None or committed.epoch <= since_epoch)):
+        if not leading:
+            raise not_leader()
+        raise ServiceUnavailable("sharding has not read the shard map from the store yet; retry")
+    if since_epoch is not None and committed.epoch <= since_epoch:
+        return None
+    return committed.blob
 
 
 def _with_map(data: dict[str, Any], blob: bytes) -> dict[str, Any]:

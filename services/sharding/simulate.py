@@ -90,6 +90,9 @@ class Simulation:
         return self.now - start
 
 
-def live_counts(m: ShardMap) -> dict[str, int]:
+def live_counts(shard_map: ShardMap) -> dict[str, int]:
     """Live replicas per shard: primary or replica on a node not marked down."""
-    return {sh.id: sum(1 for r in sh.replicas if r.role in SERVING and r.node not in m.down) for _, sh in m.shards()}
+    down = shard_map.down
+    return {
+        sh.id: sum(1 for r in sh.replicas if r.role in SERVING and r.node not in down) for _, sh in shard_map.shards()
+    }
