@@ -4,8 +4,9 @@ The setting ``metrics`` (``PHANTOM_METRICS``, ``HOST:PORT``, empty = off) is
 the address a process serves its own ``/metrics`` on, in the Prometheus text
 format. The HTTP server is ``prometheus_client``'s, on a daemon thread, so a
 scrape never runs on (or blocks) a process's event loop; what a scrape reads
-is state the process keeps thread-safe anyway (cores take locks) or plain
-values that its loops replace whole.
+is state with its own lock (the select timers), plain values that the loops
+replace whole, or, for a single-threaded core, what the shell reads for it on
+its event loop.
 
 Every process exports the library's ``process_*`` series and
 ``phantom_up{service}``; a shell adds its own by giving a ``metrics()``

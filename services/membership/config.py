@@ -1,9 +1,9 @@
 """Every tunable of the membership service, with its unit and the reason for its default.
 
-The figures quoted come from ``bench/failure_detection_sim.py`` (virtual-time
-simulation of the core; results in ``bench/results/failure_detection_sim.json``).
-Real-process figures (SIGKILL of an agent, saturated cores) come from the
-lead's ``bench/failure_detection.py``.
+The figures quoted come from ``bench/failure_detection.py --parts s``
+(virtual-time simulation of the core; results in
+``bench/results/failure_detection.json``); its other parts give the
+real-process figures (SIGKILL of an agent, saturated cores).
 
 With the defaults and a steady node the detector's window has a spread below
 ``min_std_dev``, so the thresholds translate into fixed silences:
