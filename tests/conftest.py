@@ -8,10 +8,11 @@ which the benchmarks use too.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +110,22 @@ def etcd() -> Iterator[Any]:
         pytest.skip(why)
     with running_etcd(binary) as server:
         yield server
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store_run(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[Callable[[Any], Awaitable[Any]]], Any]:
+    """Run an async test body against a fresh store of each local backend (memory, SQLite)."""
+    from phantom_bus.store.memory import MemoryStore
+    from phantom_bus.store.sqlite import SqliteStore
+
+    def run(body: Callable[[Any], Awaitable[Any]]) -> Any:
+        async def main() -> Any:
+            store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "s.sqlite3")
+            try:
+                return await asyncio.wait_for(body(store), 30)
+            finally:
+                await store.close()
+
+        return asyncio.run(main())
+
+    return run

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from phantom_bus.store import CasFailed, Fence, Fenced, Put, Store, StoreError
-from phantom_bus.store.memory import MemoryStore
-from phantom_bus.store.sqlite import SqliteStore
 from services.manager.config import ManagerConfig
 from services.manager.core import ManagerCore
 from services.manager.registry import ACTIVE, DRAINING, NodeRecord, Registry, Tombstone, TombstoneDropped
@@ -21,21 +16,6 @@ from services.manager.store import NODES, RegistryStore
 def record(node: str, inc: int = 1, lifecycle: str = "joining", member: str | None = None) -> NodeRecord:
     return NodeRecord(node, "127.0.0.1:7001", "z1", 1.5, inc, lifecycle, member, None if member is None else 2.0,
                       1.0, 2.0, "because", True, "beacon")
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def store_run(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[Callable[[Store], Awaitable[Any]]], Any]:
-    def run(body: Callable[[Store], Awaitable[Any]]) -> Any:
-        async def main() -> Any:
-            store: Store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "s.sqlite3")
-            try:
-                return await asyncio.wait_for(body(store), 30)
-            finally:
-                await store.close()
-
-        return asyncio.run(main())
-
-    return run
 
 
 def test_records_and_tombstones_round_trip_in_order(store_run: Any) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -13,7 +11,6 @@ import pytest
 from phantom_bus.errors import Conflict
 from phantom_bus.store import CasFailed, Fence, Fenced, Put, Store, StoreError
 from phantom_bus.store.memory import MemoryStore
-from phantom_bus.store.sqlite import SqliteStore
 from services.sharding.config import ShardingConfig
 from services.sharding.core import ShardingCore
 from services.sharding.service import resume
@@ -26,21 +23,6 @@ def busy_core() -> ShardingCore:
         core.add_node(f"n{i}", "abc"[i], 1.0, now=float(i))
     core.add_node("n3", "a", 1.0, now=5.0)  # copies in flight
     return core
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def store_run(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[Callable[[Store], Awaitable[Any]]], Any]:
-    def run(body: Callable[[Store], Awaitable[Any]]) -> Any:
-        async def main() -> Any:
-            store: Store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "s.sqlite3")
-            try:
-                return await asyncio.wait_for(body(store), 30)
-            finally:
-                await store.close()
-
-        return asyncio.run(main())
-
-    return run
 
 
 def test_commit_then_load_returns_the_epoch_its_moves_and_the_cached_encoding(store_run: Any) -> None:
