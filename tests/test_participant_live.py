@@ -42,13 +42,15 @@ class Row:
     shard: str
     epoch: int
     lease_until: float
+    was: str  # the state the transition left (joining, replica, primary...)
 
 
 def rows(log: Path) -> list[Row]:
     out = []
     for line in log.read_text().splitlines():
         f = line.split()
-        out.append(Row(float(f[0]), float(f[1]), f[2], f[3], f[4], int(f[5]), float(f[8]) if f[8] != "-" else 0.0))
+        out.append(Row(float(f[0]), float(f[1]), f[2], f[3], f[4], int(f[5]), float(f[8]) if f[8] != "-" else 0.0,
+                       f[6].partition("->")[0]))
     return sorted(out, key=lambda r: r.start)
 
 
@@ -242,8 +244,9 @@ def test_transitions_keep_one_primary_and_drop_only_after_a_copy(bus: Bus, relay
                 checked += 1
             current = r
     assert checked >= 3, "hand-offs and failovers were exercised"
-    # A drop never leaves a shard without the copy that replaced it.
-    drops = [r for r in history if r.kind == "drop"]
+    # A drop of a copy that served never leaves a shard without the copy that replaced it
+    # (a joining copy the plan gave up on holds nothing anyone reads: it just goes).
+    drops = [r for r in history if r.kind == "drop" and r.was != "joining"]
     assert drops, "the drain dropped replicas"
     for d in drops:
         copies = [
