@@ -23,8 +23,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from phantom_bus.errors import BadRequest
-from services.sharding import placement
-from services.sharding.placement import NodeSpec, Plan, ShardSpec, plan
+from services.sharding.placement import NodeSpec, Plan, ShardSpec, exact, plan
 
 # -- oracle ----------------------------------------------------------------------
 
@@ -497,11 +496,13 @@ def test_greedy_alone_is_exact_with_one_zone_and_equal_weights(
     size: int, shard_count: int, rf: int, ops: list[tuple]
 ) -> None:
     # Large clusters skip the exact min-cost-flow pass; the greedy must still be
-    # exact on the common layout. Every join lands in the same zone here.
+    # exact on the common layout. Every join lands in the same zone here. The
+    # budget is below zero, not zero: a plan with nothing to place (no active
+    # node left) would otherwise still be handed to the exact solver.
     nodes = {f"n{i}": NodeSpec(zone="a") for i in range(size)}
     ops = [("join", "a", 1.0) if op[0] == "join" else op for op in ops]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(placement, "_EXACT_BUDGET", 0)
+        mp.setattr(exact, "_EXACT_BUDGET", -1)
         run_history(nodes, [ShardSpec(f"s/{i}", rf) for i in range(shard_count)], ops, slack=0, directed=True)
 
 
@@ -517,7 +518,7 @@ def test_join_moves_about_one_over_n_plus_one_all_to_the_new_node(n: int, shards
     p = plan(specs, nodes)
     least = fewest_copies(nodes, specs)
     zone_sizes = Counter(spec.zone for spec in nodes.values())
-    if len(set(zone_sizes.values())) == 1 or shards * min(rf, n + 1) * (n + 1) <= placement._EXACT_BUDGET:
+    if len(set(zone_sizes.values())) == 1 or shards * min(rf, n + 1) * (n + 1) <= exact._EXACT_BUDGET:
         assert p.copies == least  # a regular layout, or small enough to be solved exactly
     else:
         # Zones one node apart, beyond the exact solver's budget: the greedy alone may copy a
