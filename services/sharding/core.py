@@ -19,19 +19,21 @@ after a restart, a leader change or a failed commit,
 All public methods are safe to call from several threads. Planning a large
 cluster takes a noticeable fraction of a second (see bench/rebalance.py), so
 an asyncio shell should run membership operations in a worker thread.
+
+The map logic and the locks live here; :mod:`services.sharding.keyspaces`
+(split, merge, load-based splits) and :mod:`services.sharding.snapshot`
+(snapshot and restore) hold plain functions the public methods call under the
+lock, over the records of :mod:`services.sharding.records`.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 import re
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar, cast
 
-from phantom_bus import ids
 from phantom_bus.errors import BadRequest, Conflict, NoSuchKeyspace, NotFound, Refused
 from phantom_bus.events import Event
 from phantom_bus.shardhealth import ShardInfo, assess, shards_from_map, sole_replicas
@@ -47,15 +49,17 @@ from phantom_bus.shardmap import (
     key_bytes,
 )
 from services.sharding.config import ShardingConfig
+from services.sharding.keyspaces import adjacent, finish_merges, load_splits, new_id, parse_split_points, split_shard
 from services.sharding.leases import PrimaryLeases
 from services.sharding.migration import Migrations
-from services.sharding.placement import NodeSpec, NodeState, Plan, ShardSpec, plan
+from services.sharding.placement import NodeSpec, Plan, ShardSpec, plan
+from services.sharding.records import _Node, _node_id, _number, _Space
 from services.sharding.samples import KeySample
+from services.sharding.snapshot import restore_into, snapshot_state
 
 T = TypeVar("T")
 
 CHANGED = "shardmap.changed"
-STATE_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _MAX_RF = 16
 
@@ -79,45 +83,6 @@ class MergeResult:
     def to_wire(self) -> dict[str, Any]:
         """The merge as a reply map."""
         return {"shard": self.shard, "absorbed": self.absorbed, "done": self.done}
-
-
-@dataclass
-class _Node:
-    zone: str
-    weight: float
-    state: Literal["active", "draining"] = "active"
-    alive: bool = True
-    dead_since: float | None = None
-    expired: bool = False  # dead for longer than dead_delay: its replicas are re-created
-
-    def planner_state(self) -> NodeState:
-        if self.state == "draining":
-            return "draining"
-        if self.alive:
-            return "active"
-        return "dead" if self.expired else "down"
-
-
-@dataclass
-class _Space:
-    name: str
-    kind: Kind
-    rf: int
-    slots: int
-    order: list[str] = field(default_factory=list)  # shard ids in key order
-    slot_ranges: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)
-    ranges: dict[str, tuple[bytes, bytes | None]] = field(default_factory=dict)
-    next_seq: int = 0
-
-
-def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise BadRequest(f"{what} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _node_id(node: Any) -> str:
-    return ids.check_node_id(node)
 
 
 class ShardingCore:
@@ -242,7 +207,7 @@ class ShardingCore:
             for pair in step.stuck:
                 self._avoid[pair] = now + self.config.avoid_ttl
             self._replan()  # the new targets start on the next step
-        self._finish_merges()
+        finish_merges(self)
 
     # -- lookups and the map -------------------------------------------------------
 
@@ -337,16 +302,16 @@ class ShardingCore:
                 if n > sp.slots:
                     raise BadRequest(f"{n} shards do not fit in {sp.slots} slots")
                 for i in range(n):
-                    sid = self._new_id(sp)
+                    sid = new_id(sp)
                     sp.order.append(sid)
                     sp.slot_ranges[sid] = ((i * sp.slots // n, (i + 1) * sp.slots // n),)
             else:
                 if slots not in (None, 0):
                     raise BadRequest("range key spaces have no slots")
-                points = self._split_points(split_points, shards)
+                points = parse_split_points(split_points, shards)
                 bounds: list[bytes | None] = [b"", *points, None]
                 for i in range(len(bounds) - 1):
-                    sid = self._new_id(sp)
+                    sid = new_id(sp)
                     sp.order.append(sid)
                     sp.ranges[sid] = (cast(bytes, bounds[i]), bounds[i + 1])
             self._spaces[name] = sp
@@ -358,30 +323,6 @@ class ShardingCore:
             self._advance(t)
             self._publish("keyspace.created", events)
             return Result(self._map.keyspace(name), tuple(events))
-
-    @staticmethod
-    def _split_points(points: Iterable[str | bytes] | None, shards: int | None) -> list[bytes]:
-        if points is None:
-            n = 1 if shards is None else shards
-            if n > 1 << 16:
-                raise BadRequest("at most 65536 evenly cut range shards")
-            cuts = sorted({(i << 16) // n for i in range(1, n)})
-            return [c.to_bytes(2, "big") for c in cuts]
-        if isinstance(points, str | bytes) or not isinstance(points, Iterable):
-            raise BadRequest("split_points must be a list of str or bytes keys")
-        out = [key_bytes(p) for p in points]
-        if shards is not None and shards != len(out) + 1:
-            raise BadRequest(f"{len(out)} split points make {len(out) + 1} shards, not {shards}")
-        if any(p == b"" for p in out):
-            raise BadRequest("a split point must not be the empty key (it starts the first shard)")
-        if any(a >= b for a, b in itertools.pairwise(out)):
-            raise BadRequest("split points must be sorted and distinct")
-        return out
-
-    def _new_id(self, sp: _Space) -> str:
-        sid = f"{sp.name}/{sp.next_seq}"
-        sp.next_seq += 1
-        return sid
 
     def split(
         self, keyspace: str, shard: str, at: str | bytes | int | None = None, *, now: float
@@ -398,76 +339,12 @@ class ShardingCore:
             sp = self._space(keyspace)
             if not isinstance(shard, str) or self._space_of.get(shard) != sp.name:
                 raise NotFound(f"key space {sp.name} has no shard {shard!r}", shard=str(shard))
-            upper = self._split(sp, shard, at)
+            upper = split_shard(self, sp, shard, at)
             events: list[Event] = []
             self._replan()
             self._advance(t)
             self._publish("shard.split", events)
             return Result((self._map.shard(shard), self._map.shard(upper)), tuple(events))
-
-    def _split(self, sp: _Space, shard: str, at: str | bytes | int | None) -> str:
-        if self._engine.busy(shard) or shard in self._merges or shard in self._merges.values():
-            raise Refused(f"shard {shard} is moving or merging; split it once it settles", shard=shard)
-        if len(sp.order) >= self.config.max_shards_per_keyspace:
-            raise Refused(
-                f"key space {sp.name} has reached max_shards_per_keyspace ({self.config.max_shards_per_keyspace})",
-                keyspace=sp.name,
-            )
-        if sp.kind == "hash":
-            low_ranges, high_ranges = self._split_slots(sp, shard, at)
-        else:
-            start, end = sp.ranges[shard]
-            if at is None:
-                sample = self._samples.get(shard)
-                median = sample.median() if sample is not None else None
-                if sample is None or len(sample) < self.config.min_split_sample or median is None or median <= start:
-                    raise Refused(
-                        f"not enough keys seen in shard {shard} to choose a split point; pass `at`",
-                        shard=shard,
-                    )
-            elif isinstance(at, int):
-                raise BadRequest("a range shard splits at a key (str or bytes), not a number")
-            else:
-                median = key_bytes(at)
-            point = median
-            if point <= start or (end is not None and point >= end):
-                raise BadRequest(f"split point {point!r} is not inside shard {shard} [{start!r}, {end!r})", shard=shard)
-        upper = self._new_id(sp)
-        self._engine.clone_shard(shard, upper)
-        sp.order.insert(sp.order.index(shard) + 1, upper)
-        self._space_of[upper] = sp.name
-        if sp.kind == "hash":
-            sp.slot_ranges[shard] = low_ranges
-            sp.slot_ranges[upper] = high_ranges
-        else:
-            sp.ranges[shard] = (start, point)
-            sp.ranges[upper] = (point, end)
-            sample = self._samples.pop(shard, None)
-            if sample is not None:
-                self._samples[shard], self._samples[upper] = sample.split(point)
-        self._hot.pop(shard, None)
-        return upper
-
-    @staticmethod
-    def _split_slots(
-        sp: _Space, shard: str, at: Any
-    ) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
-        ranges = sp.slot_ranges[shard]
-        owned = [s for a, b in ranges for s in range(a, b)]
-        if len(owned) < 2:
-            raise Refused(f"shard {shard} owns a single slot and cannot be split", shard=shard)
-        if at is None:
-            cut = owned[len(owned) // 2]
-        elif type(at) is int:
-            cut = at
-            if not owned[0] < cut <= owned[-1]:
-                raise BadRequest(
-                    f"slot {cut} does not split shard {shard} (it owns slots {owned[0]}..{owned[-1]})",
-                    shard=shard,
-                )
-        else:
-            raise BadRequest("a hash shard splits at a slot number (int) or in the middle (None)")
-        return (_ranges(s for s in owned if s < cut), _ranges(s for s in owned if s >= cut))
 
     def merge(self, keyspace: str, shard_a: str, shard_b: str, *, now: float) -> Result[MergeResult]:
         """Merge two adjacent shards; the lower one keeps its id.
@@ -485,7 +362,7 @@ class ShardingCore:
             if shard_a == shard_b:
                 raise BadRequest("cannot merge a shard with itself")
             low, high = sorted((shard_a, shard_b), key=sp.order.index)
-            if not self._adjacent(sp, low, high):
+            if not adjacent(sp, low, high):
                 raise BadRequest(f"shards {low} and {high} are not adjacent; only neighbours merge")
             involved = set(self._merges) | set(self._merges.values())
             if low in involved or high in involved:
@@ -495,7 +372,7 @@ class ShardingCore:
                 raise Refused("both shards must be settled (not moving) to merge; retry later")
             events: list[Event] = []
             self._merges[high] = low
-            self._finish_merges()
+            finish_merges(self)
             done = high not in self._space_of
             if not done:
                 self._replan()
@@ -504,52 +381,9 @@ class ShardingCore:
             self._publish("shard.merged" if done else "shard.merging", events)
             return Result(MergeResult(low, high, done), tuple(events))
 
-    @staticmethod
-    def _adjacent(sp: _Space, low: str, high: str) -> bool:
-        if sp.kind == "range":
-            return sp.ranges[low][1] == sp.ranges[high][0]
-        ra, rb = sp.slot_ranges[low], sp.slot_ranges[high]
-        return any(a[1] == b[0] or b[1] == a[0] for a in ra for b in rb)
-
-    def _finish_merges(self) -> None:
-        eng = self._engine
-        done = False
-        for high, low in list(self._merges.items()):
-            if eng.busy(high) or eng.busy(low):
-                continue
-            rh, rl = eng.roles(high), eng.roles(low)
-            if set(rh) != set(rl) or eng.primary(high) != eng.primary(low):
-                continue
-            sp = self._spaces[self._space_of[low]]
-            if sp.kind == "hash":
-                slots = sorted(s for a, b in sp.slot_ranges[low] + sp.slot_ranges[high] for s in range(a, b))
-                sp.slot_ranges[low] = _ranges(slots)
-                del sp.slot_ranges[high]
-            else:
-                sp.ranges[low] = (sp.ranges[low][0], sp.ranges[high][1])
-                del sp.ranges[high]
-                a, b = self._samples.pop(low, None), self._samples.pop(high, None)
-                if a is not None or b is not None:
-                    self._samples[low] = (a or KeySample(self.config.key_sample_size)).merge(
-                        b or KeySample(self.config.key_sample_size)
-                    )
-            sp.order.remove(high)
-            del self._space_of[high]
-            del self._merges[high]
-            self._hot.pop(high, None)
-            self._hot.pop(low, None)
-            for pair in [p for p in self._avoid if p[0] == high]:
-                del self._avoid[pair]
-            eng.remove_shard(high)
-            done = True
-        if done:
-            self._replan()
-
     # -- nodes ---------------------------------------------------------------------
 
-    def add_node(
-        self, node: str, zone: str = "", weight: float = 1.0, *, now: float
-    ) -> Result[dict[str, Any]]:
+    def add_node(self, node: str, zone: str = "", weight: float = 1.0, *, now: float) -> Result[dict[str, Any]]:
         """Register a node, or update its zone and weight; a draining node becomes active."""
         with self._lock:
             t = self._time(now)
@@ -686,7 +520,9 @@ class ShardingCore:
                     raise Conflict(
                         f"the copy of {shard} on {node} was asked for at epoch {epoch}; that assignment was "
                         f"cancelled and the current one began at epoch {since}: copy again",
-                        shard=shard, node=node, since=since,
+                        shard=shard,
+                        node=node,
+                        since=since,
                     )
             events: list[Event] = []
             self._engine.confirm(shard, node, t)
@@ -765,31 +601,7 @@ class ShardingCore:
             t = self._time(now)
             if not isinstance(rates, Mapping):
                 raise BadRequest("rates must be a map of shard id to requests per second")
-            cfg = self.config
-            ignored: list[str] = []
-            due: list[str] = []
-            for shard, rate in rates.items():
-                r = _number(rate, f"rate of shard {shard!r}")
-                if r < 0:
-                    raise BadRequest(f"rate of shard {shard!r} must be >= 0, got {rate!r}")
-                name = self._space_of.get(shard) if isinstance(shard, str) else None
-                if name is None:
-                    ignored.append(str(shard))
-                    continue
-                if self._spaces[name].kind != "range":
-                    continue
-                if r >= cfg.split_rate:
-                    since = self._hot.setdefault(shard, t)
-                    if t - since >= cfg.split_window:
-                        due.append(shard)
-                else:
-                    self._hot.pop(shard, None)
-            split: list[str] = []
-            for shard in due:
-                try:
-                    split.append(self._split(self._spaces[self._space_of[shard]], shard, None))
-                except Refused:
-                    continue  # moving, too few keys sampled, or at the cap: try again later
+            split, ignored = load_splits(self, rates, t)
             events: list[Event] = []
             if split:
                 self._replan()
@@ -880,29 +692,7 @@ class ShardingCore:
         """The map and everything else needed to resume (msgpack-able; times relative to now)."""
         with self._lock:
             t = _number(now, "now")
-            nodes = [
-                {
-                    "id": n,
-                    "zone": r.zone,
-                    "weight": r.weight,
-                    "state": r.state,
-                    "alive": r.alive,
-                    "expired": r.expired,
-                    "dead_for": None if r.dead_since is None else t - r.dead_since,
-                }
-                for n, r in self._nodes.items()
-            ]
-            state = {
-                "v": STATE_VERSION,
-                "epoch": self._map.epoch,
-                "nodes": nodes,
-                "next_seq": {name: sp.next_seq for name, sp in self._spaces.items()},
-                "merges": [[h, low] for h, low in self._merges.items()],
-                "avoid": [[s, n, until - t] for (s, n), until in self._avoid.items()],
-                "joined": [[s, n, e] for (s, n), e in self._joined.items()],
-                "engine": self._engine.to_state(t),
-            }
-            return self._map, state
+            return self._map, snapshot_state(self, t)
 
     @classmethod
     def restore(
@@ -911,60 +701,8 @@ class ShardingCore:
         """A core that resumes from :meth:`snapshot` output saved at any earlier time."""
         core = cls(config, default_keyspace=False)
         t = _number(now, "now")
-        try:
-            if state.get("v") != STATE_VERSION:
-                raise BadRequest(f"stored sharding state version {state.get('v')!r} is not {STATE_VERSION}")
-            if state["epoch"] != shard_map.epoch:
-                raise BadRequest(f"stored state is for epoch {state['epoch']}, the map is at {shard_map.epoch}")
-            for doc in state["nodes"]:
-                dead_for = doc["dead_for"]
-                core._nodes[_node_id(doc["id"])] = _Node(
-                    str(doc["zone"]),
-                    _number(doc["weight"], "weight"),
-                    "draining" if doc["state"] == "draining" else "active",
-                    bool(doc["alive"]),
-                    None if dead_for is None else t - float(dead_for),
-                    bool(doc["expired"]),
-                )
-            roles = {}
-            for ks in shard_map.keyspaces:
-                sp = _Space(ks.name, ks.kind, ks.rf, ks.slots, next_seq=int(state["next_seq"][ks.name]))
-                for sh in ks.shards:
-                    sp.order.append(sh.id)
-                    core._space_of[sh.id] = ks.name
-                    if ks.kind == "hash":
-                        sp.slot_ranges[sh.id] = sh.slots
-                    else:
-                        sp.ranges[sh.id] = (sh.start, sh.end)
-                    roles[sh.id] = {r.node: r.role for r in sh.replicas}
-                core._spaces[ks.name] = sp
-            core._engine.load_state(roles, state["engine"], t)
-            core._merges = {str(h): str(low) for h, low in state["merges"]}
-            core._avoid = {(str(s), str(n)): t + float(left) for s, n, left in state["avoid"]}
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise BadRequest(f"stored sharding state is malformed: {exc!r}") from exc
-        core._map = shard_map
-        # A state saved before joining epochs were kept: date them to the restored epoch.
-        core._note_joining(shard_map)
-        core._joined.update(
-            {(str(sh), str(n)): int(e) for sh, n, e in state.get("joined", ()) if (str(sh), str(n)) in core._joined}
-        )
-        # Agents may hold leases granted by the previous process: count from now.
-        core.leases.started = t
-        # The stored targets are kept as they were: replanning here could
-        # retarget copies that are half done. The next membership change replans.
+        restore_into(core, shard_map, state, t)
         return core
-
-
-def _ranges(slots: Iterable[int]) -> tuple[tuple[int, int], ...]:
-    """Sorted slots as half-open contiguous ranges."""
-    out: list[tuple[int, int]] = []
-    for s in slots:
-        if out and out[-1][1] == s:
-            out[-1] = (out[-1][0], s + 1)
-        else:
-            out.append((s, s + 1))
-    return tuple(out)
 
 
 def _show(b: bytes) -> str:
