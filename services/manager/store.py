@@ -8,7 +8,7 @@ Keys (relative to the store prefix)::
 Tombstones are ordered oldest first by their key's create revision.
 
 The manager's leader commits each decision's
-:attr:`~services.manager.core.Decision.changes` with :meth:`RegistryStore.apply`
+:attr:`~services.manager.actions.Decision.changes` with :meth:`RegistryStore.apply`
 before it publishes an event or sends an action.
 One ``apply`` is one transaction carrying the leader's fence and a
 compare-and-swap on every key it touches (the ``mod_revision`` this process
