@@ -70,7 +70,10 @@ from phantom_bus.events import Event
 from .actions import BALANCER, DISCOVERY, MEMBERSHIP, SHARDING, Action, Decision, _Out
 from .config import ManagerConfig
 from .health import Health, HealthTracker, ShardInfo, assess, sole_replicas, status_document
+from .reconcile import implied_actions, readmit
 from .registry import (
+    _DOWN,
+    _PLACED,
     ACTIVE,
     AWAY,
     DECOMMISSIONED,
@@ -98,9 +101,6 @@ EVENT_RECOVERED: Final = "cluster.node_recovered"
 EVENT_FAILOVER: Final = "cluster.failover"
 EVENT_IGNORED: Final = "cluster.node_ignored"
 
-_DOWN = ("dead", "left")
-# Lifecycles whose node is known to sharding and may hold replicas.
-_PLACED = (ACTIVE, DRAINING, *AWAY)
 
 
 
@@ -468,19 +468,10 @@ class ManagerCore:
             elif record.member != state:
                 self._member(out, node, str(state), incarnation, "membership list", t)
             seen.add(node)
-        self._readmit(out, seen)
+        readmit(out, self.registry, seen)
         self._health(out)
         decision = self._finish(out)
         return decision
-
-    def _readmit(self, out: _Out, known: set[str]) -> None:
-        # A node the registry holds and membership's leader does not know (a restarted
-        # instance admits from discovery, which forgets a node that died meanwhile) would
-        # never get a verdict: admit it again, at its incarnation, so it is judged.
-        for record in self.registry.records():
-            if record.id not in known and record.lifecycle != DECOMMISSIONED:
-                out.act(MEMBERSHIP, "admit", "membership does not know it", node=record.id,
-                        incarnation=record.incarnation)
 
     def sync_discovery(self, nodes: Iterable[Mapping[str, Any]], now: float) -> Decision:
         """Discovery's full table (``nodes`` reply): nodes the registry lacks or holds with
@@ -510,47 +501,11 @@ class ManagerCore:
     def reconcile(self, now: float, *, removals: bool = True) -> list[Action]:
         """Every action the durable registry implies, for a shell that just (re)started.
 
-        Re-sends what may have been lost with a crash between a decision and its
-        actions: admission of approved nodes, lifecycle and state to the
-        balancer, ``add_node`` for active nodes, ``drain_node`` for
-        draining ones (an unfinished drain continues), and the last member
-        verdict (``node_dead``/``node_alive``) for every node sharding holds;
-        and, with ``removals``, the forgetting of every removed node still
-        tombstoned (a crash may have cut a removal short). All idempotent.
-        Pass ``removals=False`` for periodic anti-entropy: removals only need
-        re-sending after a restart.
+        See :func:`.reconcile.implied_actions` (``removals=False`` for periodic
+        anti-entropy).
         """
         _time(now)
-        out = _Out()
-        why = "reconcile after restart"
-        for rec in self.registry.records():
-            node = rec.id
-            if not rec.approved:
-                continue
-            if rec.lifecycle != DECOMMISSIONED:
-                out.act(MEMBERSHIP, "admit", why, node=node)
-            update: dict[str, Any] = {"node": node, "address": rec.address, "weight": rec.weight}
-            if rec.lifecycle not in AWAY:
-                update["lifecycle"] = rec.lifecycle
-            if rec.member is not None:
-                update["state"] = rec.member
-            out.actions.append(Action(BALANCER, "node_update", update, why))
-            if rec.lifecycle == ACTIVE:
-                out.act(SHARDING, "add_node", why, node=node, zone=rec.zone, weight=rec.weight)
-            elif rec.lifecycle == DRAINING:
-                out.act(SHARDING, "drain_node", why, node=node)
-            if rec.lifecycle in _PLACED:
-                if rec.member in _DOWN:
-                    out.act(SHARDING, "node_dead", why, node=node)
-                elif rec.member in ("alive", "suspect"):
-                    out.act(SHARDING, "node_alive", why, node=node)
-        for tomb in self.registry.tombstones() if removals else ():
-            reason = "reconcile after restart: finish removal"
-            out.act(SHARDING, "remove_node", reason, node=tomb.id)
-            out.act(MEMBERSHIP, "forget", reason, node=tomb.id)
-            out.act(DISCOVERY, "remove", reason, node=tomb.id)
-            out.act(BALANCER, "forget_node", reason, node=tomb.id)
-        return out.actions
+        return implied_actions(self.registry, removals=removals)
 
     # -- reads -----------------------------------------------------------------
 

@@ -67,6 +67,10 @@ TRANSITIONS: Final[dict[str, frozenset[str]]] = {
 
 #: Member states as membership reports them (``None``: not heard yet).
 MEMBER_STATES: Final = ("alive", "suspect", "dead", "left")
+# Member states of a node that is down (a verdict sharding fails over on).
+_DOWN = ("dead", "left")
+# Lifecycles whose node is known to sharding and may hold replicas.
+_PLACED = (ACTIVE, DRAINING, *AWAY)
 
 SOURCE_BEACON: Final = "beacon"
 SOURCE_MANUAL: Final = "manual"
