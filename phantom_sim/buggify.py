@@ -149,9 +149,10 @@ def _silent_at_zero() -> Callable[[], None]:
 @variant("registry_not_readmitted", "the manager does not admit into membership the registered nodes its "
          "leader does not know (the core before the fix)")
 def _registry_not_readmitted() -> Callable[[], None]:
-    from services.manager.core import ManagerCore
+    from services.manager import core
 
-    return _patch(ManagerCore, "_readmit", lambda self, out, known: None)
+    # The core calls readmit() by the name it imported: patch that name.
+    return _patch(core, "readmit", lambda out, registry, known: None)
 
 
 @variant("per_instance_change", "membership publishes each instance's own change count (the shell before the fix)")
