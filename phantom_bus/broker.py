@@ -7,9 +7,11 @@
 * XSUB (``events_in``) for event publishers and XPUB (``events_out``) for
   subscribers, relayed frame for frame.
 
-The loop is a plain :class:`zmq.Poller` loop rather than asyncio: the broker
-is on every request's path twice, and the poller costs less per message. It
-reads envelope frames only; request bodies go through untouched (except for
+The request loop is a plain :class:`zmq.Poller` loop over the frontend and
+the backend rather than asyncio: the broker is on every request's path
+twice, and the poller costs less per message. The event relay runs in a
+thread of its own with its own poll, so that requests never pay for the
+event sockets. The loop reads envelope frames only; request bodies go through untouched (except for
 requests to the broker's own ``broker`` service). All decisions live in
 :class:`phantom_bus.dispatch.Dispatcher`.
 """
@@ -23,6 +25,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -35,7 +38,7 @@ from phantom_bus import log, protocol
 from phantom_bus import security as secmod
 from phantom_bus.dispatch import Dispatcher, ToClient, ToWorker
 from phantom_bus.errors import BadRequest, PhantomError, Refused, UnknownOperation, UnsupportedVersion
-from phantom_bus.wire import readable, recv_frames, recv_frames_as, send_frames
+from phantom_bus.wire import NOBLOCK, readable, recv_frames, recv_frames_as, send_frames
 
 _BROKER_NAME = protocol.BROKER_SERVICE.encode()
 
@@ -61,6 +64,8 @@ SETTINGS = (
 # Messages handled per socket before looking at the others, so one busy socket
 # cannot starve the rest while a burst is still drained without re-polling.
 _BATCH = 256
+#: Longest wait of the event relay's poll: how soon it sees that the broker stops.
+_RELAY_POLL_MS = 100
 _HWM = 10000
 #: Recent events kept for the ``events`` operation (`phantom events`); the most one reply holds.
 RECENT_EVENTS = 1000
@@ -111,6 +116,7 @@ class Broker:
         self.instance = str(cfg.get("instance") or "") or f"{socket.gethostname()}:{os.getpid()}"
         self.counters = {"requests": 0, "replies": 0, "bad_client": 0, "bad_worker": 0, "events": 0}
         self._running = False
+        self._relay_thread: threading.Thread | None = None
         self.security = secmod.setup(cfg, "broker/broker")
         self._secure = self.security.enabled
         if self._secure:
@@ -367,38 +373,81 @@ class Broker:
         for worker in self.dispatcher.workers():
             send_frames(self.backend, [worker.identity, protocol.WORKER, protocol.HEARTBEAT])
 
+    # The poll has just said that a message is waiting on the socket, so the first
+    # one is received without asking again (an EVENTS read costs about as much as
+    # a three-frame receive); each next one of the burst is asked for.
+
     @staticmethod
     def _drain(sock: zmq.Socket[Any], handle: Any, now: float) -> None:
-        for _ in range(_BATCH):
-            if not readable(sock):
+        for i in range(_BATCH):
+            if i and not readable(sock):
                 return
-            handle(recv_frames(sock), now)
+            try:
+                frames = recv_frames(sock, NOBLOCK)
+            except zmq.Again:
+                return
+            handle(frames, now)
 
     @staticmethod
     def _drain_as(sock: zmq.Socket[Any], handle: Any, now: float) -> None:
-        for _ in range(_BATCH):
-            if not readable(sock):
+        for i in range(_BATCH):
+            if i and not readable(sock):
                 return
-            frames, user = recv_frames_as(sock)
+            try:
+                frames, user = recv_frames_as(sock, NOBLOCK)
+            except zmq.Again:
+                return
             handle(frames, user, now)
 
     def _relay(self, src: zmq.Socket[Any], dst: zmq.Socket[Any], count: bool) -> None:
-        for _ in range(_BATCH):
-            if not readable(src):
+        for i in range(_BATCH):
+            if i and not readable(src):
                 return
-            frames = recv_frames(src)
+            try:
+                frames = recv_frames(src, NOBLOCK)
+            except zmq.Again:
+                return
             if count:
                 self.counters["events"] += 1
                 if frames and frames[0] not in _NOT_RECENT:
                     self.recent.append(frames)
             send_frames(dst, frames)
 
+    def _relay_loop(self) -> None:
+        """The event relay, in its own thread with its own poll: events upstream
+        (XSUB -> XPUB), subscriptions back (XPUB -> XSUB). Kept out of the request
+        loop, whose every poll would otherwise also look at the two event sockets
+        (about a tenth of the broker's time per request). Only this thread uses
+        the two sockets once it runs; it closes them when the broker stops."""
+        poller = zmq.Poller()
+        poller.register(self.xsub, zmq.POLLIN)
+        poller.register(self.xpub, zmq.POLLIN)
+        try:
+            while self._running:
+                try:
+                    ready = dict(poller.poll(_RELAY_POLL_MS))
+                except zmq.ZMQError as exc:
+                    if exc.errno == errno.EINTR:
+                        continue
+                    raise
+                if self.xsub in ready:
+                    self._relay(self.xsub, self.xpub, True)
+                if self.xpub in ready:
+                    self._relay(self.xpub, self.xsub, False)
+        except Exception:  # pragma: no cover - a bug: say so; requests go on without events
+            logger.exception("the event relay stopped")
+        finally:
+            self.xsub.close(0)
+            self.xpub.close(0)
+
     def run(self) -> None:
         """Serve until :meth:`stop` (or SIGTERM/SIGINT in :func:`main`)."""
         poller = zmq.Poller()
-        for sock in (self.frontend, self.backend, self.xsub, self.xpub):
+        for sock in (self.frontend, self.backend):
             poller.register(sock, zmq.POLLIN)
         self._running = True
+        self._relay_thread = threading.Thread(target=self._relay_loop, name="event-relay", daemon=True)
+        self._relay_thread.start()
         next_beat = time.monotonic() + self.heartbeat
         (logger.info if self._secure else logger.warning)(self.security.describe())
         logger.info(
@@ -427,10 +476,6 @@ class Broker:
                     self._drain(self.backend, self._on_worker, now)
                 if self.frontend in ready:
                     self._drain(self.frontend, self._on_client, now)
-            if self.xsub in ready:
-                self._relay(self.xsub, self.xpub, True)
-            if self.xpub in ready:
-                self._relay(self.xpub, self.xsub, False)
             if now >= next_beat:
                 self._housekeeping(now)
                 next_beat = now + self.heartbeat
@@ -447,8 +492,13 @@ class Broker:
                 self.backend.send_multipart(
                     [worker.identity, protocol.WORKER, protocol.DISCONNECT], zmq.NOBLOCK
                 )
-        for sock in (self.frontend, self.backend, self.xsub, self.xpub):
+        for sock in (self.frontend, self.backend):
             sock.close(0)
+        if self._relay_thread is not None:
+            self._relay_thread.join(2 * _RELAY_POLL_MS / 1000)
+        else:
+            self.xsub.close(0)
+            self.xpub.close(0)
         self.security.close()
 
 
