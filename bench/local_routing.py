@@ -5,8 +5,12 @@
   pyzmq REQ -> ROUTER echo round trips per second in one thread on the same
   machine (the floor of anything that asks the network). Goal: >= 100 x.
   In the same rounds, the **floor** of any CPython client: the contract's key
-  hash, one table lookup and a result, nothing else; floor / raw is the best
-  ratio a Python client can reach on this machine at this load.
+  hash, one table lookup and a result, nothing else; and the **semantic
+  floor**: that plus the least a select+release must do (power of two
+  choices over the replicas, a lease opened and closed, the latency EWMA
+  updated), in the tightest CPython. Semantic floor / raw is the best ratio a
+  CPython client with the select semantics can reach on this machine at this
+  load; when it is below 100 x, the goal is out of reach of any such client.
 * **propagation**: ``--clients`` (100) local clients (``RoutingFeed`` +
   ``LocalRouter``, exactly what ``AsyncClient`` runs) in ``--procs`` load
   processes; ``--changes`` map changes (``sharding.create_keyspace``); delay
@@ -49,7 +53,7 @@ from loguru import logger  # noqa: E402
 from bench._procs import Cluster, free_port, host_info, log, summary, table, write_results  # noqa: E402
 from phantom_bus import protocol  # noqa: E402
 from phantom_bus import security as secmod  # noqa: E402
-from phantom_bus.client import AsyncClient, Client  # noqa: E402
+from phantom_bus.client import AsyncClient, Client, Selection  # noqa: E402
 from phantom_bus.local import RoutingFeed  # noqa: E402
 from phantom_bus.routing.local import LocalRouter  # noqa: E402
 from phantom_bus.shardmap import Keyspace, Replica, Shard, ShardMap  # noqa: E402
@@ -132,6 +136,68 @@ def floor_rate(shard_map: ShardMap, seconds: float) -> float:
         return table[from_bytes(blake2b(key.encode(), digest_size=8).digest(), "little") % slots]
 
     return keyed_rate(route, seconds)
+
+
+class _Bare:
+    """A node as the semantic floor keeps it: requests in flight and a latency EWMA."""
+
+    __slots__ = ("ewma", "in_flight", "node")
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.in_flight = 0
+        self.ewma = 1.0
+
+
+def semantic_floor_rate(shard_map: ShardMap, seconds: float) -> float:
+    """The cheapest CPython code that does what a local select+release must do,
+    called as :func:`local_rate` calls the client (``release(select(key))``):
+    the contract's key hash and one table lookup (as :func:`floor_rate`); power
+    of two choices over the shard's replicas by EWMA x (in flight + 1); a lease
+    opened (a counter, a dict insert, a deadline from one clock read); the
+    answer as the contract's :class:`Selection`; for the release, the lease
+    closed (a dict pop) and the EWMA updated with a constant weight. Nothing
+    else: no health, no panic mode, no slow start, no decay over time, no lease
+    expiry, no statistics, no errors. Any client with these semantics does at
+    least this much per pair, so semantic floor / raw bounds the ratio a
+    CPython client can reach."""
+    ks = shard_map.keyspace("default")
+    slots = ks.slots
+    bare: dict[str, _Bare] = {}
+    table: list[Any] = [None] * slots
+    for shard in ks.shards:
+        pool = tuple(bare.setdefault(r.node, _Bare(r.node)) for r in shard.replicas)
+        for a, b in shard.slots:
+            for i in range(a, b):
+                table[i] = (shard.id, pool)
+    blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+    rnd = random.Random(7).random
+    clock = time.monotonic
+    new, epoch = tuple.__new__, shard_map.epoch
+    open_: dict[int, tuple[_Bare, float]] = {}
+    seq = 0
+
+    def select(key: str) -> Selection:
+        nonlocal seq
+        shard, pool = table[from_bytes(blake2b(key.encode(), digest_size=8).digest(), "little") % slots]
+        size = len(pool)
+        i = int(rnd() * size)
+        j = int(rnd() * (size - 1))
+        if j >= i:
+            j += 1
+        a, b = pool[i], pool[j]
+        node = a if a.ewma * (a.in_flight + 1) <= b.ewma * (b.in_flight + 1) else b
+        seq += 1
+        open_[seq] = (node, clock() + 30.0)
+        node.in_flight += 1
+        return new(Selection, (key, "default", shard, node.node, "", epoch, "replica", seq, "local", False))
+
+    def release(sel: Selection, latency_ms: float) -> None:
+        done = open_.pop(sel.lease)[0]  # type: ignore[index]
+        done.in_flight -= 1
+        done.ewma = done.ewma * 0.9 + latency_ms * 0.1
+
+    return keyed_rate(lambda key: release(select(key), 0.5), seconds)
 
 
 # --- propagation ------------------------------------------------------------------------
@@ -362,16 +428,17 @@ def main() -> int:
         server = mp.Process(target=_raw_server, args=(echo,), daemon=True)
         server.start()
         time.sleep(0.5)
-        raw, local, floor = [], [], []
+        raw, local, floor, semantic = [], [], [], []
         with Client(cluster.endpoint("broker"), timeout=5.0, routing="local",
                     events=cluster.endpoint("events_out")) as client:
             client.select("warm")
             shard_map = client._router.map if client._router is not None else None
             assert shard_map is not None
             for r in range(args.rounds):
-                log(f"round {r + 1}: raw echo, floor, local select+release, {seconds:g} s each")
+                log(f"round {r + 1}: raw echo, floors, local select+release, {seconds:g} s each")
                 raw.append(raw_rate(echo, seconds))
                 floor.append(floor_rate(shard_map, seconds))
+                semantic.append(semantic_floor_rate(shard_map, seconds))
                 local.append(local_rate(client, seconds))
             reported = None
             time.sleep(3.0)
@@ -381,9 +448,14 @@ def main() -> int:
         ratios = [lo / ra for lo, ra in zip(local, raw, strict=True)]
         floor_ratios = [fl / ra for fl, ra in zip(floor, raw, strict=True)]
         of_floor = [lo / fl for lo, fl in zip(local, floor, strict=True)]
+        semantic_ratios = [se / ra for se, ra in zip(semantic, raw, strict=True)]
+        of_semantic = [lo / se for lo, se in zip(local, semantic, strict=True)]
         out["throughput"] = {"raw_per_s": summary(raw), "local_per_s": summary(local),
                              "floor_per_s": summary(floor), "ratio": summary(ratios),
                              "floor_ratio": summary(floor_ratios), "local_over_floor": summary(of_floor),
+                             "semantic_floor_per_s": summary(semantic),
+                             "semantic_floor_ratio": summary(semantic_ratios),
+                             "local_over_semantic_floor": summary(of_semantic),
                              "seconds": seconds, "balancer_counted": reported}
 
         log(f"propagation to {args.clients} local clients, {changes} map changes")
@@ -401,6 +473,14 @@ def main() -> int:
         ["local / floor (share of the floor reached)",
          f"{tp['local_over_floor']['median']:.2f} ({tp['local_over_floor']['min']:.2f}.."
          f"{tp['local_over_floor']['max']:.2f})", ""],
+        ["semantic floor: + P2C, lease open/close, EWMA / s (1 thread)",
+         f"{tp['semantic_floor_per_s']['median']:,.0f}", ""],
+        ["ratio semantic floor / raw: the best a CPython select+release can reach",
+         f"{tp['semantic_floor_ratio']['median']:.1f}x ({tp['semantic_floor_ratio']['min']:.1f}.."
+         f"{tp['semantic_floor_ratio']['max']:.1f})", ""],
+        ["local / semantic floor",
+         f"{tp['local_over_semantic_floor']['median']:.2f} ({tp['local_over_semantic_floor']['min']:.2f}.."
+         f"{tp['local_over_semantic_floor']['max']:.2f})", ""],
         [f"map change -> {prop['clients']} clients p50 / p99 / max",
          f"{prop['p50_ms']:.1f} / {prop['p99_ms']:.1f} / {prop['max_ms']:.1f} ms "
          f"({prop['samples']} samples, {prop['missing']} missing)", "p99 <= 100 ms"],
