@@ -6,14 +6,19 @@ In one run, on free ports of 127.0.0.1:
 * floor:  REQ -> bare poll-loop forwarder -> DEALER echo -> forwarder -> REQ: the same
           four hops as the broker with nothing else, i.e. the least any broker design
           with a separate worker process can cost on this machine;
+* frames: the floor's forwarder and worker speaking the Phantom frames (client
+          ``[PHC1, service, reqid, body]``, worker ``[PHW1, REQ|REP, route, reqid,
+          body]``): 20 frames on the wire per round trip against the floor's 10,
+          and nothing else; the least any broker that keeps this wire contract can
+          cost over four hops;
 * broker: REQ -> broker -> echo service (phantom_bus.service) -> broker -> REQ,
           with the same payload and the Phantom frames.
 
 Each is measured with 1 client (latency p50/p99 and throughput) and with 8
 concurrent client processes (throughput). Several rounds; the table shows
-the median and the spread (min..max) and the broker/raw ratios. Floor and
-broker run back to back in every round, in alternating order, and the
-broker/floor figure is the median of the per-round ratios, so that a load
+the median and the spread (min..max) and the broker/raw ratios. The floors
+and the broker run back to back in every round, in alternating order, and
+the broker/floor figures are medians of the per-round ratios, so that a load
 change on a shared machine hits both sides of a ratio alike. The CPU time the
 path's processes spend per request is shown too (on a loaded VM it is
 inflated as well, but less than wall-clock latency).
@@ -101,6 +106,54 @@ def floor_forwarder(front: str, back: str) -> None:
         if fe in ready and worker is not None:
             fe_frames = fe.recv_multipart()
             be.send_multipart([worker, *fe_frames])
+
+
+def frames_worker(endpoint: str) -> None:
+    """A bare DEALER echo worker that speaks the worker protocol's frames
+    (``[PHW1, REQ, route, reqid, body]`` in, ``[PHW1, REP, route, reqid, reply]``
+    out) and nothing else: no heartbeats, no checks, a blocking receive."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    sock.send_multipart([b"ready"])
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    while True:
+        _, _, route, reqid, body = sock.recv_multipart()
+        doc = msgpack.unpackb(body, raw=False)
+        reply = msgpack.packb({"ok": True, "result": doc["args"]}, use_bin_type=True)
+        sock.send_multipart([protocol.WORKER, protocol.REPLY, route, reqid, reply])
+
+
+def frames_forwarder(front: str, back: str) -> None:
+    """:func:`floor_forwarder` with the Phantom frames on both sides: a client
+    request ``[id, "", PHC1, service, reqid, body]`` goes to the worker as
+    ``[worker, PHW1, REQ, route, reqid, body]`` and the reply comes back as
+    ``[id, "", PHC1, service, reqid, body]``; the route is the client identity,
+    nothing is checked or looked up. The floor of any broker that speaks this
+    protocol over four hops: what separates it from :func:`floor_forwarder` is
+    only the number of frames the wire contract puts on each hop."""
+    ctx = zmq.Context()
+    fe, be = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    fe.bind(front)
+    be.bind(back)
+    poller = zmq.Poller()
+    poller.register(fe, zmq.POLLIN)
+    poller.register(be, zmq.POLLIN)
+    worker = None
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    while True:
+        ready = dict(poller.poll())
+        if be in ready:
+            frames = be.recv_multipart()
+            if worker is None:
+                worker = frames[0]
+            else:
+                _, _, _, route, reqid, body = frames
+                fe.send_multipart([route, b"", protocol.CLIENT, b"echo", reqid, body])
+        if fe in ready and worker is not None:
+            ident, _, _, _, reqid, body = fe.recv_multipart()
+            be.send_multipart([worker, protocol.WORKER, protocol.REQUEST, ident, reqid, body])
 
 
 def client_loop(endpoint: str, via_broker: bool, seconds: float, out: Any, record: bool) -> None:
@@ -234,18 +287,25 @@ def main() -> int:
         mp.Process(target=floor_forwarder, args=(floor_ep, floor_back), daemon=True),
         mp.Process(target=floor_worker, args=(floor_back,), daemon=True),
     ]
+    frames_ep, frames_back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    floor += [
+        mp.Process(target=frames_forwarder, args=(frames_ep, frames_back), daemon=True),
+        mp.Process(target=frames_worker, args=(frames_back,), daemon=True),
+    ]
     for p in floor:
         p.start()
     stack = start_broker_stack(env)
-    rows: dict[str, dict[str, list[float]]] = {"raw": {}, "floor": {}, "broker": {}}
+    rows: dict[str, dict[str, list[float]]] = {"raw": {}, "floor": {}, "frames": {}, "broker": {}}
     try:
         wait_for_echo(broker_ep)
-        pids = {"raw": [raw.pid], "floor": [p.pid for p in floor], "broker": [p.pid for p in stack]}
-        paths = [("raw", raw_ep, False), ("floor", floor_ep, False), ("broker", broker_ep, True)]
+        pids = {"raw": [raw.pid], "floor": [p.pid for p in floor[:2]], "frames": [p.pid for p in floor[2:]],
+                "broker": [p.pid for p in stack]}
+        paths = [("raw", raw_ep, False), ("floor", floor_ep, False), ("frames", frames_ep, True),
+                 ("broker", broker_ep, True)]
         for r in range(args.rounds):
-            # Floor and broker back to back, in alternating order: a load change
+            # Floors and broker back to back, in alternating order: a load change
             # on a shared machine then hits both sides of a round's ratio alike.
-            order = paths if r % 2 == 0 else [paths[0], paths[2], paths[1]]
+            order = paths if r % 2 == 0 else [paths[0], paths[3], paths[2], paths[1]]
             for name, ep, via in order:
                 one = measure(ep, via, 1, args.seconds, pids[name])
                 many = measure(ep, via, args.concurrency, args.seconds)
@@ -276,7 +336,7 @@ def main() -> int:
     }
     print(f"broker round trip, {args.rounds} rounds x {args.seconds:g} s, median (min..max)")
     print(f"{'path':8} {'p50 us':>16} {'p99 us':>16} {'req/s 1 client':>22} {f'req/s {c} clients':>22}")
-    for name in ("raw", "floor", "broker"):
+    for name in ("raw", "floor", "frames", "broker"):
         r = rows[name]
         print(
             f"{name:8} {med[name]['p50_us']:>6.0f} ({spread(r['p50_us']):>8}) "
@@ -296,6 +356,12 @@ def main() -> int:
         "broker_over_floor_p50": statistics.median(per_round),
         "broker_over_floor_p50_rounds": per_round,
     }
+    per_round_frames = sorted(b / f for b, f in zip(rows["broker"]["p50_us"], rows["frames"]["p50_us"], strict=True))
+    frames_over_floor = sorted(f / g for f, g in zip(rows["frames"]["p50_us"], rows["floor"]["p50_us"], strict=True))
+    floor_ratio["broker_over_frames_p50"] = statistics.median(per_round_frames)
+    floor_ratio["broker_over_frames_p50_rounds"] = per_round_frames
+    floor_ratio["frames_over_floor_p50"] = statistics.median(frames_over_floor)
+    floor_ratio["frames_over_floor_p50_rounds"] = frames_over_floor
     cpu_rounds = sorted(b / f for b, f in zip(rows["broker"]["cpu_us"], rows["floor"]["cpu_us"], strict=True))
     floor_ratio["broker_over_floor_cpu"] = statistics.median(cpu_rounds)
     floor_ratio["broker_over_floor_cpu_rounds"] = cpu_rounds
@@ -305,6 +371,13 @@ def main() -> int:
         f"{floor_ratio[f'rps_{c}']:.2f}x raw; the broker's p50 is "
         f"{floor_ratio['broker_over_floor_p50']:.2f}x the floor "
         f"(median of {len(per_round)} rounds, {per_round[0]:.2f}..{per_round[-1]:.2f}; goal <= 1.2)"
+    )
+    print(
+        f"{'frames':8} the same forwarder speaking the protocol's frames (20 on the wire per round trip, against 10): "
+        f"p50 {floor_ratio['frames_over_floor_p50']:.2f}x the floor "
+        f"({frames_over_floor[0]:.2f}..{frames_over_floor[-1]:.2f}); the broker's p50 is "
+        f"{floor_ratio['broker_over_frames_p50']:.2f}x this protocol floor "
+        f"({per_round_frames[0]:.2f}..{per_round_frames[-1]:.2f})"
     )
     print(
         f"{'cpu':8} CPU time per request of the processes on the path (1 client): raw "
