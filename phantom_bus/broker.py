@@ -117,6 +117,8 @@ class Broker:
         self.counters = {"requests": 0, "replies": 0, "bad_client": 0, "bad_worker": 0, "events": 0}
         self._running = False
         self._relay_thread: threading.Thread | None = None
+        #: Set when the event relay failed (the process then exits non-zero).
+        self.failed = False
         self.security = secmod.setup(cfg, "broker/broker")
         self._secure = self.security.enabled
         if self._secure:
@@ -434,8 +436,13 @@ class Broker:
                     self._relay(self.xsub, self.xpub, True)
                 if self.xpub in ready:
                     self._relay(self.xpub, self.xsub, False)
-        except Exception:  # pragma: no cover - a bug: say so; requests go on without events
-            logger.exception("the event relay stopped")
+        except Exception:  # pragma: no cover - a bug
+            # A broker that routes requests but no longer relays events would look
+            # healthy while every follower waits for its poll: stop it all, so that
+            # the supervisor restarts it.
+            logger.exception("the event relay failed; stopping the broker")
+            self.failed = True
+            self._running = False
         finally:
             self.xsub.close(0)
             self.xpub.close(0)
@@ -530,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     serve_metrics(cfg, "broker", broker.metrics)
     broker.run()
     logger.info("broker stopped")
-    return 0
+    return 1 if broker.failed else 0
 
 
 if __name__ == "__main__":
