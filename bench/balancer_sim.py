@@ -62,13 +62,17 @@ Per-client balancing (``--clients N``, default 10): the same fresh
 ``performance`` run, but the arrivals are spread uniformly over N clients,
 each with its own core (its own random source, in-flight counts, EWMA and
 ejection, fed only by its own releases), as locally routing clients choose;
-loads reach every client. Goal: p99 within 1.1 x the single central core's.
+loads reach every client. The per-client cores take what a
+:class:`LocalRouter` takes by default (``LOCAL_CONFIG``: a moving average of
+the last responses instead of the peak EWMA, all the shard's nodes compared
+instead of two); a second line shows them with the core's defaults. Goal:
+p99 within 1.1 x the single central core's.
 
 Next to it, with the same seeds, arrivals and client of each request (common
 random numbers: the ``who`` stream), two idealised per-client policies that
 use no core, only what one client could at most know, bound how close ANY
-client balancing on its own feedback can get. Both scan all 10 nodes (random
-start, first minimum wins), weighted (least ``(q + 1) / weight``, i.e. the
+client balancing on its own feedback can get. Both scan all 10 nodes (a tie
+goes to one of the tied nodes at random), weighted (least ``(q + 1) / weight``, i.e. the
 shortest expected delay) and unweighted (least ``q``); both are printed:
 
 * ``pc_jsq``: join-the-shortest-queue on the client's own outstanding requests
@@ -114,7 +118,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +128,7 @@ if str(ROOT) not in sys.path:
 
 from bench._procs import host_info, write_results  # noqa: E402
 from phantom_bus.routing import STRATEGY_NAMES, Balancer, BalancerConfig, Candidate  # noqa: E402
+from phantom_bus.routing.local import LOCAL_CONFIG  # noqa: E402
 
 NODES = 10
 SLOW = ("n8", "n9")
@@ -174,10 +179,12 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: bool = True,
-             clients: int = 1) -> dict[str, Any]:
+             clients: int = 1, local_defaults: bool = True) -> dict[str, Any]:
     """One run; ``strategy`` is a core strategy name, ORACLE or one of
     PER_CLIENT_BOUNDS; ``clients`` > 1 gives every client its own core (fresh
-    information only) or, for PER_CLIENT_BOUNDS, its own counts."""
+    information only) or, for PER_CLIENT_BOUNDS, its own counts; the per-client
+    cores take LocalRouter's defaults (LOCAL_CONFIG) unless ``local_defaults``
+    is False (then the core's)."""
     arrivals = random.Random(seed)  # inter-arrival times, shards, work: same for every strategy
     tie = random.Random(seed + 7919)  # oracle tie-break
     nodes = {n: Node(n, ms / 1000.0) for n, ms in MEAN_MS.items()}
@@ -187,6 +194,8 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
     oracle = strategy == ORACLE
     bound = strategy in PER_CLIENT_BOUNDS
     cfg = BalancerConfig(default_strategy="performance" if oracle or bound else strategy)
+    if clients > 1 and local_defaults:
+        cfg = replace(LOCAL_CONFIG, default_strategy=cfg.default_strategy)
     bals = [Balancer(cfg, random.Random(seed + 1 + 1000 * c)) for c in range(clients)]
     bal = bals[0]
     who = random.Random(seed + 31)  # which client sends each request (its own stream: CRN intact)
@@ -267,13 +276,17 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
                 s_c, n_c = snap[c], since[c]
                 cands = shards[sid]
                 k0 = int(tie.random() * NODES)
-                best, best_cost = None, 0.0
+                best, best_cost, ties = None, 0.0, 0
                 for i in range(NODES):
                     name = cands[(k0 + i) % NODES].node
                     q = known[name] if known is not None else s_c[name] + n_c[name]
                     cost = (q + 1) * cost_of[name]
                     if best is None or cost < best_cost:
-                        best, best_cost = name, cost
+                        best, best_cost, ties = name, cost, 1
+                    elif cost == best_cost:
+                        ties += 1  # uniform among the tied nodes (generous: no rotation bias)
+                        if tie.random() * ties < 1.0:
+                            best = name
                 assert best is not None
                 node = nodes[best]
                 own[c][best] += 1
@@ -351,6 +364,7 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
     latencies.sort()
     return {
         "strategy": strategy, "seed": seed, "stale_k": stale_k, "weighted": weighted, "clients": clients,
+        "local_defaults": local_defaults,
         "requests": sent, "measured": len(latencies), "expired_leases": expired, "virtual_s": t_end,
         "p50_ms": pct(latencies, 0.50), "p99_ms": pct(latencies, 0.99),
         "p999_ms": pct(latencies, 0.999), "mean_ms": statistics.fmean(latencies),
@@ -591,6 +605,7 @@ def main() -> int:
     for seed in seeds:
         if args.clients > 1:
             jobs.append(("performance", seed, 0.0, requests, True, args.clients))
+            jobs.append(("performance", seed, 0.0, requests, True, args.clients, False))
             for s in PER_CLIENT_BOUNDS:
                 for w in (True, False):
                     jobs.append((s, seed, 0.0, requests, w, args.clients))
@@ -701,8 +716,9 @@ def main() -> int:
                    and r["stale_k"] == 0.0}
         c_p99 = statistics.median(r["p99_ms"] for r in central.values())
 
-        def vs_central(strategy: str, weighted: bool) -> dict[str, Any]:
-            rs = [r for r in per_client if r["strategy"] == strategy and r["weighted"] == weighted]
+        def vs_central(strategy: str, weighted: bool, local: bool = True) -> dict[str, Any]:
+            rs = [r for r in per_client if r["strategy"] == strategy and r["weighted"] == weighted
+                  and r["local_defaults"] == local]
             ratios = sorted(r["p99_ms"] / central[r["seed"]]["p99_ms"] for r in rs)
             return {"p99_ms": statistics.median(r["p99_ms"] for r in rs), "ratio": statistics.median(ratios),
                     "ratios": ratios, "max_mean": statistics.median(r["max_over_mean_load"] for r in rs)}
@@ -713,8 +729,12 @@ def main() -> int:
               f"{perf['p99_ms']:.1f} ms vs central {c_p99:.1f} ms = {perf['ratio']:.3f}x "
               f"({perf['ratios'][0]:.3f}..{perf['ratios'][-1]:.3f}) (goal <= 1.1): "
               f"{'met' if ok else 'NOT met'}; max/mean load {perf['max_mean']:.3f}")
+        core = vs_central("performance", True, local=False)
+        print(f"    the same with the core's defaults (peak EWMA, two choices): p99 {core['p99_ms']:.1f} ms = "
+              f"{core['ratio']:.3f}x central ({core['ratios'][0]:.3f}..{core['ratios'][-1]:.3f}); "
+              f"max/mean load {core['max_mean']:.3f}")
         goals["per_client"] = {"clients": args.clients, "central_p99_ms": c_p99, **perf, "ok": ok,
-                               "bounds": {}}
+                               "config": "LOCAL_CONFIG", "core_defaults": core, "bounds": {}}
         titles = {PC_JSQ: "JSQ on own outstanding (ground truth)",
                   PC_SNAPSHOT: "global count at last own response + own since"}
         for s in PER_CLIENT_BOUNDS:
