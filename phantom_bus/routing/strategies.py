@@ -277,26 +277,29 @@ class PowerOfTwoChoices:
         d = self._choices
         if d == 0 or d >= size:
             start = int(rnd() * size)
-            picked = [pool[(start + k) % size] for k in range(size)]
+            picked = [*pool[start:], *pool[:start]]
         else:
             picked = [pool[i] for i in self._rng.sample(range(size), d)]
-        estimates: list[float | None] = []
-        lowest: float | None = None
-        for node in picked:
-            est = node.ewma.estimate(now)
-            if est is None:
-                if node.in_flight == 0:
-                    return self._ramped(node, picked, now)  # one probe at a time, as above
-            elif lowest is None or est < lowest:
-                lowest = est
-            estimates.append(est)
-        unknown = _UNKNOWN_LATENCY_MS if lowest is None else lowest
         stale = self._stale
         best = second = picked[0]
         best_cost = second_cost = math.inf
         ties = 0
-        for node, est in zip(picked, estimates, strict=True):
-            latency = unknown if est is None else est
+        lowest = math.inf  # the lowest estimate among the measured nodes
+        waiting: list[NodeState] | None = None  # never measured, requests in flight
+        for node in picked:
+            ew = node.ewma
+            latency = ew.value
+            if latency is None:
+                if node.in_flight == 0:
+                    return self._ramped(node, picked, now)  # one probe at a time, as above
+                if waiting is None:
+                    waiting = []
+                waiting.append(node)
+                continue
+            if now > ew.at:
+                latency *= _exp((ew.at - now) / ew.decay_s)
+            if latency < lowest:
+                lowest = latency
             cost = (latency if latency > _MIN_LATENCY_MS else _MIN_LATENCY_MS) * (node.in_flight + 1) \
                 * (node.penalty if now - node.load_at <= stale else 1.0) / node.weight
             if cost < best_cost:
@@ -310,6 +313,22 @@ class PowerOfTwoChoices:
                     second, second_cost = node, cost
             elif cost < second_cost:
                 second, second_cost = node, cost
+        if waiting is not None:
+            latency = _UNKNOWN_LATENCY_MS if lowest == math.inf else lowest
+            for node in waiting:
+                cost = (latency if latency > _MIN_LATENCY_MS else _MIN_LATENCY_MS) * (node.in_flight + 1) \
+                    * (node.penalty if now - node.load_at <= stale else 1.0) / node.weight
+                if cost < best_cost:
+                    second, second_cost = best, best_cost
+                    best, best_cost, ties = node, cost, 1
+                elif cost == best_cost:
+                    ties += 1
+                    if rnd() * ties < 1.0:
+                        second, second_cost, best = best, best_cost, node
+                    else:
+                        second, second_cost = node, cost
+                elif cost < second_cost:
+                    second, second_cost = node, cost
         if now < best.ramp_end:
             ramp = best.ramp(now, self._floor)
             if ramp < 1.0 and rnd() >= ramp and second is not best:
