@@ -62,7 +62,33 @@ Per-client balancing (``--clients N``, default 10): the same fresh
 ``performance`` run, but the arrivals are spread uniformly over N clients,
 each with its own core (its own random source, in-flight counts, EWMA and
 ejection, fed only by its own releases), as locally routing clients choose;
-loads reach every client. Goal: p99 within 1.1 x the single central core's.
+loads reach every client. The per-client cores take what a
+:class:`LocalRouter` takes by default (``LOCAL_CONFIG``: a moving average of
+the last responses instead of the peak EWMA, all the shard's nodes compared
+instead of two); a second line shows them with the core's defaults. Goal:
+p99 within 1.1 x the single central core's.
+
+Next to it, with the same seeds, arrivals and client of each request (common
+random numbers: the ``who`` stream), two idealised per-client policies that
+use no core, only what one client could at most know of the nodes, as
+reference points for what balancing on a client's own feedback gives. Both
+scan all 10 nodes (a tie goes to one of the tied nodes at random), weighted
+(least ``(q + 1) / weight``, i.e. the shortest expected delay) and unweighted
+(least ``q``); both are printed:
+
+* ``pc_jsq``: join-the-shortest-queue on the client's own outstanding requests
+  per node, exact (what a client's in-flight counts are, with no latency).
+* ``pc_snapshot``: every response carries the node's exact global outstanding
+  count as it leaves; the client's estimate of a node is that count from its
+  last response from the node plus its own dispatches there since. As
+  information this is a generous upper bound on own feedback: a response
+  cannot report what happens after it left, and a real one carries a latency
+  (the queue the request met on arrival, older and noisier than the count at
+  its departure), not a queue length. It is not a bound on what a policy can
+  reach with own feedback: it takes a count learned long ago as current (no
+  ageing; a node the client stopped picking keeps its old count), where a
+  latency average that decays while idle does not; so a real strategy may
+  beat it, and the printed ratios say whether this one does.
 
 Degradation scenario: Poisson arrivals, each request for a random shard
 with three replicas; every node serves ``DEG_WORKERS`` requests at once from
@@ -95,7 +121,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +131,7 @@ if str(ROOT) not in sys.path:
 
 from bench._procs import host_info, write_results  # noqa: E402
 from phantom_bus.routing import STRATEGY_NAMES, Balancer, BalancerConfig, Candidate  # noqa: E402
+from phantom_bus.routing.local import LOCAL_CONFIG  # noqa: E402
 
 NODES = 10
 SLOW = ("n8", "n9")
@@ -114,6 +141,10 @@ LOAD = 0.80
 SHARDS = 16
 WARMUP = 0.02
 ORACLE = "oracle"
+# Per-client idealised policies (no core): bounds on what own feedback can give.
+PC_JSQ = "pc_jsq"
+PC_SNAPSHOT = "pc_snapshot"
+PER_CLIENT_BOUNDS = (PC_JSQ, PC_SNAPSHOT)
 FEEDBACK = ("least_connections", "performance")
 
 MEAN_MS = {f"n{i}": FAST_MS * (SLOW_FACTOR if f"n{i}" in SLOW else 1.0) for i in range(NODES)}
@@ -151,9 +182,12 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: bool = True,
-             clients: int = 1) -> dict[str, Any]:
-    """One run; ``strategy`` is a core strategy name or ORACLE; ``clients`` > 1
-    gives every client its own core (fresh information only)."""
+             clients: int = 1, local_defaults: bool = True) -> dict[str, Any]:
+    """One run; ``strategy`` is a core strategy name, ORACLE or one of
+    PER_CLIENT_BOUNDS; ``clients`` > 1 gives every client its own core (fresh
+    information only) or, for PER_CLIENT_BOUNDS, its own counts; the per-client
+    cores take LocalRouter's defaults (LOCAL_CONFIG) unless ``local_defaults``
+    is False (then the core's)."""
     arrivals = random.Random(seed)  # inter-arrival times, shards, work: same for every strategy
     tie = random.Random(seed + 7919)  # oracle tie-break
     nodes = {n: Node(n, ms / 1000.0) for n, ms in MEAN_MS.items()}
@@ -161,7 +195,10 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
     shard_ids = list(shards)
     only = {n: [Candidate(n)] for n in nodes}
     oracle = strategy == ORACLE
-    cfg = BalancerConfig(default_strategy="performance" if oracle else strategy)
+    bound = strategy in PER_CLIENT_BOUNDS
+    cfg = BalancerConfig(default_strategy="performance" if oracle or bound else strategy)
+    if clients > 1 and local_defaults:
+        cfg = replace(LOCAL_CONFIG, default_strategy=cfg.default_strategy)
     bals = [Balancer(cfg, random.Random(seed + 1 + 1000 * c)) for c in range(clients)]
     bal = bals[0]
     who = random.Random(seed + 31)  # which client sends each request (its own stream: CRN intact)
@@ -170,6 +207,16 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
         # now=-1000: any slow-start ramp is long over when the run starts at 0.
         for b in bals:
             b.node_update(n, state="alive", lifecycle="active", weight=weight, address=n, now=-1000.0)
+    # Per-client bounds: what client c knows of node n. own: its requests there now
+    # (ground truth); snap: the node's global outstanding count stamped on the last
+    # response c got from it; since: c's dispatches to it after that response.
+    names = list(nodes)
+    own = [dict.fromkeys(names, 0) for _ in range(clients)]
+    snap = [dict.fromkeys(names, 0) for _ in range(clients)]
+    since = [dict.fromkeys(names, 0) for _ in range(clients)]
+    # Weighted bounds rank by expected delay (queue + 1) x mean service time, i.e.
+    # (queue + 1) / capacity weight, as the weighted core strategies do.
+    cost_of = {n: (MEAN_MS[n] / FAST_MS if weighted else 1.0) for n in names}
     period = stale_k * MEAN_SERVICE_S
     stale = period > 0
     pending_open: list[list[Any]] = []
@@ -226,6 +273,28 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
                     if best is None or nd.outstanding < best.outstanding:
                         best = nd
                 node = best
+            elif bound:
+                c = int(who.random() * clients)
+                known = own[c] if strategy == PC_JSQ else None
+                s_c, n_c = snap[c], since[c]
+                cands = shards[sid]
+                k0 = int(tie.random() * NODES)
+                best, best_cost, ties = None, 0.0, 0
+                for i in range(NODES):
+                    name = cands[(k0 + i) % NODES].node
+                    q = known[name] if known is not None else s_c[name] + n_c[name]
+                    cost = (q + 1) * cost_of[name]
+                    if best is None or cost < best_cost:
+                        best, best_cost, ties = name, cost, 1
+                    elif cost == best_cost:
+                        ties += 1  # uniform among the tied nodes (generous: no rotation bias)
+                        if tie.random() * ties < 1.0:
+                            best = name
+                assert best is not None
+                node = nodes[best]
+                own[c][best] += 1
+                n_c[best] += 1
+                req[5] = c
             elif stale:
                 sel = bal.select(sid, shards[sid], lease=False, now=now)
                 node = nodes[sel.node]
@@ -254,6 +323,11 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
                 node.busy_s += max(0.0, min(now, t_end) - began)
             node.busy_from = None
             node.outstanding -= 1
+            if bound:
+                c = req[5]
+                own[c][node.name] -= 1
+                snap[c][node.name] = node.outstanding  # stamped as the response leaves
+                since[c][node.name] = 0
             latency_ms = (now - req[0]) * 1000.0
             if req[4] >= warm:
                 latencies.append(latency_ms)
@@ -293,6 +367,7 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
     latencies.sort()
     return {
         "strategy": strategy, "seed": seed, "stale_k": stale_k, "weighted": weighted, "clients": clients,
+        "local_defaults": local_defaults,
         "requests": sent, "measured": len(latencies), "expired_leases": expired, "virtual_s": t_end,
         "p50_ms": pct(latencies, 0.50), "p99_ms": pct(latencies, 0.99),
         "p999_ms": pct(latencies, 0.999), "mean_ms": statistics.fmean(latencies),
@@ -533,6 +608,10 @@ def main() -> int:
     for seed in seeds:
         if args.clients > 1:
             jobs.append(("performance", seed, 0.0, requests, True, args.clients))
+            jobs.append(("performance", seed, 0.0, requests, True, args.clients, False))
+            for s in PER_CLIENT_BOUNDS:
+                for w in (True, False):
+                    jobs.append((s, seed, 0.0, requests, w, args.clients))
         jobs.append((ORACLE, seed, 0.0, requests, True))
         for s in STRATEGY_NAMES:
             jobs.append((s, seed, 0.0, requests, True))
@@ -638,17 +717,41 @@ def main() -> int:
     if per_client:
         central = {r["seed"]: r for r in runs if r["strategy"] == "performance" and r["weighted"]
                    and r["stale_k"] == 0.0}
-        ratios = sorted(r["p99_ms"] / central[r["seed"]]["p99_ms"] for r in per_client)
-        ratio = statistics.median(ratios)
-        pc_p99 = statistics.median(r["p99_ms"] for r in per_client)
-        c_p99 = statistics.median(central[r["seed"]]["p99_ms"] for r in per_client)
-        pc_load = statistics.median(r["max_over_mean_load"] for r in per_client)
-        ok = ratio <= 1.1
+        c_p99 = statistics.median(r["p99_ms"] for r in central.values())
+
+        def vs_central(strategy: str, weighted: bool, local: bool = True) -> dict[str, Any]:
+            rs = [r for r in per_client if r["strategy"] == strategy and r["weighted"] == weighted
+                  and r["local_defaults"] == local]
+            ratios = sorted(r["p99_ms"] / central[r["seed"]]["p99_ms"] for r in rs)
+            return {"p99_ms": statistics.median(r["p99_ms"] for r in rs), "ratio": statistics.median(ratios),
+                    "ratios": ratios, "max_mean": statistics.median(r["max_over_mean_load"] for r in rs)}
+
+        perf = vs_central("performance", True)
+        ok = perf["ratio"] <= 1.1
         print(f"  per-client performance ({args.clients} clients, each only its own feedback): p99 "
-              f"{pc_p99:.1f} ms vs central {c_p99:.1f} ms = {ratio:.3f}x ({ratios[0]:.3f}..{ratios[-1]:.3f}) "
-              f"(goal <= 1.1): {'met' if ok else 'NOT met'}; max/mean load {pc_load:.3f}")
-        goals["per_client"] = {"clients": args.clients, "p99_ms": pc_p99, "central_p99_ms": c_p99,
-                               "ratio": ratio, "ratios": ratios, "ok": ok, "max_mean": pc_load}
+              f"{perf['p99_ms']:.1f} ms vs central {c_p99:.1f} ms = {perf['ratio']:.3f}x "
+              f"({perf['ratios'][0]:.3f}..{perf['ratios'][-1]:.3f}) (goal <= 1.1): "
+              f"{'met' if ok else 'NOT met'}; max/mean load {perf['max_mean']:.3f}")
+        core = vs_central("performance", True, local=False)
+        print(f"    the same with the core's defaults (peak EWMA, two choices): p99 {core['p99_ms']:.1f} ms = "
+              f"{core['ratio']:.3f}x central ({core['ratios'][0]:.3f}..{core['ratios'][-1]:.3f}); "
+              f"max/mean load {core['max_mean']:.3f}")
+        goals["per_client"] = {"clients": args.clients, "central_p99_ms": c_p99, **perf, "ok": ok,
+                               "config": "LOCAL_CONFIG", "core_defaults": core, "idealised": {}}
+        titles = {PC_JSQ: "JSQ on own outstanding (ground truth)",
+                  PC_SNAPSHOT: "global count at last own response + own since"}
+        for s in PER_CLIENT_BOUNDS:
+            both = {w: vs_central(s, w) for w in (True, False)}
+            for w in (True, False):
+                b = both[w]
+                tag = "weighted" if w else "unweighted"
+                print(f"    idealised, per-client {titles[s]}, {tag}: p99 {b['p99_ms']:.1f} ms = "
+                      f"{b['ratio']:.3f}x central ({b['ratios'][0]:.3f}..{b['ratios'][-1]:.3f}); "
+                      f"max/mean load {b['max_mean']:.3f}")
+            best = min((True, False), key=lambda w: both[w]["ratio"])
+            goals["per_client"]["idealised"][s] = {
+                "weighted": both[True], "unweighted": both[False],
+                "better": "weighted" if best else "unweighted", "within_goal": both[best]["ratio"] <= 1.1}
     print(f"\n({len(runs) + len(per_client)} runs in {elapsed:.0f} s wall on {args.jobs} processes)")
 
     deg_seeds, duration, rate = (1, 3.0, 3000.0) if args.quick else (args.seeds, 12.0, 4000.0)

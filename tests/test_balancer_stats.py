@@ -146,3 +146,17 @@ def test_rate_meter_reads_low_during_its_first_window() -> None:
     meter = RateMeter(10.0, now=0.0)
     meter.add(1.0, n=50)
     assert meter.rate(5.0) == 5.0
+
+
+def test_ewma_with_a_sample_weight_is_a_moving_average_without_the_peak() -> None:
+    ewma = PeakEwma(decay_s=10.0, sample_weight=0.1)
+    ewma.observe(10.0, 0.0)
+    ewma.observe(100.0, 0.0)  # a slow sample moves it a tenth of the way, no jump
+    assert ewma.estimate(0.0) == pytest.approx(19.0)
+    ewma.observe(1.0, 0.0)  # and a fast one a tenth of the way back, whatever the time
+    assert ewma.estimate(0.0) == pytest.approx(17.2)
+    for _ in range(100):
+        ewma.observe(5.0, 0.0)
+    assert ewma.estimate(0.0) == pytest.approx(5.0, rel=1e-3)
+    # between samples it decays toward zero as the peak EWMA does
+    assert ewma.estimate(10.0) == pytest.approx(ewma.estimate(0.0) / math.e)  # type: ignore[operator]

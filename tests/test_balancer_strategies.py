@@ -248,3 +248,77 @@ def test_performance_takes_a_recovered_node_back() -> None:
     run(30.0)
     recovered = run(10.0)
     assert recovered["d"] > 0.15 * sum(recovered.values()), recovered
+
+
+def scanning(names: str, **config: object) -> Balancer:
+    """A cluster whose performance strategy compares every node (as local clients do)."""
+    return cluster(names, performance_choices=0, **config)
+
+
+def measure(bal: Balancer, latency: dict[str, float], now: float = T0) -> None:
+    for node, ms in latency.items():
+        sel = bal.select("warm", [Candidate(node)], now=now)
+        bal.release(sel.lease or "", ms, True, now=now)
+
+
+def test_performance_with_every_choice_takes_the_cheapest_node() -> None:
+    # Two random choices miss the cheapest of six nodes about two thirds of the time;
+    # comparing all of them never does.
+    names = "abcdef"
+    for choices, always in ((0, True), (2, False)):
+        bal = cluster(names, performance_choices=choices)
+        measure(bal, {n: 5.0 for n in names})
+        for i, node in enumerate(names):
+            for _ in range(1 if node == "d" else 2 + i):
+                bal.select("s1", [Candidate(node)], now=T0)  # d holds the fewest leases
+        got = Counter(bal.select("s1", replicas(names), lease=False, now=T0).node for _ in range(300))
+        assert (got == {"d": 300}) is always, got
+
+
+def test_performance_with_every_choice_ranks_latency_and_weight() -> None:
+    bal = scanning("abc")
+    bal.node_update("b", weight=0.5, now=0.0)
+    measure(bal, {"a": 9.0, "b": 4.0, "c": 6.0})  # cost a 9, b 4 / 0.5 = 8, c 6
+    got = Counter(bal.select("s1", replicas("abc"), lease=False, now=T0).node for _ in range(100))
+    assert got == {"c": 100}
+
+
+def test_performance_with_every_choice_probes_an_unmeasured_idle_node_first() -> None:
+    bal = scanning("abc")
+    measure(bal, {"a": 1.0, "b": 1.0})
+    sel = bal.select("s1", replicas("abc"), now=T0)
+    assert sel.node == "c"
+    # with its probe in flight it borrows the lowest measured estimate: a and b cost
+    # 1 x 1, c costs 1 x 2, so it gets no second request before the first returns
+    got = Counter(bal.select("s1", replicas("abc"), lease=False, now=T0).node for _ in range(100))
+    assert set(got) == {"a", "b"}
+
+
+def test_performance_with_every_choice_shares_exact_ties() -> None:
+    bal = scanning("abcd")
+    measure(bal, {n: 3.0 for n in "abcd"})
+    got = Counter(bal.select("s1", replicas("abcd"), lease=False, now=T0).node for _ in range(4000))
+    assert set(got) == set("abcd")
+    assert max(got.values()) < 1.15 * min(got.values()), got
+
+
+def test_performance_compares_the_configured_number_of_nodes() -> None:
+    # Three of six: the cheapest wins whenever drawn (half the time), never the dearest.
+    names = "abcdef"
+    bal = cluster(names, performance_choices=3)
+    measure(bal, {n: float(1 + i) for i, n in enumerate(names)})
+    got = Counter(bal.select("s1", replicas(names), lease=False, now=T0).node for _ in range(3000))
+    assert "f" not in got and "e" not in got
+    assert 0.4 < got["a"] / 3000 < 0.6, got
+
+
+@pytest.mark.parametrize("bad", [1, -1, 2.5, True])
+def test_performance_choices_must_be_zero_or_at_least_two(bad: object) -> None:
+    with pytest.raises(ValueError, match="performance_choices"):
+        BalancerConfig(performance_choices=bad).validate()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5])
+def test_ewma_sample_weight_must_be_a_fraction(bad: float) -> None:
+    with pytest.raises(ValueError, match="ewma_sample_weight"):
+        BalancerConfig(ewma_sample_weight=bad).validate()

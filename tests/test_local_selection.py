@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from phantom_bus.errors import BadRequest, NoLiveReplica
 from phantom_bus.follower import MapFollower
 from phantom_bus.routing import Balancer, BalancerConfig, Candidate, inputs
-from phantom_bus.routing.local import LocalRouter
+from phantom_bus.routing.local import LOCAL_CONFIG, LocalRouter
 from phantom_bus.shardmap import Keyspace, Replica, Shard, ShardMap
 
 NODES = [f"n{i}" for i in range(6)]
@@ -344,3 +344,9 @@ def test_a_pushed_map_is_decoded_once_per_process() -> None:
     assert decode_pushed(protocol.pack(wire(10))).epoch == 10
     with pytest.raises(BadRequest):
         decode_pushed(b"\xc1")
+
+
+def test_a_local_router_takes_the_local_defaults_unless_given_a_config() -> None:
+    assert LocalRouter().core.config == LOCAL_CONFIG
+    assert LOCAL_CONFIG.performance_choices == 0 and LOCAL_CONFIG.ewma_sample_weight > 0
+    assert LocalRouter(BalancerConfig()).core.config == BalancerConfig()

@@ -104,6 +104,21 @@ class BalancerConfig:
         "while following a degrading node within a few seconds; the estimate also decays "
         "toward zero while a node is not picked, so a node once slow is retried.",
     )
+    ewma_sample_weight: float = _doc(
+        0.0, "fraction",
+        "0: the latency estimate is a peak EWMA (a slower sample replaces it at once), which "
+        "suits a core that also sees every request in flight. Above 0: a moving average in "
+        "which each sample has this weight (0.1: about the last ten responses), a measure of "
+        "the node's current queueing delay; locally routing clients use it, because they see "
+        "only their own share of what is in flight and a held peak would then outweigh it.",
+    )
+    performance_choices: int = _doc(
+        2, "nodes",
+        "Nodes of a shard's pool that performance compares: two at random (power of two "
+        "choices), or 0 for all. Two avoid the herd a full scan causes when many requests are "
+        "decided on the same stale view (batched feedback, several balancer replicas); a "
+        "locally routing client's own in-flight counts are never stale, so it scans all.",
+    )
     load_stale_s: float = _doc(
         5.0, "s",
         "Load samples older than this are ignored (no penalty): five heartbeat intervals "
@@ -161,6 +176,10 @@ class BalancerConfig:
             value = getattr(self, name)
             if not _is_number(value) or not value > 0 or math.isinf(value):
                 raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
+        choices = self.performance_choices
+        if isinstance(choices, bool) or not isinstance(choices, int) or choices < 0 or choices == 1:
+            raise ValueError(f"performance_choices: expected 0 (all) or a whole number >= 2, "
+                             f"got {choices!r}")
         for name in ("expired_memory", "eject_consecutive_failures"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -177,6 +196,7 @@ class BalancerConfig:
             "panic_threshold": (0.0, 1.0, True),
             "slow_start_floor": (0.0, 1.0, False),
             "latency_relative_error": (0.0, 0.5, False),
+            "ewma_sample_weight": (0.0, 1.0, True),
         }
         for name, (low, high, low_ok) in fractions.items():
             value = getattr(self, name)

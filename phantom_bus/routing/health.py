@@ -91,7 +91,7 @@ class NodeState:
         self.expired = 0
         self.ejections = 0
         self.consecutive_failures = 0
-        self.ewma = PeakEwma(config.ewma_decay_s)
+        self.ewma = PeakEwma(config.ewma_decay_s, config.ewma_sample_weight)
         self.latency = WindowedLatency(config.latency_window_s, config.latency_relative_error,
                                        now)
 

@@ -7,7 +7,8 @@
 * :class:`WindowedLatency` — two sketches in rotation, so percentiles describe
   the last one to two windows instead of all history.
 * :class:`PeakEwma` — the latency estimate the ``performance`` strategy uses:
-  jumps up at once on a slow sample, decays smoothly otherwise.
+  jumps up at once on a slow sample, decays smoothly otherwise (or, with a
+  sample weight, the moving average of the last few samples).
 * :class:`RateMeter` — events per second over a sliding window, O(1) per event.
 
 None of these lock: the balancer calls them under its own lock.
@@ -156,13 +157,20 @@ class PeakEwma:
     a lower sample is blended in with weight ``1 - exp(-dt / decay_s)``, dt
     being the time since the previous sample, so a fast node is trusted again
     gradually and one sample after a long silence counts almost fully.
+
+    With ``sample_weight`` > 0 the estimate is instead a plain moving average
+    over samples: every sample (above or below) is blended in with that
+    weight, so 0.1 is about the mean of the last ten responses, a measure of
+    the node's current queueing delay rather than of its worst recent one.
+    The decay toward zero between samples is the same.
     """
 
     # Public so that the performance strategy can inline estimate() on its hot path.
-    __slots__ = ("at", "decay_s", "value")
+    __slots__ = ("at", "decay_s", "sample_weight", "value")
 
-    def __init__(self, decay_s: float) -> None:
+    def __init__(self, decay_s: float, sample_weight: float = 0.0) -> None:
         self.decay_s = decay_s
+        self.sample_weight = sample_weight
         self.value: float | None = None
         self.at = 0.0
 
@@ -180,7 +188,11 @@ class PeakEwma:
         else:
             # Same instant (or a caller's clock stepping back): no decay, no blend.
             w = 1.0
-        self.value = ms if ms >= value else value * w + ms * (1.0 - w)
+        a = self.sample_weight
+        if a > 0:
+            self.value = value + a * (ms - value)
+        else:
+            self.value = ms if ms >= value else value * w + ms * (1.0 - w)
         if dt > 0:
             self.at = now
 

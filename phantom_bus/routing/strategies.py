@@ -187,6 +187,13 @@ class PowerOfTwoChoices:
     nodes. A node without latency samples borrows the other node's estimate,
     so it is judged on in-flight, load and weight rather than looking free.
     Load older than ``load_stale_s`` carries no penalty.
+
+    ``performance_choices`` other than 2 compares that many distinct random
+    nodes, or all of them (0), by the same cost: for a view that is never
+    stale, such as a locally routing client's own in-flight counts. There a
+    node never measured and with nothing in flight is probed first; one
+    never measured with requests in flight borrows the lowest estimate of the
+    measured nodes compared; exact ties go to one of the tied nodes at random.
     """
 
     name: ClassVar[str] = "performance"
@@ -195,6 +202,7 @@ class PowerOfTwoChoices:
         self._rng = rng
         self._floor = config.slow_start_floor
         self._stale = config.load_stale_s
+        self._choices = config.performance_choices
 
     def choices(self, size: int) -> tuple[int, int]:
         """Two distinct indexes in ``range(size)`` (``size`` >= 2), uniformly."""
@@ -210,6 +218,8 @@ class PowerOfTwoChoices:
         size = len(pool)
         if size == 1:
             return pool[0]
+        if self._choices != 2 and size > 2:
+            return self._pick_many(pool, now)
         # choices() and PeakEwma.estimate() inlined: this is every read's hot path.
         rnd = self._rng.random
         i = int(rnd() * size)
@@ -259,6 +269,80 @@ class PowerOfTwoChoices:
             if ramp < 1.0 and rnd() >= ramp:
                 return other
         return winner
+
+    def _pick_many(self, pool: Sequence[NodeState], now: float) -> NodeState:
+        """The cheapest of ``performance_choices`` distinct random nodes (0: all)."""
+        size = len(pool)
+        rnd = self._rng.random
+        d = self._choices
+        if d == 0 or d >= size:
+            start = int(rnd() * size)
+            picked = [*pool[start:], *pool[:start]]
+        else:
+            picked = [pool[i] for i in self._rng.sample(range(size), d)]
+        stale = self._stale
+        best = second = picked[0]
+        best_cost = second_cost = math.inf
+        ties = 0
+        lowest = math.inf  # the lowest estimate among the measured nodes
+        waiting: list[NodeState] | None = None  # never measured, requests in flight
+        for node in picked:
+            ew = node.ewma
+            latency = ew.value
+            if latency is None:
+                if node.in_flight == 0:
+                    return self._ramped(node, picked, now)  # one probe at a time, as above
+                if waiting is None:
+                    waiting = []
+                waiting.append(node)
+                continue
+            if now > ew.at:
+                latency *= _exp((ew.at - now) / ew.decay_s)
+            if latency < lowest:
+                lowest = latency
+            cost = (latency if latency > _MIN_LATENCY_MS else _MIN_LATENCY_MS) * (node.in_flight + 1) \
+                * (node.penalty if now - node.load_at <= stale else 1.0) / node.weight
+            if cost < best_cost:
+                second, second_cost = best, best_cost
+                best, best_cost, ties = node, cost, 1
+            elif cost == best_cost:
+                ties += 1
+                if rnd() * ties < 1.0:  # uniform among the tied nodes
+                    second, second_cost, best = best, best_cost, node
+                else:
+                    second, second_cost = node, cost
+            elif cost < second_cost:
+                second, second_cost = node, cost
+        if waiting is not None:
+            latency = _UNKNOWN_LATENCY_MS if lowest == math.inf else lowest
+            for node in waiting:
+                cost = (latency if latency > _MIN_LATENCY_MS else _MIN_LATENCY_MS) * (node.in_flight + 1) \
+                    * (node.penalty if now - node.load_at <= stale else 1.0) / node.weight
+                if cost < best_cost:
+                    second, second_cost = best, best_cost
+                    best, best_cost, ties = node, cost, 1
+                elif cost == best_cost:
+                    ties += 1
+                    if rnd() * ties < 1.0:
+                        second, second_cost, best = best, best_cost, node
+                    else:
+                        second, second_cost = node, cost
+                elif cost < second_cost:
+                    second, second_cost = node, cost
+        if now < best.ramp_end:
+            ramp = best.ramp(now, self._floor)
+            if ramp < 1.0 and rnd() >= ramp and second is not best:
+                return second
+        return best
+
+    def _ramped(self, node: NodeState, picked: Sequence[NodeState], now: float) -> NodeState:
+        """``node`` or, with probability 1 - its slow-start ramp, another of ``picked``."""
+        if now < node.ramp_end:
+            ramp = node.ramp(now, self._floor)
+            if ramp < 1.0 and self._rng.random() >= ramp:
+                others = [n for n in picked if n is not node]
+                return others[int(self._rng.random() * len(others))]
+        return node
 
     def forget(self, shard: str) -> None:
         """Stateless."""
