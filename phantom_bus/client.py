@@ -69,6 +69,7 @@ from phantom_bus.errors import (
     error_from_wire,
 )
 from phantom_bus.plan import advance
+from phantom_bus.routing.config import BalancerConfig
 from phantom_bus.routing.local import LocalRouter
 
 ROUTINGS = ("local", "broker")
@@ -270,6 +271,7 @@ class _Base:
         security: secmod.Security | None,
         routing: str = "local",
         events: str | None = None,
+        balancer: BalancerConfig | None = None,
     ) -> None:
         cfg = cfgmod.load(
             names=("broker", "timeout", "retries", "max_message", "curve_dir", "curve_key", "events_out",
@@ -278,6 +280,8 @@ class _Base:
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
         self.routing = routing
+        #: The local router's balancer configuration (None: the balancer's defaults).
+        self.balancer = balancer
         self.events = events or cfg.events_out
         self.map_stale_after = float(cfg.map_stale_after)
         self._router: LocalRouter | None = None
@@ -509,7 +513,10 @@ class Client(_Base):
     With ``routing="local"`` the first select starts one background thread
     (its own asyncio loop and ZeroMQ context) that follows the map; every
     wait there is bounded and :meth:`close` stops it. ``events`` is the
-    broker's event endpoint (``events_out``) to follow.
+    broker's event endpoint (``events_out``) to follow; ``balancer`` the
+    local router's :class:`BalancerConfig` (default: the balancer's defaults;
+    :data:`phantom_bus.routing.local.SCAN_CONFIG` compares all of a shard's
+    replicas, which balances better on a client's own feedback).
     """
 
     def __init__(
@@ -522,8 +529,9 @@ class Client(_Base):
         security: secmod.Security | None = None,
         routing: str = "local",
         events: str | None = None,
+        balancer: BalancerConfig | None = None,
     ) -> None:
-        super().__init__(endpoint, timeout, retries, security, routing, events)
+        super().__init__(endpoint, timeout, retries, security, routing, events, balancer)
         self.ctx = ctx or zmq.Context.instance()
         self._socks: dict[int, zmq.Socket[Any]] = {}
         self._feed: Any = None
@@ -532,7 +540,7 @@ class Client(_Base):
         if self._feed is None:
             from phantom_bus.local import FeedThread
 
-            self._router = LocalRouter()
+            self._router = LocalRouter(self.balancer)
             endpoint, security, timeout = self.endpoint, self.security, self.timeout
 
             def make_client(ctx: zmq.asyncio.Context) -> AsyncClient:
@@ -755,8 +763,9 @@ class AsyncClient(_Base):
         security: secmod.Security | None = None,
         routing: str = "local",
         events: str | None = None,
+        balancer: BalancerConfig | None = None,
     ) -> None:
-        super().__init__(endpoint, timeout, retries, security, routing, events)
+        super().__init__(endpoint, timeout, retries, security, routing, events, balancer)
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self._socks: dict[int, zmq.asyncio.Socket] = {}
         self._readers: dict[int, asyncio.Task[None]] = {}
@@ -769,7 +778,7 @@ class AsyncClient(_Base):
         if self._feed is None:
             from phantom_bus.local import RoutingFeed
 
-            self._router = LocalRouter()
+            self._router = LocalRouter(self.balancer)
             client = self._feed_client = AsyncClient(
                 self.endpoint, timeout=self.timeout, retries=1, ctx=self.ctx, security=self.security,
                 routing="broker",

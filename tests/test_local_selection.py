@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from phantom_bus.errors import BadRequest, NoLiveReplica
 from phantom_bus.follower import MapFollower
 from phantom_bus.routing import Balancer, BalancerConfig, Candidate, inputs
-from phantom_bus.routing.local import LOCAL_CONFIG, LocalRouter
+from phantom_bus.routing.local import SCAN_CONFIG, LocalRouter
 from phantom_bus.shardmap import Keyspace, Replica, Shard, ShardMap
 
 NODES = [f"n{i}" for i in range(6)]
@@ -346,7 +346,19 @@ def test_a_pushed_map_is_decoded_once_per_process() -> None:
         decode_pushed(b"\xc1")
 
 
-def test_a_local_router_takes_the_local_defaults_unless_given_a_config() -> None:
-    assert LocalRouter().core.config == LOCAL_CONFIG
-    assert LOCAL_CONFIG.performance_choices == 0 and LOCAL_CONFIG.ewma_sample_weight > 0
-    assert LocalRouter(BalancerConfig()).core.config == BalancerConfig()
+def test_a_local_router_takes_the_balancers_defaults_unless_given_a_config() -> None:
+    # performance is power of two choices with the load penalty wherever it runs;
+    # the scan over all replicas is an opt-in.
+    assert LocalRouter().core.config == BalancerConfig()
+    assert BalancerConfig().performance_choices == 2 and BalancerConfig().ewma_sample_weight == 0.0
+    assert LocalRouter(SCAN_CONFIG).core.config == SCAN_CONFIG
+    assert SCAN_CONFIG.performance_choices == 0 and SCAN_CONFIG.ewma_sample_weight > 0
+
+
+def test_a_client_hands_its_balancer_config_to_its_local_router() -> None:
+    from phantom_bus.client import AsyncClient, Client
+
+    with Client("tcp://127.0.0.1:1", balancer=SCAN_CONFIG) as c:
+        assert c.balancer is SCAN_CONFIG
+    assert AsyncClient("tcp://127.0.0.1:1", balancer=SCAN_CONFIG).balancer is SCAN_CONFIG
+    assert Client("tcp://127.0.0.1:1").balancer is None
