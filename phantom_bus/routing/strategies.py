@@ -280,12 +280,11 @@ class PowerOfTwoChoices:
             picked = [*pool[start:], *pool[:start]]
         else:
             picked = [pool[i] for i in self._rng.sample(range(size), d)]
-        stale = self._stale
-        best = second = picked[0]
-        best_cost = second_cost = math.inf
-        ties = 0
-        lowest = math.inf  # the lowest estimate among the measured nodes
-        waiting: list[NodeState] | None = None  # never measured, requests in flight
+        # Measured nodes first, in pick order; nodes never measured but with
+        # requests in flight follow, priced at the lowest measured estimate.
+        estimates: list[tuple[NodeState, float]] = []
+        waiting: list[NodeState] | None = None
+        lowest = math.inf
         for node in picked:
             ew = node.ewma
             latency = ew.value
@@ -300,6 +299,15 @@ class PowerOfTwoChoices:
                 latency *= _exp((ew.at - now) / ew.decay_s)
             if latency < lowest:
                 lowest = latency
+            estimates.append((node, latency))
+        if waiting is not None:
+            guess = _UNKNOWN_LATENCY_MS if lowest == math.inf else lowest
+            estimates.extend((node, guess) for node in waiting)
+        stale = self._stale
+        best = second = picked[0]
+        best_cost = second_cost = math.inf
+        ties = 0
+        for node, latency in estimates:
             cost = (latency if latency > _MIN_LATENCY_MS else _MIN_LATENCY_MS) * (node.in_flight + 1) \
                 * (node.penalty if now - node.load_at <= stale else 1.0) / node.weight
             if cost < best_cost:
@@ -313,22 +321,6 @@ class PowerOfTwoChoices:
                     second, second_cost = node, cost
             elif cost < second_cost:
                 second, second_cost = node, cost
-        if waiting is not None:
-            latency = _UNKNOWN_LATENCY_MS if lowest == math.inf else lowest
-            for node in waiting:
-                cost = (latency if latency > _MIN_LATENCY_MS else _MIN_LATENCY_MS) * (node.in_flight + 1) \
-                    * (node.penalty if now - node.load_at <= stale else 1.0) / node.weight
-                if cost < best_cost:
-                    second, second_cost = best, best_cost
-                    best, best_cost, ties = node, cost, 1
-                elif cost == best_cost:
-                    ties += 1
-                    if rnd() * ties < 1.0:
-                        second, second_cost, best = best, best_cost, node
-                    else:
-                        second, second_cost = node, cost
-                elif cost < second_cost:
-                    second, second_cost = node, cost
         if now < best.ramp_end:
             ramp = best.ramp(now, self._floor)
             if ramp < 1.0 and rnd() >= ramp and second is not best:
