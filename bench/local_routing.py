@@ -330,6 +330,7 @@ def propagation(cluster: Cluster, clients: int, procs: int, changes: int) -> dic
     listener.join(2)
     delays: list[float] = []
     floor: list[float] = []
+    by_change: dict[int, list[float]] = {epoch: [] for epoch in made}
     missing = 0
     for res in results:
         if isinstance(res, dict):
@@ -344,6 +345,7 @@ def propagation(cluster: Cluster, clients: int, procs: int, changes: int) -> dic
                     got = [t for e, t in when.items() if e >= epoch]
                     if got:
                         delays.append(max(0.0, min(got) - seen[epoch]))
+                        by_change[epoch].append(delays[-1])
                     else:
                         missing += 1
     # The map event itself, to the bench's own bare subscriber: what delivery costs
@@ -355,7 +357,14 @@ def propagation(cluster: Cluster, clients: int, procs: int, changes: int) -> dic
     def ms(xs: list[float], p: float) -> float:
         return 1000 * xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
 
+    # Each change's own spread: one slow change for every client (a stall of the
+    # host) reads differently from slow clients at every change.
+    changes_ms = [{"epoch": e, "min_ms": ms(sorted(d), 0.0), "p50_ms": ms(sorted(d), 0.5),
+                   "max_ms": ms(sorted(d), 1.0),
+                   "bare_ms": 1000 * max(0.0, heard[e] - seen[e]) if e in heard and e in seen else None}
+                  for e, d in by_change.items()]
     return {"clients": clients, "procs": procs, "changes": len(made), "samples": len(delays), "missing": missing,
+            "by_change": changes_ms,
             "p50_ms": ms(delays, 0.5), "p99_ms": ms(delays, 0.99), "max_ms": ms(delays, 1.0),
             # The same subscribers in the same processes receiving a trivial event.
             "floor": {"samples": len(floor), "missing": len(ping_ts) * clients - len(floor),
@@ -509,6 +518,9 @@ def main() -> int:
          f"{mem['map_bytes'] / 1e6:.1f} / {mem['client_bytes'] / 1e6:.1f} MB (wire {mem['wire_bytes'] / 1e3:.0f} kB)",
          ""],
     ])
+    print("each change: clients min / p50 / max, the map event to the bare subscriber (ms): " + ", ".join(
+        f"{c['min_ms']:.0f}/{c['p50_ms']:.0f}/{c['max_ms']:.0f} ({c['bare_ms']:.0f})"
+        for c in prop["by_change"] if c["bare_ms"] is not None))
     print(f"selects the balancer counted from this client's reports: {tp['balancer_counted']}")
     print(f"load average at start: {out['load_average']} (on {os.cpu_count()} cores)")
     path = write_results("local_routing", out)

@@ -69,8 +69,9 @@ _RELAY_POLL_MS = 100
 _HWM = 10000
 #: Recent events kept for the ``events`` operation (`phantom events`); the most one reply holds.
 RECENT_EVENTS = 1000
-# Too chatty to be worth remembering: one per node per heartbeat.
-_NOT_RECENT = (b"member.load",)
+# Too chatty to be worth remembering: one per node per heartbeat, and sharding's
+# epoch once a second.
+_NOT_RECENT = (b"member.load", b"shardmap.current")
 
 #: The operations of the broker's own ``broker`` service (none takes arguments).
 OPERATIONS = ("ping", "services", "events", "stats")
@@ -271,7 +272,8 @@ class Broker:
         return [family]
 
     def _recent_events(self, limit: Any) -> list[dict[str, Any]]:
-        """The last ``limit`` events relayed (oldest first; ``member.load`` is not kept)."""
+        """The last ``limit`` events relayed (oldest first; ``member.load`` and
+        ``shardmap.current`` are not kept)."""
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= RECENT_EVENTS:
             raise BadRequest(f"limit must be an integer in 1..{RECENT_EVENTS}, got {limit!r}")
         out = []

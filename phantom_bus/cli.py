@@ -397,8 +397,7 @@ def cmd_moves(client: Client, args: argparse.Namespace) -> int:
 def cmd_events(client: Client, args: argparse.Namespace) -> int:
     """``phantom events [--follow] [--type PATTERN] [--json]``: recent events, then (``--follow``) new ones."""
     pattern = args.type or "*"
-    # One member.load per node per heartbeat would bury everything else: shown only when asked for.
-    loads = "load" in pattern
+    shown = _chatty_shown(pattern)
     # Subscribe before asking for the recent ones, so nothing falls between the two.
     sock = _event_socket(args.events_out, pattern) if args.follow else None
     try:
@@ -406,14 +405,14 @@ def cmd_events(client: Client, args: argparse.Namespace) -> int:
         seen = set()
         for event in recent if isinstance(recent, list) else []:
             seen.add(_event_id(event))
-            if _wanted(event, pattern, loads):
+            if _wanted(event, pattern, shown):
                 _print_event(event, args.json)
         if sock is None:
             return EXIT_OK
         for event in _follow(sock):
             if _event_id(event) in seen:
                 continue  # already printed from the recent list
-            if _wanted(event, pattern, loads):
+            if _wanted(event, pattern, shown):
                 _print_event(event, args.json)
         return EXIT_OK
     finally:
@@ -421,9 +420,20 @@ def cmd_events(client: Client, args: argparse.Namespace) -> int:
             sock.close(0)
 
 
-def _wanted(event: dict[str, Any], pattern: str, loads: bool) -> bool:
+#: Chatty event kinds, and the word a ``--type`` pattern must contain to show them:
+#: one member.load per node per heartbeat, and sharding's shardmap.current once a
+#: second, would bury everything else.
+_CHATTY = {"member.load": "load", "shardmap.current": "current"}
+
+
+def _chatty_shown(pattern: str) -> tuple[str, ...]:
+    """The chatty kinds ``pattern`` asks for by name."""
+    return tuple(kind for kind, word in _CHATTY.items() if word in pattern)
+
+
+def _wanted(event: dict[str, Any], pattern: str, shown: tuple[str, ...]) -> bool:
     kind = str(event.get("kind"))
-    return fnmatch.fnmatchcase(kind, pattern) and (loads or kind != "member.load")
+    return fnmatch.fnmatchcase(kind, pattern) and (kind not in _CHATTY or kind in shown)
 
 
 def _event_socket(events_out: str, pattern: str) -> Any:

@@ -10,6 +10,11 @@ of the shard map. They follow it the same way, level-triggered:
   operation answers); a newer pushed map of the current term is taken at once,
   with no read, which is what makes a change reach every reader within
   milliseconds. Anything else about a push (older, malformed) makes it a hint;
+* sharding's leader also publishes ``shardmap.current`` about once a second,
+  naming the epoch it serves: when that is the epoch held, the map is known
+  current (a refresh) and neither a poll nor a whole read is made, so
+  followers cost sharding nothing while nothing changes; naming another epoch,
+  it is a hint like any other (an older one: a whole read, as below);
 * an event of an older leader ``term`` than one already seen is dropped;
 * an epoch never goes backwards: a map older than the one held (a restored
   backup, a lost database, a stale leader) is refused, the newer map is kept,
@@ -51,6 +56,14 @@ DEFAULT_POLL_S = 1.0
 #: Seconds between whole-map reads that would reveal an epoch gone backwards
 #: when no event says so (``since_epoch`` answers nil for an older map).
 DEFAULT_VERIFY_S = 15.0
+#: Event kind sharding's leader publishes about once a second with the epoch it
+#: serves (``{"epoch", "term"}``): proof that the map held is current, so a
+#: follower that hears it needs no poll, and a lost ``shardmap.changed`` shows
+#: within a second (the epoch named is newer than the one held).
+CURRENT = "shardmap.current"
+#: Seconds a ``shardmap.current`` that confirms the held epoch postpones the
+#: next poll: a few of them may be lost before the follower reads by itself.
+CONFIRMED_POLL_S = 3.0
 #: Seconds between attempts while no map is held yet (a service that starts
 #: before sharding answers within a fraction of a second once sharding is up).
 FIRST_RETRY_S = 0.2
@@ -116,7 +129,7 @@ class MapFollower:
         self._refused: int | None = None
         self.counters = {
             "reads": 0, "full_reads": 0, "changes": 0, "errors": 0, "hints": 0,
-            "old_term_dropped": 0, "regressions": 0, "pushed": 0,
+            "old_term_dropped": 0, "regressions": 0, "pushed": 0, "confirmed": 0,
         }
         self.last_regression: Regression | None = None
 
@@ -144,6 +157,32 @@ class MapFollower:
         self._due = True
         self._hints += 1
         return True
+
+    def on_current(self, event: Mapping[str, Any], now: float) -> bool:
+        """A ``shardmap.current`` event arrived; True if it calls for a read.
+
+        Naming the epoch held (of the current term or newer), it is a refresh:
+        the map is known current now, and the next poll and the next whole read
+        wait at least :data:`CONFIRMED_POLL_S`, so neither is made while these
+        arrive. Naming another epoch, it is a hint (an older one: a whole read)."""
+        epoch = _int(event.get("epoch"))
+        term = _int(event.get("term"))
+        held = self.epoch
+        if epoch is None or held is None or epoch != held:
+            return self.hint(event)
+        if term is not None:
+            if self.term is not None and term < self.term:
+                self.counters["old_term_dropped"] += 1
+                return False
+            self.term = term
+        self.counters["confirmed"] += 1
+        self.refreshed_at = now
+        # Nor a whole read: it could only show an older epoch, and this names the
+        # epoch served (an older one would have been a hint for a whole read).
+        quiet = now + max(self.poll_s, CONFIRMED_POLL_S)
+        self._next_poll = max(self._next_poll, quiet)
+        self._next_verify = max(self._next_verify, quiet)
+        return False
 
     def on_pushed(self, doc: Any, term: int | None, now: float) -> Outcome:
         """A map pushed inside a ``shardmap.changed`` event (its wire document).
@@ -348,6 +387,11 @@ class AsyncMapFollower:
         self._log_change(fresh)
         self._changed.set()
         await _call(self.on_change, fresh)
+
+    def current(self, event: Mapping[str, Any]) -> None:
+        """Pass a ``shardmap.current`` event (a read only if it names another epoch)."""
+        if self.core.on_current(event, time.monotonic()):
+            self._wake.set()
 
     def poke(self) -> None:
         """Read now, whatever the events say."""

@@ -3,8 +3,9 @@
 :class:`RoutingFeed` keeps a client's local router current:
 
 * the shard map through one :class:`~phantom_bus.follower.AsyncMapFollower`
-  (``shardmap.changed`` as a hint, a poll about once a second, epochs never
-  backwards);
+  (``shardmap.changed`` as a hint or the pushed map itself, sharding's
+  ``shardmap.current`` as proof that the map is current, a poll about once a
+  second only when those stop, epochs never backwards);
 * node health from the same events the balancer follows (``member.*``,
   ``node.*``, ``cluster.node_*``) on its own SUB socket, and from the
   balancer's node table, loaded at start and returned by every ``report``
@@ -38,7 +39,7 @@ from phantom_bus import protocol
 from phantom_bus import security as secmod
 from phantom_bus.errors import PhantomError
 from phantom_bus.events import Deduplicator
-from phantom_bus.follower import AsyncMapFollower, Regression
+from phantom_bus.follower import CURRENT, AsyncMapFollower, Regression
 from phantom_bus.routing.inputs import PREFIXES
 from phantom_bus.routing.local import LocalRouter
 from phantom_bus.wire import LoopSocket
@@ -105,7 +106,7 @@ class RoutingFeed:
         raw: zmq.Socket[Any] = zmq.Context.shadow(self.ctx.underlying).socket(zmq.SUB)
         raw.setsockopt(zmq.LINGER, 0)
         raw.setsockopt(zmq.RCVHWM, 10000)
-        for prefix in ("shardmap.changed", *PREFIXES):
+        for prefix in ("shardmap.changed", CURRENT, *PREFIXES):
             raw.setsockopt(zmq.SUBSCRIBE, prefix.encode())
         self.security.connect(raw, self.events)
         sub = LoopSocket(raw, recheck=1.0)
@@ -142,8 +143,11 @@ class RoutingFeed:
             return  # the same event from another broker
         self.counters["events"] += 1
         try:
-            if event["kind"] == "shardmap.changed":
+            kind = event["kind"]
+            if kind == "shardmap.changed":
                 self.follower.hint(event)
+            elif kind == CURRENT:
+                self.follower.current(event)
             else:
                 self.router.on_event(event, time.monotonic())
         except Exception:  # a bug here must not stop the feed from reading

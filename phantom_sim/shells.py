@@ -28,7 +28,7 @@ from phantom_bus.errors import (
     ServiceUnavailable,
     StoreError,
 )
-from phantom_bus.follower import MapFollower
+from phantom_bus.follower import CURRENT, MapFollower
 from phantom_bus.routing import inputs
 from phantom_bus.routing.balancer import Balancer, Candidate
 from phantom_bus.routing.config import BalancerConfig
@@ -79,6 +79,12 @@ class Params:
     membership_sync = 5.0  # membership._SYNC_PERIOD
     balancer_snapshot = 5.0  # balancer._SNAPSHOT is 2 s: fewer snapshot reads, for speed
     follower_poll = 1.0  # phantom_bus.follower.DEFAULT_POLL_S (balancer, manager)
+    #: Seconds between sharding's ``shardmap.current`` (services/sharding/service.py,
+    #: every second). None by default: the followers then keep current by their polls
+    #: alone, the harder case, where a stale map lasts longest and the races the
+    #: invariants look for are likeliest (with it on, a broken confirmation round is
+    #: caught ten times less often). A history may turn it on (tests/test_sim.py does).
+    current_every: float | None = None
     agent_poll = 2.0  # real 1 s: agents and the client poll half as often, for speed
     manager_reconcile = 30.0  # manager._RECONCILE
     manager_level = 1.0  # manager._LEVEL
@@ -223,6 +229,10 @@ class Follower:
                 self.wake.set()
                 return
         if self.core.hint(event):
+            self.wake.set()
+
+    def current(self, event: Mapping[str, Any]) -> None:
+        if self.core.on_current(event, self.proc.monotonic()):
             self.wake.set()
 
     def poke(self) -> None:
@@ -441,6 +451,7 @@ class ShardingProc(Proc):
         self.store_ok = True
         self._reader_core: tuple[int, ShardingCore] | None = None
         self._write = Lock(self)
+        self._announced: tuple[int, int] | None = None  # what shardmap.current says
         self.ops = {
             "map": self.op_map,
             "nodes": lambda: self._reader().nodes(),
@@ -500,8 +511,16 @@ class ShardingProc(Proc):
                 self._write.release()
             yield Sleep(delay)
             delay = min(delay * 2, 2.0)
-        while True:
-            yield Sleep(3600.0)
+        while True:  # lead until deposed, saying which epoch is served
+            every = _params(self).current_every
+            if every is None:
+                yield Sleep(3600.0)
+                continue
+            yield Sleep(every)
+            if self.core is not None and self._announced is not None:
+                epoch, term = self._announced
+                if term == self.leadership.term:
+                    self.publish(CURRENT, {"epoch": epoch, "term": term})
 
     def _take_over(self) -> Loop:
         term = self.leadership.term
@@ -521,6 +540,7 @@ class ShardingProc(Proc):
         self.world.log(self, f"leads sharding, term {term}, epoch {committed.epoch}")
         self.publish(CHANGED, _with_map({"epoch": committed.epoch, "term": term, "reason": "leader.elected"},
                                         committed.blob))
+        self._announced = (committed.epoch, term)
 
     def _commit(self, call: Callable[[ShardingCore], Result[Any]]) -> Loop:
         yield from self._write.acquire()
@@ -564,6 +584,7 @@ class ShardingProc(Proc):
             if event.kind == CHANGED:
                 data = _with_map(data, committed.blob)
             self.publish(event.kind, data)
+        self._announced = (committed.epoch, term)
         return result.value
 
     def _rollback(self, *, reload: bool) -> Loop:
@@ -659,8 +680,8 @@ class BalancerProc(Proc):
         self.life = f"{self.name} (life {self.gen})"  # a restarted consumer starts over
         self.follower = Follower(self, self.name, p.follower_poll)
         self.ops = {"select": self.op_select, "node_update": self.op_node_update}
-        self.subs = [("shardmap.changed", self.follower.hint), ("member.", self._on_event),
-                     ("node.", self._on_event), ("cluster.node_", self._on_event)]
+        self.subs = [("shardmap.changed", self.follower.hint), (CURRENT, self.follower.current),
+                     ("member.", self._on_event), ("node.", self._on_event), ("cluster.node_", self._on_event)]
         self.spawn(self.sync_loop(), "balancer.sync")
         self.spawn(self.tick_loop(), "balancer.tick")
 
@@ -1023,7 +1044,7 @@ class AgentProc(Proc):
         self.copying: dict[str, Any] = {}
         # Whole-map reads are rarer for agents (one per agent adds up across a cluster).
         self.follower = Follower(self, self.name, _params(self).agent_poll, verify_s=60.0)
-        self.subs = [("shardmap.changed", self.follower.hint)]
+        self.subs = [("shardmap.changed", self.follower.hint), (CURRENT, self.follower.current)]
         self.spawn(self.beacon_loop(), "agent.beacon")
         self.spawn(self.heartbeat_loop(), "agent.heartbeat")
         self.spawn(self.assignment_loop(), "agent.assignment")
@@ -1120,7 +1141,7 @@ class ClientProc(Proc):
 
     def boot(self) -> None:
         self.follower = Follower(self, self.name, _params(self).agent_poll)
-        self.subs = [("shardmap.changed", self.follower.hint)]
+        self.subs = [("shardmap.changed", self.follower.hint), (CURRENT, self.follower.current)]
         self.spawn(self.loop(), "client")
 
     def operator(self, op: str, node: str, done: Callable[[], None] | None = None) -> None:

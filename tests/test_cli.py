@@ -157,3 +157,18 @@ def test_natural_order_puts_2_before_10() -> None:
 
     assert sorted(["default/10", "default/2", "default/1", "a/0"], key=natural_key) == [
         "a/0", "default/1", "default/2", "default/10"]
+
+
+@pytest.mark.parametrize(("pattern", "kind", "shown"), [
+    ("*", "shardmap.changed", True),
+    ("*", "shardmap.current", False),      # once a second: shown only when asked for
+    ("*", "member.load", False),
+    ("shardmap.*", "shardmap.current", False),
+    ("shardmap.current", "shardmap.current", True),
+    ("member.load", "member.load", True),
+    ("member.*", "member.alive", True),
+])
+def test_events_hides_the_chatty_kinds_unless_the_pattern_names_them(pattern: str, kind: str, shown: bool) -> None:
+    from phantom_bus.cli import _chatty_shown, _wanted
+
+    assert _wanted({"kind": kind}, pattern, _chatty_shown(pattern)) is shown

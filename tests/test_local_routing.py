@@ -71,6 +71,21 @@ def test_local_writes_agree_with_the_broker_at_the_same_epoch(cluster: Bus) -> N
                    timeout=15)
 
 
+def test_shardings_current_epoch_replaces_the_polls(cluster: Bus) -> None:
+    # Sharding's leader says once a second which epoch it serves: a follower that
+    # hears its own epoch makes no poll (without it: one read a second per reader).
+    with local(cluster) as mine, cluster.client() as broker:
+        mine.select(KEYS[0], lease=False)
+        core = mine._feed.feed.follower.core
+        wait_until(lambda: core.counters["confirmed"] >= 2, timeout=20)
+        reads, confirmed = core.counters["reads"], core.counters["confirmed"]
+        wait_until(lambda: core.counters["confirmed"] >= confirmed + 5, timeout=30)
+        # Without them: a poll a second. With them: none, bar a hint or a beacon late on a loaded host.
+        assert core.counters["reads"] - reads <= 2
+        assert not mine.select(KEYS[1], lease=False).stale
+        wait_until(lambda: broker.request("balancer", "stats")["map"]["confirmed"] > 0, timeout=20)
+
+
 def test_a_node_join_reaches_local_clients(cluster: Bus) -> None:
     async def follow_async() -> int | None:
         async with AsyncClient(cluster.endpoint, timeout=5.0, events=cluster.env["PHANTOM_EVENTS_OUT"]) as ac:

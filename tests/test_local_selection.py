@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from phantom_bus import follower
 from phantom_bus.errors import BadRequest, NoLiveReplica
 from phantom_bus.follower import MapFollower
 from phantom_bus.routing import Balancer, BalancerConfig, Candidate, inputs
@@ -273,6 +274,46 @@ def test_a_hint_arriving_during_a_read_is_not_lost() -> None:
     assert f.hint({"epoch": 4}) is True             # ...epoch 4 is published meanwhile...
     f.on_reply(None, 1.01, full=False)              # ...and the poll saw nothing newer yet
     assert f.next_read(1.02) == {"since_epoch": 3}  # read again now, not a poll later
+
+
+def test_shardings_current_epoch_is_a_refresh_and_keeps_the_polls_away() -> None:
+    f = MapFollower(poll_s=1.0, verify_s=100.0)
+    f.on_reply(wire(3), 0.0, full=True)
+    for second in range(1, 8):                        # shardmap.current once a second
+        assert f.on_current({"epoch": 3, "term": 1}, second - 0.1) is False
+        assert f.next_read(float(second)) is None     # no poll while it says "current"
+    assert f.counters["reads"] == 1 and f.counters["confirmed"] == 7
+    assert f.refreshed_at == 6.9 and not f.stale(16.0, after=10.0)
+    # The events stop (the SUB lost its connection): the polls come back.
+    assert f.wake_at(7.0) == 6.9 + follower.CONFIRMED_POLL_S
+    assert f.next_read(6.9 + follower.CONFIRMED_POLL_S) == {"since_epoch": 3}
+
+
+def test_a_current_naming_another_epoch_is_a_hint_and_an_old_terms_is_no_refresh() -> None:
+    f = MapFollower(poll_s=1.0, verify_s=100.0)
+    assert f.on_current({"epoch": 3, "term": 1}, 0.0) is True   # no map yet: read it
+    f.on_reply(wire(3), 0.0, full=True)
+    assert f.on_current({"epoch": 4, "term": 1}, 0.5) is True   # a lost shardmap.changed
+    assert f.next_read(0.5) == {"since_epoch": 3}
+    f.on_reply(wire(4), 0.5, full=False)
+    assert f.on_current({"epoch": 2, "term": 1}, 0.6) is True   # older: a whole read shows it
+    assert f.next_read(0.6) == {}
+    f.on_reply(wire(4), 0.6, full=True)
+    f.on_current({"epoch": 4, "term": 2}, 0.7)
+    assert f.on_current({"epoch": 4, "term": 1}, 0.9) is False  # an older leader's
+    assert f.counters["old_term_dropped"] == 1 and f.refreshed_at == 0.7
+
+
+def test_confirmations_replace_the_periodic_whole_read_until_they_stop() -> None:
+    f = MapFollower(poll_s=1.0, verify_s=10.0)
+    f.on_reply(wire(8), 0.0, full=True)
+    for second in range(1, 31):                      # each names the epoch served: not older
+        f.on_current({"epoch": 8}, float(second))
+        assert f.next_read(second + 0.5) is None
+    assert f.next_read(30.0 + follower.CONFIRMED_POLL_S) == {}   # they stopped: a whole read
+    f.on_reply(wire(8), 33.0, full=True)
+    assert f.on_current({"epoch": 7}, 34.0) is True  # an older epoch served: read it whole
+    assert f.next_read(34.0) == {}
 
 
 def test_a_pushed_newer_map_is_taken_without_a_read() -> None:

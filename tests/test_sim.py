@@ -42,6 +42,25 @@ def test_short_run_holds_every_invariant() -> None:
         assert summary.faults.get(kind, 0) > 0, kind
 
 
+def test_histories_with_shardings_current_epoch_hold_every_invariant() -> None:
+    # The default runs without shardmap.current (the followers' polls alone); with it
+    # on, the followers confirm their epoch from it and every invariant still holds.
+    from phantom_sim.history import History
+    from phantom_sim.shells import Params
+    from services.sharding.service import CURRENT_EVERY
+
+    params = Params()
+    params.current_every = CURRENT_EVERY
+    confirmed = 0
+    for seed in range(12):
+        h = History(seed, SHORT_STEPS, params)
+        outcome = h.run()
+        assert not outcome.violations, (seed, outcome.violations[:3], outcome.fault_log)
+        confirmed += sum(p.follower.core.counters["confirmed"] for procs in h.world.services.values()
+                         for p in procs if getattr(p, "follower", None) is not None)
+    assert confirmed > 0
+
+
 def test_a_seed_replays_identically_in_one_process() -> None:
     buggify.enable("promote_unconfirmed")
     try:

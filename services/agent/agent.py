@@ -29,7 +29,7 @@ from phantom_bus.client import AsyncClient
 from phantom_bus.config import Config
 from phantom_bus.errors import PhantomError
 from phantom_bus.events import Deduplicator
-from phantom_bus.follower import AsyncMapFollower
+from phantom_bus.follower import CURRENT, AsyncMapFollower
 from phantom_bus.service import run_until
 from services.agent.incarnation import next_incarnation, persist_incarnation, refutation
 from services.agent.load import LoadDocument, LoadSampler
@@ -289,12 +289,15 @@ class Agent:
         Every map goes to the participant (services/agent/participation.py),
         which tells the database what to become and confirms a joining replica
         once the database's copy is complete. The map is followed by the
-        shared follower: ``shardmap.changed`` is a hint, a poll about once a
-        second repairs a lost event, an older epoch is refused.
+        shared follower: ``shardmap.changed`` is a hint (or the map itself),
+        sharding's ``shardmap.current`` says the map held is current, a poll
+        about once a second repairs lost events when those stop, an older
+        epoch is refused.
         """
         sub = self.ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"shardmap.changed")
+        sub.setsockopt(zmq.SUBSCRIBE, CURRENT.encode())
         self.security.connect(sub, self.cfg.events_out)
 
         async with AsyncClient(self.cfg.broker, timeout=self.cfg.timeout, retries=1, routing="broker") as client:
@@ -313,7 +316,11 @@ class Agent:
                     except PhantomError:
                         follower.poke()
                         continue
-                    if dedupe.accept(event):  # once, whichever broker relayed it
+                    if not dedupe.accept(event):
+                        continue  # once, whichever broker relayed it
+                    if event["kind"] == CURRENT:
+                        follower.current(event)
+                    else:
                         follower.hint(event)
 
             self.participation.on_confirmed = follower.poke  # the confirmed copy's new role, soon

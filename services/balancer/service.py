@@ -43,7 +43,7 @@ from phantom_bus.client import AsyncClient
 from phantom_bus.config import Config
 from phantom_bus.errors import NoLiveReplica, PhantomError
 from phantom_bus.events import Event
-from phantom_bus.follower import REGRESSED, AsyncMapFollower, Regression
+from phantom_bus.follower import CURRENT, REGRESSED, AsyncMapFollower, Regression
 from phantom_bus.metrics import SelectTimer
 from phantom_bus.routing import inputs
 from phantom_bus.routing.balancer import Balancer, Candidate
@@ -95,6 +95,7 @@ class BalancerService:
         svc.add_operation("routing", self.op_routing, allow=READ)
         svc.add_operation("report", self.op_report, allow=USE)
         svc.subscribe("shardmap.changed", self.on_map_changed)
+        svc.subscribe(CURRENT, self.on_map_current)
         svc.subscribe("member.", self.on_member)
         svc.subscribe("node.", self.on_node)
         svc.subscribe("cluster.node_", self.on_lifecycle)
@@ -237,6 +238,10 @@ class BalancerService:
     def on_map_changed(self, event: dict[str, Any]) -> None:
         """A hint that a newer epoch exists: the follower reads it."""
         self.follower.hint(event)
+
+    def on_map_current(self, event: dict[str, Any]) -> None:
+        """Sharding's epoch: the map held is current, or a newer one exists."""
+        self.follower.current(event)
 
     def _new_map(self, shard_map: ShardMap) -> None:
         self.map = shard_map

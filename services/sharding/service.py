@@ -38,6 +38,7 @@ from loguru import logger
 from phantom_bus.config import Config
 from phantom_bus.errors import BadRequest, PhantomError, ServiceUnavailable
 from phantom_bus.events import Event
+from phantom_bus.follower import CURRENT
 from phantom_bus.protocol import Encoded
 from phantom_bus.security import ADMIN, READ, Rule
 from phantom_bus.service import Service
@@ -59,6 +60,10 @@ T = TypeVar("T")
 #: map of several hundred shards; every subscriber receives it, and the broker
 #: keeps its recent events, so a larger map is announced only (readers ask for it).
 INLINE_MAP_MAX = 64 * 1024
+#: Seconds between the leader's ``shardmap.current`` events (the epoch it serves).
+#: Followers poll only when they have heard none for a few of these, so the cost
+#: of every reader's poll becomes one small event a second.
+CURRENT_EVERY = 1.0
 # Seconds between the leader's ticks of the core's timers (dead_delay and the primary
 # leases are settings, seconds long at their defaults, so half a second late is noise):
 # not a setting for that reason.
@@ -105,6 +110,9 @@ class ShardingService:
         self._reader_core: tuple[int, ShardingCore] | None = None  # a follower's read-only core, per revision
         self._write = asyncio.Lock()
         self._loaded = asyncio.Event()
+        # The leader's last epoch announced in shardmap.changed, with its term:
+        # what its shardmap.current says (never an epoch readers were not told of).
+        self._announced: tuple[int, int] | None = None
         self.service = Service("sharding", cfg)
         self.service.leader_probe = lambda: self.leadership.is_leader
         operations: tuple[tuple[Rule, dict[str, Callable[..., Any]]], ...] = (
@@ -187,7 +195,15 @@ class ShardingService:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
         try:
-            await asyncio.Event().wait()  # lead until deposed (this task is cancelled then)
+            # Lead until deposed (this task is cancelled then), saying which epoch is
+            # served: followers that hear it need not poll, and one that missed a
+            # shardmap.changed learns of it within a second.
+            while True:
+                await asyncio.sleep(CURRENT_EVERY)
+                if self.core is not None and self._announced is not None:
+                    epoch, term = self._announced
+                    if term == self.leadership.term:
+                        await self.service.publish(CURRENT, {"epoch": epoch, "term": term})
         finally:
             self.core = None
 
@@ -213,6 +229,7 @@ class ShardingService:
         await self.service.publish(
             CHANGED, _with_map({"epoch": committed.epoch, "term": term, "reason": "leader.elected"}, committed.blob)
         )
+        self._announced = (committed.epoch, term)
 
     async def _commit(self, call: Callable[[ShardingCore], Result[T]]) -> T:
         """Run a mutation off the loop, commit the new epoch (fenced CAS), then publish it.
@@ -258,6 +275,7 @@ class ShardingService:
                 result.events, prepare=with_term, bind="epoch",
                 describe=lambda kind, data: f"{kind} ({data.get('reason')}, term {term})",
             )
+            self._announced = (committed.epoch, term)
             return result.value
 
     async def _rollback(self, *, reload: bool) -> None:
