@@ -59,7 +59,7 @@ DECLARED: dict[str, dict[str, Op]] = {
         ),
         "events": Op(
             "array of event bodies (maps with `kind`, `ts`, `service`, ...), oldest first: the last `limit` "
-            "events the broker relayed (it keeps 1000; `member.load` is not kept)",
+            "events the broker relayed (it keeps 1000; `member.load` and `shardmap.current` are not kept)",
             ("bad_request",),
             notes={"limit": "1..1000"},
         ),
