@@ -140,12 +140,8 @@ class MapFollower:
 
     def hint(self, event: Mapping[str, Any]) -> bool:
         """A ``shardmap.changed`` event arrived; True if it calls for a read."""
-        term = _int(event.get("term"))
-        if term is not None:
-            if self.term is not None and term < self.term:
-                self.counters["old_term_dropped"] += 1
-                return False
-            self.term = term
+        if not self._take_term(event):
+            return False
         self.counters["hints"] += 1
         epoch = _int(event.get("epoch"))
         held = self.epoch
@@ -166,15 +162,11 @@ class MapFollower:
         wait at least :data:`CONFIRMED_POLL_S`, so neither is made while these
         arrive. Naming another epoch, it is a hint (an older one: a whole read)."""
         epoch = _int(event.get("epoch"))
-        term = _int(event.get("term"))
         held = self.epoch
         if epoch is None or held is None or epoch != held:
             return self.hint(event)
-        if term is not None:
-            if self.term is not None and term < self.term:
-                self.counters["old_term_dropped"] += 1
-                return False
-            self.term = term
+        if not self._take_term(event):
+            return False
         self.counters["confirmed"] += 1
         self.refreshed_at = now
         # Nor a whole read: it could only show an older epoch, and this names the
@@ -183,6 +175,17 @@ class MapFollower:
         self._next_poll = max(self._next_poll, quiet)
         self._next_verify = max(self._next_verify, quiet)
         return False
+
+    def _take_term(self, event: Mapping[str, Any]) -> bool:
+        """False (and counted) for an event of an older leader's term; else the
+        event's term, if any, becomes the highest seen."""
+        term = _int(event.get("term"))
+        if term is not None:
+            if self.term is not None and term < self.term:
+                self.counters["old_term_dropped"] += 1
+                return False
+            self.term = term
+        return True
 
     def on_pushed(self, doc: Any, term: int | None, now: float) -> Outcome:
         """A map pushed inside a ``shardmap.changed`` event (its wire document).
