@@ -92,6 +92,22 @@ scan all 10 nodes (a tie goes to one of the tied nodes at random), weighted
   latency average that decays while idle does not; so a real strategy may
   beat it, and the printed ratios say whether this one does.
 
+Why two choices on own feedback miss the goal, measured in the same run
+(``two_choice_proof``): a rule that draws two nodes at random is only as good
+as what it knows of those two. ``pc_two_stale`` gives every client more than
+its own feedback can: every node's exact global count (with exponential
+service a node's count is its whole state), refreshed every ``d`` at the
+client's own phase (so its age is uniform over ``[0, d]``), plus the client's
+own dispatches and completions since, ranked as the bounds above rank. It is
+run for ``d`` in ``TWO_STALE_MS``. Next to it, the age of what a client's own
+feedback says about a node drawn at random (the arrival time of its newest
+completed request there, since a latency describes the queue met on arrival)
+is sampled at every select of the default per-client run. When exact counts
+of a median age below own feedback's still miss 1.1x, two choices on own
+feedback cannot meet it here. The same section prints the default per-client
+ratio with the traffic split over 2 and 5 clients, the information thinning
+as the clients multiply.
+
 Degradation scenario: Poisson arrivals, each request for a random shard
 with three replicas; every node serves ``DEG_WORKERS`` requests at once from
 a FIFO queue with exponential service times; nodes report their CPU busy
@@ -147,6 +163,13 @@ ORACLE = "oracle"
 PC_JSQ = "pc_jsq"
 PC_SNAPSHOT = "pc_snapshot"
 PER_CLIENT_BOUNDS = (PC_JSQ, PC_SNAPSHOT)
+#: Two random choices on every node's exact global count, each client refreshed
+#: every ``refresh_s`` (at its own phase) plus its own dispatches and completions
+#: since: how fresh the information of a two-choice rule must be.
+PC_TWO_STALE = "pc_two_stale"
+TWO_STALE_MS = (5.0, 10.0, 15.0, 20.0, 50.0, 150.0)
+#: Client counts for the per-client curve (the same total traffic, split further).
+CLIENT_CURVE = (2, 5)
 #: Per-client core configurations: what a LocalRouter takes by default (the
 #: balancer's defaults), the best two-choice variant found, and the opt-in scan.
 PER_CLIENT_VARIANTS = {
@@ -191,11 +214,12 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: bool = True,
-             clients: int = 1, variant: str = "default") -> dict[str, Any]:
-    """One run; ``strategy`` is a core strategy name, ORACLE or one of
-    PER_CLIENT_BOUNDS; ``clients`` > 1 gives every client its own core (fresh
-    information only) or, for PER_CLIENT_BOUNDS, its own counts; the per-client
-    cores take the configuration PER_CLIENT_VARIANTS[``variant``]."""
+             clients: int = 1, variant: str = "default", refresh_s: float = 0.0) -> dict[str, Any]:
+    """One run; ``strategy`` is a core strategy name, ORACLE, one of
+    PER_CLIENT_BOUNDS or PC_TWO_STALE (refreshed every ``refresh_s``);
+    ``clients`` > 1 gives every client its own core (fresh information only) or,
+    for the idealised policies, its own counts; the per-client cores take the
+    configuration PER_CLIENT_VARIANTS[``variant``]."""
     arrivals = random.Random(seed)  # inter-arrival times, shards, work: same for every strategy
     tie = random.Random(seed + 7919)  # oracle tie-break
     nodes = {n: Node(n, ms / 1000.0) for n, ms in MEAN_MS.items()}
@@ -203,7 +227,8 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
     shard_ids = list(shards)
     only = {n: [Candidate(n)] for n in nodes}
     oracle = strategy == ORACLE
-    bound = strategy in PER_CLIENT_BOUNDS
+    two_stale = strategy == PC_TWO_STALE
+    bound = strategy in PER_CLIENT_BOUNDS or two_stale
     cfg = BalancerConfig(default_strategy="performance" if oracle or bound else strategy)
     if clients > 1:
         cfg = replace(PER_CLIENT_VARIANTS[variant], default_strategy=cfg.default_strategy)
@@ -222,6 +247,17 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
     own = [dict.fromkeys(names, 0) for _ in range(clients)]
     snap = [dict.fromkeys(names, 0) for _ in range(clients)]
     since = [dict.fromkeys(names, 0) for _ in range(clients)]
+    # PC_TWO_STALE: client c's own in-flight count per node at its last refresh.
+    base = [dict.fromkeys(names, 0) for _ in range(clients)]
+    # Per-client cores: the age of what client c last heard from node n (the
+    # arrival time of its newest completed request there: a latency describes
+    # the queue the request met on arrival), sampled at each select for a node
+    # drawn uniformly (as the two choices are) from a stream of its own. A node
+    # not heard from yet counts as heard at time 0 (an underestimate of the age).
+    index = {id(b): c for c, b in enumerate(bals)}
+    heard = [dict.fromkeys(names, 0.0) for _ in range(clients)]
+    age_rng = random.Random(seed + 104729)
+    ages: list[float] = []
     # Weighted bounds rank by expected delay (queue + 1) x mean service time, i.e.
     # (queue + 1) / capacity weight, as the weighted core strategies do.
     cost_of = {n: (MEAN_MS[n] / FAST_MS if weighted else 1.0) for n in names}
@@ -232,7 +268,7 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
 
     heap: list[tuple[float, int, int, Any]] = []
     seq = 0
-    ARRIVE, DONE, REPORT, BATCH = 0, 1, 2, 3
+    ARRIVE, DONE, REPORT, BATCH, REFRESH = 0, 1, 2, 3, 4
 
     def push(at: float, kind: int, payload: Any) -> None:
         nonlocal seq
@@ -262,6 +298,9 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
     push(1.0, REPORT, None)
     if stale:
         push(period, BATCH, None)
+    if two_stale:
+        for c in range(clients):
+            push(refresh_s * (c + 0.5) / clients, REFRESH, c)
     while heap:
         now, _, kind, payload = heapq.heappop(heap)
         if kind == ARRIVE:
@@ -281,6 +320,19 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
                     if best is None or nd.outstanding < best.outstanding:
                         best = nd
                 node = best
+            elif two_stale:
+                c = int(who.random() * clients)
+                cands = shards[sid]
+                i = int(tie.random() * NODES)
+                j = int(tie.random() * (NODES - 1))
+                j += j >= i
+                first, second = cands[i].node, cands[j].node
+                cost_1 = (snap[c][first] + own[c][first] - base[c][first] + 1) * cost_of[first]
+                cost_2 = (snap[c][second] + own[c][second] - base[c][second] + 1) * cost_of[second]
+                chosen = first if cost_1 < cost_2 or (cost_1 == cost_2 and tie.random() < 0.5) else second
+                node = nodes[chosen]
+                own[c][chosen] += 1
+                req[5] = c
             elif bound:
                 c = int(who.random() * clients)
                 known = own[c] if strategy == PC_JSQ else None
@@ -309,6 +361,8 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
                 pending_open.append(req)
             else:
                 mine = bals[int(who.random() * clients)] if clients > 1 else bal
+                if clients > 1 and req[4] >= warm:
+                    ages.append(now - heard[index[id(mine)]][names[int(age_rng.random() * NODES)]])
                 sel = mine.select(sid, shards[sid], now=now)
                 node = nodes[sel.node]
                 req[3] = sel.lease
@@ -334,8 +388,11 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
             if bound:
                 c = req[5]
                 own[c][node.name] -= 1
-                snap[c][node.name] = node.outstanding  # stamped as the response leaves
-                since[c][node.name] = 0
+                if not two_stale:
+                    snap[c][node.name] = node.outstanding  # stamped as the response leaves
+                    since[c][node.name] = 0
+            elif clients > 1:
+                heard[index[id(req[5])]][node.name] = req[0]
             latency_ms = (now - req[0]) * 1000.0
             if req[4] >= warm:
                 latencies.append(latency_ms)
@@ -360,6 +417,13 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
             for b in bals:
                 b.tick(now)
             push(now + 1.0, REPORT, None)
+        elif kind == REFRESH:  # PC_TWO_STALE: client ``payload`` learns every exact count
+            c = payload
+            for n in names:
+                snap[c][n] = nodes[n].outstanding
+                base[c][n] = own[c][n]
+            if sent < requests:
+                push(now + refresh_s, REFRESH, c)
         else:  # BATCH: the core learns about the last period's selections and completions
             for req in pending_open:
                 req[3] = bal.select(req[2].name + "/feedback", only[req[2].name], now=now).lease
@@ -373,9 +437,12 @@ def simulate(strategy: str, seed: int, stale_k: float, requests: int, weighted: 
     busy = [n.busy_s / t_end for n in nodes.values()]
     mean_busy = statistics.fmean(busy)
     latencies.sort()
+    ages.sort()
     return {
         "strategy": strategy, "seed": seed, "stale_k": stale_k, "weighted": weighted, "clients": clients,
-        "variant": variant,
+        "variant": variant, "refresh_s": refresh_s,
+        "info_age_ms": {q: pct(ages, p) * 1000.0 for q, p in (("p10", 0.1), ("p50", 0.5), ("p90", 0.9))}
+        if ages else None,
         "requests": sent, "measured": len(latencies), "expired_leases": expired, "virtual_s": t_end,
         "p50_ms": pct(latencies, 0.50), "p99_ms": pct(latencies, 0.99),
         "p999_ms": pct(latencies, 0.999), "mean_ms": statistics.fmean(latencies),
@@ -596,6 +663,60 @@ def label(strategy: str, weighted: bool) -> str:
     return strategy if weighted else f"{strategy} (weights 1)"
 
 
+def two_choice_proof(per_client: list[dict[str, Any]], vs_central: Any, perf: dict[str, Any],
+                     clients: int) -> dict[str, Any]:
+    """Print and return how fresh a two-choice rule's information must be for
+    the per-client goal, against how old a client's own information is.
+
+    A rule that draws two nodes at random can only be as good as what it knows
+    of those two when it compares them. PC_TWO_STALE gives it more than own
+    feedback can: every node's exact global count (with exponential service a
+    node's count is its whole state), at most ``d`` old (uniform over [0, d],
+    the median d / 2), plus the client's own dispatches and completions since.
+    Own feedback says at best what the node was like when the client's last
+    response from it arrived there; the age of that, for a node drawn
+    uniformly, is measured in the default per-client run. When exact counts of
+    a median age below that still miss 1.1x, no two-choice rule on own
+    feedback meets it in this workload."""
+    curve = []
+    for ms in TWO_STALE_MS:
+        v = vs_central(PC_TWO_STALE, True, refresh_s=ms / 1000.0)
+        curve.append({"refresh_ms": ms, "median_age_ms": ms / 2.0, **v})
+    own_runs = [r for r in per_client if r["strategy"] == "performance" and r["variant"] == "default"
+                and r["clients"] == clients and r["info_age_ms"]]
+    own_age = {q: statistics.median(r["info_age_ms"][q] for r in own_runs) for q in ("p10", "p50", "p90")}
+    print("    two random choices, idealised: every node's exact count, each client refreshed every d "
+          "(its own phase) + its own changes since:")
+    print("      " + "; ".join(f"d {c['refresh_ms']:g} ms (median age {c['median_age_ms']:g}): "
+                               f"{c['ratio']:.3f}x" for c in curve))
+    fresh_enough = [c for c in curve if c["ratio"] <= 1.1]
+    needed = max((c["median_age_ms"] for c in fresh_enough), default=0.0)
+    # The oldest refresh in the sweep whose median age is still below own feedback's.
+    younger = [c for c in curve if c["median_age_ms"] <= own_age["p50"]]
+    witness = max(younger, key=lambda c: c["median_age_ms"]) if younger else None
+    out_of_reach = witness is not None and witness["ratio"] > 1.1 and own_age["p50"] > needed
+    print(f"      within 1.1x only up to a median age of {needed:g} ms; a client's own information about "
+          f"a node drawn at random is {own_age['p10']:.0f}/{own_age['p50']:.0f}/{own_age['p90']:.0f} ms old "
+          f"(p10/p50/p90)")
+    curve_n = []
+    for n in CLIENT_CURVE:
+        if 1 < n < clients:
+            v = vs_central("performance", True, clients=n)
+            curve_n.append({"clients": n, **v})
+    print("    per-client performance by number of clients sharing the traffic: 1 (central) 1.000x; "
+          + "; ".join(f"{c['clients']}: {c['ratio']:.3f}x" for c in curve_n)
+          + f"; {clients}: {perf['ratio']:.3f}x")
+    if out_of_reach and witness is not None:
+        print(f"    => two choices on own feedback cannot reach 1.1x here: exact counts of every node at a "
+              f"median age of {witness['median_age_ms']:g} ms (younger than own feedback's "
+              f"{own_age['p50']:.0f} ms) give {witness['ratio']:.3f}x")
+    else:
+        print("    => the freshness argument does not exclude a two-choice rule in this run")
+    return {"fresh_counts": curve, "needed_median_age_ms": needed, "own_info_age_ms": own_age,
+            "by_clients": curve_n, "out_of_reach": out_of_reach,
+            "witness_refresh_ms": witness["refresh_ms"] if witness else None}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="20,000 requests per run (< 1 min)")
@@ -620,6 +741,11 @@ def main() -> int:
             for s in PER_CLIENT_BOUNDS:
                 for w in (True, False):
                     jobs.append((s, seed, 0.0, requests, w, args.clients))
+            for ms in TWO_STALE_MS:
+                jobs.append((PC_TWO_STALE, seed, 0.0, requests, True, args.clients, "default", ms / 1000.0))
+            for n in CLIENT_CURVE:
+                if 1 < n < args.clients:
+                    jobs.append(("performance", seed, 0.0, requests, True, n))
         jobs.append((ORACLE, seed, 0.0, requests, True))
         for s in STRATEGY_NAMES:
             jobs.append((s, seed, 0.0, requests, True))
@@ -727,9 +853,10 @@ def main() -> int:
                    and r["stale_k"] == 0.0}
         c_p99 = statistics.median(r["p99_ms"] for r in central.values())
 
-        def vs_central(strategy: str, weighted: bool, variant: str = "default") -> dict[str, Any]:
+        def vs_central(strategy: str, weighted: bool, variant: str = "default", clients: int = args.clients,
+                       refresh_s: float = 0.0) -> dict[str, Any]:
             rs = [r for r in per_client if r["strategy"] == strategy and r["weighted"] == weighted
-                  and r["variant"] == variant]
+                  and r["variant"] == variant and r["clients"] == clients and r["refresh_s"] == refresh_s]
             ratios = sorted(r["p99_ms"] / central[r["seed"]]["p99_ms"] for r in rs)
             return {"p99_ms": statistics.median(r["p99_ms"] for r in rs), "ratio": statistics.median(ratios),
                     "ratios": ratios, "max_mean": statistics.median(r["max_over_mean_load"] for r in rs)}
@@ -762,6 +889,7 @@ def main() -> int:
             goals["per_client"]["idealised"][s] = {
                 "weighted": both[True], "unweighted": both[False],
                 "better": "weighted" if best else "unweighted", "within_goal": both[best]["ratio"] <= 1.1}
+        goals["per_client"]["two_choices"] = two_choice_proof(per_client, vs_central, perf, args.clients)
     print(f"\n({len(runs) + len(per_client)} runs in {elapsed:.0f} s wall on {args.jobs} processes)")
 
     deg_seeds, duration, rate = (1, 3.0, 3000.0) if args.quick else (args.seeds, 12.0, 4000.0)
