@@ -203,11 +203,11 @@ def measure(endpoint: str, via_broker: bool, clients: int, seconds: float,
     procs = [
         mp.Process(target=client_loop, args=(endpoint, via_broker, seconds, q, clients == 1)) for _ in range(clients)
     ]
-    cpu0 = cpu_seconds(servers or [])
+    cpu0 = [cpu_seconds([pid]) for pid in servers or []]
     for p in procs:
         p.start()
     results = [q.get(timeout=seconds + 60) for _ in procs]
-    cpu1 = cpu_seconds(servers or [])
+    cpu1 = [cpu_seconds([pid]) for pid in servers or []]
     for p in procs:
         p.join()
     total = sum(r["count"] for r in results)
@@ -215,7 +215,10 @@ def measure(endpoint: str, via_broker: bool, clients: int, seconds: float,
     out = {"throughput": total / elapsed}
     if servers:
         # Includes the 200 warm-up round trips of each client.
-        out["cpu_us"] = (cpu1 - cpu0) / (total + 200 * clients) * 1e6
+        per = [(b - a) / (total + 200 * clients) * 1e6 for a, b in zip(cpu0, cpu1, strict=True)]
+        out["cpu_us"] = sum(per)
+        if len(per) == 2:  # the forwarder (or broker), then the worker (or echo service)
+            out["cpu_front_us"], out["cpu_worker_us"] = per
     if clients == 1:
         s = sorted(results[0]["samples"])
         out["p50_us"] = s[len(s) // 2] * 1e6
@@ -313,6 +316,8 @@ def main() -> int:
                     ("p50_us", one["p50_us"]),
                     ("p99_us", one["p99_us"]),
                     ("cpu_us", one["cpu_us"]),
+                    ("cpu_front_us", one.get("cpu_front_us", 0.0)),
+                    ("cpu_worker_us", one.get("cpu_worker_us", 0.0)),
                     ("rps_1", one["throughput"]),
                     (f"rps_{args.concurrency}", many["throughput"]),
                 ):
@@ -384,6 +389,12 @@ def main() -> int:
         f"{med['raw']['cpu_us']:.0f} us, floor {med['floor']['cpu_us']:.0f} us (forwarder + worker), broker "
         f"{med['broker']['cpu_us']:.0f} us (broker + echo service): {floor_ratio['broker_over_floor_cpu']:.2f}x the "
         f"floor (median of rounds, {cpu_rounds[0]:.2f}..{cpu_rounds[-1]:.2f})"
+    )
+    print(
+        f"{'':8} per process: forwarder {med['floor']['cpu_front_us']:.0f} + worker "
+        f"{med['floor']['cpu_worker_us']:.0f} us; protocol forwarder {med['frames']['cpu_front_us']:.0f} + "
+        f"worker {med['frames']['cpu_worker_us']:.0f} us; broker {med['broker']['cpu_front_us']:.0f} + "
+        f"echo service {med['broker']['cpu_worker_us']:.0f} us"
     )
     print(f"load average: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} cores)")
     out = ROOT / "bench" / "results" / "broker_roundtrip.json"
