@@ -13,9 +13,11 @@ from typing import Any
 
 import pytest
 
-from phantom_bus import config
+from phantom_bus import config, protocol
 from phantom_bus.errors import InternalError, Overloaded, PhantomError, Refused, StoreError
+from phantom_bus.follower import CURRENT
 from phantom_bus.service import SERVICE_SETTINGS
+from phantom_bus.shardmap import Keyspace, Replica, Shard, ShardMap
 from phantom_bus.store.memory import MemoryStore
 from services.manager import service as manager_service
 from services.manager.core import Action
@@ -156,5 +158,49 @@ def test_a_verdict_from_an_older_membership_term_is_ignored(tmp_path: Path) -> N
                 await svc.on_event(event)
             assert svc.core.node("n1").member == "alive" and svc.counters["stale_verdicts"] == 1
             assert rec.count("sharding", "node_dead") == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_map_loop_takes_shardings_current_epoch_instead_of_polling(tmp_path: Path) -> None:
+    # The manager follows the map with the shared follower: an event that carries
+    # the map is taken without a read, and sharding's shardmap.current (the epoch
+    # held) stands for a poll. A follower polls about once a second without it.
+    svc, rec = make(tmp_path)
+    def one_shard(epoch: int, node: str) -> ShardMap:
+        shard = Shard("h/0", (Replica(node, "primary"),), slots=((0, 16),))
+        return ShardMap(epoch, (Keyspace("default", "hash", 1, (shard,), 16),))
+
+    first, second = one_shard(3, "n1"), one_shard(4, "n2")
+    answers: list[Any] = [first.to_wire()]
+
+    async def request(service: str, op: str, /, **args: Any) -> Any:
+        rec.calls.append((service, op, args))
+        if (service, op) == ("sharding", "map"):
+            return answers.pop(0) if answers else None
+        return {}
+
+    rec.request = request  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        loop_task = asyncio.ensure_future(svc.map_loop())
+        try:
+            await until(lambda: svc._map is not None and svc._map.epoch == 3)
+            reads = rec.count("sharding", "map")
+            for _ in range(12):  # 3.6 s of current events: no poll is due while they come
+                svc.on_map_current({"kind": CURRENT, "epoch": 3, "term": 1})
+                await asyncio.sleep(0.3)
+            assert rec.count("sharding", "map") == reads
+            svc.on_map_changed({"kind": "shardmap.changed", "epoch": 4, "term": 1,
+                                "map": protocol.pack(second.to_wire())})
+            await until(lambda: svc._map is not None and svc._map.epoch == 4)
+            assert rec.count("sharding", "map") == reads
+            # A newer epoch named by shardmap.current is a reason to read.
+            answers.append(one_shard(5, "n3").to_wire())
+            svc.on_map_current({"kind": CURRENT, "epoch": 5, "term": 1})
+            await until(lambda: svc._map is not None and svc._map.epoch == 5)
+        finally:
+            loop_task.cancel()
+            await asyncio.gather(loop_task, return_exceptions=True)
 
     asyncio.run(scenario())

@@ -47,7 +47,7 @@ from loguru import logger
 from phantom_bus.client import AsyncClient
 from phantom_bus.config import Config
 from phantom_bus.errors import NotFound, Overloaded, PhantomError, Refused
-from phantom_bus.follower import REGRESSED, AsyncMapFollower, Regression
+from phantom_bus.follower import CURRENT, REGRESSED, AsyncMapFollower, Regression
 from phantom_bus.leader import read_leader
 from phantom_bus.security import ADMIN, READ, Rule
 from phantom_bus.service import Service
@@ -137,6 +137,8 @@ class ManagerService:
         self._member_term = MembershipTerm()
         self._map: ShardMap | None = None
         self._map_stale = asyncio.Event()
+        # Built by map_loop (it reads through self.client as it is then); events before it are moot.
+        self._follower: AsyncMapFollower | None = None
         self.counters = {"overloaded": 0, "dropped": 0, "stale_verdicts": 0}
         # The control plane's own health: restarts, sharding's store, our queues' ages.
         self.control = ControlWatch()
@@ -158,6 +160,7 @@ class ManagerService:
         svc.subscribe("node.", self.on_event)
         svc.subscribe("member.", self.on_event)
         svc.subscribe("shardmap.changed", self.on_map_changed)
+        svc.subscribe(CURRENT, self.on_map_current)
 
     # --- deciding: commit first, then act -------------------------------------------
 
@@ -426,16 +429,23 @@ class ManagerService:
             logger.warning("{} for {} not decided now: {}", kind, event.get("node"), exc)
 
     def on_map_changed(self, event: dict[str, Any]) -> None:
-        """Fetch the new map in the map loop."""
-        self._map_stale.set()
+        """A new map: taken from the event when it carries one, else read by the follower."""
+        if self._follower is not None:
+            self._follower.hint(event)
+
+    def on_map_current(self, event: dict[str, Any]) -> None:
+        """Sharding's epoch: the map held is current (no poll), or a newer one exists."""
+        if self._follower is not None:
+            self._follower.current(event)
 
     async def map_loop(self) -> None:
         """Follow the shard map (the shared follower): finish drains, judge health.
 
         Health is judged on every new map and at least every few seconds on the
-        current one (a shard's health also depends on time); ``_map_stale``
-        (an event, a drain accepted) asks the follower to read at once."""
-        follower = AsyncMapFollower(self.client, name="manager", on_regress=self._map_regressed)
+        current one (a shard's health also depends on time). Events reach the
+        follower directly; ``_map_stale`` (a drain accepted) asks it to read at
+        once, since a drain is only judged on maps read after it."""
+        follower = self._follower = AsyncMapFollower(self.client, name="manager", on_regress=self._map_regressed)
         runner = asyncio.ensure_future(follower.run())
         try:
             while True:
