@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -67,6 +68,13 @@ CONFIRMED_POLL_S = 3.0
 #: Seconds between attempts while no map is held yet (a service that starts
 #: before sharding answers within a fraction of a second once sharding is up).
 FIRST_RETRY_S = 0.2
+#: How much the shell's followers spread their reads: each wait is drawn from
+#: ``[w * (1 - j/2), w * (1 + j/2)]`` (a postponement by ``shardmap.current`` from
+#: ``[w, w * (1 + j)]``). Every reader hears the same events at the same moment;
+#: without it they would all poll, and make their whole reads, in the same
+#: instant once the events stop (sharding's leader gone: just when a new one is
+#: starting), and retry a failed read in step.
+POLL_JITTER = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,14 +114,21 @@ class MapFollower:
     Call :meth:`next_read` to learn whether a read is due and with which
     arguments, then :meth:`on_reply` or :meth:`on_error` with its result;
     :meth:`hint` with every ``shardmap.changed`` event; :meth:`wake_at` says
-    when to look again.
+    when to look again. ``jitter`` (0: none, the default) spreads every wait by
+    that fraction (see :data:`POLL_JITTER`), drawn from ``rng`` (pass a seeded
+    one for a reproducible schedule).
     """
 
-    def __init__(self, *, poll_s: float = DEFAULT_POLL_S, verify_s: float = DEFAULT_VERIFY_S) -> None:
+    def __init__(self, *, poll_s: float = DEFAULT_POLL_S, verify_s: float = DEFAULT_VERIFY_S,
+                 jitter: float = 0.0, rng: random.Random | None = None) -> None:
         if poll_s <= 0 or verify_s <= 0:
             raise ValueError("poll_s and verify_s must be positive")
+        if not 0.0 <= jitter < 1.0:
+            raise ValueError(f"jitter must be in [0, 1), got {jitter!r}")
         self.poll_s = poll_s
         self.verify_s = verify_s
+        self.jitter = jitter
+        self._rng = rng if rng is not None else random.Random()
         self.map: ShardMap | None = None
         self.term: int | None = None
         #: Monotonic time of the last successful read (the map is known current then).
@@ -171,7 +186,7 @@ class MapFollower:
         self.refreshed_at = now
         # Nor a whole read: it could only show an older epoch, and this names the
         # epoch served (an older one would have been a hint for a whole read).
-        quiet = now + max(self.poll_s, CONFIRMED_POLL_S)
+        quiet = now + max(self.poll_s, CONFIRMED_POLL_S) * (1.0 + self._spread(0.0))
         self._next_poll = max(self._next_poll, quiet)
         self._next_verify = max(self._next_verify, quiet)
         return False
@@ -273,17 +288,23 @@ class MapFollower:
         self._verify = False
         # Until a first map arrives nothing can route: ask again sooner.
         wait = self.poll_s if self.map is not None else min(self.poll_s, FIRST_RETRY_S)
-        self._next_poll = now + wait
+        self._next_poll = now + wait * (1.0 + self._spread())
         if full:
-            self._next_verify = now + wait
+            self._next_verify = self._next_poll
 
     def _schedule(self, now: float, full: bool) -> None:
         self._due = self._hints != self._hints_at_read
-        self._next_poll = now + self.poll_s
+        self._next_poll = now + self.poll_s * (1.0 + self._spread())
         if full:
             self._verify = False
             self.counters["full_reads"] += 1
-            self._next_verify = now + self.verify_s
+            self._next_verify = now + self.verify_s * (1.0 + self._spread())
+
+    def _spread(self, low: float = -0.5) -> float:
+        """A factor's offset from 1: uniform over ``[low, low + 1] * jitter`` (0 without jitter)."""
+        if not self.jitter:
+            return 0.0
+        return (low + self._rng.random()) * self.jitter
 
     def stale(self, now: float, after: float) -> bool:
         """True when no read has succeeded for ``after`` seconds (or none ever)."""
@@ -317,7 +338,8 @@ class AsyncMapFollower:
     ``on_change(map)`` runs for every newer map, ``on_regress(regression)`` for
     every refused older one (after a loud log line); either may be a coroutine
     function. New epochs are logged at ``change_level`` (library clients:
-    DEBUG). Feed events with :meth:`hint`; run :meth:`run` as a task.
+    DEBUG). Feed events with :meth:`hint`; run :meth:`run` as a task. Its
+    reads are spread by ``jitter`` (:data:`POLL_JITTER`; 0 for a fixed schedule).
     """
 
     def __init__(
@@ -330,8 +352,9 @@ class AsyncMapFollower:
         poll_s: float = DEFAULT_POLL_S,
         verify_s: float = DEFAULT_VERIFY_S,
         change_level: str = "INFO",
+        jitter: float = POLL_JITTER,
     ) -> None:
-        self.core = MapFollower(poll_s=poll_s, verify_s=verify_s)
+        self.core = MapFollower(poll_s=poll_s, verify_s=verify_s, jitter=jitter)
         self.change_level = change_level
         self.client = client
         self.name = name

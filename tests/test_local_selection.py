@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from phantom_bus import follower
 from phantom_bus.errors import BadRequest, NoLiveReplica
-from phantom_bus.follower import MapFollower
+from phantom_bus.follower import AsyncMapFollower, MapFollower
 from phantom_bus.routing import Balancer, BalancerConfig, Candidate, inputs
 from phantom_bus.routing.local import SCAN_CONFIG, LocalRouter
 from phantom_bus.shardmap import Keyspace, Replica, Shard, ShardMap
@@ -316,6 +316,52 @@ def test_confirmations_replace_the_periodic_whole_read_until_they_stop() -> None
     assert f.next_read(34.0) == {}
 
 
+def test_jitter_spreads_followers_that_hear_the_same_events() -> None:
+    # Every reader hears one shardmap.current at one instant. When they stop (sharding's
+    # leader gone), jittered followers do not all poll, nor all read whole, at once.
+    followers = [MapFollower(poll_s=1.0, verify_s=100.0, jitter=0.2, rng=random.Random(seed))
+                 for seed in range(50)]
+    for f in followers:
+        f.on_reply(wire(3), 0.0, full=True)
+        for second in range(1, 6):
+            f.on_current({"epoch": 3, "term": 1}, float(second))
+    first_polls = [f.wake_at(5.5) for f in followers]
+    quiet = 5.0 + follower.CONFIRMED_POLL_S
+    assert all(quiet <= t <= quiet + follower.CONFIRMED_POLL_S * 0.2 for t in first_polls)
+    assert max(first_polls) - min(first_polls) > 0.3      # spread, not in step
+    # Each poll after that, and each retry after a failed read, waits 0.9..1.1 poll intervals.
+    for f, t in zip(followers, first_polls, strict=True):
+        assert f.next_read(t) is not None
+        f.on_error(t, full=False)
+        assert 0.9 <= f.wake_at(t) - t <= 1.1
+        f.on_reply(None, t + 1.1, full=False)
+        assert 1.1 + 0.9 <= f.wake_at(t) - t <= 1.1 + 1.1
+    assert len({round(f.wake_at(20.0), 6) for f in followers}) == len(followers)
+    # The whole reads are spread too: 90..110 s after the first.
+    assert all(90.0 <= f._next_verify <= 110.0 for f in followers)
+    assert len({round(f._next_verify, 6) for f in followers}) == len(followers)
+
+
+def test_a_seeded_jitter_gives_the_same_schedule_and_none_gives_the_exact_one() -> None:
+    def schedule(f: MapFollower) -> list[float]:
+        f.on_reply(wire(3), 0.0, full=True)
+        times, now = [], 0.0
+        for _ in range(5):
+            now = f.wake_at(now)
+            f.next_read(now)
+            f.on_reply(None, now, full=False)
+            times.append(now)
+        return times
+
+    assert schedule(MapFollower(jitter=0.2, rng=random.Random(4))) == \
+        schedule(MapFollower(jitter=0.2, rng=random.Random(4)))
+    assert schedule(MapFollower(poll_s=1.0)) == [1.0, 2.0, 3.0, 4.0, 5.0]
+    with pytest.raises(ValueError, match="jitter"):
+        MapFollower(jitter=1.0)
+    # The shell every reader uses spreads its reads by default.
+    assert AsyncMapFollower(object(), name="test").core.jitter == follower.POLL_JITTER > 0  # type: ignore[arg-type]
+
+
 def test_a_pushed_newer_map_is_taken_without_a_read() -> None:
     f = MapFollower(poll_s=1.0)
     f.on_reply(wire(3), 0.0, full=True)
@@ -348,7 +394,6 @@ async def test_the_async_follower_takes_a_pushed_map_and_calls_back() -> None:
     import asyncio
 
     from phantom_bus import protocol
-    from phantom_bus.follower import AsyncMapFollower
 
     class Sharding:
         calls = 0
