@@ -312,12 +312,12 @@ def main() -> int:
             for name, ep, via in order:
                 one = measure(ep, via, 1, args.seconds, pids[name])
                 many = measure(ep, via, args.concurrency, args.seconds)
+                split = [(k, one[k]) for k in ("cpu_front_us", "cpu_worker_us") if k in one]
                 for key, value in (
                     ("p50_us", one["p50_us"]),
                     ("p99_us", one["p99_us"]),
                     ("cpu_us", one["cpu_us"]),
-                    ("cpu_front_us", one.get("cpu_front_us", 0.0)),
-                    ("cpu_worker_us", one.get("cpu_worker_us", 0.0)),
+                    *split,
                     ("rps_1", one["throughput"]),
                     (f"rps_{args.concurrency}", many["throughput"]),
                 ):

@@ -186,7 +186,7 @@ class MapFollower:
         self.refreshed_at = now
         # Nor a whole read: it could only show an older epoch, and this names the
         # epoch served (an older one would have been a hint for a whole read).
-        quiet = now + max(self.poll_s, CONFIRMED_POLL_S) * (1.0 + self._spread(0.0))
+        quiet = now + self._spread(max(self.poll_s, CONFIRMED_POLL_S), longer_only=True)
         self._next_poll = max(self._next_poll, quiet)
         self._next_verify = max(self._next_verify, quiet)
         return False
@@ -288,23 +288,24 @@ class MapFollower:
         self._verify = False
         # Until a first map arrives nothing can route: ask again sooner.
         wait = self.poll_s if self.map is not None else min(self.poll_s, FIRST_RETRY_S)
-        self._next_poll = now + wait * (1.0 + self._spread())
+        self._next_poll = now + self._spread(wait)
         if full:
             self._next_verify = self._next_poll
 
     def _schedule(self, now: float, full: bool) -> None:
         self._due = self._hints != self._hints_at_read
-        self._next_poll = now + self.poll_s * (1.0 + self._spread())
+        self._next_poll = now + self._spread(self.poll_s)
         if full:
             self._verify = False
             self.counters["full_reads"] += 1
-            self._next_verify = now + self.verify_s * (1.0 + self._spread())
+            self._next_verify = now + self._spread(self.verify_s)
 
-    def _spread(self, low: float = -0.5) -> float:
-        """A factor's offset from 1: uniform over ``[low, low + 1] * jitter`` (0 without jitter)."""
+    def _spread(self, wait: float, *, longer_only: bool = False) -> float:
+        """``wait`` spread by the jitter: uniform over ``wait * (1 +- jitter/2)``, or
+        over ``wait * [1, 1 + jitter]`` if ``longer_only`` (``wait`` itself without jitter)."""
         if not self.jitter:
-            return 0.0
-        return (low + self._rng.random()) * self.jitter
+            return wait
+        return wait * (1.0 + (self._rng.random() - (0.0 if longer_only else 0.5)) * self.jitter)
 
     def stale(self, now: float, after: float) -> bool:
         """True when no read has succeeded for ``after`` seconds (or none ever)."""

@@ -167,6 +167,7 @@ def test_the_map_loop_takes_shardings_current_epoch_instead_of_polling(tmp_path:
     # the map is taken without a read, and sharding's shardmap.current (the epoch
     # held) stands for a poll. A follower polls about once a second without it.
     svc, rec = make(tmp_path)
+
     def one_shard(epoch: int, node: str) -> ShardMap:
         shard = Shard("h/0", (Replica(node, "primary"),), slots=((0, 16),))
         return ShardMap(epoch, (Keyspace("default", "hash", 1, (shard,), 16),))
